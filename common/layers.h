@@ -1,0 +1,32 @@
+// The building blocks of the FlexOlmo forward (FLEXOLMO.md §2), as free functions so tests can
+// check each against the reference and the CUDA path can reuse them.
+// Dimensions: B=batch, T=tokens, N=B·T, H=hidden, F=FFN width, D=head dim, P=positions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace flexfed {
+
+// RMSNorm computed in fp32; the weight multiplies the fp32 result before the cast back to x's
+// dtype (HF FlexOlmoRMSNorm). x: [..., W], weight: [W].
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// cat(-x[..., D/2:], x[..., :D/2]).
+at::Tensor RotateHalf(const at::Tensor& x);
+
+struct RopeTables {
+  at::Tensor cos, sin;  // [P, D] fp32, emb = cat(freqs, freqs)
+};
+// inv_freq = 1 / theta^(2i/D) in fp32; freqs = position · inv_freq.
+RopeTables MakeRopeTables(double theta, int64_t head_dim, int64_t positions);
+
+// x: [B, heads, T, D]; cos, sin: [T, D] fp32. Computed in fp32, cast back to x's dtype.
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// [B, G, S, D] → [B, G·groups, S, D]: each key/value head repeated for its group of query heads.
+at::Tensor RepeatKv(const at::Tensor& x, int64_t groups);
+
+// down(silu(x·gateᵀ) * (x·upᵀ)). x: [N, H], gate/up: [F, H], down: [H, F] → [N, H].
+at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
+
+}  // namespace flexfed

@@ -1,0 +1,34 @@
+// The FlexOlmo mixture-of-experts block (FLEXOLMO.md §2, "MoE block"), CPU/LibTorch path.
+// Dimensions: N=tokens, H=hidden, F=FFN width, E=experts, K=experts per token.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace flexfed {
+
+struct ExpertWeights {
+  at::Tensor gate_proj;  // [F, H]
+  at::Tensor up_proj;    // [F, H]
+  at::Tensor down_proj;  // [H, F]
+};
+
+struct RouterOutput {
+  at::Tensor logits;   // [N, E] fp32, after bias and opt-out mask
+  at::Tensor weights;  // [N, K] fp32: softmax over allowed experts, top-k, renormalised if asked
+  at::Tensor indices;  // [N, K] int64
+};
+
+// logits = x32 · router32ᵀ (+ min(bias_e, 0) for e ≥ 1) (+ mask); p = softmax(logits);
+// (weights, indices) = topk(p, k); weights /= Σ weights only when `norm_topk_prob`.
+// x: [N, H]; router: [E, H]; bias: [E] or undefined; mask: [E] fp32 (0 allowed, -inf excluded) or
+// undefined. Differentiable in router and bias.
+RouterOutput Route(const at::Tensor& x, const at::Tensor& router, const at::Tensor& bias, const at::Tensor& mask,
+                   int64_t top_k, bool norm_topk_prob);
+
+// Σ_k weights[:, k] · expert_{indices[:, k]}(x), each expert run only on the tokens routed to it,
+// experts summed in ascending order (as HF does). x: [N, H] → [N, H] in x's dtype.
+at::Tensor CombineExperts(const at::Tensor& x, const std::vector<ExpertWeights>& experts, const RouterOutput& route);
+
+}  // namespace flexfed

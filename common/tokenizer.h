@@ -1,0 +1,50 @@
+// Tokenizers: text ↔ token ids. FlexFed ships the byte-level tokenizer of the `test`, `tiny` and
+// `small` models; a BPE tokenizer (dolma2, for real OLMo-2 anchors) implements the same interface.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace flexfed {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Identifies the vocabulary exactly (token caches are keyed by it), e.g. "bytes-v1".
+  virtual std::string id() const = 0;
+  virtual int64_t vocab_size() const = 0;
+  virtual int32_t bos_id() const = 0;
+  virtual int32_t eos_id() const = 0;
+  virtual int32_t pad_id() const = 0;
+  virtual std::vector<int32_t> Encode(std::string_view text) const = 0;  // no BOS/EOS added
+  // Special tokens decode to nothing; the result may end inside a UTF-8 sequence.
+  virtual std::string Decode(const std::vector<int32_t>& ids) const = 0;
+};
+
+// 256 byte values, then BOS = 256, EOS = 257, PAD = 258: vocabulary 259.
+class ByteTokenizer final : public Tokenizer {
+ public:
+  static constexpr int32_t kBos = 256, kEos = 257, kPad = 258, kVocab = 259;
+  std::string id() const override { return "bytes-v1"; }
+  int64_t vocab_size() const override { return kVocab; }
+  int32_t bos_id() const override { return kBos; }
+  int32_t eos_id() const override { return kEos; }
+  int32_t pad_id() const override { return kPad; }
+  std::vector<int32_t> Encode(std::string_view text) const override;
+  std::string Decode(const std::vector<int32_t>& ids) const override;
+};
+
+// The tokenizer a model directory uses: `flexfed_tokenizer.json` ({"type": "bytes"}) when present,
+// else inferred from the vocabulary (259 = bytes). `vocab_size` is the model's, and must cover the
+// tokenizer's ids.
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerForModel(const std::string& model_dir, int64_t vocab_size);
+
+// Where invalid UTF-8 starts in `text`, or npos when it is all valid.
+size_t FindInvalidUtf8(std::string_view text);
+
+}  // namespace flexfed

@@ -1,0 +1,48 @@
+// Helpers shared by FlexFed's tests.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace flexfed::testing {
+
+// A fresh directory under $TMPDIR, removed with everything in it when the object dies.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "flexfed-test-XXXXXX").string();
+    path_ = ::mkdtemp(tmpl.data());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return (std::filesystem::path(path_) / name).string(); }
+
+ private:
+  std::string path_;
+};
+
+// max |a - b| / max |b|, in fp64.
+inline double RelativeError(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor a64 = a.to(at::kDouble), b64 = b.to(at::kDouble);
+  const double scale = b64.abs().max().item<double>();
+  return (a64 - b64).abs().max().item<double>() / (scale > 0 ? scale : 1.0);
+}
+
+template <typename T>
+T ValueOrDie(absl::StatusOr<T> v) {
+  if (!v.ok()) throw std::runtime_error(std::string(v.status().message()));
+  return *std::move(v);
+}
+
+// Where the Python reference wrote its cases (tests/reference/flex_olmo_reference.py).
+inline std::string ReferenceDir() { return FLEXFED_REFERENCE_DIR; }
+
+}  // namespace flexfed::testing
