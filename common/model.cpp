@@ -154,7 +154,12 @@ absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Create(const ModelConfig& config, a
 }
 
 absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Load(const std::string& dir, std::optional<at::ScalarType> dtype) {
-  absl::StatusOr<ModelConfig> config = ReadModelConfig((fs::path(dir) / "config.json").string());
+  const fs::path config_path = fs::path(dir) / "config.json";
+  if (!fs::exists(config_path)) {
+    return absl::NotFoundError(absl::StrCat(dir, ": no config.json here; point to a checkpoint directory "
+                                                 "(config.json + model.safetensors or its index)"));
+  }
+  absl::StatusOr<ModelConfig> config = ReadModelConfig(config_path.string());
   if (!config.ok()) return config.status();
   absl::StatusOr<Checkpoint> ckpt = Checkpoint::Open(dir);
   if (!ckpt.ok()) return ckpt.status();
