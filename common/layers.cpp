@@ -1,8 +1,60 @@
 #include "common/layers.h"
 
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
 namespace flexfed {
+namespace {
+
+// One pass per row, fp32 arithmetic as in RmsNorm(): y = (w · (x · rsqrt(mean(x²) + eps))) cast
+// to x's dtype. Only the sum of squares is accumulated differently (in double, sequentially).
+template <typename T, typename W>
+void RmsNormRows(const T* x, const W* w, T* y, int64_t rows, int64_t width, double eps) {
+  at::parallel_for(0, rows, /*grain_size=*/std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * width;
+      T* yr = y + r * width;
+      double sum = 0;
+      for (int64_t i = 0; i < width; ++i) {
+        const float v = static_cast<float>(xr[i]);
+        sum += static_cast<double>(v) * v;
+      }
+      const float inv = 1.0f / std::sqrt(static_cast<float>(sum / width) + static_cast<float>(eps));
+      for (int64_t i = 0; i < width; ++i) {
+        yr[i] = static_cast<T>(static_cast<float>(w[i]) * (static_cast<float>(xr[i]) * inv));
+      }
+    }
+  });
+}
+
+// The fused path serves inference on CPU (no graph to record); everything else takes ATen ops.
+bool UseFusedCpu(const at::Tensor& x, const at::Tensor& weight) {
+  return !at::GradMode::is_enabled() && x.is_cpu() && weight.is_cpu() && weight.is_contiguous() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+         (weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type());
+}
+
+}  // namespace
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (UseFusedCpu(x, weight)) {
+    at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty_like(xc);
+    const int64_t width = x.size(-1), rows = width == 0 ? 0 : x.numel() / width;
+    if (x.scalar_type() == at::kFloat) {
+      RmsNormRows(xc.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, width, eps);
+    } else if (weight.scalar_type() == at::kFloat) {
+      RmsNormRows(xc.data_ptr<at::BFloat16>(), weight.data_ptr<float>(), y.data_ptr<at::BFloat16>(), rows, width, eps);
+    } else {
+      RmsNormRows(xc.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), rows, width, eps);
+    }
+    return y;
+  }
+  return RmsNormReference(x, weight, eps);
+}
+
+at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor x32 = x.to(at::kFloat);
   at::Tensor normed = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return (weight * normed).to(x.scalar_type());

@@ -8,8 +8,11 @@
 namespace flexfed {
 
 // RMSNorm computed in fp32; the weight multiplies the fp32 result before the cast back to x's
-// dtype (HF FlexOlmoRMSNorm). x: [..., W], weight: [W].
+// dtype (HF FlexOlmoRMSNorm). x: [..., W], weight: [W]. With gradients off on CPU it runs as one
+// fused pass per row (decoding is dominated by such small ops); RmsNormReference() is the plain
+// ATen composition it is tested against and the path autograd uses.
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // cat(-x[..., D/2:], x[..., :D/2]).
 at::Tensor RotateHalf(const at::Tensor& x);

@@ -162,7 +162,7 @@ absl::Status RunLogits(const LogitsOptions& o) {
 
   at::Tensor logits;
   {
-    at::NoGradGuard no_grad;
+    c10::InferenceMode inference;
     logits = model->Forward(ids, routing).to(at::kFloat);
   }
   std::vector<std::string> allowed_ids;

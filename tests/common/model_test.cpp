@@ -93,8 +93,29 @@ TEST_CASE("bf16 RMSNorm multiplies the weight in fp32 and rounds once", "[model]
   at::Tensor x32 = x.to(at::kFloat);
   at::Tensor once = (w.to(at::kFloat) * (x32 * at::rsqrt(x32.pow(2).mean(-1, true) + 1e-6))).to(at::kBFloat16);
   at::Tensor twice = w * (x32 * at::rsqrt(x32.pow(2).mean(-1, true) + 1e-6)).to(at::kBFloat16);
-  CHECK(at::equal(RmsNorm(x, w, 1e-6), once));
-  CHECK_FALSE(at::equal(RmsNorm(x, w, 1e-6), twice));  // the distinction is observable
+  CHECK(at::equal(RmsNormReference(x, w, 1e-6), once));
+  CHECK_FALSE(at::equal(RmsNormReference(x, w, 1e-6), twice));  // the distinction is observable
+}
+
+TEST_CASE("the fused inference RMSNorm equals the ATen reference", "[model]") {
+  at::NoGradGuard no_grad;  // the fused path serves gradient-free calls only
+  for (auto [x_type, w_type] : {std::pair{at::kFloat, at::kFloat}, {at::kBFloat16, at::kBFloat16}, {at::kBFloat16, at::kFloat}}) {
+    INFO(c10::toString(x_type) << " x, " << c10::toString(w_type) << " weight");
+    at::Tensor x = (3 * at::randn({3, 7, 200}) + 0.5).to(x_type), w = (1 + at::randn({200})).to(w_type);
+    at::Tensor fused = RmsNorm(x, w, 1e-6), reference = RmsNormReference(x, w, 1e-6);
+    CHECK(fused.scalar_type() == reference.scalar_type());
+    // fp32: the sum of squares is accumulated in another order; bf16: at most one ulp apart.
+    CHECK(RelativeError(fused, reference) < (x_type == at::kFloat ? 1e-6 : 8e-3));
+    // Non-contiguous input (a transposed view) gives the same values.
+    at::Tensor xt = x.transpose(0, 1);
+    CHECK(at::equal(RmsNorm(xt, w, 1e-6), RmsNorm(xt.contiguous(), w, 1e-6)));
+  }
+  // With gradients on, the reference (differentiable) path runs.
+  at::AutoGradMode grad(true);
+  at::Tensor x = at::randn({2, 16}).requires_grad_(), w = at::ones({16});
+  at::Tensor y = RmsNorm(x, w, 1e-6);
+  CHECK(y.requires_grad());
+  CHECK(at::equal(y, RmsNormReference(x, w, 1e-6)));
 }
 
 TEST_CASE("hand-derived block values", "[model]") {
