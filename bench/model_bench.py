@@ -141,7 +141,7 @@ def train_step(name, cfg, batch, seq, gemm):
 
     s = best_seconds(1, 5, step)
     tokens = batch * seq
-    flops = 3 * forward_flops_per_token(cfg, seq) * tokens
+    flops = 3 * forward_flops_per_token(cfg, (seq + 1) / 2) * tokens  # causal: (T+1)/2 keys on average
     return {"impl": "python", "bench": "train_step", "model": name, "tokens": tokens, "seconds": s,
             "tokens_per_s": tokens / s, "flops_per_s": flops / s, "gemm_flops_per_s": gemm,
             "gemm_fraction": flops / s / gemm}

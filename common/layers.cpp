@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
 namespace flexfed {
 namespace {
@@ -82,6 +84,30 @@ at::Tensor RepeatKv(const at::Tensor& x, int64_t groups) {
   if (groups == 1) return x;
   const int64_t b = x.size(0), g = x.size(1), s = x.size(2), d = x.size(3);
   return x.unsqueeze(2).expand({b, g, groups, s, d}).reshape({b, g * groups, s, d});
+}
+
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale,
+                           int64_t block) {
+  const int64_t t = q.size(1);
+  TORCH_CHECK(k.size(1) == past + t && v.size(1) == past + t, "CausalAttention: ", k.size(1), " keys for ", past,
+              " past and ", t, " new positions");
+  std::vector<at::Tensor> outs;
+  for (int64_t t0 = 0; t0 < t; t0 += block) {
+    const int64_t rows = std::min(block, t - t0), keys = past + t0 + rows;
+    at::Tensor qb = q.narrow(1, t0, rows), kt = k.narrow(1, 0, keys).transpose(1, 2);
+    at::Tensor scores;
+    if (rows > 1) {
+      // Row r (position past + t0 + r) masks keys j > past + t0 + r.
+      at::Tensor mask = at::full({rows, keys}, -std::numeric_limits<float>::infinity(), q.options().requires_grad(false))
+                            .triu(past + t0 + 1);
+      scores = at::baddbmm(mask.expand({q.size(0), rows, keys}), qb, kt, /*beta=*/1.0, /*alpha=*/scale);
+    } else {
+      scores = at::bmm(qb, kt).mul_(scale);
+    }
+    at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+    outs.push_back(at::bmm(probs, v.narrow(1, 0, keys)));
+  }
+  return outs.size() == 1 ? outs[0] : at::cat(outs, 1);
 }
 
 at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {

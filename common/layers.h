@@ -29,6 +29,14 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 // [B, G, S, D] → [B, G·groups, S, D]: each key/value head repeated for its group of query heads.
 at::Tensor RepeatKv(const at::Tensor& x, int64_t groups);
 
+// Causal softmax attention: query i (at position past + i) sees keys 0 .. past + i.
+// q: [BH, T, D]; k, v: [BH, past + T, D] → [BH, T, D]. Scores are formed as q·kᵀ·scale in fp32
+// softmax (cast back to q's dtype before the value product, as HF's eager attention). Queries go
+// in blocks of `block`, each against only the keys it can see, so the masked upper triangle is
+// mostly never computed; inside a block, baddbmm adds the 0/-inf mask in the GEMM's epilogue.
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale,
+                           int64_t block = 128);
+
 // down(silu(x·gateᵀ) * (x·upᵀ)). x: [N, H], gate/up: [F, H], down: [H, F] → [N, H].
 at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
 

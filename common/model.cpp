@@ -299,22 +299,10 @@ at::Tensor FlexOlmoModel::Attention(int64_t layer, const at::Tensor& x, int64_t 
   k = RepeatKv(k, nq / nkv);
   v = RepeatKv(v, nq / nkv);
 
-  // scores = q·kᵀ·D^-1/2 (+ causal mask) in one batched GEMM: baddbmm applies the scale and adds
-  // the 0/-inf mask in its epilogue, saving two passes over the [B·Q, T, S] scores.
   const int64_t s_len = past + t;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  at::Tensor q3 = q.reshape({b * nq, t, d}), kt3 = k.reshape({b * nq, s_len, d}).transpose(1, 2);
-  at::Tensor scores;
-  if (t > 1) {
-    // Query i (position past+i) sees keys 0 .. past+i.
-    at::Tensor mask = at::full({t, s_len}, -std::numeric_limits<float>::infinity(), q.options().requires_grad(false))
-                          .triu(past + 1);
-    scores = at::baddbmm(mask.expand({b * nq, t, s_len}), q3, kt3, /*beta=*/1.0, /*alpha=*/scale);
-  } else {
-    scores = at::bmm(q3, kt3).mul_(scale);
-  }
-  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
-  at::Tensor out = at::bmm(probs, v.reshape({b * nq, s_len, d})).view({b, nq, t, d}).transpose(1, 2).reshape({b, t, nq * d});
+  at::Tensor out = CausalAttention(q.reshape({b * nq, t, d}), k.reshape({b * nq, s_len, d}), v.reshape({b * nq, s_len, d}),
+                                   past, 1.0 / std::sqrt(static_cast<double>(d)));
+  out = out.view({b, nq, t, d}).transpose(1, 2).reshape({b, t, nq * d});
   return at::linear(out, w.o_proj);
 }
 

@@ -118,6 +118,22 @@ TEST_CASE("the fused inference RMSNorm equals the ATen reference", "[model]") {
   CHECK(at::equal(y, RmsNormReference(x, w, 1e-6)));
 }
 
+TEST_CASE("blocked causal attention equals full masked attention", "[model]") {
+  const int64_t bh = 3, d = 8;
+  for (int64_t past : {0, 5}) {
+    for (int64_t t : {1, 7, 20}) {
+      at::Tensor q = at::randn({bh, t, d}), k = at::randn({bh, past + t, d}), v = at::randn({bh, past + t, d});
+      at::Tensor scores = at::matmul(q, k.transpose(1, 2)) * 0.3;
+      at::Tensor future = at::ones({t, past + t}, at::kBool).triu(past + 1);
+      at::Tensor want = at::matmul(at::softmax(scores.masked_fill(future, -INFINITY), -1), v);
+      for (int64_t block : {1, 3, 64}) {
+        INFO("past " << past << ", tokens " << t << ", block " << block);
+        CHECK(RelativeError(CausalAttention(q, k, v, past, 0.3, block), want) < 1e-6);
+      }
+    }
+  }
+}
+
 TEST_CASE("hand-derived block values", "[model]") {
   // RMSNorm of (3, 4): rms = sqrt(12.5); weight (1, 2).
   at::Tensor y = RmsNorm(at::tensor({3.0f, 4.0f}), at::tensor({1.0f, 2.0f}), 0.0);
