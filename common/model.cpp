@@ -36,24 +36,23 @@ std::string TorchDtypeName(at::ScalarType type) {
   return "float32";
 }
 
-Routing Routing::Excluding(int64_t num_experts, const std::vector<int64_t>& excluded) {
+// All experts set to `base`, those listed to !base.
+static Routing MarkExperts(int64_t num_experts, const std::vector<int64_t>& listed, bool base) {
   Routing r;
-  r.allowed.assign(num_experts, true);
-  for (int64_t e : excluded) {
+  r.allowed.assign(num_experts, base);
+  for (int64_t e : listed) {
     TORCH_CHECK(e >= 0 && e < num_experts, "expert ", e, " does not exist (", num_experts, " experts)");
-    r.allowed[e] = false;
+    r.allowed[e] = !base;
   }
   return r;
 }
 
+Routing Routing::Excluding(int64_t num_experts, const std::vector<int64_t>& excluded) {
+  return MarkExperts(num_experts, excluded, /*base=*/true);
+}
+
 Routing Routing::Only(int64_t num_experts, const std::vector<int64_t>& allowed) {
-  Routing r;
-  r.allowed.assign(num_experts, false);
-  for (int64_t e : allowed) {
-    TORCH_CHECK(e >= 0 && e < num_experts, "expert ", e, " does not exist (", num_experts, " experts)");
-    r.allowed[e] = true;
-  }
-  return r;
+  return MarkExperts(num_experts, allowed, /*base=*/false);
 }
 
 std::vector<std::string> ExpectedTensorNames(const ModelConfig& config, bool with_router_bias) {
