@@ -152,6 +152,38 @@ absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Create(const ModelConfig& config, a
   return m;
 }
 
+absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Assemble(const ModelConfig& config, at::Tensor embed_tokens,
+                                                      std::vector<LayerWeights> layers, at::Tensor norm,
+                                                      at::Tensor lm_head) {
+  if (absl::Status s = config.Validate(); !s.ok()) return s;
+  if (static_cast<int64_t>(layers.size()) != config.num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("Assemble: ", layers.size(), " layers for a config of ",
+                                                   config.num_hidden_layers));
+  }
+  FlexOlmoModel m;
+  m.config_ = config;
+  m.embed_tokens_ = std::move(embed_tokens);
+  m.layers_ = std::move(layers);
+  m.norm_ = std::move(norm);
+  m.lm_head_ = config.tie_word_embeddings ? m.embed_tokens_ : std::move(lm_head);
+  const bool with_bias = m.layers_[0].router_bias.defined();
+  for (LayerWeights& lw : m.layers_) {
+    if (static_cast<int64_t>(lw.experts.size()) != config.num_experts) {
+      return absl::InvalidArgumentError(absl::StrCat("Assemble: a layer has ", lw.experts.size(), " experts, the config ",
+                                                     config.num_experts));
+    }
+  }
+  for (const Slot& s : Slots(m.config_, m.embed_tokens_, m.layers_, m.norm_, m.lm_head_, with_bias)) {
+    if (!s.tensor->defined() || s.tensor->sizes().vec() != s.shape) {
+      return absl::InvalidArgumentError(absl::StrCat("Assemble: tensor '", s.name, "' is missing or not of shape ",
+                                                     ShapeString(s.shape)));
+    }
+  }
+  m.config_.torch_dtype = TorchDtypeName(m.dtype());
+  m.BuildRope();
+  return m;
+}
+
 absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Load(const std::string& dir, std::optional<at::ScalarType> dtype) {
   const fs::path config_path = fs::path(dir) / "config.json";
   if (!fs::exists(config_path)) {

@@ -63,6 +63,11 @@ class FlexOlmoModel {
   static absl::StatusOr<FlexOlmoModel> Create(const ModelConfig& config, at::ScalarType dtype, uint64_t seed,
                                               bool with_router_bias = false);
 
+  // A model from weights already in hand (shared, not copied): `layers` must hold every tensor the
+  // config calls for, with the right shapes; router_bias may be set or not.
+  static absl::StatusOr<FlexOlmoModel> Assemble(const ModelConfig& config, at::Tensor embed_tokens,
+                                                std::vector<LayerWeights> layers, at::Tensor norm, at::Tensor lm_head);
+
   // Loads a checkpoint directory: config.json + safetensors (single or sharded) + the optional
   // FlexFed extras file. Weights are stored as `dtype` (default: the checkpoint's torch_dtype).
   // On CPU with a matching dtype the weights are zero-copy views of the mapped files.

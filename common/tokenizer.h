@@ -24,6 +24,8 @@ class Tokenizer {
   virtual std::vector<int32_t> Encode(std::string_view text) const = 0;  // no BOS/EOS added
   // Special tokens decode to nothing; the result may end inside a UTF-8 sequence.
   virtual std::string Decode(const std::vector<int32_t>& ids) const = 0;
+  // UTF-8 bytes token `id` stands for (0 for special tokens): the denominator of bits per byte.
+  virtual int64_t TokenBytes(int32_t id) const = 0;
 };
 
 // 256 byte values, then BOS = 256, EOS = 257, PAD = 258: vocabulary 259.
@@ -37,6 +39,7 @@ class ByteTokenizer final : public Tokenizer {
   int32_t pad_id() const override { return kPad; }
   std::vector<int32_t> Encode(std::string_view text) const override;
   std::string Decode(const std::vector<int32_t>& ids) const override;
+  int64_t TokenBytes(int32_t id) const override { return id >= 0 && id < 256 ? 1 : 0; }
 };
 
 // The tokenizer a model directory uses: `flexfed_tokenizer.json` ({"type": "bytes"}) when present,

@@ -1,0 +1,40 @@
+// The anchor: the frozen public model every owner trains against (ARCHITECTURE.md §3). An anchor
+// directory holds an HF checkpoint (olmo2, or flex_olmo with one expert), `router_pub.safetensors`
+// (r_pub, one router vector per layer) and optionally `flexfed_tokenizer.json`.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model.h"
+#include "common/router_embedding.h"
+
+namespace flexfed {
+
+struct AnchorFile {
+  std::string name;    // relative to the anchor directory
+  std::string sha256;  // of the file's bytes
+  uint64_t size = 0;
+};
+
+// Every regular file of `dir` (recursively, hidden ones skipped), sorted by name, hashed.
+absl::StatusOr<std::vector<AnchorFile>> AnchorManifest(const std::string& dir);
+// The anchor's identity: SHA-256 of its manifest text ("<sha256>  <size>  <name>\n" per file). Any
+// change to any file changes it; renaming the directory does not.
+absl::StatusOr<std::string> AnchorId(const std::string& dir);
+
+struct Anchor {
+  std::string dir;
+  std::string id;
+  FlexOlmoModel model;       // the public model, dense (one expert)
+  RouterEmbedding router_pub;  // r_pub, per layer
+};
+
+// Loads and checks an anchor directory. `require_router_pub` = false serves router-init of r_pub
+// itself (the operator computes r_pub with the anchor before publishing it).
+// Weights load as `dtype` (default: the checkpoint's).
+absl::StatusOr<Anchor> LoadAnchor(const std::string& dir, bool require_router_pub = true,
+                                  std::optional<at::ScalarType> dtype = std::nullopt);
+
+}  // namespace flexfed

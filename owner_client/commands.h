@@ -1,0 +1,26 @@
+// The subcommands of flexfed-owner, one file each. Each Add*Command registers its options and a
+// callback that runs the command and exits with its status (docs/CLI.md: 0 ok, 1 failed, 2 usage).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace flexfed::owner {
+
+void AddRouterInitCommand(CLI::App& app);
+void AddTrainCommand(CLI::App& app);
+void AddEvalCommand(CLI::App& app);
+void AddExportCommand(CLI::App& app);
+void AddInspectCommand(CLI::App& app);
+
+// Prints "flexfed-owner <command>: error: <message>" and exits 1 when `status` is not OK.
+void ExitOnError(const std::string& command, const absl::Status& status);
+// Sets LibTorch's intra-op threads: `threads` > 0, else every core.
+void SetThreads(int threads);
+// $FLEXFED_CACHE_DIR, else $XDG_CACHE_HOME/flexfed, else ~/.cache/flexfed; + "/tokens".
+std::string DefaultTokenCacheDir();
+
+}  // namespace flexfed::owner

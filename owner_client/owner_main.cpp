@@ -1,0 +1,52 @@
+// flexfed-owner: what a data owner runs on its own premises. Only parameters ever leave: see
+// docs/OWNER_GUIDE.md for the workflow and how to check what an export holds.
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+
+#include "owner_client/commands.h"
+
+namespace flexfed::owner {
+
+void ExitOnError(const std::string& command, const absl::Status& status) {
+  if (status.ok()) return;
+  std::cerr << "flexfed-owner " << command << ": error: " << status.message() << "\n";
+  std::exit(1);
+}
+
+void SetThreads(int threads) {
+  at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+}
+
+std::string DefaultTokenCacheDir() {
+  if (const char* d = std::getenv("FLEXFED_CACHE_DIR")) return std::string(d) + "/tokens";
+  if (const char* d = std::getenv("XDG_CACHE_HOME")) return std::string(d) + "/flexfed/tokens";
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : ".") + "/.cache/flexfed/tokens";
+}
+
+}  // namespace flexfed::owner
+
+int main(int argc, char** argv) {
+  CLI::App app{"flexfed-owner: train your FlexOlmo expert on your own data; only parameters ever leave"};
+  app.require_subcommand(1);
+  app.footer("Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage,\n"
+             "130/143 training stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).");
+  flexfed::owner::AddRouterInitCommand(app);
+  flexfed::owner::AddTrainCommand(app);
+  flexfed::owner::AddEvalCommand(app);
+  flexfed::owner::AddExportCommand(app);
+  flexfed::owner::AddInspectCommand(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  } catch (const std::exception& e) {
+    std::cerr << "flexfed-owner: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

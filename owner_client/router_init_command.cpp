@@ -1,0 +1,66 @@
+#include <filesystem>
+#include <iostream>
+
+#include "common/anchor.h"
+#include "common/router_init.h"
+#include "common/tokenizer.h"
+#include "owner_client/commands.h"
+
+namespace flexfed::owner {
+namespace {
+
+struct Options {
+  std::string anchor, out, cache_dir = DefaultTokenCacheDir(), text_field = "text";
+  std::vector<std::string> data;
+  RouterInitOptions init;
+  int threads = 0;
+};
+
+absl::Status Run(const Options& o) {
+  SetThreads(o.threads);
+  // r_pub itself is made with this command before the anchor has one: do not require it.
+  absl::StatusOr<Anchor> anchor = LoadAnchor(o.anchor, /*require_router_pub=*/false);
+  if (!anchor.ok()) return anchor.status();
+  std::optional<TokenCorpus> corpus;
+  if (o.init.mode == "anchor") {
+    if (o.data.empty()) return absl::InvalidArgumentError("anchor mode samples your documents: pass --data FILE_OR_FOLDER");
+    absl::StatusOr<std::unique_ptr<Tokenizer>> tok = TokenizerForModel(o.anchor, anchor->model.config().vocab_size);
+    if (!tok.ok()) return tok.status();
+    CorpusOptions copts;
+    copts.text_field = o.text_field;
+    absl::StatusOr<TokenCorpus> c = TokenCorpus::Build(o.data, **tok, copts, o.cache_dir);
+    if (!c.ok()) return c.status();
+    corpus = *std::move(c);
+  }
+  ProgressReporter progress;
+  absl::StatusOr<RouterEmbedding> e = InitRouterEmbedding(anchor->model, corpus ? &*corpus : nullptr, o.init, &progress);
+  if (!e.ok()) return e.status();
+  e->metadata["anchor_sha256"] = anchor->id;
+  if (absl::Status s = WriteRouterEmbedding(o.out, *e); !s.ok()) return s;
+  std::cout << "wrote router embedding (" << o.init.mode << ", " << e->rows.size() << " layers × "
+            << anchor->model.config().hidden_size << ") to " << o.out << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void AddRouterInitCommand(CLI::App& app) {
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("router-init", "Compute your expert's router embedding (r_i) from a sample of your documents");
+  cmd->add_option("--anchor", o->anchor, "Anchor directory (from `pull`)")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--data", o->data, "Your documents: text files, .jsonl files or folders");
+  cmd->add_option("--out,-o", o->out, "Output safetensors file")->required();
+  cmd->add_option("--mode", o->init.mode, "anchor (mean hidden states of the anchor, default), vectors, random (ablation)")
+      ->check(CLI::IsMember({"anchor", "vectors", "random"}));
+  cmd->add_option("--vectors", o->init.vectors, "vectors mode: .npy or .safetensors of shape [H] or [layers, H]")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--samples", o->init.samples, "Documents to sample (anchor mode)")->check(CLI::PositiveNumber);
+  cmd->add_option("--max-tokens", o->init.max_tokens, "Tokens used per document (anchor mode)")->check(CLI::PositiveNumber);
+  cmd->add_option("--seed", o->init.seed, "Sampling seed");
+  cmd->add_option("--text-field", o->text_field, "JSONL field holding the text");
+  cmd->add_option("--cache-dir", o->cache_dir, "Token cache folder");
+  cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
+  cmd->callback([o] { ExitOnError("router-init", Run(*o)); });
+}
+
+}  // namespace flexfed::owner

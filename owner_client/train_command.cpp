@@ -1,0 +1,142 @@
+#include <atomic>
+#include <csignal>
+#include <filesystem>
+#include <functional>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "common/training.h"
+#include "owner_client/commands.h"
+
+namespace flexfed::owner {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::atomic<bool> g_stop{false};
+std::atomic<int> g_signal{0};
+
+extern "C" void OnSignal(int sig) {
+  g_signal.store(sig);
+  g_stop.store(true);
+}
+
+struct Options {
+  TrainConfig flags;  // values given on the command line
+  std::string config_file;
+  TrainInputs inputs{"", "", "", DefaultTokenCacheDir()};
+  bool resume = false, dense = false, plain = false;
+  std::string pretrain;
+  // Options the user actually gave, and how each one sets its field.
+  std::vector<std::pair<CLI::Option*, std::function<void(TrainConfig&, const TrainConfig&)>>> setters;
+};
+
+absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(path);
+  if (!text.ok()) return text.status();
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON"));
+  return j;
+}
+
+absl::Status Run(Options& o) {
+  // Settings: defaults, then the run's own (on --resume) or --config, then explicit flags.
+  TrainConfig config;
+  std::string source;
+  if (!o.config_file.empty()) {
+    source = o.config_file;
+  } else if (o.resume) {
+    source = (fs::path(o.inputs.run_dir) / "train_config.json").string();
+  }
+  if (!source.empty()) {
+    absl::StatusOr<nlohmann::json> j = ReadJson(source);
+    if (!j.ok()) return j.status();
+    const nlohmann::json& settings = j->contains("cadence") ? (*j)["cadence"] : *j;  // a run folder echo, or a settings file
+    absl::StatusOr<TrainConfig> c = TrainConfig::FromJson(settings, source);
+    if (!c.ok()) return c.status();
+    config = *c;
+  }
+  for (auto& [opt, set] : o.setters) {
+    if (opt->count() > 0) set(config, o.flags);
+  }
+  if (o.dense) config.mode = "dense";
+  if (!o.pretrain.empty()) {
+    config.mode = "pretrain";
+    config.preset = o.pretrain;
+  }
+  if (config.mode != "pretrain" && o.inputs.anchor_dir.empty()) {
+    return absl::InvalidArgumentError("--anchor DIR is required (except with --pretrain)");
+  }
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(config, o.inputs, o.resume);
+  if (!trainer.ok()) return trainer.status();
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  ProgressReporter progress(stderr, o.plain);
+  if (o.resume) progress.Line(absl::StrCat("resuming at step ", (*trainer)->step(), " of ", (*trainer)->total_steps()));
+  absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&g_stop, &progress);
+  if (!out.ok()) return out.status();
+  if (out->interrupted) {
+    std::cerr << "stopped at step " << out->steps << " (checkpoint saved); continue with: flexfed-owner train --run "
+              << o.inputs.run_dir << " --resume" << (o.inputs.anchor_dir.empty() ? "" : " --anchor " + o.inputs.anchor_dir) << "\n";
+    std::exit(128 + g_signal.load());
+  }
+  std::cout << "trained " << out->steps << " steps (" << out->tokens << " tokens); final loss " << out->last_loss;
+  if (out->last_val_loss > 0) std::cout << ", validation loss " << out->last_val_loss;
+  std::cout << "\nmodel: " << (fs::path(o.inputs.run_dir) / "model").string() << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void AddTrainCommand(CLI::App& app) {
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("train", "Train your expert against the frozen anchor (resumable)");
+  cmd->footer("Settings come from the defaults, then --config FILE (JSON, keys as in RUN/train_config.json) or, with\n"
+              "--resume, the run's own settings, then the flags given. Ctrl-C saves a checkpoint and stops.");
+  cmd->add_option("--anchor", o->inputs.anchor_dir, "Anchor directory (from `pull`)")->check(CLI::ExistingDirectory);
+  cmd->add_option("--router-init", o->inputs.router_init, "Your router embedding (from `router-init`)")->check(CLI::ExistingFile);
+  cmd->add_option("--run", o->inputs.run_dir, "Run folder: settings, checkpoints, metrics, the trained model")->required();
+  cmd->add_option("--config", o->config_file, "Settings file (JSON)")->check(CLI::ExistingFile);
+  cmd->add_option("--cache-dir", o->inputs.cache_dir, "Token cache folder");
+  cmd->add_flag("--resume", o->resume, "Continue the run in --run from its latest checkpoint");
+  cmd->add_flag("--dense", o->dense, "Ablation 'no coordination': train a dense copy of the anchor's FFNs, no public expert");
+  cmd->add_option("--pretrain", o->pretrain, "Pretrain a fresh model of this size (test, tiny, small, 1b, 7b) from scratch");
+  cmd->add_flag("--plain", o->plain, "Plain log lines even on a terminal");
+
+  auto bind = [&](const std::string& name, auto member, const std::string& help) {
+    CLI::Option* opt = cmd->add_option(name, o->flags.*member, help);
+    o->setters.push_back({opt, [member](TrainConfig& c, const TrainConfig& f) { c.*member = f.*member; }});
+    return opt;
+  };
+  bind("--data", &TrainConfig::data, "Your training text: text files, .jsonl files or folders");
+  bind("--text-field", &TrainConfig::text_field, "JSONL field holding the text");
+  bind("--validation-fraction", &TrainConfig::validation_fraction, "Share of documents held out for validation");
+  bind("--seq-len", &TrainConfig::seq_len, "Tokens per sequence");
+  bind("--batch-size", &TrainConfig::batch_size, "Sequences per micro-batch");
+  bind("--grad-accum", &TrainConfig::grad_accum, "Micro-batches per optimizer step");
+  bind("--steps", &TrainConfig::max_steps, "Optimizer steps");
+  bind("--tokens", &TrainConfig::token_budget, "Token budget (when --steps is not given)");
+  bind("--lr", &TrainConfig::lr, "Peak learning rate (paper: 9e-4)");
+  bind("--min-lr-ratio", &TrainConfig::min_lr_ratio, "Cosine schedule ends at lr × this");
+  bind("--warmup", &TrainConfig::warmup_steps, "Linear warm-up steps");
+  bind("--beta1", &TrainConfig::beta1, "AdamW beta1 (paper: 0.9)");
+  bind("--beta2", &TrainConfig::beta2, "AdamW beta2 (paper: 0.95)");
+  bind("--adam-eps", &TrainConfig::eps, "AdamW epsilon");
+  bind("--weight-decay", &TrainConfig::weight_decay, "AdamW decoupled weight decay (paper: 0)");
+  bind("--grad-clip", &TrainConfig::grad_clip, "Clip the global gradient norm (0 = off; paper: 1.0)");
+  bind("--z-loss", &TrainConfig::z_loss, "Router z-loss coefficient (0 = off; paper: 1e-3)");
+  bind("--router-bias", &TrainConfig::router_bias, "Learn a negative router bias for your expert (true/false)");
+  bind("--top-k", &TrainConfig::top_k, "Experts per token while training (of 2)");
+  bind("--val-every", &TrainConfig::val_every, "Validate every N steps (0 = only at the end)");
+  bind("--val-batches", &TrainConfig::val_batches, "Validation batches");
+  bind("--checkpoint-every", &TrainConfig::checkpoint_every, "Checkpoint every N steps");
+  bind("--keep-checkpoints", &TrainConfig::keep_checkpoints, "Checkpoints kept");
+  bind("--log-every", &TrainConfig::log_every, "Log metrics every N steps");
+  bind("--seed", &TrainConfig::seed, "Seed for the data split, order and fresh weights");
+  bind("--device", &TrainConfig::device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  bind("--threads", &TrainConfig::threads, "CPU threads (default: all cores)");
+  cmd->callback([o] { ExitOnError("train", Run(*o)); });
+}
+
+}  // namespace flexfed::owner
