@@ -18,9 +18,10 @@ absl::StatusOr<RouterEmbedding> FromMatrix(const std::string& path, at::Tensor t
     return absl::InvalidArgumentError(absl::StrCat(path, ": router vectors must be floating point"));
   }
   t = t.to(at::kFloat);
-  if (t.dim() == 1) t = t.unsqueeze(0).expand({num_layers, t.size(0)});
+  const std::string given = ShapeString(t.sizes().vec());
+  if (t.dim() == 1 && t.size(0) == hidden) t = t.unsqueeze(0).expand({num_layers, t.size(0)});
   if (t.dim() != 2 || t.size(1) != hidden || t.size(0) != num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": vectors of shape ", ShapeString(t.sizes().vec()),
+    return absl::InvalidArgumentError(absl::StrCat(path, ": vectors of shape ", given,
                                                    " do not fit the model: give [", hidden, "] or [", num_layers, ", ",
                                                    hidden, "] (the hidden size, optionally one per layer)"));
   }
