@@ -5,6 +5,9 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <sys/wait.h>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -28,6 +31,25 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// Runs a shell command; returns its exit code and, via `output`, what it printed (stdout+stderr).
+inline int RunCommand(const std::string& command, std::string* output = nullptr) {
+  TempDir dir;
+  const std::string out = dir / "out";
+  const int status = std::system((command + " >" + out + " 2>&1").c_str());
+  if (output) {
+    std::ifstream in(out);
+    output->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// The path of a binary that ctest passes in an environment variable.
+inline std::string BinaryFromEnv(const char* variable) {
+  const char* path = std::getenv(variable);
+  if (path == nullptr) throw std::runtime_error(std::string("set ") + variable + " (ctest does)");
+  return path;
+}
 
 // max |a - b| / max |b|, in fp64.
 inline double RelativeError(const at::Tensor& a, const at::Tensor& b) {

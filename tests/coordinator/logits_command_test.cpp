@@ -18,19 +18,9 @@ using testing::TempDir;
 using testing::ValueOrDie;
 namespace fs = std::filesystem;
 
-std::string Ctl() {
-  const char* ctl = std::getenv("FLEXFED_CTL");
-  if (ctl == nullptr) throw std::runtime_error("set FLEXFED_CTL to the flexfedctl binary (ctest does)");
-  return ctl;
-}
+std::string Ctl() { return testing::BinaryFromEnv("FLEXFED_CTL"); }
 
-// Runs a shell command; returns its exit code and (via `output`) what it printed.
-int Run(const std::string& command, std::string* output = nullptr) {
-  TempDir dir;
-  const int status = std::system((command + " >" + (dir / "out") + " 2>&1").c_str());
-  if (output) *output = ValueOrDie(ReadFile(dir / "out"));
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+int Run(const std::string& command, std::string* output = nullptr) { return testing::RunCommand(command, output); }
 
 TEST_CASE("flexfedctl logits reproduces the reference logits for olmo2 and flex_olmo, F32 and BF16", "[cli]") {
   for (const char* name : {"flex_olmo_f32", "olmo2_f32", "flex_olmo_bf16", "olmo2_bf16"}) {

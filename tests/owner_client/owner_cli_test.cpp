@@ -1,0 +1,111 @@
+// flexfed-owner as a real process: the owner's whole local workflow, and its refusals.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "tests/test_util.h"
+#include <nlohmann/json.hpp>
+
+namespace flexfed {
+namespace {
+
+using testing::RunCommand;
+using testing::TempDir;
+namespace fs = std::filesystem;
+
+std::string Owner() { return testing::BinaryFromEnv("FLEXFED_OWNER"); }
+
+void WriteText(const std::string& dir, const std::string& line, int docs) {
+  fs::create_directories(dir);
+  for (int d = 0; d < docs; ++d) {
+    std::string text;
+    for (int i = 0; i < 40; ++i) text += absl::StrCat(line, " ", (d * 40 + i) % 97, "\n");
+    REQUIRE(WriteFileAtomically(absl::StrCat(dir, "/", d, ".txt"), text).ok());
+  }
+}
+
+TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[owner_cli]") {
+  TempDir dir;
+  WriteText(dir / "public", "the quick brown fox jumps over the lazy dog", 20);
+  WriteText(dir / "mine", "SELECT name FROM users WHERE id =", 20);
+  const std::string env = absl::StrCat("FLEXFED_CACHE_DIR=", dir / "cache", " ");
+  const std::string o = env + Owner();
+  const std::string small = " --seq-len 64 --batch-size 4 --warmup 2 --val-every 0 --threads 2 --plain";
+  std::string out;
+  // The operator's side, locally: an anchor and its r_pub.
+  REQUIRE(RunCommand(o + " train --pretrain test --data " + dir / "public" + " --run " + dir / "anchor_run" + " --steps 20" + small, &out) == 0);
+  fs::copy(dir / "anchor_run/model", dir / "anchor");
+  REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "public" + " --out " + dir / "anchor/router_pub.safetensors", &out) == 0);
+  // The owner's side.
+  REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "mine" + " --out " + dir / "r.safetensors", &out) == 0);
+  REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
+                         dir / "mine" + " --run " + dir / "run" + " --steps 8" + small, &out) == 0);
+  CHECK_THAT(out, Catch::Contains("step 8/8"));
+  CHECK(fs::exists(dir / "run/metrics.jsonl"));
+  CHECK(fs::exists(dir / "run/train_config.json"));
+  REQUIRE(RunCommand(o + " export --run " + dir / "run" + " --anchor " + dir / "anchor" + " --out " + dir / "mine.safetensors" +
+                         " --owner acme --name sql --domain 'SQL queries'", &out) == 0);
+  REQUIRE(RunCommand(o + " inspect " + dir / "mine.safetensors" + " --anchor " + dir / "anchor" + " --json", &out) == 0);
+  nlohmann::json j = nlohmann::json::parse(out);
+  CHECK(j["valid"] == true);
+  CHECK(j["metadata"]["owner"] == "acme");
+  CHECK(j["metadata"]["tokens_trained"] == "2048");  // 8 steps × 4 × 64
+  CHECK(j["tensors"].size() == 10);                  // 2 layers × (gate, up, down, router row, bias)
+  for (const auto& t : j["tensors"]) CHECK(t["sha256"].get<std::string>().size() == 64);
+  REQUIRE(RunCommand(o + " eval " + dir / "run/model" + " --data " + dir / "mine" + " --seq-len 64 --json", &out) == 0);
+  CHECK(nlohmann::json::parse(out)["bits_per_byte"].get<double>() > 0);
+
+  {  // a file that is not an expert module is refused by inspect
+    REQUIRE(RunCommand(o + " inspect " + dir / "anchor/router_pub.safetensors" + " --anchor " + dir / "anchor", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("not a FlexFed expert module"));
+  }
+  {  // resuming with other settings is refused
+    CHECK(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --run " + dir / "run" + " --resume --lr 0.5", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("different 'lr'"));
+  }
+  {  // starting over an existing run is refused
+    CHECK(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " + dir / "mine" +
+                         " --run " + dir / "run" + " --steps 8", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("already holds a run"));
+  }
+  {  // exporting against another anchor is refused
+    fs::copy(dir / "anchor", dir / "anchor2", fs::copy_options::recursive);
+    REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor2" + " --data " + dir / "mine" + " --out " + dir / "anchor2/router_pub.safetensors", &out) == 0);
+    CHECK(RunCommand(o + " export --run " + dir / "run" + " --anchor " + dir / "anchor2" + " --out " + dir / "x.safetensors" + " --owner a --name b", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("another anchor"));
+    CHECK_FALSE(fs::exists(dir / "x.safetensors"));
+  }
+}
+
+TEST_CASE("flexfed-owner refuses bad input with one line and a non-zero exit", "[owner_cli]") {
+  TempDir dir;
+  std::string out;
+  const std::string o = absl::StrCat("FLEXFED_CACHE_DIR=", dir / "cache", " ", Owner());
+  CHECK(RunCommand(o + " --help", &out) == 0);
+  for (const char* cmd : {"router-init", "train", "eval", "export", "inspect"}) {
+    CHECK(RunCommand(o + " " + cmd + " --help", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("Usage"));
+  }
+  CHECK(RunCommand(o + " frobnicate", &out) == 2);
+  CHECK(RunCommand(o + " train --run " + dir / "r" + " --data /etc/hostname --steps 1", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("--anchor DIR is required"));
+  CHECK(RunCommand(o + " train --pretrain test --run " + dir / "r" + " --steps 1", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("no training data"));
+  REQUIRE(WriteFileAtomically(dir / "empty.txt", "").ok());
+  CHECK(RunCommand(o + " train --pretrain test --data " + dir / "empty.txt" + " --run " + dir / "r2" + " --steps 1", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("holds no text"));
+  REQUIRE(WriteFileAtomically(dir / "bad.txt", std::string("ok\xff\xfe", 4)).ok());
+  CHECK(RunCommand(o + " train --pretrain test --data " + dir / "bad.txt" + " --run " + dir / "r3" + " --steps 1", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("invalid UTF-8 at byte 2"));
+  CHECK(RunCommand(o + " train --pretrain huge --data " + dir / "bad.txt" + " --run " + dir / "r4" + " --steps 1", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("unknown model size 'huge'"));
+  CHECK(RunCommand(o + " inspect /etc/hostname", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("/etc/hostname"));
+  // Nothing half-written: failed runs leave no run folder behind.
+  CHECK_FALSE(fs::exists(dir / "r2/train_config.json"));
+}
+
+}  // namespace
+}  // namespace flexfed
