@@ -16,23 +16,27 @@ AdamW::AdamW(std::vector<NamedTensor> params, AdamWOptions options)
   }
 }
 
+void AdamWUpdate(at::Tensor& p32, const at::Tensor& g, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr,
+                 const AdamWOptions& o, int64_t step) {
+  const double bias1 = 1.0 - std::pow(o.beta1, static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(o.beta2, static_cast<double>(step));
+  if (o.weight_decay != 0) p32.mul_(1.0 - lr * o.weight_decay);
+  exp_avg.mul_(o.beta1).add_(g, 1.0 - o.beta1);
+  exp_avg_sq.mul_(o.beta2).addcmul_(g, g, 1.0 - o.beta2);
+  at::Tensor denom = (exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(o.eps);
+  p32.addcdiv_(exp_avg, denom, -lr / bias1);
+}
+
 void AdamW::Step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
-  const double b1 = options_.beta1, b2 = options_.beta2;
-  const double bias1 = 1.0 - std::pow(b1, static_cast<double>(step_));
-  const double bias2 = 1.0 - std::pow(b2, static_cast<double>(step_));
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor p = params_[i].tensor;
     if (!p.grad().defined()) continue;
     at::Tensor g = p.grad().to(at::kFloat);
     // Moments and the update in fp32 whatever the parameter dtype (bf16 weights keep fp32 moments).
     at::Tensor p32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
-    if (options_.weight_decay != 0) p32.mul_(1.0 - lr * options_.weight_decay);
-    exp_avg_[i].mul_(b1).add_(g, 1.0 - b1);
-    exp_avg_sq_[i].mul_(b2).addcmul_(g, g, 1.0 - b2);
-    at::Tensor denom = (exp_avg_sq_[i].sqrt() / std::sqrt(bias2)).add_(options_.eps);
-    p32.addcdiv_(exp_avg_[i], denom, -lr / bias1);
+    AdamWUpdate(p32, g, exp_avg_[i], exp_avg_sq_[i], lr, options_, step_);
     if (p.scalar_type() != at::kFloat) p.copy_(p32);
   }
 }
@@ -77,11 +81,12 @@ absl::Status AdamW::LoadState(const std::vector<NamedTensor>& state) {
 
 double ClipGradNorm(const std::vector<NamedTensor>& params, double max_norm) {
   at::NoGradGuard no_grad;
-  double sum = 0;
+  std::vector<at::Tensor> squares;
   for (const NamedTensor& p : params) {
-    if (p.tensor.grad().defined()) sum += p.tensor.grad().to(at::kFloat).pow(2).sum().item<double>();
+    if (p.tensor.grad().defined()) squares.push_back(p.tensor.grad().to(at::kFloat).pow(2).sum());
   }
-  const double norm = std::sqrt(sum);
+  if (squares.empty()) return 0.0;
+  const double norm = std::sqrt(at::stack(squares).sum().item<double>());
   if (max_norm > 0 && norm > max_norm) {
     const double scale = max_norm / (norm + 1e-6);
     for (const NamedTensor& p : params) {

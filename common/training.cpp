@@ -375,8 +375,9 @@ double Trainer::Step() {
       routing_counts_.assign(trace.expert_indices.size(), std::vector<double>(mc.num_experts, 0.0));
     }
     for (size_t l = 0; l < trace.expert_indices.size(); ++l) {
-      at::Tensor top1 = at::bincount(trace.expert_indices[l].select(1, 0).to(at::kCPU), {}, mc.num_experts);
-      for (int64_t e = 0; e < mc.num_experts; ++e) routing_counts_[l][e] += top1[e].item<double>();
+      at::Tensor top1 = at::bincount(trace.expert_indices[l].select(1, 0).to(at::kCPU), {}, mc.num_experts).contiguous();
+      const int64_t* counts = top1.data_ptr<int64_t>();
+      for (int64_t e = 0; e < mc.num_experts; ++e) routing_counts_[l][e] += static_cast<double>(counts[e]);
     }
   }
   last_grad_norm_ = ClipGradNorm(trainable_, config_.grad_clip);

@@ -53,6 +53,11 @@ absl::Status Run(Options& o) {
     absl::StatusOr<nlohmann::json> j = ReadJson(source);
     if (!j.ok()) return j.status();
     const nlohmann::json& settings = j->contains("cadence") ? (*j)["cadence"] : *j;  // a run folder echo, or a settings file
+    if (o.resume && o.config_file.empty()) {
+      // The run knows its own anchor and router embedding.
+      if (o.inputs.anchor_dir.empty()) o.inputs.anchor_dir = j->value("anchor_dir", "");
+      if (o.inputs.router_init.empty()) o.inputs.router_init = j->value("router_init", "");
+    }
     absl::StatusOr<TrainConfig> c = TrainConfig::FromJson(settings, source);
     if (!c.ok()) return c.status();
     config = *c;
@@ -78,7 +83,7 @@ absl::Status Run(Options& o) {
   if (!out.ok()) return out.status();
   if (out->interrupted) {
     std::cerr << "stopped at step " << out->steps << " (checkpoint saved); continue with: flexfed-owner train --run "
-              << o.inputs.run_dir << " --resume" << (o.inputs.anchor_dir.empty() ? "" : " --anchor " + o.inputs.anchor_dir) << "\n";
+              << o.inputs.run_dir << " --resume\n";
     std::exit(128 + g_signal.load());
   }
   std::cout << "trained " << out->steps << " steps (" << out->tokens << " tokens); final loss " << out->last_loss;
