@@ -8,12 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh >/dev/null
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-for round in 1 2; do
-  echo "round $round/2: FlexFed" >&2
-  build/bench/flexfed_model_bench "$@" >>"$out"
-  echo "round $round/2: plain PyTorch" >&2
-  /usr/bin/python3 bench/model_bench.py "$@" >>"$out"
-done
+bench/alternate.sh "$out" "build/bench/flexfed_model_bench $*" "/usr/bin/python3 bench/model_bench.py $*"
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 best = {}

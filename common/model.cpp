@@ -55,6 +55,23 @@ Routing Routing::Only(int64_t num_experts, const std::vector<int64_t>& allowed) 
   return MarkExperts(num_experts, allowed, /*base=*/false);
 }
 
+absl::StatusOr<Routing> Routing::FromLists(int64_t num_experts, const std::vector<int64_t>& exclude,
+                                           const std::vector<int64_t>& allow) {
+  if (!exclude.empty() && !allow.empty()) return absl::InvalidArgumentError("give --exclude or --allow, not both");
+  if (exclude.empty() && allow.empty()) return Routing::All();
+  for (int64_t e : exclude.empty() ? allow : exclude) {
+    if (e < 0 || e >= num_experts) {
+      return absl::InvalidArgumentError(absl::StrCat("expert ", e, " does not exist: the model has ", num_experts,
+                                                     " expert(s), numbered 0 to ", num_experts - 1));
+    }
+  }
+  Routing r = exclude.empty() ? Only(num_experts, allow) : Excluding(num_experts, exclude);
+  if (std::none_of(r.allowed.begin(), r.allowed.end(), [](bool a) { return a; })) {
+    return absl::InvalidArgumentError("the expert set allows no expert; keep at least one");
+  }
+  return r;
+}
+
 std::vector<std::string> ExpectedTensorNames(const ModelConfig& config, bool with_router_bias) {
   std::vector<std::string> names = {"model.embed_tokens.weight"};
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {

@@ -38,6 +38,10 @@ struct Routing {
   // All experts but those listed. Expert ids must be < num_experts.
   static Routing Excluding(int64_t num_experts, const std::vector<int64_t>& excluded);
   static Routing Only(int64_t num_experts, const std::vector<int64_t>& allowed);
+  // From a command line's --exclude / --allow lists (at most one non-empty): checks that the ids
+  // exist and that at least one expert remains.
+  static absl::StatusOr<Routing> FromLists(int64_t num_experts, const std::vector<int64_t>& exclude,
+                                           const std::vector<int64_t>& allow);
 };
 
 // Keys and values of past positions for incremental decoding. Allocated once at full capacity;

@@ -41,18 +41,9 @@ absl::Status Run(const Options& o) {
   }
   std::vector<int64_t> indices;
   for (int64_t i = 0; i < packed.size() && (o.max_sequences == 0 || i < o.max_sequences); ++i) indices.push_back(i);
-  Routing routing;
-  for (int64_t e : o.exclude.empty() ? o.allow : o.exclude) {
-    if (e < 0 || e >= c.num_experts) {
-      return absl::InvalidArgumentError(absl::StrFormat("expert %d does not exist (the model has %d)", e, c.num_experts));
-    }
-  }
-  if (!o.exclude.empty()) routing = Routing::Excluding(c.num_experts, o.exclude);
-  if (!o.allow.empty()) routing = Routing::Only(c.num_experts, o.allow);
-  if (!routing.allowed.empty() && std::none_of(routing.allowed.begin(), routing.allowed.end(), [](bool a) { return a; })) {
-    return absl::InvalidArgumentError("the expert set allows no expert; keep at least one");
-  }
-  EvalResult r = Evaluate(*model, packed, indices, o.batch_size, **tok, routing);
+  absl::StatusOr<Routing> routing = Routing::FromLists(c.num_experts, o.exclude, o.allow);
+  if (!routing.ok()) return routing.status();
+  EvalResult r = Evaluate(*model, packed, indices, o.batch_size, **tok, *routing);
   if (o.json) {
     std::cout << nlohmann::json({{"model", o.model}, {"loss", r.loss}, {"bits_per_byte", r.bits_per_byte},
                                  {"tokens", r.tokens}, {"bytes", r.bytes}, {"sequences", indices.size()}})

@@ -77,6 +77,7 @@ absl::Status Run(Options& o) {
   if (!trainer.ok()) return trainer.status();
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
+  std::signal(SIGPIPE, SIG_IGN);  // a closed log reader must not kill hours of training
   ProgressReporter progress(stderr, o.plain);
   if (o.resume) progress.Line(absl::StrCat("resuming at step ", (*trainer)->step(), " of ", (*trainer)->total_steps()));
   absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&g_stop, &progress);

@@ -130,19 +130,8 @@ absl::Status RunLogits(const LogitsOptions& o) {
   absl::StatusOr<std::vector<std::vector<int64_t>>> seqs = GatherSequences(o, o.model_dir, config.vocab_size);
   if (!seqs.ok()) return seqs.status();
 
-  Routing routing;
-  if (!o.exclude.empty() || !o.allow.empty()) {
-    for (int64_t e : o.exclude.empty() ? o.allow : o.exclude) {
-      if (e < 0 || e >= config.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat("expert ", e, " does not exist: the model has ", config.num_experts,
-                                                       " expert(s), numbered 0 to ", config.num_experts - 1));
-      }
-    }
-    routing = o.exclude.empty() ? Routing::Only(config.num_experts, o.allow) : Routing::Excluding(config.num_experts, o.exclude);
-    if (std::none_of(routing.allowed.begin(), routing.allowed.end(), [](bool a) { return a; })) {
-      return absl::InvalidArgumentError("the expert set allows no expert; keep at least one");
-    }
-  }
+  absl::StatusOr<Routing> routing = Routing::FromLists(config.num_experts, o.exclude, o.allow);
+  if (!routing.ok()) return routing.status();
 
   // Right-pad to the longest sequence: causal attention keeps padding from touching real positions.
   int64_t longest = 0;
@@ -163,11 +152,11 @@ absl::Status RunLogits(const LogitsOptions& o) {
   at::Tensor logits;
   {
     c10::InferenceMode inference;
-    logits = model->Forward(ids, routing).to(at::kFloat);
+    logits = model->Forward(ids, *routing).to(at::kFloat);
   }
   std::vector<std::string> allowed_ids;
   for (int64_t e = 0; e < config.num_experts; ++e) {
-    if (routing.allowed.empty() || routing.allowed[e]) allowed_ids.push_back(std::to_string(e));
+    if (routing->allowed.empty() || routing->allowed[e]) allowed_ids.push_back(std::to_string(e));
   }
   std::map<std::string, std::string> metadata = {
       {"model_type", config.model_type},
