@@ -1,0 +1,238 @@
+#include "coordinator/blob_store.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "common/sha256.h"
+
+namespace flexfed {
+
+namespace fs = std::filesystem;
+
+// Writes `data` to `final_path` atomically (a uniquely named temporary beside it, fsync, rename).
+static absl::Status WriteDurably(const std::string& final_path, const std::string& data) {
+  std::error_code ec;
+  fs::create_directories(fs::path(final_path).parent_path(), ec);
+  if (ec) return absl::InternalError(absl::StrCat(final_path, ": cannot create folder: ", ec.message()));
+  return WriteFileAtomically(final_path, data);
+}
+
+static bool IsTemporary(const fs::path& p) { return p.filename().string().find(".tmp.") != std::string::npos; }
+
+
+bool IsValidSha256(const std::string& hex) {
+  return hex.size() == 64 && hex.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+bool IsValidSessionId(const std::string& session) {
+  return session.size() >= 16 && session.size() <= 64 &&
+         session.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+uint64_t ChunkLayout::ChunkBytes(uint64_t index) const {
+  const uint64_t begin = index * chunk_size;
+  return begin >= size ? 0 : std::min(chunk_size, size - begin);
+}
+
+absl::Status ChunkLayout::Validate() const {
+  if (!IsValidSha256(sha256)) return absl::InvalidArgumentError("manifest: blob sha256 is not 64 lowercase hex digits");
+  if (chunk_size < (64u << 10) || chunk_size > kMaxChunkSize) {
+    return absl::InvalidArgumentError(absl::StrCat("manifest: chunk_size ", chunk_size, " is outside [64 KiB, 8 MiB]"));
+  }
+  const uint64_t want = size == 0 ? 0 : (size + chunk_size - 1) / chunk_size;
+  if (chunk_sha256.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("manifest: ", chunk_sha256.size(), " chunks listed, a blob of ", size,
+                                                   " bytes in chunks of ", chunk_size, " has ", want));
+  }
+  for (const std::string& h : chunk_sha256) {
+    if (!IsValidSha256(h)) return absl::InvalidArgumentError("manifest: a chunk sha256 is not 64 lowercase hex digits");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ChunkLayout> LayoutOfFile(const std::string& path, uint64_t chunk_size) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  ChunkLayout layout;
+  layout.chunk_size = chunk_size;
+  Sha256 whole;
+  std::string buf(chunk_size, '\0');
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(chunk_size));
+    const std::streamsize n = in.gcount();
+    if (n <= 0) break;
+    whole.Update(buf.data(), static_cast<size_t>(n));
+    layout.chunk_sha256.push_back(Sha256Hex(std::string_view(buf.data(), static_cast<size_t>(n))));
+    layout.size += static_cast<uint64_t>(n);
+  }
+  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read error"));
+  layout.sha256 = whole.HexDigest();
+  return layout;
+}
+
+absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root) {
+  std::unique_ptr<BlobStore> store(new BlobStore(root));
+  std::error_code ec;
+  for (const char* sub : {"blobs", "uploads", "tmp"}) {
+    fs::create_directories(fs::path(root) / sub, ec);
+    if (ec) return absl::InternalError(absl::StrCat(root, "/", sub, ": cannot create: ", ec.message()));
+  }
+  // Orphans of a crash: everything in tmp/, and half-written temporaries beside chunks.
+  for (const auto& entry : fs::directory_iterator(fs::path(root) / "tmp", ec)) {
+    fs::remove_all(entry.path(), ec);
+    ++store->orphans_at_open_;
+  }
+  for (auto it = fs::recursive_directory_iterator(fs::path(root) / "uploads", ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (it->is_regular_file() && IsTemporary(it->path())) {
+      fs::remove(it->path(), ec);
+      ++store->orphans_at_open_;
+    }
+  }
+  return store;
+}
+
+std::string BlobStore::PathOf(const std::string& sha256) const {
+  return (fs::path(root_) / "blobs" / sha256.substr(0, 2) / sha256.substr(2, 2) / sha256).string();
+}
+
+bool BlobStore::Has(const std::string& sha256) const {
+  std::error_code ec;
+  return IsValidSha256(sha256) && fs::is_regular_file(PathOf(sha256), ec);
+}
+
+absl::StatusOr<uint64_t> BlobStore::Size(const std::string& sha256) const {
+  if (!Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256));
+  std::error_code ec;
+  return static_cast<uint64_t>(fs::file_size(PathOf(sha256), ec));
+}
+
+std::string BlobStore::SessionDir(const std::string& session) const {
+  return (fs::path(root_) / "uploads" / session).string();
+}
+
+absl::StatusOr<std::string> BlobStore::PutFile(const std::string& path) {
+  absl::StatusOr<std::string> sha = Sha256File(path);
+  if (!sha.ok()) return sha.status();
+  if (Has(*sha)) return *sha;
+  const fs::path tmp = fs::path(root_) / "tmp" / absl::StrCat(*sha, ".put.", ::getpid(), ".", std::random_device{}());
+  std::error_code ec;
+  fs::copy_file(path, tmp, fs::copy_options::overwrite_existing, ec);
+  if (ec) return absl::InternalError(absl::StrCat(path, ": cannot copy into the store: ", ec.message()));
+  // fsync the copy before it becomes visible.
+  int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+  absl::StatusOr<std::string> check = Sha256File(tmp.string());
+  if (!check.ok() || *check != *sha) {
+    fs::remove(tmp, ec);
+    return absl::DataLossError(absl::StrCat(path, ": changed while being copied; try again"));
+  }
+  fs::create_directories(fs::path(PathOf(*sha)).parent_path(), ec);
+  fs::rename(tmp, PathOf(*sha), ec);
+  if (ec) return absl::InternalError(absl::StrCat(PathOf(*sha), ": cannot move into place: ", ec.message()));
+  return *sha;
+}
+
+absl::StatusOr<std::string> BlobStore::Read(const std::string& sha256, uint64_t offset, uint64_t length) const {
+  if (!Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256));
+  std::ifstream in(PathOf(sha256), std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(offset));
+  std::string out(length, '\0');
+  in.read(out.data(), static_cast<std::streamsize>(length));
+  out.resize(static_cast<size_t>(std::max<std::streamsize>(0, in.gcount())));
+  return out;
+}
+
+absl::Status BlobStore::PutChunk(const std::string& session, uint64_t index, const std::string& data,
+                                 const std::string& sha256) {
+  if (!IsValidSessionId(session)) return absl::InvalidArgumentError("malformed upload session id");
+  if (Sha256Hex(data) != sha256) {
+    return absl::DataLossError(absl::StrCat("chunk ", index, " of session ", session,
+                                            " does not match its SHA-256 (corrupted in transit); send it again"));
+  }
+  return WriteDurably((fs::path(SessionDir(session)) / std::to_string(index)).string(), data);
+}
+
+bool BlobStore::HasChunk(const std::string& session, uint64_t index) const {
+  std::error_code ec;
+  return IsValidSessionId(session) && fs::is_regular_file(fs::path(SessionDir(session)) / std::to_string(index), ec);
+}
+
+std::vector<uint64_t> BlobStore::MissingChunks(const std::string& session, const ChunkLayout& layout) const {
+  std::vector<uint64_t> missing;
+  if (Has(layout.sha256)) return missing;  // the blob is already stored whole
+  for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
+    if (!HasChunk(session, i)) missing.push_back(i);
+  }
+  return missing;
+}
+
+uint64_t BlobStore::ReceivedBytes(const std::string& session) const {
+  uint64_t total = 0;
+  std::error_code ec;
+  if (!IsValidSessionId(session)) return 0;
+  for (const auto& entry : fs::directory_iterator(SessionDir(session), ec)) {
+    if (!IsTemporary(entry.path())) total += entry.file_size(ec);
+  }
+  return total;
+}
+
+absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& layout) {
+  if (Has(layout.sha256)) return absl::OkStatus();
+  if (absl::Status s = layout.Validate(); !s.ok()) return s;
+  const fs::path tmp_path = fs::path(root_) / "tmp" / absl::StrCat(layout.sha256, ".", session);
+  absl::StatusOr<std::unique_ptr<AtomicFile>> out = AtomicFile::Create(tmp_path.string());
+  if (!out.ok()) return out.status();
+  Sha256 whole;
+  uint64_t total = 0;
+  for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
+    absl::StatusOr<std::string> data = ReadFile((fs::path(SessionDir(session)) / std::to_string(i)).string());
+    if (!data.ok()) return absl::FailedPreconditionError(absl::StrCat("chunk ", i, " has not been received"));
+    if (data->size() != layout.ChunkBytes(i) || Sha256Hex(*data) != layout.chunk_sha256[i]) {
+      std::error_code ec;
+      fs::remove(fs::path(SessionDir(session)) / std::to_string(i), ec);
+      return absl::DataLossError(absl::StrCat("chunk ", i, " does not match the manifest; it was dropped, send it again"));
+    }
+    whole.Update(*data);
+    total += data->size();
+    if (absl::Status s = (*out)->Write(*data); !s.ok()) return s;
+  }
+  if (total != layout.size || whole.HexDigest() != layout.sha256) {
+    return absl::DataLossError("the assembled blob does not match the manifest's SHA-256 or size");
+  }
+  if (absl::Status s = (*out)->Commit(); !s.ok()) return s;
+  std::error_code ec;
+  fs::create_directories(fs::path(PathOf(layout.sha256)).parent_path(), ec);
+  fs::rename(tmp_path, PathOf(layout.sha256), ec);
+  if (ec) return absl::InternalError(absl::StrCat(PathOf(layout.sha256), ": cannot move into place: ", ec.message()));
+  return absl::OkStatus();
+}
+
+void BlobStore::DropSession(const std::string& session) {
+  if (!IsValidSessionId(session)) return;
+  std::error_code ec;
+  fs::remove_all(SessionDir(session), ec);
+}
+
+int64_t BlobStore::CollectUnreferenced(const std::function<bool(const std::string&)>& referenced) {
+  int64_t removed = 0;
+  std::error_code ec;
+  std::vector<fs::path> doomed;
+  for (auto it = fs::recursive_directory_iterator(fs::path(root_) / "blobs", ec); !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (it->is_regular_file() && !referenced(it->path().filename().string())) doomed.push_back(it->path());
+  }
+  for (const fs::path& p : doomed) removed += fs::remove(p, ec) ? 1 : 0;
+  return removed;
+}
+
+}  // namespace flexfed

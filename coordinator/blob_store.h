@@ -1,0 +1,79 @@
+// Content-addressed blob store on a filesystem (ARCHITECTURE.md §6). Layout under ROOT:
+//   blobs/ab/cd/<sha256>           complete blobs, immutable, named by their SHA-256
+//   uploads/<session>/<index>      chunks received for an open upload session, each verified
+//   tmp/                           files being written; anything here at start-up is an orphan
+// Every file is written to tmp/, fsynced and renamed into place, so a crash at any moment leaves
+// either the old state or the new one, never a partial blob or chunk. Thread-safe: concurrent
+// writers of one blob or chunk race harmlessly (same bytes, atomic rename).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace flexfed {
+
+// How a blob is cut into chunks: chunk i covers [i·chunk_size, min(size, (i+1)·chunk_size)).
+struct ChunkLayout {
+  std::string sha256;  // of the whole blob
+  uint64_t size = 0;
+  uint64_t chunk_size = 0;
+  std::vector<std::string> chunk_sha256;
+
+  uint64_t ChunkBytes(uint64_t index) const;
+  // Checks counts and sizes are consistent (chunk_size in [64 KiB, 8 MiB], hashes well-formed).
+  absl::Status Validate() const;
+};
+
+// Computes the layout of a file (streaming, constant memory).
+absl::StatusOr<ChunkLayout> LayoutOfFile(const std::string& path, uint64_t chunk_size);
+
+inline constexpr uint64_t kDefaultChunkSize = 4ull << 20;
+inline constexpr uint64_t kMaxChunkSize = 8ull << 20;
+
+class BlobStore {
+ public:
+  // Opens (creating) the store at `root` and removes orphans in tmp/.
+  static absl::StatusOr<std::unique_ptr<BlobStore>> Open(const std::string& root);
+
+  bool Has(const std::string& sha256) const;
+  std::string PathOf(const std::string& sha256) const;
+  absl::StatusOr<uint64_t> Size(const std::string& sha256) const;
+  // Copies a local file in (streaming), verifying nothing but computing its hash.
+  absl::StatusOr<std::string> PutFile(const std::string& path);
+  // Up to `length` bytes from `offset` (fewer at the end of the blob).
+  absl::StatusOr<std::string> Read(const std::string& sha256, uint64_t offset, uint64_t length) const;
+
+  // Upload sessions. A chunk is kept only if its bytes hash to `sha256`.
+  absl::Status PutChunk(const std::string& session, uint64_t index, const std::string& data,
+                        const std::string& sha256);
+  bool HasChunk(const std::string& session, uint64_t index) const;
+  std::vector<uint64_t> MissingChunks(const std::string& session, const ChunkLayout& layout) const;
+  uint64_t ReceivedBytes(const std::string& session) const;
+  // Concatenates the session's chunks into the blob (streaming), checking each chunk's and the
+  // whole blob's hash and size; the blob appears under its name only when it is all correct.
+  absl::Status Assemble(const std::string& session, const ChunkLayout& layout);
+  void DropSession(const std::string& session);
+
+  // Removes complete blobs for which `referenced` is false (after a crash between storing a blob
+  // and recording it). Returns how many went.
+  int64_t CollectUnreferenced(const std::function<bool(const std::string& sha256)>& referenced);
+  int64_t orphans_removed_at_open() const { return orphans_at_open_; }
+  const std::string& root() const { return root_; }
+
+ private:
+  explicit BlobStore(std::string root) : root_(std::move(root)) {}
+  std::string SessionDir(const std::string& session) const;
+  std::string root_;
+  int64_t orphans_at_open_ = 0;
+};
+
+// Session ids are server-made; anything else is refused before touching the filesystem.
+bool IsValidSessionId(const std::string& session);
+bool IsValidSha256(const std::string& hex);
+
+}  // namespace flexfed

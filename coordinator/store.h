@@ -1,0 +1,100 @@
+// The coordinator's metadata: anchors, owners, experts and upload sessions (ARCHITECTURE.md §6).
+// An interface so PostgreSQL can serve larger deployments; SqliteStore (sqlite_store.h) is the
+// default. Implementations are thread-safe; each call is one transaction.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace flexfed {
+
+struct AnchorRecord {
+  std::string anchor_id;
+  std::string files_json;  // [{"name", "sha256", "size"}], the manifest
+  std::string config_hash;
+  int64_t published_unix = 0;
+  std::string note;
+  bool current = false;
+};
+
+struct OwnerRecord {
+  std::string owner_id;
+  std::string display_name;
+  int64_t created_unix = 0;
+  std::string token_sha256;  // of the one-time enrollment token; empty once used
+  int64_t token_expires_unix = 0;
+  std::string certificate_sha256;  // fingerprint of the issued certificate
+  int64_t certificate_expires_unix = 0;
+  bool revoked = false;
+  std::string revoked_reason;
+  int64_t last_seen_unix = 0;
+};
+
+// Expert states: registered → uploaded → active ⇄ disabled; any → retired (final).
+struct ExpertRecord {
+  std::string expert_id;  // "<owner>/<name>"
+  std::string owner_id;
+  std::string name;
+  std::string domain;
+  std::string anchor_id;
+  std::string state = "registered";
+  std::string module_sha256;
+  int64_t module_size = 0;
+  int64_t tokens_trained = 0;
+  int64_t created_unix = 0;
+  int64_t updated_unix = 0;
+};
+
+struct UploadRecord {
+  std::string session_id;
+  std::string expert_id;  // empty for operator blob uploads (anchor files)
+  std::string owner_id;   // who opened it ("admin" for operators)
+  std::string manifest_json;
+  std::string blob_sha256;
+  int64_t blob_size = 0;
+  std::string state = "open";  // open | committed | rejected
+  std::string rejection;       // reason code when rejected
+  std::string message;
+  int64_t started_unix = 0;
+  int64_t updated_unix = 0;
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  virtual int schema_version() = 0;
+
+  // Adds an anchor; with `make_current`, it becomes the one owners train against.
+  virtual absl::Status AddAnchor(const AnchorRecord& anchor, bool make_current) = 0;
+  // The anchor `anchor_id`, or the current one when empty. NotFound if none.
+  virtual absl::StatusOr<AnchorRecord> GetAnchor(const std::string& anchor_id) = 0;
+  virtual absl::StatusOr<std::vector<AnchorRecord>> ListAnchors() = 0;
+
+  virtual absl::Status AddOwner(const OwnerRecord& owner) = 0;  // AlreadyExists if the id is taken
+  virtual absl::StatusOr<OwnerRecord> GetOwner(const std::string& owner_id) = 0;
+  virtual absl::StatusOr<std::vector<OwnerRecord>> ListOwners() = 0;
+  virtual absl::Status UpdateOwner(const OwnerRecord& owner) = 0;
+
+  virtual absl::Status AddExpert(const ExpertRecord& expert) = 0;  // AlreadyExists if the id is taken
+  virtual absl::StatusOr<ExpertRecord> GetExpert(const std::string& expert_id) = 0;
+  virtual absl::StatusOr<std::vector<ExpertRecord>> ListExperts() = 0;
+  virtual absl::Status UpdateExpert(const ExpertRecord& expert) = 0;
+
+  virtual absl::Status AddUpload(const UploadRecord& upload) = 0;
+  virtual absl::StatusOr<UploadRecord> GetUpload(const std::string& session_id) = 0;
+  virtual absl::StatusOr<std::vector<UploadRecord>> ListUploads(int limit) = 0;
+  virtual absl::Status UpdateUpload(const UploadRecord& upload) = 0;
+  // Marks the upload committed and attaches its blob to the expert, in one transaction: a crash
+  // leaves both as they were or both updated, never an expert pointing at an uncommitted module.
+  virtual absl::Status CommitModule(const UploadRecord& upload, const ExpertRecord& expert) = 0;
+
+  // Whether any anchor, expert or open upload refers to the blob (for garbage collection).
+  virtual absl::StatusOr<bool> IsBlobReferenced(const std::string& sha256) = 0;
+};
+
+}  // namespace flexfed

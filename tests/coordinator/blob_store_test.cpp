@@ -1,0 +1,124 @@
+// Specification of the content-addressed blob store (coordinator/blob_store.h).
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <random>
+
+#include "common/file_util.h"
+#include "common/sha256.h"
+#include "coordinator/blob_store.h"
+#include "tests/service_test_util.h"
+
+namespace flexfed {
+namespace {
+
+using testing::ScratchDir;
+namespace fs = std::filesystem;
+
+std::string RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string s(n, '\0');
+  for (char& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+TEST_CASE("a chunked upload assembles into a content-addressed blob", "[blob_store]") {
+  ScratchDir dir;
+  auto store = *BlobStore::Open(dir.path());
+  const std::string data = RandomBytes(300'000, 1);
+  REQUIRE(WriteFileAtomically(dir / "src", data).ok());
+  ChunkLayout layout = *LayoutOfFile(dir / "src", 64 << 10);
+  REQUIRE(layout.Validate().ok());
+  CHECK(layout.chunk_sha256.size() == 5);  // 4 × 64 KiB + 37856 bytes
+  CHECK(layout.ChunkBytes(4) == 300'000 - 4 * 65536);
+  CHECK(layout.sha256 == Sha256Hex(data));
+
+  const std::string session = "0123456789abcdef0123456789abcdef";
+  CHECK(store->MissingChunks(session, layout) == std::vector<uint64_t>{0, 1, 2, 3, 4});
+  for (uint64_t i : {3, 0, 4}) {
+    std::string chunk = data.substr(i * 65536, layout.ChunkBytes(i));
+    REQUIRE(store->PutChunk(session, i, chunk, layout.chunk_sha256[i]).ok());
+  }
+  CHECK(store->MissingChunks(session, layout) == std::vector<uint64_t>{1, 2});
+  CHECK(absl::IsFailedPrecondition(store->Assemble(session, layout)));  // not all there
+  CHECK_FALSE(store->Has(layout.sha256));
+  for (uint64_t i : {1, 2}) REQUIRE(store->PutChunk(session, i, data.substr(i * 65536, 65536), layout.chunk_sha256[i]).ok());
+  REQUIRE(store->Assemble(session, layout).ok());
+  CHECK(store->Has(layout.sha256));
+  CHECK(*store->Size(layout.sha256) == data.size());
+  CHECK(*store->Read(layout.sha256, 100, 50) == data.substr(100, 50));
+  CHECK(store->Read(layout.sha256, 299'990, 50)->size() == 10);  // short read at the end
+  // Once stored, every session for the same blob has nothing missing.
+  CHECK(store->MissingChunks("ffffffffffffffffffffffffffffffff", layout).empty());
+}
+
+TEST_CASE("corrupted chunks are refused and never stored", "[blob_store]") {
+  ScratchDir dir;
+  auto store = *BlobStore::Open(dir.path());
+  const std::string session = "00000000000000000000000000000001";
+  const std::string chunk = RandomBytes(1000, 2);
+  std::string corrupted = chunk;
+  corrupted[10] ^= 1;
+  absl::Status s = store->PutChunk(session, 0, corrupted, Sha256Hex(chunk));
+  CHECK(absl::IsDataLoss(s));
+  CHECK_FALSE(store->HasChunk(session, 0));
+  CHECK(absl::IsInvalidArgument(store->PutChunk("../../etc", 0, chunk, Sha256Hex(chunk))));  // session ids are checked
+}
+
+TEST_CASE("a manifest that lies about the whole blob is caught at assembly", "[blob_store]") {
+  ScratchDir dir;
+  auto store = *BlobStore::Open(dir.path());
+  const std::string data = RandomBytes(70'000, 3);
+  REQUIRE(WriteFileAtomically(dir / "src", data).ok());
+  ChunkLayout layout = *LayoutOfFile(dir / "src", 64 << 10);
+  const std::string session = "00000000000000000000000000000002";
+  for (uint64_t i = 0; i < 2; ++i) REQUIRE(store->PutChunk(session, i, data.substr(i * 65536, layout.ChunkBytes(i)), layout.chunk_sha256[i]).ok());
+  ChunkLayout lie = layout;
+  lie.sha256 = Sha256Hex("something else");
+  CHECK(absl::IsDataLoss(store->Assemble(session, lie)));
+  CHECK_FALSE(store->Has(lie.sha256));
+  CHECK(fs::is_empty(dir / "tmp"));  // nothing half-written left behind
+}
+
+TEST_CASE("orphans of a crash are collected at open", "[blob_store]") {
+  ScratchDir dir;
+  { auto store = *BlobStore::Open(dir.path()); }
+  REQUIRE(WriteFileAtomically(dir / "tmp/abc.partial", "half a blob").ok());
+  fs::create_directories(dir / "uploads/00000000000000000000000000000003");
+  REQUIRE(WriteFileAtomically(dir / "uploads/00000000000000000000000000000003/7.tmp.123.456", "half a chunk").ok());
+  REQUIRE(WriteFileAtomically(dir / "uploads/00000000000000000000000000000003/6", "a whole chunk").ok());
+  auto store = *BlobStore::Open(dir.path());
+  CHECK(store->orphans_removed_at_open() == 2);
+  CHECK(fs::exists(dir / "uploads/00000000000000000000000000000003/6"));  // received chunks survive restarts
+  CHECK(store->ReceivedBytes("00000000000000000000000000000003") == 13);
+}
+
+TEST_CASE("unreferenced blobs can be collected", "[blob_store]") {
+  ScratchDir dir;
+  auto store = *BlobStore::Open(dir.path());
+  REQUIRE(WriteFileAtomically(dir / "a", "aaa").ok());
+  REQUIRE(WriteFileAtomically(dir / "b", "bbb").ok());
+  const std::string a = *store->PutFile(dir / "a"), b = *store->PutFile(dir / "b");
+  CHECK(store->CollectUnreferenced([&](const std::string& sha) { return sha == a; }) == 1);
+  CHECK(store->Has(a));
+  CHECK_FALSE(store->Has(b));
+}
+
+TEST_CASE("manifests are checked before use", "[blob_store]") {
+  ChunkLayout l;
+  l.sha256 = std::string(64, 'a');
+  l.size = 10;
+  l.chunk_size = 64 << 10;
+  l.chunk_sha256 = {std::string(64, 'b')};
+  CHECK(l.Validate().ok());
+  l.chunk_size = 1 << 30;
+  CHECK_THAT(std::string(l.Validate().message()), Catch::Contains("chunk_size"));
+  l.chunk_size = 64 << 10;
+  l.chunk_sha256.push_back(std::string(64, 'c'));
+  CHECK_THAT(std::string(l.Validate().message()), Catch::Contains("2 chunks listed"));
+  l.chunk_sha256 = {"XYZ"};
+  CHECK_FALSE(l.Validate().ok());
+}
+
+}  // namespace
+}  // namespace flexfed

@@ -1,0 +1,103 @@
+// Specification of the SQLite metadata store (coordinator/sqlite_store.h).
+#include <catch2/catch.hpp>
+
+#include <sqlite3.h>
+
+#include "coordinator/sqlite_store.h"
+#include "tests/service_test_util.h"
+
+namespace flexfed {
+namespace {
+
+using testing::ScratchDir;
+
+AnchorRecord Anchor(const std::string& id, int64_t t) { return {id, "[{\"sha256\":\"" + id + "\"}]", "cfg", t, "", false}; }
+
+TEST_CASE("a new database is migrated to the newest schema, in WAL mode", "[sqlite_store]") {
+  ScratchDir dir;
+  auto store = *SqliteStore::Open(dir / "meta.db");
+  CHECK(store->schema_version() == SqliteStore::kSchemaVersion);
+  store.reset();
+  auto again = *SqliteStore::Open(dir / "meta.db");  // re-opening applies nothing twice
+  CHECK(again->schema_version() == SqliteStore::kSchemaVersion);
+  sqlite3* db;
+  REQUIRE(sqlite3_open((dir / "meta.db").c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* s;
+  sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &s, nullptr);
+  REQUIRE(sqlite3_step(s) == SQLITE_ROW);
+  CHECK(std::string(reinterpret_cast<const char*>(sqlite3_column_text(s, 0))) == "wal");
+  sqlite3_finalize(s);
+  sqlite3_close(db);
+}
+
+TEST_CASE("a database from a newer FlexFed is refused", "[sqlite_store]") {
+  ScratchDir dir;
+  sqlite3* db;
+  REQUIRE(sqlite3_open((dir / "meta.db").c_str(), &db) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db, "PRAGMA user_version = 99", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+  absl::StatusOr<std::unique_ptr<SqliteStore>> store = SqliteStore::Open(dir / "meta.db");
+  CHECK(absl::IsFailedPrecondition(store.status()));
+  CHECK_THAT(std::string(store.status().message()), Catch::Contains("newer"));
+}
+
+TEST_CASE("anchors: one is current", "[sqlite_store]") {
+  ScratchDir dir;
+  auto store = *SqliteStore::Open(dir / "meta.db");
+  CHECK(absl::IsNotFound(store->GetAnchor("").status()));
+  REQUIRE(store->AddAnchor(Anchor(std::string(64, '1'), 1), true).ok());
+  REQUIRE(store->AddAnchor(Anchor(std::string(64, '2'), 2), true).ok());
+  REQUIRE(store->AddAnchor(Anchor(std::string(64, '3'), 3), false).ok());
+  CHECK(store->GetAnchor("")->anchor_id == std::string(64, '2'));
+  CHECK(store->ListAnchors()->size() == 3);
+  CHECK(absl::IsAlreadyExists(store->AddAnchor(Anchor(std::string(64, '1'), 4), false)));
+  CHECK(store->GetAnchor("")->anchor_id == std::string(64, '2'));  // a failed add changes nothing
+}
+
+TEST_CASE("owners, experts and uploads round-trip and commit together", "[sqlite_store]") {
+  ScratchDir dir;
+  auto store = *SqliteStore::Open(dir / "meta.db");
+  REQUIRE(store->AddAnchor(Anchor(std::string(64, 'a'), 1), true).ok());
+  OwnerRecord o{"acme", "ACME Corp", 10, std::string(64, 't'), 100, "", 0, false, "", 0};
+  REQUIRE(store->AddOwner(o).ok());
+  CHECK(absl::IsAlreadyExists(store->AddOwner(o)));
+  o.revoked = true;
+  o.revoked_reason = "key stolen";
+  REQUIRE(store->UpdateOwner(o).ok());
+  CHECK(store->GetOwner("acme")->revoked_reason == "key stolen");
+  CHECK(absl::IsNotFound(store->GetOwner("nobody").status()));
+
+  ExpertRecord e{"acme/math", "acme", "math", "arithmetic", std::string(64, 'a'), "registered", "", 0, 0, 10, 10};
+  REQUIRE(store->AddExpert(e).ok());
+  ExpertRecord orphan = e;
+  orphan.expert_id = "ghost/x";
+  orphan.owner_id = "ghost";
+  CHECK_FALSE(store->AddExpert(orphan).ok());  // foreign keys hold
+
+  UploadRecord u{"00000000000000000000000000000001", "acme/math", "acme", "{}", std::string(64, 'm'), 123, "open", "", "", 11, 11};
+  REQUIRE(store->AddUpload(u).ok());
+  CHECK(*store->IsBlobReferenced(std::string(64, 'm')));
+  u.state = "committed";
+  e.state = "uploaded";
+  e.module_sha256 = u.blob_sha256;
+  REQUIRE(store->CommitModule(u, e).ok());
+  CHECK(store->GetExpert("acme/math")->module_sha256 == std::string(64, 'm'));
+  CHECK(store->GetUpload(u.session_id)->state == "committed");
+
+  // A commit that cannot attach the module leaves the upload untouched too.
+  UploadRecord u2 = u;
+  u2.session_id = "00000000000000000000000000000002";
+  u2.state = "open";
+  REQUIRE(store->AddUpload(u2).ok());
+  u2.state = "committed";
+  ExpertRecord missing = e;
+  missing.expert_id = "acme/none";
+  CHECK_FALSE(store->CommitModule(u2, missing).ok());
+  CHECK(store->GetUpload(u2.session_id)->state == "open");
+  CHECK(store->ListUploads(10)->size() == 2);
+  CHECK(*store->IsBlobReferenced(std::string(64, 'a')));   // the anchor's files
+  CHECK_FALSE(*store->IsBlobReferenced(std::string(64, 'z')));
+}
+
+}  // namespace
+}  // namespace flexfed
