@@ -134,6 +134,18 @@ bool IsValidName(const std::string& name) {
   return true;
 }
 
+std::string RandomHex(size_t bytes) {
+  std::string raw(bytes, '\0');
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(raw.data()), static_cast<int>(bytes)) != 1) std::abort();
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : raw) {
+    out.push_back(kHex[c >> 4]);
+    out.push_back(kHex[c & 0xf]);
+  }
+  return out;
+}
+
 absl::StatusOr<KeyAndCsr> MakeKeyAndCsr(const std::string& common_name) {
   absl::StatusOr<Key> key = NewKey();
   if (!key.ok()) return key.status();

@@ -53,4 +53,7 @@ absl::StatusOr<std::string> CertificateFingerprint(const std::string& certificat
 // URIs, paths and certificate subjects).
 bool IsValidName(const std::string& name);
 
+// `bytes` cryptographically random bytes as lowercase hex (tokens, session secrets).
+std::string RandomHex(size_t bytes);
+
 }  // namespace flexfed

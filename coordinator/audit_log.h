@@ -1,0 +1,40 @@
+// The audit log: one JSON object per line, appended and fsynced before the action's reply, so an
+// operator can always tell who did what (ARCHITECTURE.md §6). Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace flexfed {
+
+struct AuditEvent {
+  std::string actor_id;           // owner id, admin name, or "-" before authentication
+  std::string actor_fingerprint;  // SHA-256 of the caller's certificate, "" when none
+  std::string action;             // e.g. "owner.add", "upload.commit"
+  std::map<std::string, std::string> objects;  // what it touched: ids and hashes
+  std::string result;             // "ok", or the error / rejection reason
+};
+
+class AuditLog {
+ public:
+  static absl::StatusOr<std::unique_ptr<AuditLog>> Open(const std::string& path);
+  ~AuditLog();
+  // Appends the event with an id and time; returns the id.
+  absl::StatusOr<std::string> Append(const AuditEvent& event);
+  // The last `n` lines, oldest first.
+  absl::StatusOr<std::vector<std::string>> Tail(size_t n);
+
+ private:
+  AuditLog(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  std::mutex mu_;
+  std::string path_;
+  int fd_;
+  uint64_t sequence_ = 0;
+};
+
+}  // namespace flexfed

@@ -1,0 +1,641 @@
+#include "coordinator/coordinator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/checkpoint.h"
+#include "common/expert_module.h"
+#include "common/model_config.h"
+#include "common/sha256.h"
+#include "coordinator/sqlite_store.h"
+#include <nlohmann/json.hpp>
+
+namespace flexfed {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+int64_t Now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+absl::Status Denied(const std::string& why) { return absl::PermissionDeniedError(why); }
+
+ChunkLayout FromProto(const v1::Manifest& m) {
+  ChunkLayout l;
+  l.sha256 = m.blob().sha256();
+  l.size = m.blob().size();
+  l.chunk_size = m.chunk_size();
+  for (const v1::ChunkInfo& c : m.chunks()) l.chunk_sha256.push_back(c.sha256());
+  return l;
+}
+
+v1::Manifest ToProto(const ChunkLayout& l) {
+  v1::Manifest m;
+  m.mutable_blob()->set_sha256(l.sha256);
+  m.mutable_blob()->set_size(l.size);
+  m.set_chunk_size(l.chunk_size);
+  for (uint64_t i = 0; i < l.chunk_sha256.size(); ++i) {
+    v1::ChunkInfo* c = m.add_chunks();
+    c->set_index(i);
+    c->set_sha256(l.chunk_sha256[i]);
+    c->set_size(l.ChunkBytes(i));
+  }
+  return m;
+}
+
+std::string ManifestJson(const ChunkLayout& l) {
+  return json({{"sha256", l.sha256}, {"size", l.size}, {"chunk_size", l.chunk_size}, {"chunks", l.chunk_sha256}}).dump();
+}
+
+absl::StatusOr<ChunkLayout> ManifestFromJson(const std::string& text) {
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded()) return absl::DataLossError("stored upload manifest is not valid JSON");
+  ChunkLayout l;
+  l.sha256 = j.value("sha256", "");
+  l.size = j.value("size", uint64_t{0});
+  l.chunk_size = j.value("chunk_size", uint64_t{0});
+  l.chunk_sha256 = j.value("chunks", std::vector<std::string>{});
+  return l;
+}
+
+v1::ExpertState StateToProto(const std::string& s) {
+  if (s == "registered") return v1::EXPERT_STATE_REGISTERED;
+  if (s == "uploaded") return v1::EXPERT_STATE_UPLOADED;
+  if (s == "active") return v1::EXPERT_STATE_ACTIVE;
+  if (s == "disabled") return v1::EXPERT_STATE_DISABLED;
+  if (s == "retired") return v1::EXPERT_STATE_RETIRED;
+  return v1::EXPERT_STATE_UNSPECIFIED;
+}
+
+v1::OwnerInfo OwnerToProto(const OwnerRecord& o) {
+  v1::OwnerInfo p;
+  p.set_owner_id(o.owner_id);
+  p.set_display_name(o.display_name);
+  p.set_enrolled(!o.certificate_sha256.empty());
+  p.set_revoked(o.revoked);
+  p.set_certificate_sha256(o.certificate_sha256);
+  p.set_certificate_expires_unix(o.certificate_expires_unix);
+  p.set_last_seen_unix(o.last_seen_unix);
+  return p;
+}
+
+v1::Anchor AnchorToProto(const AnchorRecord& a) {
+  v1::Anchor p;
+  p.set_anchor_id(a.anchor_id);
+  p.set_config_hash(a.config_hash);
+  p.set_published_unix(a.published_unix);
+  p.set_note(a.note);
+  json files = json::parse(a.files_json, nullptr, false);
+  if (files.is_array()) {
+    for (const json& f : files) {
+      v1::AnchorFile* af = p.add_files();
+      af->set_name(f.value("name", ""));
+      af->mutable_blob()->set_sha256(f.value("sha256", ""));
+      af->mutable_blob()->set_size(f.value("size", uint64_t{0}));
+    }
+  }
+  return p;
+}
+
+bool IsSafeRelativePath(const std::string& name) {
+  if (name.empty() || name[0] == '/' || name.size() > 255) return false;
+  for (const auto& part : fs::path(name)) {
+    if (part == ".." || part == "." || part.empty()) return false;
+  }
+  return name.find('\\') == std::string::npos;
+}
+
+// Upper bound on an expert module's size for an anchor: its tensors plus a generous header.
+uint64_t ModuleBound(const ModelConfig& c) {
+  const uint64_t ffn = 3ull * static_cast<uint64_t>(c.hidden_size) * static_cast<uint64_t>(c.intermediate_size) *
+                       (c.torch_dtype == "float32" ? 4 : 2);
+  return static_cast<uint64_t>(c.num_hidden_layers) * (ffn + 4ull * c.hidden_size + 4) + (1u << 20);
+}
+
+}  // namespace
+
+v1::Expert ToProto(const ExpertRecord& e) {
+  v1::Expert p;
+  p.set_expert_id(e.expert_id);
+  p.set_owner_id(e.owner_id);
+  p.set_name(e.name);
+  p.set_domain(e.domain);
+  p.set_anchor_id(e.anchor_id);
+  p.set_state(StateToProto(e.state));
+  if (!e.module_sha256.empty()) {
+    p.mutable_module()->set_sha256(e.module_sha256);
+    p.mutable_module()->set_size(static_cast<uint64_t>(e.module_size));
+  }
+  p.set_tokens_trained(e.tokens_trained);
+  p.set_updated_unix(e.updated_unix);
+  return p;
+}
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const CoordinatorOptions& options) {
+  std::unique_ptr<Coordinator> c(new Coordinator());
+  c->options_ = options;
+  c->started_unix_ = Now();
+  std::error_code ec;
+  fs::create_directories(options.data_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat(options.data_dir, ": cannot create: ", ec.message()));
+  absl::StatusOr<std::unique_ptr<SqliteStore>> store = SqliteStore::Open((fs::path(options.data_dir) / "metadata.db").string());
+  if (!store.ok()) return store.status();
+  c->store_ = *std::move(store);
+  absl::StatusOr<std::unique_ptr<BlobStore>> blobs = BlobStore::Open((fs::path(options.data_dir) / "store").string());
+  if (!blobs.ok()) return blobs.status();
+  c->blobs_ = *std::move(blobs);
+  absl::StatusOr<std::unique_ptr<AuditLog>> audit = AuditLog::Open((fs::path(options.data_dir) / "audit.jsonl").string());
+  if (!audit.ok()) return audit.status();
+  c->audit_ = *std::move(audit);
+  // A crash between storing a blob and recording it leaves an unreferenced blob: collect it.
+  c->blobs_->CollectUnreferenced([&](const std::string& sha) {
+    absl::StatusOr<bool> r = c->store_->IsBlobReferenced(sha);
+    return !r.ok() || *r;  // keep on doubt
+  });
+  return c;
+}
+
+void Coordinator::Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+                        const std::string& result) {
+  absl::StatusOr<std::string> id = audit_->Append({who.id.empty() ? "-" : who.id, who.fingerprint_sha256, action,
+                                                   std::move(objects), result});
+  if (!id.ok()) std::fprintf(stderr, "flexfed-coordinator: audit: %s\n", std::string(id.status().message()).c_str());
+}
+
+std::mutex& Coordinator::SessionLock(const std::string& session_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& m = session_locks_[session_id];
+  if (!m) m = std::make_unique<std::mutex>();
+  return *m;
+}
+
+CoordinatorCounters Coordinator::counters() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return counters_;
+}
+
+absl::StatusOr<PeerIdentity> Coordinator::Authenticate(const std::string& pem) {
+  if (pem.empty()) return absl::UnauthenticatedError("no client certificate: enroll first (flexfed-owner enroll)");
+  absl::StatusOr<PeerIdentity> id = ReadIdentity(pem);
+  if (!id.ok()) return absl::UnauthenticatedError(std::string(id.status().message()));
+  if (id->role == "admin") return id;
+  if (id->role != "owner") return absl::UnauthenticatedError("a server certificate cannot be used as a client");
+  absl::StatusOr<OwnerRecord> owner = store_->GetOwner(id->id);
+  if (!owner.ok()) return absl::UnauthenticatedError(absl::StrCat("owner '", id->id, "' is not known here"));
+  if (owner->revoked) return Denied(absl::StrCat("owner '", id->id, "' was revoked: ", owner->revoked_reason));
+  if (owner->certificate_sha256 != id->fingerprint_sha256) {
+    return Denied(absl::StrCat("this is not owner '", id->id, "''s current certificate; enroll again"));
+  }
+  return id;
+}
+
+absl::StatusOr<v1::EnrollResponse> Coordinator::Enroll(const v1::EnrollRequest& r) {
+  PeerIdentity who{r.owner_id(), "owner", "", 0};
+  auto refuse = [&](const std::string& why) {
+    Audit(who, "owner.enroll", {{"owner", r.owner_id()}}, why);
+    return Denied(absl::StrCat("enrollment refused: ", why));
+  };
+  absl::StatusOr<OwnerRecord> owner = store_->GetOwner(r.owner_id());
+  if (!owner.ok()) return refuse("unknown owner id");
+  if (owner->revoked) return refuse("the owner is revoked");
+  if (owner->token_sha256.empty()) return refuse("the token was already used; ask the operator for a new one");
+  if (Sha256Hex(r.token()) != owner->token_sha256) return refuse("wrong token");
+  if (Now() > owner->token_expires_unix) return refuse("the token has expired; ask the operator for a new one");
+  absl::StatusOr<IssuedCertificate> cert =
+      SignCsr(options_.ca_key_pem, options_.ca_cert_pem, r.csr_pem(), r.owner_id(), "owner", options_.certificate_days);
+  if (!cert.ok()) return refuse(std::string(cert.status().message()));
+  owner->token_sha256.clear();  // one-time
+  owner->certificate_sha256 = cert->fingerprint_sha256;
+  owner->certificate_expires_unix = cert->not_after_unix;
+  if (absl::Status s = store_->UpdateOwner(*owner); !s.ok()) return s;
+  who.fingerprint_sha256 = cert->fingerprint_sha256;
+  Audit(who, "owner.enroll", {{"owner", r.owner_id()}, {"certificate", cert->fingerprint_sha256}}, "ok");
+  v1::EnrollResponse out;
+  out.set_certificate_pem(cert->certificate_pem);
+  out.set_ca_certificate_pem(options_.ca_cert_pem);
+  return out;
+}
+
+absl::StatusOr<v1::Anchor> Coordinator::PublishAnchor(const PeerIdentity& who, const v1::PublishAnchorRequest& r) {
+  std::vector<std::pair<std::string, v1::BlobRef>> files;
+  for (const v1::AnchorFile& f : r.files()) {
+    if (!IsSafeRelativePath(f.name())) return absl::InvalidArgumentError(absl::StrCat("anchor file name '", f.name(), "' is not a plain relative path"));
+    absl::StatusOr<uint64_t> size = blobs_->Size(f.blob().sha256());
+    if (!size.ok() || *size != f.blob().size()) {
+      return absl::FailedPreconditionError(absl::StrCat("anchor file '", f.name(), "' has not been uploaded (blob ", f.blob().sha256(), ")"));
+    }
+    files.push_back({f.name(), f.blob()});
+  }
+  std::sort(files.begin(), files.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  auto find = [&](const std::string& name) -> const v1::BlobRef* {
+    for (const auto& [n, b] : files) {
+      if (n == name) return &b;
+    }
+    return nullptr;
+  };
+  for (const char* required : {"config.json", "router_pub.safetensors"}) {
+    if (find(required) == nullptr) return absl::InvalidArgumentError(absl::StrCat("an anchor needs ", required));
+  }
+  absl::StatusOr<std::string> config_text = blobs_->Read(find("config.json")->sha256(), 0, find("config.json")->size());
+  if (!config_text.ok()) return config_text.status();
+  json cj = json::parse(*config_text, nullptr, false);
+  absl::StatusOr<ModelConfig> config = ModelConfig::FromJson(cj, "anchor config.json");
+  if (!config.ok()) return config.status();
+  if (config->num_experts != 1) return absl::InvalidArgumentError("an anchor is a dense model (olmo2, or flex_olmo with one expert)");
+  // The same id as AnchorId() computes on the owner's copy of the directory.
+  Sha256 h;
+  json files_json = json::array();
+  for (const auto& [name, blob] : files) {
+    h.Update(absl::StrCat(blob.sha256(), "  ", blob.size(), "  ", name, "\n"));
+    files_json.push_back({{"name", name}, {"sha256", blob.sha256()}, {"size", blob.size()}});
+  }
+  AnchorRecord a{h.HexDigest(), files_json.dump(), ConfigHash(*config), Now(), r.note(), true};
+  absl::Status s = store_->AddAnchor(a, /*make_current=*/true);
+  Audit(who, "anchor.publish", {{"anchor", a.anchor_id}}, s.ok() ? "ok" : std::string(s.message()));
+  if (!s.ok()) return s;
+  return AnchorToProto(a);
+}
+
+absl::StatusOr<v1::ListAnchorsResponse> Coordinator::ListAnchors() {
+  absl::StatusOr<std::vector<AnchorRecord>> all = store_->ListAnchors();
+  if (!all.ok()) return all.status();
+  v1::ListAnchorsResponse out;
+  for (const AnchorRecord& a : *all) {
+    *out.add_anchors() = AnchorToProto(a);
+    if (a.current) out.set_current_anchor_id(a.anchor_id);
+  }
+  return out;
+}
+
+absl::StatusOr<v1::Anchor> Coordinator::GetAnchor(const std::string& anchor_id) {
+  absl::StatusOr<AnchorRecord> a = store_->GetAnchor(anchor_id);
+  if (!a.ok()) return a.status();
+  return AnchorToProto(*a);
+}
+
+absl::StatusOr<v1::AddOwnerResponse> Coordinator::AddOwner(const PeerIdentity& who, const v1::AddOwnerRequest& r) {
+  if (!IsValidName(r.owner_id())) {
+    return absl::InvalidArgumentError(absl::StrCat("owner id '", r.owner_id(), "' is not valid: 1-64 of a-z 0-9 - _ ."));
+  }
+  const std::string token = RandomHex(24);
+  const int64_t ttl = r.token_ttl_seconds() > 0 ? r.token_ttl_seconds() : options_.default_token_ttl_seconds;
+  OwnerRecord o{r.owner_id(), r.display_name().empty() ? r.owner_id() : r.display_name(), Now(), Sha256Hex(token),
+                Now() + ttl, "", 0, false, "", 0};
+  absl::Status s = store_->AddOwner(o);
+  Audit(who, "owner.add", {{"owner", o.owner_id}}, s.ok() ? "ok" : std::string(s.message()));
+  if (absl::IsAlreadyExists(s)) return absl::AlreadyExistsError(absl::StrCat("owner '", o.owner_id, "' already exists"));
+  if (!s.ok()) return s;
+  v1::AddOwnerResponse out;
+  *out.mutable_owner() = OwnerToProto(o);
+  out.set_token(token);
+  out.set_token_expires_unix(o.token_expires_unix);
+  return out;
+}
+
+absl::StatusOr<v1::ListOwnersResponse> Coordinator::ListOwners() {
+  absl::StatusOr<std::vector<OwnerRecord>> all = store_->ListOwners();
+  if (!all.ok()) return all.status();
+  v1::ListOwnersResponse out;
+  for (const OwnerRecord& o : *all) *out.add_owners() = OwnerToProto(o);
+  return out;
+}
+
+absl::StatusOr<v1::OwnerInfo> Coordinator::RevokeOwner(const PeerIdentity& who, const v1::RevokeOwnerRequest& r) {
+  absl::StatusOr<OwnerRecord> o = store_->GetOwner(r.owner_id());
+  if (!o.ok()) return o.status();
+  o->revoked = true;
+  o->revoked_reason = r.reason().empty() ? "revoked by an operator" : r.reason();
+  o->token_sha256.clear();
+  absl::Status s = store_->UpdateOwner(*o);
+  Audit(who, "owner.revoke", {{"owner", o->owner_id}, {"certificate", o->certificate_sha256}}, s.ok() ? "ok" : std::string(s.message()));
+  if (!s.ok()) return s;
+  return OwnerToProto(*o);
+}
+
+absl::StatusOr<v1::Expert> Coordinator::RegisterExpert(const PeerIdentity& who, const v1::RegisterExpertRequest& r) {
+  absl::StatusOr<OwnerRecord> owner = store_->GetOwner(r.owner_id());
+  if (!owner.ok()) return absl::NotFoundError(absl::StrCat("no owner '", r.owner_id(), "'; add it with `flexfedctl owner add`"));
+  if (owner->revoked) return absl::FailedPreconditionError(absl::StrCat("owner '", r.owner_id(), "' is revoked"));
+  if (!IsValidName(r.name())) return absl::InvalidArgumentError(absl::StrCat("expert name '", r.name(), "' is not valid"));
+  absl::StatusOr<AnchorRecord> anchor = store_->GetAnchor("");
+  if (!anchor.ok()) return anchor.status();
+  const int64_t now = Now();
+  ExpertRecord e{absl::StrCat(r.owner_id(), "/", r.name()), r.owner_id(), r.name(), r.domain(), anchor->anchor_id,
+                 "registered", "", 0, 0, now, now};
+  absl::Status s = store_->AddExpert(e);
+  Audit(who, "expert.register", {{"expert", e.expert_id}, {"anchor", e.anchor_id}}, s.ok() ? "ok" : std::string(s.message()));
+  if (absl::IsAlreadyExists(s)) return absl::AlreadyExistsError(absl::StrCat("expert '", e.expert_id, "' already exists"));
+  if (!s.ok()) return s;
+  return ToProto(e);
+}
+
+absl::StatusOr<v1::ListExpertsResponse> Coordinator::ListExperts() {
+  absl::StatusOr<std::vector<ExpertRecord>> all = store_->ListExperts();
+  if (!all.ok()) return all.status();
+  v1::ListExpertsResponse out;
+  for (const ExpertRecord& e : *all) *out.add_experts() = ToProto(e);
+  return out;
+}
+
+absl::StatusOr<v1::Expert> Coordinator::SetExpertState(const PeerIdentity& who, const v1::SetExpertStateRequest& r) {
+  absl::StatusOr<ExpertRecord> e = store_->GetExpert(r.expert_id());
+  if (!e.ok()) return e.status();
+  std::string next;
+  switch (r.state()) {
+    case v1::EXPERT_STATE_ACTIVE: next = "active"; break;
+    case v1::EXPERT_STATE_DISABLED: next = "disabled"; break;
+    case v1::EXPERT_STATE_RETIRED: next = "retired"; break;
+    default: return absl::InvalidArgumentError("an expert can be set active (enable), disabled or retired");
+  }
+  if (e->state == "retired") return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' is retired for good"));
+  if (next == "active" && e->module_sha256.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' has no uploaded module yet; it cannot be enabled"));
+  }
+  e->state = next;
+  e->updated_unix = Now();
+  absl::Status s = store_->UpdateExpert(*e);
+  Audit(who, "expert." + next, {{"expert", e->expert_id}, {"module", e->module_sha256}}, s.ok() ? "ok" : std::string(s.message()));
+  if (!s.ok()) return s;
+  return ToProto(*e);
+}
+
+absl::StatusOr<v1::ListUploadsResponse> Coordinator::ListUploads(int limit) {
+  absl::StatusOr<std::vector<UploadRecord>> all = store_->ListUploads(limit);
+  if (!all.ok()) return all.status();
+  v1::ListUploadsResponse out;
+  for (const UploadRecord& u : *all) {
+    v1::UploadInfo* i = out.add_uploads();
+    i->set_session_id(u.session_id);
+    i->set_expert_id(u.expert_id);
+    i->set_owner_id(u.owner_id);
+    i->mutable_blob()->set_sha256(u.blob_sha256);
+    i->mutable_blob()->set_size(static_cast<uint64_t>(u.blob_size));
+    i->set_received_bytes(u.state == "open" ? blobs_->ReceivedBytes(u.session_id) : static_cast<uint64_t>(u.blob_size));
+    i->set_state(u.state);
+    i->set_rejection(u.rejection);
+    i->set_started_unix(u.started_unix);
+    i->set_updated_unix(u.updated_unix);
+  }
+  return out;
+}
+
+absl::StatusOr<v1::TailAuditResponse> Coordinator::TailAudit(int limit) {
+  absl::StatusOr<std::vector<std::string>> lines = audit_->Tail(limit > 0 ? static_cast<size_t>(limit) : 50);
+  if (!lines.ok()) return lines.status();
+  v1::TailAuditResponse out;
+  for (const std::string& l : *lines) out.add_events(l);
+  return out;
+}
+
+absl::StatusOr<v1::StatusResponse> Coordinator::Status() {
+  v1::StatusResponse out;
+  out.set_version("0.1.0");
+  out.set_protocol("1.0");
+  absl::StatusOr<AnchorRecord> a = store_->GetAnchor("");
+  if (a.ok()) out.set_current_anchor_id(a->anchor_id);
+  absl::StatusOr<std::vector<OwnerRecord>> owners = store_->ListOwners();
+  if (owners.ok()) out.set_owners(static_cast<int64_t>(owners->size()));
+  absl::StatusOr<std::vector<ExpertRecord>> experts = store_->ListExperts();
+  if (experts.ok()) out.set_experts(static_cast<int64_t>(experts->size()));
+  absl::StatusOr<std::vector<UploadRecord>> uploads = store_->ListUploads(100000);
+  if (uploads.ok()) out.set_open_uploads(std::count_if(uploads->begin(), uploads->end(), [](const UploadRecord& u) { return u.state == "open"; }));
+  out.set_started_unix(started_unix_);
+  return out;
+}
+
+absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& who, const std::string& expert_id,
+                                                          const v1::Manifest& manifest) {
+  ChunkLayout layout = FromProto(manifest);
+  if (absl::Status s = layout.Validate(); !s.ok()) return s;
+  if (expert_id.empty()) {
+    if (who.role != "admin") return Denied("only operators upload blobs without an expert");
+  } else {
+    absl::StatusOr<ExpertRecord> e = store_->GetExpert(expert_id);
+    if (!e.ok()) return absl::NotFoundError(absl::StrCat("no expert '", expert_id, "'; the operator registers it first"));
+    if (who.role != "owner" || e->owner_id != who.id) {
+      Audit(who, "upload.begin", {{"expert", expert_id}}, "denied: not the expert's owner");
+      return Denied(absl::StrCat("expert '", expert_id, "' belongs to another owner"));
+    }
+    if (e->state == "retired") return absl::FailedPreconditionError(absl::StrCat("expert '", expert_id, "' is retired"));
+    absl::StatusOr<AnchorRecord> anchor = store_->GetAnchor(e->anchor_id);
+    if (!anchor.ok()) return anchor.status();
+    absl::StatusOr<v1::Anchor> a = GetAnchor(e->anchor_id);
+    for (const v1::AnchorFile& f : a->files()) {
+      if (f.name() != "config.json") continue;
+      absl::StatusOr<std::string> text = blobs_->Read(f.blob().sha256(), 0, f.blob().size());
+      absl::StatusOr<ModelConfig> config = text.ok() ? ModelConfig::FromJson(json::parse(*text, nullptr, false), "anchor config.json")
+                                                     : absl::StatusOr<ModelConfig>(text.status());
+      if (config.ok() && layout.size > ModuleBound(*config)) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++counters_.rejected_uploads["oversized"];
+        Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}}, "rejected: oversized");
+        return absl::InvalidArgumentError(absl::StrCat("a module of ", layout.size, " bytes exceeds the ", ModuleBound(*config),
+                                                       " an expert of this anchor can take (rejection: oversized)"));
+      }
+    }
+  }
+  // The session id is a function of (caller, expert, blob): re-declaring the same upload after a
+  // restart of either side finds the same session and the chunks already received.
+  const std::string session = Sha256Hex(absl::StrCat(who.role, "\n", who.id, "\n", expert_id, "\n", layout.sha256)).substr(0, 32);
+  absl::StatusOr<UploadRecord> existing = store_->GetUpload(session);
+  if (!existing.ok()) {
+    const int64_t now = Now();
+    UploadRecord u{session, expert_id, who.id, ManifestJson(layout), layout.sha256, static_cast<int64_t>(layout.size),
+                   "open", "", "", now, now};
+    if (absl::Status s = store_->AddUpload(u); !s.ok() && !absl::IsAlreadyExists(s)) return s;
+    Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}, {"session", session}}, "ok");
+  }
+  return QueryMissing(who, session);
+}
+
+absl::StatusOr<v1::UploadStatus> Coordinator::QueryMissing(const PeerIdentity& who, const std::string& session) {
+  absl::StatusOr<UploadRecord> u = store_->GetUpload(session);
+  if (!u.ok()) return u.status();
+  if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
+  absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
+  if (!layout.ok()) return layout.status();
+  v1::UploadStatus out;
+  out.set_session_id(session);
+  if (u->state == "open") {
+    for (uint64_t i : blobs_->MissingChunks(session, *layout)) out.add_missing(i);
+    out.set_received_bytes(blobs_->ReceivedBytes(session));
+  } else {
+    out.set_received_bytes(layout->size);
+  }
+  return out;
+}
+
+absl::StatusOr<v1::UploadStatus> Coordinator::PutChunk(const PeerIdentity& who, const v1::UploadChunk& c) {
+  absl::StatusOr<UploadRecord> u = store_->GetUpload(c.session_id());
+  if (!u.ok()) return u.status();
+  if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
+  if (u->state != "open") return QueryMissing(who, c.session_id());  // already done: nothing to add
+  absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
+  if (!layout.ok()) return layout.status();
+  if (c.index() >= layout->chunk_sha256.size()) return absl::OutOfRangeError(absl::StrCat("chunk index ", c.index(), " is past the manifest"));
+  if (c.sha256() != layout->chunk_sha256[c.index()] || c.data().size() != layout->ChunkBytes(c.index())) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk ", c.index(), " does not match the manifest (size or SHA-256)"));
+  }
+  if (absl::Status s = blobs_->PutChunk(c.session_id(), c.index(), c.data(), c.sha256()); !s.ok()) {
+    if (absl::IsDataLoss(s)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++counters_.rejected_uploads["corrupt_chunk"];
+    }
+    return s;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.bytes_in += static_cast<int64_t>(c.data().size());
+  }
+  v1::UploadStatus out;
+  out.set_session_id(c.session_id());
+  return out;
+}
+
+absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIdentity& who, const std::string& session) {
+  std::lock_guard<std::mutex> session_lock(SessionLock(session));
+  absl::StatusOr<UploadRecord> u = store_->GetUpload(session);
+  if (!u.ok()) return u.status();
+  if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
+  // Idempotent: a retry after a lost reply gets the recorded outcome.
+  v1::CommitUploadResponse out;
+  if (u->state == "committed" || u->state == "rejected") {
+    if (!u->expert_id.empty()) {
+      absl::StatusOr<ExpertRecord> e = store_->GetExpert(u->expert_id);
+      if (e.ok()) *out.mutable_expert() = ToProto(*e);
+    }
+    out.set_rejection(u->rejection);
+    out.set_message(u->message);
+    return out;
+  }
+  absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
+  if (!layout.ok()) return layout.status();
+  std::vector<uint64_t> missing = blobs_->MissingChunks(session, *layout);
+  if (!missing.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(missing.size(), " chunk(s) still missing (first: ", missing[0], "); send them, then commit"));
+  }
+  if (absl::Status s = blobs_->Assemble(session, *layout); !s.ok()) return s;
+  blobs_->DropSession(session);
+  if (u->expert_id.empty()) {  // an operator's blob
+    u->state = "committed";
+    u->updated_unix = Now();
+    if (absl::Status s = store_->UpdateUpload(*u); !s.ok()) return s;
+    Audit(who, "blob.commit", {{"blob", layout->sha256}}, "ok");
+    return out;
+  }
+  return CommitModule(who, *std::move(u));
+}
+
+absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIdentity& who, UploadRecord u) {
+  v1::CommitUploadResponse out;
+  absl::StatusOr<ExpertRecord> e = store_->GetExpert(u.expert_id);
+  if (!e.ok()) return e.status();
+  absl::StatusOr<v1::Anchor> anchor = GetAnchor(e->anchor_id);
+  if (!anchor.ok()) return anchor.status();
+  // Validate the module against the anchor the expert was registered for, before it is visible.
+  absl::Status verdict = [&]() -> absl::Status {
+    const v1::AnchorFile* config_file = nullptr;
+    for (const v1::AnchorFile& f : anchor->files()) {
+      if (f.name() == "config.json") config_file = &f;
+    }
+    absl::StatusOr<std::string> text = blobs_->Read(config_file->blob().sha256(), 0, config_file->blob().size());
+    if (!text.ok()) return text.status();
+    absl::StatusOr<ModelConfig> config = ModelConfig::FromJson(json::parse(*text, nullptr, false), "anchor config.json");
+    if (!config.ok()) return config.status();
+    absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file = SafetensorsFile::Open(blobs_->PathOf(u.blob_sha256));
+    if (!file.ok()) {
+      absl::Status s = absl::InvalidArgumentError(std::string(file.status().message()));
+      s.SetPayload(kRejectionPayload, absl::Cord("format"));
+      return s;
+    }
+    const Dtype dtype = config->torch_dtype == "float32" ? Dtype::kF32 : config->torch_dtype == "float16" ? Dtype::kF16 : Dtype::kBF16;
+    absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(**file, *config, dtype, e->anchor_id);
+    if (!meta.ok()) return meta.status();
+    e->tokens_trained = meta->tokens_trained;
+    return absl::OkStatus();
+  }();
+  u.updated_unix = Now();
+  if (!verdict.ok()) {
+    std::string reason = RejectionReason(verdict);
+    if (reason.empty()) reason = "invalid";
+    u.state = "rejected";
+    u.rejection = reason;
+    u.message = std::string(verdict.message());
+    if (absl::Status s = store_->UpdateUpload(u); !s.ok()) return s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++counters_.rejected_uploads[reason];
+    }
+    Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "rejected: " + reason);
+    // A rejected module is not kept: nothing refers to it any more.
+    absl::StatusOr<bool> referenced = store_->IsBlobReferenced(u.blob_sha256);
+    std::error_code ec;
+    if (referenced.ok() && !*referenced) fs::remove(blobs_->PathOf(u.blob_sha256), ec);
+    *out.mutable_expert() = ToProto(*e);
+    out.set_rejection(reason);
+    out.set_message(u.message);
+    return out;
+  }
+  u.state = "committed";
+  e->module_sha256 = u.blob_sha256;
+  e->module_size = u.blob_size;
+  if (e->state == "registered") e->state = "uploaded";
+  e->updated_unix = u.updated_unix;
+  if (absl::Status s = store_->CommitModule(u, *e); !s.ok()) return s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counters_.committed_uploads;
+  }
+  Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "ok");
+  *out.mutable_expert() = ToProto(*e);
+  return out;
+}
+
+absl::StatusOr<v1::Expert> Coordinator::GetExpert(const PeerIdentity& who, const std::string& expert_id) {
+  absl::StatusOr<ExpertRecord> e = store_->GetExpert(expert_id);
+  if (!e.ok()) return e.status();
+  if (who.role != "admin" && e->owner_id != who.id) return Denied(absl::StrCat("expert '", expert_id, "' belongs to another owner"));
+  return ToProto(*e);
+}
+
+absl::StatusOr<v1::Manifest> Coordinator::GetManifest(const PeerIdentity& who, const std::string& sha256) {
+  if (absl::StatusOr<std::string> probe = ReadBlob(who, sha256, 0, 0); !probe.ok()) return probe.status();
+  absl::StatusOr<ChunkLayout> layout = LayoutOfFile(blobs_->PathOf(sha256), kDefaultChunkSize);
+  if (!layout.ok()) return layout.status();
+  return ToProto(*layout);
+}
+
+absl::StatusOr<std::string> Coordinator::ReadBlob(const PeerIdentity& who, const std::string& sha256, uint64_t offset,
+                                                  uint64_t length) {
+  if (!blobs_->Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256));
+  if (who.role != "admin") {
+    // Owners read anchors only (never another owner's module).
+    absl::StatusOr<std::vector<AnchorRecord>> anchors = store_->ListAnchors();
+    if (!anchors.ok()) return anchors.status();
+    const bool anchor_file = std::any_of(anchors->begin(), anchors->end(), [&](const AnchorRecord& a) {
+      return a.files_json.find(sha256) != std::string::npos;
+    });
+    if (!anchor_file) return Denied("owners may download anchor files only");
+  }
+  absl::StatusOr<std::string> data = blobs_->Read(sha256, offset, length);
+  if (data.ok()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.bytes_out += static_cast<int64_t>(data->size());
+  }
+  return data;
+}
+
+absl::Status Coordinator::Heartbeat(const PeerIdentity& who, const v1::HeartbeatRequest&) {
+  if (who.role != "owner") return absl::OkStatus();
+  absl::StatusOr<OwnerRecord> o = store_->GetOwner(who.id);
+  if (!o.ok()) return o.status();
+  o->last_seen_unix = Now();
+  return store_->UpdateOwner(*o);
+}
+
+}  // namespace flexfed

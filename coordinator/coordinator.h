@@ -1,0 +1,98 @@
+// The coordinator's logic, independent of the transport: enrollment, anchors, experts, resumable
+// uploads with validation before anything becomes visible, and the audit trail. The gRPC layer
+// (coordinator/service.h) authenticates the caller from its TLS certificate and calls in here.
+// Protocol: proto/flexfed/v1/flexfed.proto, docs/PROTOCOL.md. Thread-safe.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/identity.h"
+#include "coordinator/audit_log.h"
+#include "coordinator/blob_store.h"
+#include "coordinator/store.h"
+#include "flexfed/v1/flexfed.pb.h"
+
+namespace flexfed {
+
+struct CoordinatorOptions {
+  std::string data_dir;     // metadata.db, blobs/, audit.jsonl
+  std::string ca_key_pem;   // signs owners' CSRs at enrollment
+  std::string ca_cert_pem;
+  int certificate_days = 365;
+  int64_t default_token_ttl_seconds = 7 * 86400;
+};
+
+// Counters the metrics endpoint exports.
+struct CoordinatorCounters {
+  std::map<std::string, int64_t> rejected_uploads;  // by reason
+  int64_t bytes_in = 0;
+  int64_t bytes_out = 0;
+  int64_t committed_uploads = 0;
+};
+
+class Coordinator {
+ public:
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Open(const CoordinatorOptions& options);
+
+  // Who is calling: the identity in a verified client certificate, refused when its owner is
+  // unknown or revoked, or when it is not the owner's current certificate.
+  absl::StatusOr<PeerIdentity> Authenticate(const std::string& peer_certificate_pem);
+
+  // Enrollment (no client certificate yet): one-time token + CSR → certificate.
+  absl::StatusOr<v1::EnrollResponse> Enroll(const v1::EnrollRequest& request);
+
+  // Operators (the caller is an authenticated admin).
+  absl::StatusOr<v1::Anchor> PublishAnchor(const PeerIdentity& who, const v1::PublishAnchorRequest& request);
+  absl::StatusOr<v1::ListAnchorsResponse> ListAnchors();
+  absl::StatusOr<v1::AddOwnerResponse> AddOwner(const PeerIdentity& who, const v1::AddOwnerRequest& request);
+  absl::StatusOr<v1::ListOwnersResponse> ListOwners();
+  absl::StatusOr<v1::OwnerInfo> RevokeOwner(const PeerIdentity& who, const v1::RevokeOwnerRequest& request);
+  absl::StatusOr<v1::Expert> RegisterExpert(const PeerIdentity& who, const v1::RegisterExpertRequest& request);
+  absl::StatusOr<v1::ListExpertsResponse> ListExperts();
+  absl::StatusOr<v1::Expert> SetExpertState(const PeerIdentity& who, const v1::SetExpertStateRequest& request);
+  absl::StatusOr<v1::ListUploadsResponse> ListUploads(int limit);
+  absl::StatusOr<v1::TailAuditResponse> TailAudit(int limit);
+  absl::StatusOr<v1::StatusResponse> Status();
+
+  // Transfers. `expert_id` empty = an operator's blob upload (anchor files; admins only).
+  absl::StatusOr<v1::UploadStatus> BeginUpload(const PeerIdentity& who, const std::string& expert_id,
+                                               const v1::Manifest& manifest);
+  absl::StatusOr<v1::UploadStatus> PutChunk(const PeerIdentity& who, const v1::UploadChunk& chunk);
+  absl::StatusOr<v1::UploadStatus> QueryMissing(const PeerIdentity& who, const std::string& session_id);
+  // Owners: validates and attaches the module (idempotent). Admins: stores the blob.
+  absl::StatusOr<v1::CommitUploadResponse> CommitUpload(const PeerIdentity& who, const std::string& session_id);
+  absl::StatusOr<v1::Anchor> GetAnchor(const std::string& anchor_id);
+  absl::StatusOr<v1::Expert> GetExpert(const PeerIdentity& who, const std::string& expert_id);
+  absl::StatusOr<v1::Manifest> GetManifest(const PeerIdentity& who, const std::string& sha256);
+  // Reads part of a blob the caller may read (owners: files of an anchor; admins: anything).
+  absl::StatusOr<std::string> ReadBlob(const PeerIdentity& who, const std::string& sha256, uint64_t offset,
+                                       uint64_t length);
+  absl::Status Heartbeat(const PeerIdentity& who, const v1::HeartbeatRequest& request);
+
+  CoordinatorCounters counters();
+  BlobStore& blobs() { return *blobs_; }
+
+ private:
+  Coordinator() = default;
+  void Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+             const std::string& result);
+  std::mutex& SessionLock(const std::string& session_id);
+  absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
+
+  CoordinatorOptions options_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<BlobStore> blobs_;
+  std::unique_ptr<AuditLog> audit_;
+  std::mutex mu_;  // guards counters_ and session_locks_
+  CoordinatorCounters counters_;
+  std::map<std::string, std::unique_ptr<std::mutex>> session_locks_;
+  int64_t started_unix_ = 0;
+};
+
+v1::Expert ToProto(const ExpertRecord& e);
+
+}  // namespace flexfed
