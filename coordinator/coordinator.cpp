@@ -19,7 +19,7 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-int64_t Now() {
+int64_t SystemNow() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
@@ -139,7 +139,8 @@ v1::Expert ToProto(const ExpertRecord& e) {
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const CoordinatorOptions& options) {
   std::unique_ptr<Coordinator> c(new Coordinator());
   c->options_ = options;
-  c->started_unix_ = Now();
+  if (!c->options_.clock) c->options_.clock = SystemNow;
+  c->started_unix_ = c->Now();
   std::error_code ec;
   fs::create_directories(options.data_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(options.data_dir, ": cannot create: ", ec.message()));

@@ -4,6 +4,7 @@
 // Protocol: proto/flexfed/v1/flexfed.proto, docs/PROTOCOL.md. Thread-safe.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -24,6 +25,7 @@ struct CoordinatorOptions {
   std::string ca_cert_pem;
   int certificate_days = 365;
   int64_t default_token_ttl_seconds = 7 * 86400;
+  std::function<int64_t()> clock;  // Unix seconds; empty = the system clock (tests inject one)
 };
 
 // Counters the metrics endpoint exports.
@@ -74,6 +76,7 @@ class Coordinator {
   absl::Status Heartbeat(const PeerIdentity& who, const v1::HeartbeatRequest& request);
 
   CoordinatorCounters counters();
+  int64_t Now() const { return options_.clock(); }
   BlobStore& blobs() { return *blobs_; }
 
  private:

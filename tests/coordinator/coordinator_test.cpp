@@ -1,0 +1,312 @@
+// Specification of the coordinator's logic (coordinator/coordinator.h), in process: enrollment,
+// anchors, uploads, validation and authorization. The gRPC transport is tested separately.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/anchor.h"
+#include "common/expert_module.h"
+#include "common/file_util.h"
+#include "common/sha256.h"
+#include "coordinator/coordinator.h"
+#include "tests/test_util.h"
+
+namespace flexfed {
+namespace {
+
+using testing::TempDir;
+using testing::ValueOrDie;
+namespace fs = std::filesystem;
+
+constexpr uint64_t kChunk = 64 << 10;
+
+v1::Manifest ManifestOf(const std::string& path) {
+  ChunkLayout l = ValueOrDie(LayoutOfFile(path, kChunk));
+  v1::Manifest m;
+  m.mutable_blob()->set_sha256(l.sha256);
+  m.mutable_blob()->set_size(l.size);
+  m.set_chunk_size(l.chunk_size);
+  for (uint64_t i = 0; i < l.chunk_sha256.size(); ++i) {
+    m.add_chunks()->set_index(i);
+    m.mutable_chunks(static_cast<int>(i))->set_sha256(l.chunk_sha256[i]);
+    m.mutable_chunks(static_cast<int>(i))->set_size(l.ChunkBytes(i));
+  }
+  return m;
+}
+
+// Uploads a file chunk by chunk (only the missing ones) and commits.
+absl::StatusOr<v1::CommitUploadResponse> Upload(Coordinator& c, const PeerIdentity& who, const std::string& expert_id,
+                                                const std::string& path) {
+  v1::Manifest m = ManifestOf(path);
+  absl::StatusOr<v1::UploadStatus> status = c.BeginUpload(who, expert_id, m);
+  if (!status.ok()) return status.status();
+  const std::string bytes = ValueOrDie(ReadFile(path));
+  for (uint64_t i : status->missing()) {
+    v1::UploadChunk chunk;
+    chunk.set_session_id(status->session_id());
+    chunk.set_index(i);
+    chunk.set_data(bytes.substr(i * kChunk, m.chunks(static_cast<int>(i)).size()));
+    chunk.set_sha256(m.chunks(static_cast<int>(i)).sha256());
+    if (absl::StatusOr<v1::UploadStatus> s = c.PutChunk(who, chunk); !s.ok()) return s.status();
+  }
+  return c.CommitUpload(who, status->session_id());
+}
+
+struct Site {
+  TempDir dir;
+  std::unique_ptr<Coordinator> coordinator;
+  std::string ca_key, ca_cert, anchor_dir, anchor_id;
+  PeerIdentity admin{"ops", "admin", std::string(64, 'a'), 0};
+  int64_t now = 1'800'000'000;  // the coordinator's clock: tests move it by hand
+  ModelConfig config;
+
+  Site() {
+    auto [key, ca] = ValueOrDie(MakeCa("test CA", 30));
+    ca_key = key;
+    ca_cert = ca.certificate_pem;
+    coordinator = ValueOrDie(Coordinator::Open({dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }}));
+    // An anchor: a `test` model, r_pub, published file by file.
+    config = ValueOrDie(ModelConfig::Preset("test"));
+    anchor_dir = dir / "anchor";
+    REQUIRE(ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 3)).Save(anchor_dir).ok());
+    RouterEmbedding pub;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) pub.rows.push_back(at::randn({config.hidden_size}));
+    REQUIRE(WriteRouterEmbedding(anchor_dir + "/router_pub.safetensors", pub).ok());
+    v1::PublishAnchorRequest publish;
+    for (const auto& entry : fs::directory_iterator(anchor_dir)) {
+      v1::CommitUploadResponse r = ValueOrDie(Upload(*coordinator, admin, "", entry.path().string()));
+      REQUIRE(r.rejection().empty());
+      v1::AnchorFile* f = publish.add_files();
+      f->set_name(entry.path().filename().string());
+      f->mutable_blob()->set_sha256(ValueOrDie(Sha256File(entry.path().string())));
+      f->mutable_blob()->set_size(fs::file_size(entry.path()));
+    }
+    anchor_id = ValueOrDie(coordinator->PublishAnchor(admin, publish)).anchor_id();
+  }
+
+  // Adds and enrolls an owner; returns its authenticated identity and certificate.
+  std::pair<PeerIdentity, std::string> Enroll(const std::string& owner) {
+    v1::AddOwnerRequest add;
+    add.set_owner_id(owner);
+    const std::string token = ValueOrDie(coordinator->AddOwner(admin, add)).token();
+    KeyAndCsr key = ValueOrDie(MakeKeyAndCsr(owner));
+    v1::EnrollRequest e;
+    e.set_owner_id(owner);
+    e.set_token(token);
+    e.set_csr_pem(key.csr_pem);
+    const std::string cert = ValueOrDie(coordinator->Enroll(e)).certificate_pem();
+    return {ValueOrDie(coordinator->Authenticate(cert)), cert};
+  }
+
+  std::string Register(const std::string& owner, const std::string& name) {
+    v1::RegisterExpertRequest r;
+    r.set_owner_id(owner);
+    r.set_name(name);
+    return ValueOrDie(coordinator->RegisterExpert(admin, r)).expert_id();
+  }
+
+  // A valid module for this anchor; `edit` may spoil it first.
+  std::string Module(const std::string& name, const std::function<void(ExpertTensors&, ExpertModuleMetadata&)>& edit = {}) {
+    Anchor a = ValueOrDie(LoadAnchor(anchor_dir));
+    ExpertTensors t;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+      const ExpertWeights& e = a.model.layers()[l].experts[0];
+      t.ffn.push_back({e.gate_proj + 0.01, e.up_proj.clone(), e.down_proj.clone()});
+      t.router_rows.push_back(at::randn({config.hidden_size}));
+      t.router_bias.push_back(at::tensor({-0.5f}));
+    }
+    ExpertModuleMetadata m{a.id, ConfigHash(config), "acme", "math", "arithmetic", 1000, "anchor"};
+    if (edit) edit(t, m);
+    const std::string path = dir / (name + ".safetensors");
+    REQUIRE(WriteExpertModule(path, t, m).ok());
+    return path;
+  }
+};
+
+TEST_CASE("the published anchor's id is the one owners compute on their copy", "[coordinator_logic]") {
+  Site site;
+  CHECK(site.anchor_id == ValueOrDie(AnchorId(site.anchor_dir)));
+  v1::Anchor a = ValueOrDie(site.coordinator->GetAnchor(""));
+  CHECK(a.anchor_id() == site.anchor_id);
+  CHECK(a.config_hash() == ConfigHash(site.config));
+  CHECK(a.files_size() == 3);  // config.json, model.safetensors, router_pub.safetensors
+}
+
+TEST_CASE("an enrolled owner uploads a valid module; commit is idempotent; re-declaring resends nothing", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  CHECK(acme.id == "acme");
+  CHECK(acme.role == "owner");
+  const std::string expert = site.Register("acme", "math");
+  const std::string module = site.Module("good");
+  v1::CommitUploadResponse r = ValueOrDie(Upload(*site.coordinator, acme, expert, module));
+  CHECK(r.rejection() == "");
+  CHECK(r.expert().state() == v1::EXPERT_STATE_UPLOADED);
+  CHECK(r.expert().module().sha256() == ValueOrDie(Sha256File(module)));
+  CHECK(r.expert().tokens_trained() == 1000);
+  CHECK(site.coordinator->blobs().Has(r.expert().module().sha256()));
+  // The same upload again: nothing missing, and committing returns the same answer.
+  v1::UploadStatus again = ValueOrDie(site.coordinator->BeginUpload(acme, expert, ManifestOf(module)));
+  CHECK(again.missing_size() == 0);
+  v1::CommitUploadResponse twice = ValueOrDie(site.coordinator->CommitUpload(acme, again.session_id()));
+  CHECK(twice.expert().module().sha256() == r.expert().module().sha256());
+  // Enabling makes it active.
+  v1::SetExpertStateRequest enable;
+  enable.set_expert_id(expert);
+  enable.set_state(v1::EXPERT_STATE_ACTIVE);
+  CHECK(ValueOrDie(site.coordinator->SetExpertState(site.admin, enable)).state() == v1::EXPERT_STATE_ACTIVE);
+  // The audit log saw every step.
+  std::string audit;
+  const v1::TailAuditResponse tail = ValueOrDie(site.coordinator->TailAudit(100));
+  for (const std::string& line : tail.events()) audit += line + "\n";
+  for (const char* action : {"anchor.publish", "owner.add", "owner.enroll", "expert.register", "upload.commit", "expert.active"}) {
+    CHECK_THAT(audit, Catch::Contains(action));
+  }
+}
+
+TEST_CASE("an interrupted upload resumes with only the missing chunks", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  const std::string module = site.Module("m");
+  v1::Manifest m = ManifestOf(module);
+  REQUIRE(m.chunks_size() >= 3);
+  v1::UploadStatus first = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m));
+  const std::string bytes = ValueOrDie(ReadFile(module));
+  v1::UploadChunk c;
+  c.set_session_id(first.session_id());
+  c.set_index(1);
+  c.set_data(bytes.substr(kChunk, kChunk));
+  c.set_sha256(m.chunks(1).sha256());
+  REQUIRE(site.coordinator->PutChunk(acme, c).ok());
+  // The coordinator restarts: a new process on the same data directory.
+  site.coordinator.reset();
+  site.coordinator = ValueOrDie(Coordinator::Open({site.dir / "coordinator", site.ca_key, site.ca_cert, 30, 3600, [&site] { return site.now; }}));
+  v1::UploadStatus resumed = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m));
+  CHECK(resumed.session_id() == first.session_id());
+  CHECK(std::find(resumed.missing().begin(), resumed.missing().end(), 1u) == resumed.missing().end());
+  CHECK(resumed.missing_size() == m.chunks_size() - 1);
+  CHECK(absl::IsFailedPrecondition(site.coordinator->CommitUpload(acme, resumed.session_id()).status()));  // not complete
+  CHECK(ValueOrDie(Upload(*site.coordinator, acme, expert, module)).rejection() == "");
+}
+
+TEST_CASE("every kind of bad module is rejected with its own reason and nothing becomes visible", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  auto reject = [&](const std::string& path) {
+    v1::CommitUploadResponse r = ValueOrDie(Upload(*site.coordinator, acme, expert, path));
+    v1::Expert e = ValueOrDie(site.coordinator->GetExpert(acme, expert));
+    CHECK(e.module().sha256().empty());  // no partial or bad expert is ever listed
+    CHECK(e.state() == v1::EXPERT_STATE_REGISTERED);
+    return r.rejection();
+  };
+  CHECK(reject(site.Module("wrong_anchor", [](ExpertTensors&, ExpertModuleMetadata& m) { m.anchor_sha256 = std::string(64, 'f'); })) == "anchor_mismatch");
+  CHECK(reject(site.Module("shape", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[1].up_proj = at::zeros({3, 3}); })) == "shape");
+  CHECK(reject(site.Module("nan", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].down_proj[2][3] = NAN; })) == "non_finite");
+  CHECK(reject(site.Module("dtype", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].gate_proj = t.ffn[0].gate_proj.to(at::kBFloat16); })) == "dtype");
+  {
+    // An extra tensor: the file is written by hand, as a malicious owner would.
+    const std::string good = site.Module("base");
+    auto file = ValueOrDie(SafetensorsFile::Open(good));
+    std::vector<NamedTensor> tensors;
+    for (const std::string& n : file->Names()) tensors.push_back({n, ValueOrDie(file->Get(n))});
+    tensors.push_back({"model.embed_tokens.weight", at::zeros({259, 64})});
+    REQUIRE(WriteSafetensors(site.dir / "extra.safetensors", tensors, file->metadata()).ok());
+    CHECK(reject(site.dir / "extra.safetensors") == "unexpected_tensor");
+  }
+  REQUIRE(WriteFileAtomically(site.dir / "garbage.safetensors", std::string("\xff\xff\xff\xff\xff\xff\xff\x7f garbage", 16)).ok());
+  CHECK(reject(site.dir / "garbage.safetensors") == "format");
+  // Oversized: refused before a single chunk is accepted.
+  REQUIRE(WriteFileAtomically(site.dir / "huge", std::string(8 << 20, 'x')).ok());
+  absl::Status big = site.coordinator->BeginUpload(acme, expert, ManifestOf(site.dir / "huge")).status();
+  CHECK_THAT(std::string(big.message()), Catch::Contains("oversized"));
+  // A corrupted chunk is refused on arrival.
+  const std::string module = site.Module("ok");
+  v1::Manifest m = ManifestOf(module);
+  v1::UploadStatus s = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m));
+  v1::UploadChunk c;
+  c.set_session_id(s.session_id());
+  c.set_index(0);
+  std::string data = ValueOrDie(ReadFile(module)).substr(0, kChunk);
+  data[100] ^= 1;
+  c.set_data(data);
+  c.set_sha256(m.chunks(0).sha256());
+  CHECK_FALSE(site.coordinator->PutChunk(acme, c).ok());
+  auto counters = site.coordinator->counters();
+  for (const char* reason : {"anchor_mismatch", "shape", "non_finite", "dtype", "unexpected_tensor", "format", "oversized"}) {
+    CHECK(counters.rejected_uploads[reason] == 1);
+  }
+}
+
+TEST_CASE("identity and authorization", "[coordinator_logic]") {
+  Site site;
+  auto [acme, acme_cert] = site.Enroll("acme");
+  auto [beta, beta_cert] = site.Enroll("beta");
+  const std::string acme_expert = site.Register("acme", "math");
+  SECTION("an owner cannot write another owner's expert") {
+    CHECK(absl::IsPermissionDenied(site.coordinator->BeginUpload(beta, acme_expert, ManifestOf(site.Module("m"))).status()));
+  }
+  SECTION("owners cannot upload operator blobs or read other modules") {
+    CHECK(absl::IsPermissionDenied(site.coordinator->BeginUpload(acme, "", ManifestOf(site.Module("m"))).status()));
+    const std::string module = site.Module("m2");
+    REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, acme_expert, module)).rejection().empty());
+    CHECK(absl::IsPermissionDenied(site.coordinator->ReadBlob(beta, ValueOrDie(Sha256File(module)), 0, 10).status()));
+    // Anchor files are readable by every owner.
+    v1::Anchor a = ValueOrDie(site.coordinator->GetAnchor(""));
+    CHECK(site.coordinator->ReadBlob(beta, a.files(0).blob().sha256(), 0, 10).ok());
+  }
+  SECTION("a revoked owner is refused on its next call") {
+    v1::RevokeOwnerRequest r;
+    r.set_owner_id("acme");
+    r.set_reason("laptop stolen");
+    REQUIRE(site.coordinator->RevokeOwner(site.admin, r).ok());
+    absl::Status s = site.coordinator->Authenticate(acme_cert).status();
+    CHECK(absl::IsPermissionDenied(s));
+    CHECK_THAT(std::string(s.message()), Catch::Contains("laptop stolen"));
+    CHECK(site.coordinator->Authenticate(beta_cert).ok());
+  }
+  SECTION("tokens are one-time and expire") {
+    v1::AddOwnerRequest add;
+    add.set_owner_id("gamma");
+    add.set_token_ttl_seconds(-1);  // server default
+    const std::string token = ValueOrDie(site.coordinator->AddOwner(site.admin, add)).token();
+    v1::EnrollRequest e;
+    e.set_owner_id("gamma");
+    e.set_token("not the token");
+    e.set_csr_pem(ValueOrDie(MakeKeyAndCsr("gamma")).csr_pem);
+    CHECK_THAT(std::string(site.coordinator->Enroll(e).status().message()), Catch::Contains("wrong token"));
+    e.set_token(token);
+    REQUIRE(site.coordinator->Enroll(e).ok());
+    CHECK_THAT(std::string(site.coordinator->Enroll(e).status().message()), Catch::Contains("already used"));
+    // Expired: a token valid for an hour, used an hour and a second later.
+    v1::AddOwnerRequest quick;
+    quick.set_owner_id("delta");
+    quick.set_token_ttl_seconds(3600);
+    const std::string t2 = ValueOrDie(site.coordinator->AddOwner(site.admin, quick)).token();
+    site.now += 3601;
+    v1::EnrollRequest late;
+    late.set_owner_id("delta");
+    late.set_token(t2);
+    late.set_csr_pem(ValueOrDie(MakeKeyAndCsr("delta")).csr_pem);
+    CHECK_THAT(std::string(site.coordinator->Enroll(late).status().message()), Catch::Contains("expired"));
+  }
+  SECTION("a certificate from another CA names no known owner's current certificate") {
+    auto [other_key, other_ca] = ValueOrDie(MakeCa("other CA", 10));
+    IssuedCertificate forged = ValueOrDie(SignCsr(other_key, other_ca.certificate_pem, ValueOrDie(MakeKeyAndCsr("acme")).csr_pem, "acme", "owner", 10));
+    CHECK(absl::IsPermissionDenied(site.coordinator->Authenticate(forged.certificate_pem).status()));
+  }
+  SECTION("a retired expert accepts no upload and cannot come back") {
+    v1::SetExpertStateRequest retire;
+    retire.set_expert_id(acme_expert);
+    retire.set_state(v1::EXPERT_STATE_RETIRED);
+    REQUIRE(site.coordinator->SetExpertState(site.admin, retire).ok());
+    CHECK(absl::IsFailedPrecondition(site.coordinator->BeginUpload(acme, acme_expert, ManifestOf(site.Module("m3"))).status()));
+    retire.set_state(v1::EXPERT_STATE_ACTIVE);
+    CHECK(absl::IsFailedPrecondition(site.coordinator->SetExpertState(site.admin, retire).status()));
+  }
+}
+
+}  // namespace
+}  // namespace flexfed
