@@ -505,6 +505,8 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIde
   if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
   // Idempotent: a retry after a lost reply gets the recorded outcome.
   v1::CommitUploadResponse out;
+  out.mutable_blob()->set_sha256(u->blob_sha256);
+  out.mutable_blob()->set_size(static_cast<uint64_t>(u->blob_size));
   if (u->state == "committed" || u->state == "rejected") {
     if (!u->expert_id.empty()) {
       absl::StatusOr<ExpertRecord> e = store_->GetExpert(u->expert_id);
@@ -534,6 +536,8 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIde
 
 absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIdentity& who, UploadRecord u) {
   v1::CommitUploadResponse out;
+  out.mutable_blob()->set_sha256(u.blob_sha256);
+  out.mutable_blob()->set_size(static_cast<uint64_t>(u.blob_size));
   absl::StatusOr<ExpertRecord> e = store_->GetExpert(u.expert_id);
   if (!e.ok()) return e.status();
   absl::StatusOr<v1::Anchor> anchor = GetAnchor(e->anchor_id);

@@ -1,0 +1,310 @@
+#include "coordinator/service.h"
+
+#include "absl/strings/str_cat.h"
+#include "flexfed/v1/flexfed.grpc.pb.h"
+
+namespace flexfed {
+namespace {
+
+using grpc::CallbackServerContext;
+using grpc::ServerUnaryReactor;
+
+// Caller's version and identity. `role` "" = any authenticated caller; "admin" = operators only.
+absl::StatusOr<PeerIdentity> Authorize(Coordinator* c, CallbackServerContext* ctx, const std::string& role) {
+  auto it = ctx->client_metadata().find(kProtocolHeader);
+  const std::string version = it == ctx->client_metadata().end() ? "" : std::string(it->second.data(), it->second.size());
+  if (absl::Status s = CheckProtocolVersion(version); !s.ok()) return s;
+  std::string pem;
+  if (auto auth = ctx->auth_context(); auth) {
+    for (const grpc::string_ref& v : auth->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME)) pem.assign(v.data(), v.size());
+  }
+  absl::StatusOr<PeerIdentity> who = c->Authenticate(pem);
+  if (!who.ok()) return who.status();
+  if (role == "admin" && who->role != "admin") {
+    return absl::PermissionDeniedError("this call is for operators (an admin certificate from `flexfedctl ca init`)");
+  }
+  return who;
+}
+
+// Runs `body` for an authorized caller and finishes the unary call with its status.
+template <typename Body>
+ServerUnaryReactor* Unary(Coordinator* c, CallbackServerContext* ctx, const std::string& role, Body body) {
+  ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role);
+  reactor->Finish(ToGrpc(who.ok() ? body(*who) : who.status()));
+  return reactor;
+}
+
+// Copies a StatusOr's value into the response.
+template <typename T>
+absl::Status Fill(absl::StatusOr<T> result, T* response) {
+  if (!result.ok()) return result.status();
+  *response = *std::move(result);
+  return absl::OkStatus();
+}
+
+// Client-streaming chunk upload: each chunk is verified and stored as it arrives.
+class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
+ public:
+  UploadReactor(Coordinator* c, CallbackServerContext* ctx, v1::UploadStatus* response)
+      : coordinator_(c), response_(response) {
+    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, "");
+    if (!who.ok()) {
+      Finish(ToGrpc(who.status()));
+      return;
+    }
+    who_ = *who;
+    StartRead(&chunk_);
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client finished sending
+      absl::StatusOr<v1::UploadStatus> status = coordinator_->QueryMissing(who_, session_);
+      if (status.ok()) *response_ = *status;
+      Finish(ToGrpc(session_.empty() ? absl::InvalidArgumentError("no chunk was sent") : status.status()));
+      return;
+    }
+    if (!chunk_.session_id().empty()) session_ = chunk_.session_id();
+    chunk_.set_session_id(session_);
+    absl::StatusOr<v1::UploadStatus> put = coordinator_->PutChunk(who_, chunk_);
+    if (!put.ok()) {
+      Finish(ToGrpc(put.status()));
+      return;
+    }
+    StartRead(&chunk_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  Coordinator* coordinator_;
+  v1::UploadStatus* response_;
+  PeerIdentity who_;
+  v1::UploadChunk chunk_;
+  std::string session_;
+};
+
+// Server-streaming download of [offset, offset + length) in chunks of at most 4 MiB.
+class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
+ public:
+  DownloadReactor(Coordinator* c, CallbackServerContext* ctx, const v1::DownloadRequest* request)
+      : coordinator_(c), sha256_(request->sha256()), offset_(request->offset()) {
+    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, "");
+    if (!who.ok()) {
+      Finish(ToGrpc(who.status()));
+      return;
+    }
+    who_ = *who;
+    absl::StatusOr<uint64_t> size = c->blobs().Size(sha256_);
+    if (!size.ok()) {
+      Finish(ToGrpc(size.status()));
+      return;
+    }
+    end_ = request->length() == 0 ? *size : std::min(*size, offset_ + request->length());
+    Next();
+  }
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the client went away"));
+      return;
+    }
+    Next();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Next() {
+    if (offset_ >= end_) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    const uint64_t n = std::min<uint64_t>(kDefaultChunkSize, end_ - offset_);
+    absl::StatusOr<std::string> data = coordinator_->ReadBlob(who_, sha256_, offset_, n);
+    if (!data.ok() || data->empty()) {
+      Finish(ToGrpc(data.ok() ? absl::DataLossError("blob ended early") : data.status()));
+      return;
+    }
+    chunk_.set_offset(offset_);
+    chunk_.set_data(*std::move(data));
+    offset_ += chunk_.data().size();
+    StartWrite(&chunk_);
+  }
+  Coordinator* coordinator_;
+  PeerIdentity who_;
+  std::string sha256_;
+  uint64_t offset_, end_ = 0;
+  v1::DataChunk chunk_;
+};
+
+class EnrollmentService final : public v1::Enrollment::CallbackService {
+ public:
+  explicit EnrollmentService(Coordinator* c) : c_(c) {}
+  ServerUnaryReactor* Enroll(CallbackServerContext* ctx, const v1::EnrollRequest* r, v1::EnrollResponse* out) override {
+    ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    auto it = ctx->client_metadata().find(kProtocolHeader);
+    absl::Status s = CheckProtocolVersion(it == ctx->client_metadata().end() ? "" : std::string(it->second.data(), it->second.size()));
+    if (s.ok()) s = Fill(c_->Enroll(*r), out);
+    reactor->Finish(ToGrpc(s));
+    return reactor;
+  }
+
+ private:
+  Coordinator* c_;
+};
+
+class OwnerService final : public v1::Owner::CallbackService {
+ public:
+  explicit OwnerService(Coordinator* c) : c_(c) {}
+  ServerUnaryReactor* GetAnchor(CallbackServerContext* ctx, const v1::GetAnchorRequest* r, v1::Anchor* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity&) { return Fill(c_->GetAnchor(r->anchor_id()), out); });
+  }
+  ServerUnaryReactor* GetManifest(CallbackServerContext* ctx, const v1::GetManifestRequest* r, v1::Manifest* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->GetManifest(who, r->sha256()), out); });
+  }
+  grpc::ServerWriteReactor<v1::DataChunk>* Download(CallbackServerContext* ctx, const v1::DownloadRequest* r) override {
+    return new DownloadReactor(c_, ctx, r);
+  }
+  ServerUnaryReactor* BeginUpload(CallbackServerContext* ctx, const v1::BeginUploadRequest* r, v1::UploadStatus* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity& who) {
+      if (r->expert_id().empty()) return absl::InvalidArgumentError("name the expert the module is for");
+      return Fill(c_->BeginUpload(who, r->expert_id(), r->manifest()), out);
+    });
+  }
+  grpc::ServerReadReactor<v1::UploadChunk>* UploadChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
+    return new UploadReactor(c_, ctx, out);
+  }
+  ServerUnaryReactor* QueryMissing(CallbackServerContext* ctx, const v1::QueryMissingRequest* r, v1::UploadStatus* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->QueryMissing(who, r->session_id()), out); });
+  }
+  ServerUnaryReactor* CommitUpload(CallbackServerContext* ctx, const v1::CommitUploadRequest* r, v1::CommitUploadResponse* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->CommitUpload(who, r->session_id()), out); });
+  }
+  ServerUnaryReactor* Heartbeat(CallbackServerContext* ctx, const v1::HeartbeatRequest* r, v1::HeartbeatResponse* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity& who) {
+      out->set_server_unix(c_->Now());
+      return c_->Heartbeat(who, *r);
+    });
+  }
+  ServerUnaryReactor* GetExpert(CallbackServerContext* ctx, const v1::GetExpertRequest* r, v1::Expert* out) override {
+    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->GetExpert(who, r->expert_id()), out); });
+  }
+
+ private:
+  Coordinator* c_;
+};
+
+class AdminService final : public v1::Admin::CallbackService {
+ public:
+  explicit AdminService(Coordinator* c) : c_(c) {}
+  ServerUnaryReactor* PublishAnchor(CallbackServerContext* ctx, const v1::PublishAnchorRequest* r, v1::Anchor* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->PublishAnchor(who, *r), out); });
+  }
+  ServerUnaryReactor* ListAnchors(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListAnchorsResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListAnchors(), out); });
+  }
+  ServerUnaryReactor* AddOwner(CallbackServerContext* ctx, const v1::AddOwnerRequest* r, v1::AddOwnerResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->AddOwner(who, *r), out); });
+  }
+  ServerUnaryReactor* ListOwners(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListOwnersResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListOwners(), out); });
+  }
+  ServerUnaryReactor* RevokeOwner(CallbackServerContext* ctx, const v1::RevokeOwnerRequest* r, v1::OwnerInfo* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->RevokeOwner(who, *r), out); });
+  }
+  ServerUnaryReactor* RegisterExpert(CallbackServerContext* ctx, const v1::RegisterExpertRequest* r, v1::Expert* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->RegisterExpert(who, *r), out); });
+  }
+  ServerUnaryReactor* ListExperts(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListExpertsResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListExperts(), out); });
+  }
+  ServerUnaryReactor* SetExpertState(CallbackServerContext* ctx, const v1::SetExpertStateRequest* r, v1::Expert* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->SetExpertState(who, *r), out); });
+  }
+  ServerUnaryReactor* ListUploads(CallbackServerContext* ctx, const v1::ListRequest* r, v1::ListUploadsResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListUploads(r->limit()), out); });
+  }
+  ServerUnaryReactor* TailAudit(CallbackServerContext* ctx, const v1::TailAuditRequest* r, v1::TailAuditResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->TailAudit(r->limit()), out); });
+  }
+  ServerUnaryReactor* GetStatus(CallbackServerContext* ctx, const v1::GetStatusRequest*, v1::StatusResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->Status(), out); });
+  }
+  ServerUnaryReactor* BeginBlobUpload(CallbackServerContext* ctx, const v1::Manifest* r, v1::UploadStatus* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->BeginUpload(who, "", *r), out); });
+  }
+  grpc::ServerReadReactor<v1::UploadChunk>* UploadBlobChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
+    return new UploadReactor(c_, ctx, out);  // the session says whose upload it is
+  }
+  ServerUnaryReactor* CommitBlob(CallbackServerContext* ctx, const v1::CommitUploadRequest* r, v1::BlobRef* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) -> absl::Status {
+      absl::StatusOr<v1::CommitUploadResponse> committed = c_->CommitUpload(who, r->session_id());
+      if (!committed.ok()) return committed.status();
+      *out = committed->blob();
+      return absl::OkStatus();
+    });
+  }
+
+ private:
+  Coordinator* c_;
+};
+
+}  // namespace
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::Status CheckProtocolVersion(const std::string& v) {
+  const size_t dot = v.find('.');
+  int major = -1;
+  try {
+    major = std::stoi(v.substr(0, dot));
+  } catch (const std::exception&) {
+  }
+  if (v.empty() || dot == std::string::npos || major != kProtocolMajor) {
+    return absl::FailedPreconditionError(absl::StrCat("protocol version '", v, "' is not compatible with this coordinator's ",
+                                                      kProtocolMajor, ".", kProtocolMinor,
+                                                      "; use a FlexFed client of the same major version"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Coordinator* c, const ServerOptions& o) {
+  std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
+  server->enrollment_ = std::make_unique<EnrollmentService>(c);
+  server->owner_ = std::make_unique<OwnerService>(c);
+  server->admin_ = std::make_unique<AdminService>(c);
+  grpc::SslServerCredentialsOptions tls(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);  // enrollment comes without one
+  tls.pem_root_certs = o.ca_cert_pem;
+  tls.pem_key_cert_pairs.push_back({o.server_key_pem, o.server_cert_pem});
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(o.listen, grpc::SslServerCredentials(tls), &server->port_);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Idle timeouts only: keepalive pings detect a dead peer; no call has a total deadline.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, o.idle_timeout_seconds * 1000 / 2);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  builder.RegisterService(server->enrollment_.get());
+  builder.RegisterService(server->owner_.get());
+  builder.RegisterService(server->admin_.get());
+  server->server_ = builder.BuildAndStart();
+  if (!server->server_ || server->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", o.listen, " (in use, or not an address here)"));
+  }
+  return server;
+}
+
+void CoordinatorServer::Shutdown() {
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+}
+
+CoordinatorServer::~CoordinatorServer() { Shutdown(); }
+
+}  // namespace flexfed

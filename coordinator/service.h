@@ -1,0 +1,50 @@
+// The coordinator's gRPC surface (callback API): Enrollment, Owner and Admin services over one
+// mTLS port. Every handler first checks the caller's protocol version and identity (Authorize),
+// then calls Coordinator. The version check lives there rather than in a server interceptor
+// because a gRPC C++ interceptor cannot end a call with a readable status, only cancel it.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+
+#include "coordinator/coordinator.h"
+
+namespace flexfed {
+
+inline constexpr char kProtocolHeader[] = "flexfed-protocol";
+inline constexpr int kProtocolMajor = 1;
+inline constexpr int kProtocolMinor = 0;
+inline constexpr int kMaxMessageBytes = 16 << 20;
+
+struct ServerOptions {
+  std::string listen = "0.0.0.0:7443";
+  std::string ca_cert_pem;
+  std::string server_cert_pem;
+  std::string server_key_pem;
+  int idle_timeout_seconds = 300;  // a stream with no progress for this long is dropped
+};
+
+class CoordinatorServer {
+ public:
+  // Starts serving; `Coordinator` must outlive the server.
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(Coordinator* coordinator, const ServerOptions& options);
+  ~CoordinatorServer();
+  int port() const { return port_; }
+  void Shutdown();
+  void Wait() { server_->Wait(); }
+
+ private:
+  CoordinatorServer() = default;
+  std::unique_ptr<grpc::Service> enrollment_, owner_, admin_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+grpc::Status ToGrpc(const absl::Status& status);
+absl::Status FromGrpc(const grpc::Status& status);
+// "1.0" → OK; another major → FailedPrecondition naming both versions.
+absl::Status CheckProtocolVersion(const std::string& client_version);
+
+}  // namespace flexfed
