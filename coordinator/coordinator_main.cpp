@@ -1,0 +1,127 @@
+// flexfed-coordinator: the service operators run (docs/OPERATOR_GUIDE.md).
+#include <CLI/CLI.hpp>
+
+#include <csignal>
+#include <filesystem>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "common/identity.h"
+#include "coordinator/coordinator.h"
+#include "coordinator/service.h"
+#include <nlohmann/json.hpp>
+
+namespace fs = std::filesystem;
+using namespace flexfed;
+
+namespace {
+
+struct Options {
+  std::string config;
+  std::string data_dir = "/var/lib/flexfed";
+  std::string listen = "0.0.0.0:7443";
+  std::string ca_dir = "/etc/flexfed/ca";
+  std::vector<std::string> hostnames = {"localhost", "127.0.0.1"};
+  std::string port_file;
+  int idle_timeout = 300;
+  int certificate_days = 365;
+};
+
+[[noreturn]] void Fail(const std::string& message) {
+  std::cerr << "flexfed-coordinator: error: " << message << "\n";
+  std::exit(1);
+}
+
+// The server's own certificate, issued by the project CA for `hostnames`; re-issued when missing,
+// when the host names change, or within 30 days of expiry.
+std::pair<std::string, std::string> ServerCertificate(const Options& o, const std::string& ca_key, const std::string& ca_cert) {
+  const fs::path crt = fs::path(o.data_dir) / "server.crt", key = fs::path(o.data_dir) / "server.key",
+                 hosts = fs::path(o.data_dir) / "server.hosts";
+  std::string want_hosts;
+  for (const std::string& h : o.hostnames) want_hosts += h + "\n";
+  absl::StatusOr<std::string> have_crt = ReadFile(crt.string()), have_key = ReadFile(key.string()),
+                              have_hosts = ReadFile(hosts.string());
+  if (have_crt.ok() && have_key.ok() && have_hosts.ok() && *have_hosts == want_hosts) {
+    absl::StatusOr<PeerIdentity> id = ReadIdentity(*have_crt);
+    if (id.ok() && id->not_after_unix > std::time(nullptr) + 30 * 86400) return {*have_crt, *have_key};
+  }
+  absl::StatusOr<KeyAndCsr> req = MakeKeyAndCsr("coordinator");
+  if (!req.ok()) Fail(std::string(req.status().message()));
+  absl::StatusOr<IssuedCertificate> cert = SignCsr(ca_key, ca_cert, req->csr_pem, "coordinator", "server", o.certificate_days, o.hostnames);
+  if (!cert.ok()) Fail(std::string(cert.status().message()));
+  for (auto [path, text] : {std::pair{key, req->key_pem}, {crt, cert->certificate_pem}, {hosts, want_hosts}}) {
+    if (absl::Status s = WriteFileAtomically(path.string(), text); !s.ok()) Fail(std::string(s.message()));
+  }
+  fs::permissions(key, fs::perms::owner_read | fs::perms::owner_write);
+  return {cert->certificate_pem, req->key_pem};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"flexfed-coordinator: collects FlexOlmo experts from data owners over mTLS"};
+  app.add_option("--config", o.config, "Settings file (JSON with the long option names as keys)")->check(CLI::ExistingFile);
+  auto* data = app.add_option("--data-dir", o.data_dir, "Metadata, blobs and the audit log");
+  auto* listen = app.add_option("--listen", o.listen, "host:port to serve on (port 0: any free port)");
+  auto* ca = app.add_option("--ca-dir", o.ca_dir, "Project CA (ca.key, ca.crt from `flexfedctl ca init`)");
+  auto* hosts = app.add_option("--hostname", o.hostnames, "Names and addresses for the server certificate");
+  app.add_option("--port-file", o.port_file, "Write the chosen port here once serving");
+  auto* idle = app.add_option("--idle-timeout", o.idle_timeout, "Seconds without progress before a peer is dropped");
+  auto* days = app.add_option("--certificate-days", o.certificate_days, "Validity of certificates issued at enrollment");
+  app.footer("Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a start-up error, 2 bad usage.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (!o.config.empty()) {
+    nlohmann::json j = nlohmann::json::parse(*ReadFile(o.config), nullptr, false);
+    if (j.is_discarded() || !j.is_object()) Fail(o.config + ": not a JSON object");
+    for (const auto& [k, v] : j.items()) {
+      try {
+        if (k == "data-dir" && data->count() == 0) o.data_dir = v.get<std::string>();
+        else if (k == "listen" && listen->count() == 0) o.listen = v.get<std::string>();
+        else if (k == "ca-dir" && ca->count() == 0) o.ca_dir = v.get<std::string>();
+        else if (k == "hostname" && hosts->count() == 0) o.hostnames = v.get<std::vector<std::string>>();
+        else if (k == "idle-timeout" && idle->count() == 0) o.idle_timeout = v.get<int>();
+        else if (k == "certificate-days" && days->count() == 0) o.certificate_days = v.get<int>();
+        else if (k != "data-dir" && k != "listen" && k != "ca-dir" && k != "hostname" && k != "idle-timeout" && k != "certificate-days") {
+          Fail(absl::StrCat(o.config, ": unknown setting '", k, "'"));
+        }
+      } catch (const nlohmann::json::exception&) {
+        Fail(absl::StrCat(o.config, ": setting '", k, "' has the wrong type"));
+      }
+    }
+  }
+  absl::StatusOr<std::string> ca_key = ReadFile((fs::path(o.ca_dir) / "ca.key").string());
+  absl::StatusOr<std::string> ca_cert = ReadFile((fs::path(o.ca_dir) / "ca.crt").string());
+  if (!ca_key.ok() || !ca_cert.ok()) Fail(absl::StrCat(o.ca_dir, ": no ca.key/ca.crt; create the project CA with `flexfedctl ca init --dir ", o.ca_dir, "`"));
+  std::error_code ec;
+  fs::create_directories(o.data_dir, ec);
+  if (ec) Fail(absl::StrCat(o.data_dir, ": cannot create: ", ec.message()));
+
+  // Block the stop signals in every thread; the main thread waits for them below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  auto [server_cert, server_key] = ServerCertificate(o, *ca_key, *ca_cert);
+  absl::StatusOr<std::unique_ptr<Coordinator>> coordinator = Coordinator::Open({o.data_dir, *ca_key, *ca_cert, o.certificate_days});
+  if (!coordinator.ok()) Fail(std::string(coordinator.status().message()));
+  absl::StatusOr<std::unique_ptr<CoordinatorServer>> server =
+      CoordinatorServer::Start(coordinator->get(), {o.listen, *ca_cert, server_cert, server_key, o.idle_timeout});
+  if (!server.ok()) Fail(std::string(server.status().message()));
+  std::cerr << "flexfed-coordinator: serving on port " << (*server)->port() << " (data " << o.data_dir << ")\n";
+  if (!o.port_file.empty()) {
+    if (absl::Status s = WriteFileAtomically(o.port_file, std::to_string((*server)->port()) + "\n"); !s.ok()) Fail(std::string(s.message()));
+  }
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::cerr << "flexfed-coordinator: signal " << sig << ", shutting down\n";
+  (*server)->Shutdown();
+  return 0;
+}
