@@ -166,7 +166,8 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
       v1::UploadStatus reply;
       std::unique_ptr<grpc::ClientWriter<v1::UploadChunk>> writer =
           expert_id.empty() ? admin_->UploadBlobChunks(ctx.get(), &reply) : owner_->UploadChunks(ctx.get(), &reply);
-      uint64_t sent = size - static_cast<uint64_t>(status->missing_size()) * kChunkSize;
+      uint64_t sent = size;
+      for (uint64_t index : status->missing()) sent -= manifest.chunks(static_cast<int>(index)).size();
       for (uint64_t index : status->missing()) {
         v1::UploadChunk chunk;
         chunk.set_session_id(status->session_id());
@@ -184,8 +185,7 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
         sent += chunk.data().size();
         if (progress != nullptr) {
           const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-          progress->Update(static_cast<int64_t>(std::min(sent, size) >> 20), static_cast<int64_t>(size >> 20),
-                           absl::StrFormat("MiB uploaded | %.1f MiB/s", (sent >> 20) / std::max(secs, 1e-9)), 0);
+          progress->Transfer("uploaded", std::min(sent, size), size, secs);
         }
       }
       writer->WritesDone();
@@ -278,8 +278,7 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
       }
       if (progress != nullptr) {
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        progress->Update(static_cast<int64_t>(have >> 20), static_cast<int64_t>(size >> 20),
-                         absl::StrFormat("MiB downloaded | %.1f MiB/s", (have >> 20) / std::max(secs, 1e-9)), 0);
+        progress->Transfer("downloaded", have, size, secs);
       }
     }
     absl::Status s = ToStatus(reader->Finish());

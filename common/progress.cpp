@@ -32,6 +32,22 @@ void ProgressReporter::Update(int64_t done, int64_t total, const std::string& fi
   std::fflush(out_);
 }
 
+void ProgressReporter::Transfer(const std::string& what, uint64_t done, uint64_t total, double seconds) {
+  const double mib = 1024.0 * 1024.0;
+  const double rate = seconds > 0 ? done / mib / seconds : 0.0;
+  const double pct = total > 0 ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0;
+  const double eta = rate > 0 ? (total - done) / mib / rate : 0.0;
+  std::string line = absl::StrFormat("%s %.1f/%.1f MiB (%.0f%%) | %.1f MiB/s | ETA %s", what, done / mib, total / mib, pct, rate,
+                                     FormatDuration(eta));
+  if (live_) {
+    std::fprintf(out_, "\r\033[K%s", line.c_str());
+    pending_ = true;
+  } else {
+    std::fprintf(out_, "%s\n", line.c_str());
+  }
+  std::fflush(out_);
+}
+
 void ProgressReporter::Line(const std::string& text) {
   if (pending_) std::fprintf(out_, "\r\033[K");
   std::fprintf(out_, "%s\n", text.c_str());

@@ -16,6 +16,8 @@ class ProgressReporter {
   bool live() const { return live_; }
   // "step 120/1000 (12%) | <fields> | ETA 3m12s". Live: redraws the line. Plain: prints it.
   void Update(int64_t done, int64_t total, const std::string& fields, double eta_seconds);
+  // "12.3/45.6 MiB (27%) | 5.1 MiB/s | ETA 6s" for a transfer `seconds` into it.
+  void Transfer(const std::string& what, uint64_t done_bytes, uint64_t total_bytes, double seconds);
   // A line that stays (clears the live line first).
   void Line(const std::string& text);
   void Finish();  // ends a live line

@@ -15,6 +15,8 @@ void AddTrainCommand(CLI::App& app);
 void AddEvalCommand(CLI::App& app);
 void AddExportCommand(CLI::App& app);
 void AddInspectCommand(CLI::App& app);
+// enroll, pull, push, status (built with FLEXFED_SERVICES).
+void AddNetworkCommands(CLI::App& app);
 
 // Prints "flexfed-owner <command>: error: <message>" and exits 1 when `status` is not OK.
 void ExitOnError(const std::string& command, const absl::Status& status);

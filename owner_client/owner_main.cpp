@@ -39,6 +39,9 @@ int main(int argc, char** argv) {
   flexfed::owner::AddEvalCommand(app);
   flexfed::owner::AddExportCommand(app);
   flexfed::owner::AddInspectCommand(app);
+#ifdef FLEXFED_WITH_SERVICES
+  flexfed::owner::AddNetworkCommands(app);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

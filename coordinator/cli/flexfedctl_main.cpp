@@ -6,12 +6,18 @@
 #include <iostream>
 
 #include "coordinator/cli/logits_command.h"
+#ifdef FLEXFED_WITH_SERVICES
+#include "coordinator/cli/admin_commands.h"
+#endif
 
 int main(int argc, char** argv) {
   CLI::App app{"flexfedctl: operate a FlexFed coordinator and run FlexOlmo models locally"};
   app.require_subcommand(1);
   app.footer("Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage.");
   flexfed::cli::AddLogitsCommand(app);
+#ifdef FLEXFED_WITH_SERVICES
+  flexfed::cli::AddAdminCommands(app);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
