@@ -110,9 +110,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(co
 std::unique_ptr<grpc::ClientContext> CoordinatorClient::NewContext() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
   ctx->AddMetadata(kProtocolHeader, kProtocolVersion);
-  // Wait for the channel to come up rather than failing at once (the coordinator may be restarting).
-  ctx->set_wait_for_ready(true);
-  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));  // reset per call: an idle bound
+  // Fail fast when the coordinator cannot be reached (transfers retry UNAVAILABLE with backoff);
+  // a unary call that got through but hangs is cut after a minute.
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   return ctx;
 }
 
@@ -159,6 +159,10 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
   for (int round = 0;; ++round) {
     absl::StatusOr<v1::UploadStatus> status = WithRetries(retry, progress, begin);
     if (!status.ok()) return status.status();
+    if (round == 0 && progress != nullptr && status->missing_size() < manifest.chunks_size()) {
+      progress->Line(absl::StrCat("resuming: ", manifest.chunks_size() - status->missing_size(), " of ", manifest.chunks_size(),
+                                  " chunks already at the coordinator"));
+    }
     if (status->missing_size() > 0) {
       // Stream the missing chunks; a broken stream is retried by asking again what is missing.
       std::unique_ptr<grpc::ClientContext> ctx = NewContext();

@@ -1,0 +1,283 @@
+// The federation as real processes on 127.0.0.1 with ports chosen by the OS: a coordinator,
+// flexfedctl as the operator, flexfed-owner as two owners (ARCHITECTURE.md §3; issue #4 tests).
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/coordinator_client.h"
+#include "coordinator/blob_store.h"
+#include "common/file_util.h"
+#include "common/sha256.h"
+#include "tests/test_util.h"
+#include <nlohmann/json.hpp>
+
+extern char** environ;
+
+namespace flexfed {
+namespace {
+
+using testing::BinaryFromEnv;
+using testing::RunCommand;
+using testing::TempDir;
+namespace fs = std::filesystem;
+
+// A coordinator process; killed (SIGKILL) when the object dies unless stopped before.
+class CoordinatorProcess {
+ public:
+  CoordinatorProcess(const std::string& ca_dir, const std::string& data_dir, const std::string& port_file)
+      : ca_dir_(ca_dir), data_dir_(data_dir), port_file_(port_file) {
+    Start();
+  }
+  ~CoordinatorProcess() { Kill(); }
+  void Start() {
+    fs::remove(port_file_);
+    std::vector<std::string> args = {BinaryFromEnv("FLEXFED_COORDINATOR_BIN"), "--ca-dir", ca_dir_, "--data-dir", data_dir_,
+                                     "--listen", "127.0.0.1:" + (port_ ? std::to_string(port_) : std::string("0")),
+                                     "--port-file", port_file_};
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    REQUIRE(posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ) == 0);
+    // Wait for the port file (the server writes it once it serves), at most 20 s.
+    for (int i = 0; i < 400 && !fs::exists(port_file_); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    REQUIRE(fs::exists(port_file_));
+    port_ = std::stoi(*ReadFile(port_file_));
+  }
+  void Kill() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+      pid_ = 0;
+    }
+  }
+  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
+
+ private:
+  std::string ca_dir_, data_dir_, port_file_;
+  pid_t pid_ = 0;
+  int port_ = 0;
+};
+
+struct Federation {
+  TempDir dir;
+  std::string ctl = BinaryFromEnv("FLEXFED_CTL"), owner = BinaryFromEnv("FLEXFED_OWNER");
+  std::string fingerprint;
+  std::unique_ptr<CoordinatorProcess> coordinator;
+  std::string out;
+
+  Federation() {
+    REQUIRE(RunCommand(ctl + " ca init --dir " + dir / "ca", &out) == 0);
+    fingerprint = out.substr(out.find("pin it): ") + 9, 64);
+    coordinator = std::make_unique<CoordinatorProcess>(dir / "ca", dir / "data", dir / "port");
+    // An anchor: a `test` model pretrained for a few steps, with r_pub.
+    const std::string text = dir / "public.txt";
+    std::string words;
+    for (int i = 0; i < 3000; ++i) words += absl::StrCat("word", i % 37, i % 11 == 0 ? ".\n" : " ");
+    REQUIRE(WriteFileAtomically(text, words).ok());
+    const std::string cache = "FLEXFED_CACHE_DIR=" + dir / "cache";
+    REQUIRE(RunCommand(cache + " " + owner + " train --pretrain test --data " + text + " --run " + dir / "anchor_run" +
+                           " --steps 3 --seq-len 32 --batch-size 2 --warmup 1 --val-every 0 --validation-fraction 0 --plain",
+                       &out) == 0);
+    fs::copy(dir / "anchor_run/model", dir / "anchor");
+    REQUIRE(RunCommand(cache + " " + owner + " router-init --anchor " + dir / "anchor" + " --data " + text + " --out " +
+                           dir / "anchor/router_pub.safetensors", &out) == 0);
+    REQUIRE(Admin("anchor publish " + dir / "anchor") == 0);
+  }
+  int Admin(const std::string& args) {
+    return RunCommand(ctl + " " + args + " --coordinator " + coordinator->address() + " --identity " + dir / "ca/admin", &out);
+  }
+  int Owner(const std::string& id, const std::string& args) {
+    return RunCommand(absl::StrCat("FLEXFED_CACHE_DIR=", dir / "cache", " ", owner, " ", args, " --coordinator ",
+                                   coordinator->address(), " --identity ", dir / id),
+                      &out);
+  }
+  // Adds, enrolls and registers `id` with an expert `id/x`; pulls the anchor to DIR/<id>_anchor.
+  void Join(const std::string& id) {
+    REQUIRE(Admin("owner add " + id + " --json") == 0);
+    const std::string token = nlohmann::json::parse(out)["token"];
+    REQUIRE(RunCommand(absl::StrCat(owner, " enroll --owner ", id, " --token ", token, " --ca-cert ", dir / "ca/ca.crt",
+                                    " --ca-fingerprint ", fingerprint, " --coordinator ", coordinator->address(),
+                                    " --identity ", dir / id), &out) == 0);
+    REQUIRE(Admin("expert register --owner " + id + " --name x --domain test") == 0);
+    REQUIRE(Owner(id, "pull --to " + dir / (id + "_anchor")) == 0);
+  }
+  // A module for `id`: the anchor's FFN, lightly trained.
+  std::string Module(const std::string& id) {
+    const std::string anchor = dir / (id + "_anchor");
+    const std::string data = dir / (id + ".txt");
+    std::string text;
+    for (int i = 0; i < 2000; ++i) text += absl::StrCat(id, " ", i * 7 % 101, "\n");
+    REQUIRE(WriteFileAtomically(data, text).ok());
+    const std::string cache = "FLEXFED_CACHE_DIR=" + dir / "cache ";
+    REQUIRE(RunCommand(cache + owner + " router-init --anchor " + anchor + " --data " + data + " --out " + dir / (id + "_r.safetensors"), &out) == 0);
+    REQUIRE(RunCommand(cache + owner + " train --anchor " + anchor + " --router-init " + dir / (id + "_r.safetensors") + " --data " + data +
+                           " --run " + dir / (id + "_run") + " --steps 2 --seq-len 32 --batch-size 2 --warmup 1 --val-every 0 --plain", &out) == 0);
+    REQUIRE(RunCommand(owner + " export --run " + dir / (id + "_run") + " --anchor " + anchor + " --out " + dir / (id + ".module") +
+                           " --owner " + id + " --name x", &out) == 0);
+    return dir / (id + ".module");
+  }
+};
+
+TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enables their experts", "[federation]") {
+  Federation f;
+  f.Join("acme");
+  f.Join("beta");
+  for (const char* id : {"acme", "beta"}) {
+    const std::string module = f.Module(id);
+    REQUIRE(f.Owner(id, absl::StrCat("push ", module, " --expert ", id, "/x --anchor ", f.dir / (std::string(id) + "_anchor"))) == 0);
+    CHECK_THAT(f.out, Catch::Contains("uploaded"));
+  }
+  REQUIRE(f.Admin("expert list --json") == 0);
+  nlohmann::json experts = nlohmann::json::parse(f.out);
+  REQUIRE(experts.size() == 2);
+  for (const auto& e : experts) {
+    CHECK(e["state"] == "uploaded");
+    CHECK(e["module_sha256"].get<std::string>() == *Sha256File(f.dir / (e["owner"].get<std::string>() + ".module")));
+  }
+  REQUIRE(f.Admin("expert enable acme/x") == 0);
+  REQUIRE(f.Admin("expert list --json") == 0);
+  CHECK(nlohmann::json::parse(f.out)[0]["state"] == "active");
+  REQUIRE(f.Admin("audit tail -n 100") == 0);
+  CHECK_THAT(f.out, Catch::Contains("upload.commit") && Catch::Contains("expert.active"));
+  REQUIRE(f.Owner("acme", "status --expert acme/x --json") == 0);
+  CHECK_THAT(f.out, Catch::Contains("EXPERT_STATE_ACTIVE"));
+}
+
+// One federation, the refusals in turn (each block leaves the others' preconditions intact; the
+// revocation comes last but one on purpose).
+TEST_CASE("the coordinator refuses callers it cannot trust", "[federation]") {
+  Federation f;
+  f.Join("acme");
+  f.Join("beta");
+  const std::string module = f.Module("acme");
+  {  // an owner cannot write another owner's expert
+    CHECK(f.Owner("beta", absl::StrCat("push ", module, " --expert acme/x --anchor ", f.dir / "beta_anchor")) == 1);
+    CHECK_THAT(f.out, Catch::Contains("belongs to another owner"));
+  }
+  {  // an owner cannot call admin RPCs
+    CHECK(RunCommand(f.ctl + " expert list --coordinator " + f.coordinator->address() + " --identity " + f.dir / "acme", &f.out) == 1);
+    CHECK_THAT(f.out, Catch::Contains("for operators"));
+  }
+  {  // no client certificate
+    fs::create_directories(f.dir / "nobody");
+    fs::copy(f.dir / "ca/ca.crt", f.dir / "nobody/ca.crt");
+    absl::StatusOr<std::unique_ptr<CoordinatorClient>> c =
+        CoordinatorClient::Connect(f.coordinator->address(), *ClientIdentity::Load(f.dir / "nobody"));
+    REQUIRE(c.ok());
+    v1::Anchor a;
+    auto ctx = (*c)->NewContext();
+    absl::Status s = ToStatus((*c)->owner().GetAnchor(ctx.get(), v1::GetAnchorRequest(), &a));
+    CHECK(absl::IsUnauthenticated(s));
+    CHECK_THAT(std::string(s.message()), Catch::Contains("enroll first"));
+  }
+  {  // a certificate from another CA
+    REQUIRE(RunCommand(f.ctl + " ca init --dir " + f.dir / "other_ca", &f.out) == 0);
+    // Trust the real server, present a client certificate from the other CA: the handshake fails.
+    fs::create_directories(f.dir / "forger");
+    fs::copy(f.dir / "ca/ca.crt", f.dir / "forger/ca.crt");
+    fs::copy(f.dir / "other_ca/admin/client.crt", f.dir / "forger/client.crt");
+    fs::copy(f.dir / "other_ca/admin/client.key", f.dir / "forger/client.key");
+    CHECK(RunCommand(f.ctl + " status --coordinator " + f.coordinator->address() + " --identity " + f.dir / "forger", &f.out) == 1);
+  }
+  {  // a revoked owner
+    REQUIRE(f.Admin("owner revoke acme --reason test") == 0);
+    CHECK(f.Owner("acme", "status --expert acme/x") == 1);
+    CHECK_THAT(f.out, Catch::Contains("revoked"));
+    CHECK(f.Owner("beta", "status --expert beta/x") == 0);
+  }
+  {  // a reused enrollment token
+    REQUIRE(f.Admin("owner add gamma --json") == 0);
+    const std::string token = nlohmann::json::parse(f.out)["token"];
+    const std::string enroll = absl::StrCat(f.owner, " enroll --owner gamma --token ", token, " --ca-cert ", f.dir / "ca/ca.crt",
+                                            " --ca-fingerprint ", f.fingerprint, " --coordinator ", f.coordinator->address(), " --identity ");
+    REQUIRE(RunCommand(enroll + f.dir / "gamma", &f.out) == 0);
+    CHECK(RunCommand(enroll + f.dir / "gamma2", &f.out) == 1);
+    CHECK_THAT(f.out, Catch::Contains("already used"));
+  }
+  {  // a CA that does not match the pinned fingerprint
+    REQUIRE(f.Admin("owner add delta --json") == 0);
+    const std::string token = nlohmann::json::parse(f.out)["token"];
+    CHECK(RunCommand(absl::StrCat(f.owner, " enroll --owner delta --token ", token, " --ca-cert ", f.dir / "ca/ca.crt",
+                                  " --ca-fingerprint ", std::string(64, '0'), " --coordinator ", f.coordinator->address(),
+                                  " --identity ", f.dir / "delta"), &f.out) == 1);
+    CHECK_THAT(f.out, Catch::Contains("do not enroll"));
+    CHECK_FALSE(fs::exists(f.dir / "delta/client.key"));
+  }
+}
+
+TEST_CASE("kill -9 of the coordinator mid-upload: the upload resumes with only the missing chunks", "[federation]") {
+  Federation f;
+  f.Join("acme");
+  // The `test` model's module fits one 4 MiB chunk, so this uploads a 9 MiB blob as the operator:
+  // the same transfer path (sessions, chunks, commit); chunk-level resume is what is under test.
+  std::string big(9 << 20, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 2654435761u >> 13);
+  REQUIRE(WriteFileAtomically(f.dir / "big.bin", big).ok());
+  absl::StatusOr<std::unique_ptr<CoordinatorClient>> c =
+      CoordinatorClient::Connect(f.coordinator->address(), *ClientIdentity::Load(f.dir / "ca/admin"));
+  REQUIRE(c.ok());
+  // Send the first chunk only, as a client that crashed would have.
+  ChunkLayout layout = *LayoutOfFile(f.dir / "big.bin", 4 << 20);
+  REQUIRE(layout.chunk_sha256.size() == 3);
+  v1::Manifest m;
+  m.mutable_blob()->set_sha256(layout.sha256);
+  m.mutable_blob()->set_size(layout.size);
+  m.set_chunk_size(layout.chunk_size);
+  for (uint64_t i = 0; i < 3; ++i) {
+    m.add_chunks()->set_sha256(layout.chunk_sha256[i]);
+    m.mutable_chunks(static_cast<int>(i))->set_size(layout.ChunkBytes(i));
+  }
+  v1::UploadStatus status;
+  {
+    auto ctx = (*c)->NewContext();
+    REQUIRE((*c)->admin().BeginBlobUpload(ctx.get(), m, &status).ok());
+    CHECK(status.missing_size() == 3);
+    auto stream_ctx = (*c)->NewContext();
+    v1::UploadStatus reply;
+    auto writer = (*c)->admin().UploadBlobChunks(stream_ctx.get(), &reply);
+    v1::UploadChunk chunk;
+    chunk.set_session_id(status.session_id());
+    chunk.set_index(0);
+    chunk.set_data(big.substr(0, 4 << 20));
+    chunk.set_sha256(layout.chunk_sha256[0]);
+    REQUIRE(writer->Write(chunk));
+    writer->WritesDone();
+    REQUIRE(writer->Finish().ok());
+  }
+  // kill -9 and restart on the same data directory and port.
+  f.coordinator->Kill();
+  f.coordinator->Start();
+  // The full client now sends only what is missing, and the blob is exact.
+  std::FILE* log = std::tmpfile();
+  ProgressReporter progress(log, /*plain=*/true);
+  absl::StatusOr<std::unique_ptr<CoordinatorClient>> again =
+      CoordinatorClient::Connect(f.coordinator->address(), *ClientIdentity::Load(f.dir / "ca/admin"));
+  absl::StatusOr<v1::CommitUploadResponse> done = (*again)->UploadFile(f.dir / "big.bin", "", &progress);
+  REQUIRE(done.ok());
+  CHECK(done->blob().sha256() == layout.sha256);
+  std::rewind(log);
+  std::string printed(1 << 16, '\0');
+  printed.resize(std::fread(printed.data(), 1, printed.size(), log));
+  std::fclose(log);
+  CHECK_THAT(printed, Catch::Contains("resuming: 1 of 3 chunks already at the coordinator"));
+  CHECK(*Sha256File(f.dir / ("data/store/blobs/" + layout.sha256.substr(0, 2) + "/" + layout.sha256.substr(2, 2) + "/" + layout.sha256)) == layout.sha256);
+  REQUIRE(f.Admin("upload list --json") == 0);
+  bool found = false;
+  for (const auto& u : nlohmann::json::parse(f.out)) {
+    if (u["sha256"] == layout.sha256) {
+      found = true;
+      CHECK(u["state"] == "committed");
+    }
+  }
+  CHECK(found);
+}
+
+}  // namespace
+}  // namespace flexfed
