@@ -6,7 +6,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "common/checkpoint.h"
 #include "common/expert_module.h"
 #include "common/model_config.h"
 #include "common/sha256.h"
@@ -552,14 +551,8 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
     if (!text.ok()) return text.status();
     absl::StatusOr<ModelConfig> config = ModelConfig::FromJson(json::parse(*text, nullptr, false), "anchor config.json");
     if (!config.ok()) return config.status();
-    absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file = SafetensorsFile::Open(blobs_->PathOf(u.blob_sha256));
-    if (!file.ok()) {
-      absl::Status s = absl::InvalidArgumentError(std::string(file.status().message()));
-      s.SetPayload(kRejectionPayload, absl::Cord("format"));
-      return s;
-    }
     const Dtype dtype = config->torch_dtype == "float32" ? Dtype::kF32 : config->torch_dtype == "float16" ? Dtype::kF16 : Dtype::kBF16;
-    absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(**file, *config, dtype, e->anchor_id);
+    absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(blobs_->PathOf(u.blob_sha256), *config, dtype, e->anchor_id);
     if (!meta.ok()) return meta.status();
     e->tokens_trained = meta->tokens_trained;
     return absl::OkStatus();

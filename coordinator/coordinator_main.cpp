@@ -9,6 +9,7 @@
 #include "common/file_util.h"
 #include "common/identity.h"
 #include "coordinator/coordinator.h"
+#include "coordinator/metrics.h"
 #include "coordinator/service.h"
 #include <nlohmann/json.hpp>
 
@@ -24,6 +25,7 @@ struct Options {
   std::string ca_dir = "/etc/flexfed/ca";
   std::vector<std::string> hostnames = {"localhost", "127.0.0.1"};
   std::string port_file;
+  std::string metrics_listen = "127.0.0.1:9464";
   int idle_timeout = 300;
   int certificate_days = 365;
 };
@@ -68,6 +70,7 @@ int main(int argc, char** argv) {
   auto* ca = app.add_option("--ca-dir", o.ca_dir, "Project CA (ca.key, ca.crt from `flexfedctl ca init`)");
   auto* hosts = app.add_option("--hostname", o.hostnames, "Names and addresses for the server certificate");
   app.add_option("--port-file", o.port_file, "Write the chosen port here once serving");
+  auto* metrics = app.add_option("--metrics-listen", o.metrics_listen, "host:port for /metrics and /health (empty: off)");
   auto* idle = app.add_option("--idle-timeout", o.idle_timeout, "Seconds without progress before a peer is dropped");
   auto* days = app.add_option("--certificate-days", o.certificate_days, "Validity of certificates issued at enrollment");
   app.footer("Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a start-up error, 2 bad usage.");
@@ -87,7 +90,9 @@ int main(int argc, char** argv) {
         else if (k == "hostname" && hosts->count() == 0) o.hostnames = v.get<std::vector<std::string>>();
         else if (k == "idle-timeout" && idle->count() == 0) o.idle_timeout = v.get<int>();
         else if (k == "certificate-days" && days->count() == 0) o.certificate_days = v.get<int>();
-        else if (k != "data-dir" && k != "listen" && k != "ca-dir" && k != "hostname" && k != "idle-timeout" && k != "certificate-days") {
+        else if (k == "metrics-listen" && metrics->count() == 0) o.metrics_listen = v.get<std::string>();
+        else if (k != "data-dir" && k != "listen" && k != "ca-dir" && k != "hostname" && k != "idle-timeout" &&
+                 k != "certificate-days" && k != "metrics-listen") {
           Fail(absl::StrCat(o.config, ": unknown setting '", k, "'"));
         }
       } catch (const nlohmann::json::exception&) {
@@ -115,9 +120,19 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server =
       CoordinatorServer::Start(coordinator->get(), {o.listen, *ca_cert, server_cert, server_key, o.idle_timeout});
   if (!server.ok()) Fail(std::string(server.status().message()));
-  std::cerr << "flexfed-coordinator: serving on port " << (*server)->port() << " (data " << o.data_dir << ")\n";
+  MetricsServer metrics_server;
+  if (!o.metrics_listen.empty()) {
+    absl::StatusOr<MetricsServer> m = StartMetrics(coordinator->get(), o.metrics_listen, ReadIdentity(server_cert)->not_after_unix);
+    if (!m.ok()) Fail(std::string(m.status().message()));
+    metrics_server = *std::move(m);
+  }
+  std::cerr << "flexfed-coordinator: serving on port " << (*server)->port() << ", metrics on port " << metrics_server.port
+            << " (data " << o.data_dir << ")\n";
   if (!o.port_file.empty()) {
-    if (absl::Status s = WriteFileAtomically(o.port_file, std::to_string((*server)->port()) + "\n"); !s.ok()) Fail(std::string(s.message()));
+    // Line 1: the gRPC port; line 2: the metrics port (0 when off).
+    if (absl::Status s = WriteFileAtomically(o.port_file, absl::StrCat((*server)->port(), "\n", metrics_server.port, "\n")); !s.ok()) {
+      Fail(std::string(s.message()));
+    }
   }
   int sig = 0;
   sigwait(&stop_signals, &sig);

@@ -3,7 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/anchor.h"
-#include "common/expert_module.h"
+#include "common/expert_export.h"
 #include "common/file_util.h"
 #include "common/training.h"
 #include "owner_client/commands.h"
@@ -69,7 +69,7 @@ absl::Status Run(Options o) {
   absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file = SafetensorsFile::Open(o.out);
   if (!file.ok()) return file.status();
   absl::StatusOr<Dtype> dtype = FromScalarType(anchor->model.dtype());
-  absl::StatusOr<ExpertModuleMetadata> valid = ValidateExpertModule(**file, anchor->model.config(), *dtype, anchor->id);
+  absl::StatusOr<ExpertModuleMetadata> valid = ValidateExpertModule(o.out, anchor->model.config(), *dtype, anchor->id);
   if (!valid.ok()) {
     fs::remove(o.out);
     return valid.status();

@@ -25,7 +25,7 @@ absl::Status Run(const Options& o) {
     absl::StatusOr<Anchor> anchor = LoadAnchor(o.anchor);
     if (!anchor.ok()) return anchor.status();
     absl::StatusOr<Dtype> dtype = FromScalarType(anchor->model.dtype());
-    check = ValidateExpertModule(**file, anchor->model.config(), *dtype, anchor->id).status();
+    check = ValidateExpertModule(o.file, anchor->model.config(), *dtype, anchor->id).status();
     verdict = check.ok() ? "valid expert module for this anchor: only allow-listed tensors"
                          : std::string(check.message());
   }

@@ -139,7 +139,7 @@ void AddPush(CLI::App& app) {
       absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file = SafetensorsFile::Open(o->module);
       if (!file.ok()) return file.status();
       absl::StatusOr<Dtype> dtype = FromScalarType(anchor->model.dtype());
-      absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(**file, anchor->model.config(), *dtype, anchor->id);
+      absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(o->module, anchor->model.config(), *dtype, anchor->id);
       if (!meta.ok()) return absl::FailedPreconditionError(absl::StrCat("refusing to upload: ", meta.status().message()));
       absl::StatusOr<std::unique_ptr<CoordinatorClient>> client = o->c.Connect();
       if (!client.ok()) return client.status();

@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/anchor.h"
-#include "common/expert_module.h"
+#include "common/expert_export.h"
 #include "common/file_util.h"
 #include "common/router_init.h"
 #include "common/training.h"
@@ -181,7 +181,7 @@ TEST_CASE("an expert trained on its domain beats the anchor there and takes most
   ExpertModuleMetadata meta{a.id, ConfigHash(a.model.config()), "acme", "math", "arithmetic", out.tokens, "anchor"};
   REQUIRE(WriteExpertModule(w.dir / "math.safetensors", expert, meta).ok());
   auto file = ValueOrDie(SafetensorsFile::Open(w.dir / "math.safetensors"));
-  ExpertModuleMetadata back = ValueOrDie(ValidateExpertModule(*file, a.model.config(), Dtype::kF32, a.id));
+  ExpertModuleMetadata back = ValueOrDie(ValidateExpertModule(w.dir / "math.safetensors", a.model.config(), Dtype::kF32, a.id));
   CHECK(back.tokens_trained == out.tokens);
   std::vector<std::string> allowed;
   for (const AllowedTensor& t : ExpertModuleAllowList(a.model.config(), Dtype::kF32, /*with_bias=*/true)) allowed.push_back(t.name);

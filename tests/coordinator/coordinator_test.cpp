@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/anchor.h"
-#include "common/expert_module.h"
+#include "common/expert_export.h"
 #include "common/file_util.h"
 #include "common/sha256.h"
 #include "coordinator/coordinator.h"

@@ -40,7 +40,7 @@ class CoordinatorProcess {
     fs::remove(port_file_);
     std::vector<std::string> args = {BinaryFromEnv("FLEXFED_COORDINATOR_BIN"), "--ca-dir", ca_dir_, "--data-dir", data_dir_,
                                      "--listen", "127.0.0.1:" + (port_ ? std::to_string(port_) : std::string("0")),
-                                     "--port-file", port_file_};
+                                     "--port-file", port_file_, "--metrics-listen", "127.0.0.1:0"};
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -48,7 +48,16 @@ class CoordinatorProcess {
     // Wait for the port file (the server writes it once it serves), at most 20 s.
     for (int i = 0; i < 400 && !fs::exists(port_file_); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
     REQUIRE(fs::exists(port_file_));
-    port_ = std::stoi(*ReadFile(port_file_));
+    const std::string ports = *ReadFile(port_file_);
+    port_ = std::stoi(ports);
+    metrics_port_ = std::stoi(ports.substr(ports.find('\n') + 1));
+  }
+  // GET http://127.0.0.1:<metrics port><path>, through Debian's python3.
+  std::string Http(const std::string& path) const {
+    std::string body;
+    RunCommand(absl::StrCat("/usr/bin/python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:",
+                            metrics_port_, path, "').read().decode())\""), &body);
+    return body;
   }
   void Kill() {
     if (pid_ > 0) {
@@ -62,7 +71,7 @@ class CoordinatorProcess {
  private:
   std::string ca_dir_, data_dir_, port_file_;
   pid_t pid_ = 0;
-  int port_ = 0;
+  int port_ = 0, metrics_port_ = 0;
 };
 
 struct Federation {
@@ -148,6 +157,12 @@ TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enabl
   CHECK_THAT(f.out, Catch::Contains("upload.commit") && Catch::Contains("expert.active"));
   REQUIRE(f.Owner("acme", "status --expert acme/x --json") == 0);
   CHECK_THAT(f.out, Catch::Contains("EXPERT_STATE_ACTIVE"));
+  // Operations: metrics and health.
+  const std::string metrics = f.coordinator->Http("/metrics");
+  CHECK_THAT(metrics, Catch::Contains("flexfed_uploads_committed_total 2"));
+  CHECK_THAT(metrics, Catch::Contains("flexfed_experts{state=\"active\"} 1"));
+  CHECK_THAT(metrics, Catch::Contains("flexfed_certificate_expiry_seconds{subject=\"owner/beta\"}"));
+  CHECK_THAT(f.coordinator->Http("/health"), Catch::Contains("flexfed_up 1"));
 }
 
 // One federation, the refusals in turn (each block leaves the others' preconditions intact; the
