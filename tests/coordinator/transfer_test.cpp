@@ -1,0 +1,89 @@
+// Transfers through the real gRPC server (in process, 127.0.0.1, port chosen by the OS) with the
+// real client: concurrency, and blobs past the 2 and 4 GiB boundaries.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "common/coordinator_client.h"
+#include "coordinator/service.h"
+#include "tests/coordinator/site.h"
+
+namespace flexfed {
+namespace {
+
+using testing::Site;
+using testing::ValueOrDie;
+
+struct Served {
+  Site site;
+  std::unique_ptr<CoordinatorServer> server;
+  Served() {
+    KeyAndCsr key = ValueOrDie(MakeKeyAndCsr("coordinator"));
+    IssuedCertificate cert = ValueOrDie(SignCsr(site.ca_key, site.ca_cert, key.csr_pem, "coordinator", "server", 10, {"127.0.0.1"}));
+    server = ValueOrDie(CoordinatorServer::Start(site.coordinator.get(), {"127.0.0.1:0", site.ca_cert, cert.certificate_pem, key.key_pem, 60}));
+  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(server->port()); }
+  std::unique_ptr<CoordinatorClient> ClientFor(const std::string& cert, const std::string& key) {
+    return ValueOrDie(CoordinatorClient::Connect(address(), {site.ca_cert, cert, key}));
+  }
+};
+
+TEST_CASE("eight owners upload at once: every module is committed with the right hash", "[transfer]") {
+  Served s;
+  constexpr int kOwners = 8;
+  std::vector<std::string> certs, modules;
+  for (int i = 0; i < kOwners; ++i) {
+    const std::string id = "owner" + std::to_string(i);
+    certs.push_back(s.site.Enroll(id).second);
+    s.site.Register(id, "x");
+    modules.push_back(s.site.Module("m" + std::to_string(i)));
+  }
+  std::vector<absl::StatusOr<v1::CommitUploadResponse>> results(kOwners, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kOwners; ++i) {
+    threads.emplace_back([&, i] {
+      const std::string id = "owner" + std::to_string(i);
+      auto client = s.ClientFor(certs[i], s.site.keys[id]);
+      results[i] = client->UploadFile(modules[i], id + "/x", nullptr);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kOwners; ++i) {
+    INFO("owner" << i);
+    REQUIRE(results[i].ok());
+    CHECK(results[i]->rejection().empty());
+    CHECK(results[i]->expert().module().sha256() == ValueOrDie(Sha256File(modules[i])));
+    CHECK(s.site.coordinator->blobs().Has(results[i]->expert().module().sha256()));
+  }
+}
+
+TEST_CASE("a blob larger than 4 GiB crosses the 2 and 4 GiB boundaries intact", "[transfer][slow]") {
+  Served s;
+  // A sparse 4.25 GiB file with marks just before and after 2 GiB and 4 GiB.
+  const std::string path = s.site.dir / "big.bin";
+  const uint64_t size = (4ull << 30) + (256ull << 20);
+  int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0600);
+  REQUIRE(fd >= 0);
+  REQUIRE(::ftruncate(fd, static_cast<off_t>(size)) == 0);
+  for (uint64_t at : std::vector<uint64_t>{(2ull << 30) - 3, (2ull << 30) + 5, (4ull << 30) - 7, (4ull << 30) + 11, size - 1}) {
+    const char mark = static_cast<char>(at * 31 + 7);
+    REQUIRE(::pwrite(fd, &mark, 1, static_cast<off_t>(at)) == 1);
+  }
+  ::close(fd);
+  auto admin = ValueOrDie(MakeKeyAndCsr("ops"));
+  IssuedCertificate cert = ValueOrDie(SignCsr(s.site.ca_key, s.site.ca_cert, admin.csr_pem, "ops", "admin", 10));
+  auto client = s.ClientFor(cert.certificate_pem, admin.key_pem);
+  const std::string want = ValueOrDie(Sha256File(path));
+  absl::StatusOr<v1::CommitUploadResponse> up = client->UploadFile(path, "", nullptr);
+  REQUIRE(up.ok());
+  CHECK(up->blob().sha256() == want);
+  CHECK(up->blob().size() == size);
+  CHECK(ValueOrDie(Sha256File(s.site.coordinator->blobs().PathOf(want))) == want);
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace flexfed
