@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -153,19 +155,49 @@ absl::StatusOr<std::string> BlobStore::Read(const std::string& sha256, uint64_t 
   return out;
 }
 
-absl::Status BlobStore::PutChunk(const std::string& session, uint64_t index, const std::string& data,
-                                 const std::string& sha256) {
+static std::string MarkerName(uint64_t index) { return absl::StrCat(index, ".ok"); }
+
+absl::Status BlobStore::PutChunk(const std::string& session, const ChunkLayout& layout, uint64_t index,
+                                 const std::string& data) {
   if (!IsValidSessionId(session)) return absl::InvalidArgumentError("malformed upload session id");
-  if (Sha256Hex(data) != sha256) {
+  if (index >= layout.chunk_sha256.size()) return absl::OutOfRangeError(absl::StrCat("chunk ", index, " is past the manifest"));
+  if (data.size() != layout.ChunkBytes(index) || Sha256Hex(data) != layout.chunk_sha256[index]) {
     return absl::DataLossError(absl::StrCat("chunk ", index, " of session ", session,
-                                            " does not match its SHA-256 (corrupted in transit); send it again"));
+                                            " does not match the manifest (corrupted in transit, or the file changed); send it again"));
   }
-  return WriteDurably((fs::path(SessionDir(session)) / std::to_string(index)).string(), data);
+  const fs::path dir = SessionDir(session);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat(dir.string(), ": cannot create: ", ec.message()));
+  const std::string path = (dir / "data").string();
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  const char* p = data.data();
+  uint64_t left = data.size(), offset = index * layout.chunk_size;
+  while (left > 0) {
+    ssize_t n = ::pwrite(fd, p, left, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      absl::Status s = errno == ENOSPC ? absl::ResourceExhaustedError(absl::StrCat(path, ": disk full"))
+                                       : absl::InternalError(absl::StrCat(path, ": write failed: ", std::strerror(errno)));
+      ::close(fd);
+      return s;
+    }
+    p += n;
+    left -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  const bool durable = ::fdatasync(fd) == 0;
+  ::close(fd);
+  if (!durable) return absl::InternalError(absl::StrCat(path, ": fdatasync failed"));
+  // The marker is written only after the data is durable: a crash in between loses the chunk's
+  // mark, never marks bytes that are not there.
+  return WriteFileAtomically((dir / MarkerName(index)).string(), "");
 }
 
 bool BlobStore::HasChunk(const std::string& session, uint64_t index) const {
   std::error_code ec;
-  return IsValidSessionId(session) && fs::is_regular_file(fs::path(SessionDir(session)) / std::to_string(index), ec);
+  return IsValidSessionId(session) && fs::exists(fs::path(SessionDir(session)) / MarkerName(index), ec);
 }
 
 std::vector<uint64_t> BlobStore::MissingChunks(const std::string& session, const ChunkLayout& layout) const {
@@ -177,12 +209,10 @@ std::vector<uint64_t> BlobStore::MissingChunks(const std::string& session, const
   return missing;
 }
 
-uint64_t BlobStore::ReceivedBytes(const std::string& session) const {
+uint64_t BlobStore::ReceivedBytes(const std::string& session, const ChunkLayout& layout) const {
   uint64_t total = 0;
-  std::error_code ec;
-  if (!IsValidSessionId(session)) return 0;
-  for (const auto& entry : fs::directory_iterator(SessionDir(session), ec)) {
-    if (!IsTemporary(entry.path())) total += entry.file_size(ec);
+  for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
+    if (HasChunk(session, i)) total += layout.ChunkBytes(i);
   }
   return total;
 }
@@ -190,31 +220,53 @@ uint64_t BlobStore::ReceivedBytes(const std::string& session) const {
 absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& layout) {
   if (Has(layout.sha256)) return absl::OkStatus();
   if (absl::Status s = layout.Validate(); !s.ok()) return s;
-  const fs::path tmp_path = fs::path(root_) / "tmp" / absl::StrCat(layout.sha256, ".", session);
-  absl::StatusOr<std::unique_ptr<AtomicFile>> out = AtomicFile::Create(tmp_path.string());
-  if (!out.ok()) return out.status();
-  Sha256 whole;
-  uint64_t total = 0;
-  for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
-    absl::StatusOr<std::string> data = ReadFile((fs::path(SessionDir(session)) / std::to_string(i)).string());
-    if (!data.ok()) return absl::FailedPreconditionError(absl::StrCat("chunk ", i, " has not been received"));
-    if (data->size() != layout.ChunkBytes(i) || Sha256Hex(*data) != layout.chunk_sha256[i]) {
-      std::error_code ec;
-      fs::remove(fs::path(SessionDir(session)) / std::to_string(i), ec);
-      return absl::DataLossError(absl::StrCat("chunk ", i, " does not match the manifest; it was dropped, send it again"));
-    }
-    whole.Update(*data);
-    total += data->size();
-    if (absl::Status s = (*out)->Write(*data); !s.ok()) return s;
-  }
-  if (total != layout.size || whole.HexDigest() != layout.sha256) {
-    return absl::DataLossError("the assembled blob does not match the manifest's SHA-256 or size");
-  }
-  if (absl::Status s = (*out)->Commit(); !s.ok()) return s;
+  std::vector<uint64_t> missing = MissingChunks(session, layout);
+  if (!missing.empty()) return absl::FailedPreconditionError(absl::StrCat("chunk ", missing[0], " has not been received"));
+  const fs::path data = fs::path(SessionDir(session)) / "data";
   std::error_code ec;
+  if (layout.size == 0) {
+    absl::Status s = WriteFileAtomically(data.string(), "");
+    if (!s.ok()) return s;
+  }
+  if (fs::file_size(data, ec) != layout.size) {
+    return absl::DataLossError(absl::StrCat(data.string(), " does not hold ", layout.size, " bytes; the session is damaged"));
+  }
+  // One sequential read: the whole blob's hash.
+  Sha256 whole;
+  {
+    std::ifstream in(data, std::ios::binary);
+    std::string buf(1 << 20, '\0');
+    while (in) {
+      in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+      if (in.gcount() > 0) whole.Update(buf.data(), static_cast<size_t>(in.gcount()));
+    }
+  }
+  if (whole.HexDigest() != layout.sha256) {
+    // Find and unmark the damaged chunks so that they are sent again.
+    int64_t dropped = 0;
+    for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
+      std::ifstream in(data, std::ios::binary);
+      in.seekg(static_cast<std::streamoff>(i * layout.chunk_size));
+      std::string chunk(layout.ChunkBytes(i), '\0');
+      in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+      if (Sha256Hex(chunk) != layout.chunk_sha256[i]) dropped += fs::remove(fs::path(SessionDir(session)) / MarkerName(i), ec) ? 1 : 0;
+    }
+    return absl::DataLossError(dropped > 0 ? absl::StrCat(dropped, " stored chunk(s) were damaged and dropped; send them again")
+                                           : "the chunks do not add up to the manifest's SHA-256 (the manifest is wrong)");
+  }
+  int fd = ::open(data.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
   fs::create_directories(fs::path(PathOf(layout.sha256)).parent_path(), ec);
-  fs::rename(tmp_path, PathOf(layout.sha256), ec);
+  fs::rename(data, PathOf(layout.sha256), ec);
   if (ec) return absl::InternalError(absl::StrCat(PathOf(layout.sha256), ": cannot move into place: ", ec.message()));
+  int dfd = ::open(fs::path(PathOf(layout.sha256)).parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
   return absl::OkStatus();
 }
 

@@ -1,10 +1,12 @@
 // Content-addressed blob store on a filesystem (ARCHITECTURE.md §6). Layout under ROOT:
 //   blobs/ab/cd/<sha256>           complete blobs, immutable, named by their SHA-256
-//   uploads/<session>/<index>      chunks received for an open upload session, each verified
+//   uploads/<session>/data         the blob being received, each chunk written at its offset
+//   uploads/<session>/<index>.ok   marks chunk <index> as verified and durable in `data`
 //   tmp/                           files being written; anything here at start-up is an orphan
 // Every file is written to tmp/, fsynced and renamed into place, so a crash at any moment leaves
-// either the old state or the new one, never a partial blob or chunk. Thread-safe: concurrent
-// writers of one blob or chunk race harmlessly (same bytes, atomic rename).
+// either the old state or the new one, never a partial blob or chunk. A completed upload becomes a
+// blob by one hashing read and a rename: its bytes are written to disk once. Thread-safe:
+// concurrent writers of one chunk race harmlessly (same bytes at the same offset).
 #pragma once
 
 #include <cstdint>
@@ -48,14 +50,15 @@ class BlobStore {
   // Up to `length` bytes from `offset` (fewer at the end of the blob).
   absl::StatusOr<std::string> Read(const std::string& sha256, uint64_t offset, uint64_t length) const;
 
-  // Upload sessions. A chunk is kept only if its bytes hash to `sha256`.
-  absl::Status PutChunk(const std::string& session, uint64_t index, const std::string& data,
-                        const std::string& sha256);
+  // Upload sessions. Chunk `index` of `layout` is kept only if `data` hashes to its manifest entry;
+  // it is written at its offset and marked received once durable.
+  absl::Status PutChunk(const std::string& session, const ChunkLayout& layout, uint64_t index, const std::string& data);
   bool HasChunk(const std::string& session, uint64_t index) const;
   std::vector<uint64_t> MissingChunks(const std::string& session, const ChunkLayout& layout) const;
-  uint64_t ReceivedBytes(const std::string& session) const;
-  // Concatenates the session's chunks into the blob (streaming), checking each chunk's and the
-  // whole blob's hash and size; the blob appears under its name only when it is all correct.
+  uint64_t ReceivedBytes(const std::string& session, const ChunkLayout& layout) const;
+  // Turns a complete session into the blob: one read hashing the received bytes, then a rename;
+  // the blob appears under its name only when its SHA-256 and size are right. On a mismatch the
+  // damaged chunks are found, unmarked and reported.
   absl::Status Assemble(const std::string& session, const ChunkLayout& layout);
   void DropSession(const std::string& session);
 

@@ -375,7 +375,9 @@ absl::StatusOr<v1::ListUploadsResponse> Coordinator::ListUploads(int limit) {
     i->set_owner_id(u.owner_id);
     i->mutable_blob()->set_sha256(u.blob_sha256);
     i->mutable_blob()->set_size(static_cast<uint64_t>(u.blob_size));
-    i->set_received_bytes(u.state == "open" ? blobs_->ReceivedBytes(u.session_id) : static_cast<uint64_t>(u.blob_size));
+    absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u.manifest_json);
+    i->set_received_bytes(u.state == "open" && layout.ok() ? blobs_->ReceivedBytes(u.session_id, *layout)
+                                                            : static_cast<uint64_t>(u.blob_size));
     i->set_state(u.state);
     i->set_rejection(u.rejection);
     i->set_started_unix(u.started_unix);
@@ -463,7 +465,7 @@ absl::StatusOr<v1::UploadStatus> Coordinator::QueryMissing(const PeerIdentity& w
   out.set_session_id(session);
   if (u->state == "open") {
     for (uint64_t i : blobs_->MissingChunks(session, *layout)) out.add_missing(i);
-    out.set_received_bytes(blobs_->ReceivedBytes(session));
+    out.set_received_bytes(blobs_->ReceivedBytes(session, *layout));
   } else {
     out.set_received_bytes(layout->size);
   }
@@ -478,10 +480,7 @@ absl::StatusOr<v1::UploadStatus> Coordinator::PutChunk(const PeerIdentity& who, 
   absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
   if (!layout.ok()) return layout.status();
   if (c.index() >= layout->chunk_sha256.size()) return absl::OutOfRangeError(absl::StrCat("chunk index ", c.index(), " is past the manifest"));
-  if (c.sha256() != layout->chunk_sha256[c.index()] || c.data().size() != layout->ChunkBytes(c.index())) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk ", c.index(), " does not match the manifest (size or SHA-256)"));
-  }
-  if (absl::Status s = blobs_->PutChunk(c.session_id(), c.index(), c.data(), c.sha256()); !s.ok()) {
+  if (absl::Status s = blobs_->PutChunk(c.session_id(), *layout, c.index(), c.data()); !s.ok()) {
     if (absl::IsDataLoss(s)) {
       std::lock_guard<std::mutex> lock(mu_);
       ++counters_.rejected_uploads["corrupt_chunk"];

@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "common/file_util.h"
@@ -37,12 +38,13 @@ TEST_CASE("a chunked upload assembles into a content-addressed blob", "[blob_sto
   CHECK(store->MissingChunks(session, layout) == std::vector<uint64_t>{0, 1, 2, 3, 4});
   for (uint64_t i : {3, 0, 4}) {
     std::string chunk = data.substr(i * 65536, layout.ChunkBytes(i));
-    REQUIRE(store->PutChunk(session, i, chunk, layout.chunk_sha256[i]).ok());
+    REQUIRE(store->PutChunk(session, layout, i, chunk).ok());
   }
   CHECK(store->MissingChunks(session, layout) == std::vector<uint64_t>{1, 2});
   CHECK(absl::IsFailedPrecondition(store->Assemble(session, layout)));  // not all there
   CHECK_FALSE(store->Has(layout.sha256));
-  for (uint64_t i : {1, 2}) REQUIRE(store->PutChunk(session, i, data.substr(i * 65536, 65536), layout.chunk_sha256[i]).ok());
+  CHECK(store->ReceivedBytes(session, layout) == 2 * 65536 + layout.ChunkBytes(4));
+  for (uint64_t i : {1, 2}) REQUIRE(store->PutChunk(session, layout, i, data.substr(i * 65536, 65536)).ok());
   REQUIRE(store->Assemble(session, layout).ok());
   CHECK(store->Has(layout.sha256));
   CHECK(*store->Size(layout.sha256) == data.size());
@@ -57,12 +59,38 @@ TEST_CASE("corrupted chunks are refused and never stored", "[blob_store]") {
   auto store = *BlobStore::Open(dir.path());
   const std::string session = "00000000000000000000000000000001";
   const std::string chunk = RandomBytes(1000, 2);
+  REQUIRE(WriteFileAtomically(dir / "src", chunk).ok());
+  ChunkLayout layout = *LayoutOfFile(dir / "src", 64 << 10);
   std::string corrupted = chunk;
   corrupted[10] ^= 1;
-  absl::Status s = store->PutChunk(session, 0, corrupted, Sha256Hex(chunk));
+  absl::Status s = store->PutChunk(session, layout, 0, corrupted);
   CHECK(absl::IsDataLoss(s));
   CHECK_FALSE(store->HasChunk(session, 0));
-  CHECK(absl::IsInvalidArgument(store->PutChunk("../../etc", 0, chunk, Sha256Hex(chunk))));  // session ids are checked
+  CHECK(absl::IsInvalidArgument(store->PutChunk("../../etc", layout, 0, chunk)));  // session ids are checked
+  CHECK(absl::IsOutOfRange(store->PutChunk(session, layout, 7, chunk)));
+}
+
+TEST_CASE("a chunk damaged on disk after receipt is found at assembly and asked for again", "[blob_store]") {
+  ScratchDir dir;
+  auto store = *BlobStore::Open(dir.path());
+  const std::string data = RandomBytes(200'000, 5);
+  REQUIRE(WriteFileAtomically(dir / "src", data).ok());
+  ChunkLayout layout = *LayoutOfFile(dir / "src", 64 << 10);
+  const std::string session = "00000000000000000000000000000009";
+  for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) REQUIRE(store->PutChunk(session, layout, i, data.substr(i * 65536, layout.ChunkBytes(i))).ok());
+  {  // flip one byte of chunk 2 on disk
+    std::fstream f(dir / "uploads/00000000000000000000000000000009/data", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(2 * 65536 + 10);
+    f.put(static_cast<char>(data[2 * 65536 + 10] ^ 0x40));
+  }
+  absl::Status s = store->Assemble(session, layout);
+  CHECK(absl::IsDataLoss(s));
+  CHECK_THAT(std::string(s.message()), Catch::Contains("1 stored chunk(s) were damaged"));
+  CHECK(store->MissingChunks(session, layout) == std::vector<uint64_t>{2});
+  CHECK_FALSE(store->Has(layout.sha256));
+  REQUIRE(store->PutChunk(session, layout, 2, data.substr(2 * 65536, 65536)).ok());
+  REQUIRE(store->Assemble(session, layout).ok());
+  CHECK(*store->Read(layout.sha256, 0, 200'000) == data);
 }
 
 TEST_CASE("a manifest that lies about the whole blob is caught at assembly", "[blob_store]") {
@@ -72,7 +100,7 @@ TEST_CASE("a manifest that lies about the whole blob is caught at assembly", "[b
   REQUIRE(WriteFileAtomically(dir / "src", data).ok());
   ChunkLayout layout = *LayoutOfFile(dir / "src", 64 << 10);
   const std::string session = "00000000000000000000000000000002";
-  for (uint64_t i = 0; i < 2; ++i) REQUIRE(store->PutChunk(session, i, data.substr(i * 65536, layout.ChunkBytes(i)), layout.chunk_sha256[i]).ok());
+  for (uint64_t i = 0; i < 2; ++i) REQUIRE(store->PutChunk(session, layout, i, data.substr(i * 65536, layout.ChunkBytes(i))).ok());
   ChunkLayout lie = layout;
   lie.sha256 = Sha256Hex("something else");
   CHECK(absl::IsDataLoss(store->Assemble(session, lie)));
@@ -85,12 +113,12 @@ TEST_CASE("orphans of a crash are collected at open", "[blob_store]") {
   { auto store = *BlobStore::Open(dir.path()); }
   REQUIRE(WriteFileAtomically(dir / "tmp/abc.partial", "half a blob").ok());
   fs::create_directories(dir / "uploads/00000000000000000000000000000003");
-  REQUIRE(WriteFileAtomically(dir / "uploads/00000000000000000000000000000003/7.tmp.123.456", "half a chunk").ok());
-  REQUIRE(WriteFileAtomically(dir / "uploads/00000000000000000000000000000003/6", "a whole chunk").ok());
+  REQUIRE(WriteFileAtomically(dir / "uploads/00000000000000000000000000000003/7.ok.tmp.123.456", "").ok());
+  REQUIRE(WriteFileAtomically(dir / "uploads/00000000000000000000000000000003/6.ok", "").ok());
   auto store = *BlobStore::Open(dir.path());
   CHECK(store->orphans_removed_at_open() == 2);
-  CHECK(fs::exists(dir / "uploads/00000000000000000000000000000003/6"));  // received chunks survive restarts
-  CHECK(store->ReceivedBytes("00000000000000000000000000000003") == 13);
+  CHECK(store->HasChunk("00000000000000000000000000000003", 6));  // received chunks survive restarts
+  CHECK_FALSE(store->HasChunk("00000000000000000000000000000003", 7));
 }
 
 TEST_CASE("unreferenced blobs can be collected", "[blob_store]") {
