@@ -239,8 +239,9 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
   if (!manifest.ok()) return manifest.status();
   const uint64_t size = manifest->blob().size(), chunk = manifest->chunk_size();
   const std::string part = path + ".part";
-  // Keep the verified whole chunks of an earlier attempt.
+  // Keep the verified whole chunks of an earlier attempt; the whole-blob hash runs along.
   uint64_t have = 0;
+  Sha256 whole;
   {
     std::error_code ec;
     uint64_t existing = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
@@ -250,6 +251,7 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
       buf.resize(manifest->chunks(i).size());
       in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
       if (Sha256Hex(buf) != manifest->chunks(i).sha256()) break;
+      whole.Update(buf);
       have += buf.size();
     }
     fs::resize_file(part, have, ec);
@@ -274,8 +276,8 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
         if (Sha256Hex(std::string_view(pending.data(), need)) != manifest->chunks(static_cast<int>(index)).sha256()) {
           return absl::DataLossError(absl::StrCat("chunk ", index, " of ", sha256, " arrived corrupted; run the command again"));
         }
+        whole.Update(pending.data(), need);
         out.write(pending.data(), static_cast<std::streamsize>(need));
-        out.flush();
         pending.erase(0, need);
         have += need;
       }
@@ -291,9 +293,7 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
     }
   }
   if (progress != nullptr) progress->Finish();
-  absl::StatusOr<std::string> digest = Sha256File(part);
-  if (!digest.ok()) return digest.status();
-  if (*digest != sha256) return absl::DataLossError(absl::StrCat(path, ": downloaded bytes do not match ", sha256));
+  if (whole.HexDigest() != sha256) return absl::DataLossError(absl::StrCat(path, ": downloaded bytes do not match ", sha256));
   std::error_code ec;
   fs::rename(part, path, ec);
   if (ec) return absl::InternalError(absl::StrCat(path, ": cannot move into place: ", ec.message()));

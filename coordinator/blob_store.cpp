@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/sha256.h"
+#include <nlohmann/json.hpp>
 
 namespace flexfed {
 
@@ -82,7 +83,7 @@ absl::StatusOr<ChunkLayout> LayoutOfFile(const std::string& path, uint64_t chunk
 absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root) {
   std::unique_ptr<BlobStore> store(new BlobStore(root));
   std::error_code ec;
-  for (const char* sub : {"blobs", "uploads", "tmp"}) {
+  for (const char* sub : {"blobs", "uploads", "tmp", "manifests"}) {
     fs::create_directories(fs::path(root) / sub, ec);
     if (ec) return absl::InternalError(absl::StrCat(root, "/", sub, ": cannot create: ", ec.message()));
   }
@@ -143,6 +144,29 @@ absl::StatusOr<std::string> BlobStore::PutFile(const std::string& path) {
   fs::rename(tmp, PathOf(*sha), ec);
   if (ec) return absl::InternalError(absl::StrCat(PathOf(*sha), ": cannot move into place: ", ec.message()));
   return *sha;
+}
+
+absl::StatusOr<ChunkLayout> BlobStore::Manifest(const std::string& sha256) {
+  if (!Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256));
+  const std::string path = (fs::path(root_) / "manifests" / (sha256 + ".json")).string();
+  absl::StatusOr<std::string> text = ReadFile(path);
+  if (text.ok()) {
+    nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+    if (!j.is_discarded() && j.value("sha256", "") == sha256) {
+      ChunkLayout l;
+      l.sha256 = sha256;
+      l.size = j.value("size", uint64_t{0});
+      l.chunk_size = j.value("chunk_size", uint64_t{0});
+      l.chunk_sha256 = j.value("chunks", std::vector<std::string>{});
+      if (l.Validate().ok()) return l;
+    }
+  }
+  absl::StatusOr<ChunkLayout> l = LayoutOfFile(PathOf(sha256), kDefaultChunkSize);
+  if (!l.ok()) return l.status();
+  if (l->sha256 != sha256) return absl::DataLossError(absl::StrCat("blob ", sha256, " is damaged on disk"));
+  nlohmann::json j = {{"sha256", l->sha256}, {"size", l->size}, {"chunk_size", l->chunk_size}, {"chunks", l->chunk_sha256}};
+  WriteFileAtomically(path, j.dump()).IgnoreError();  // a cache: recomputed if lost
+  return l;
 }
 
 absl::StatusOr<std::string> BlobStore::Read(const std::string& sha256, uint64_t offset, uint64_t length) const {
@@ -267,6 +291,9 @@ absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& 
     ::fsync(dfd);
     ::close(dfd);
   }
+  // The upload's own layout serves downloads: no second pass over the blob to describe it.
+  nlohmann::json j = {{"sha256", layout.sha256}, {"size", layout.size}, {"chunk_size", layout.chunk_size}, {"chunks", layout.chunk_sha256}};
+  WriteFileAtomically((fs::path(root_) / "manifests" / (layout.sha256 + ".json")).string(), j.dump()).IgnoreError();
   return absl::OkStatus();
 }
 
@@ -283,7 +310,10 @@ int64_t BlobStore::CollectUnreferenced(const std::function<bool(const std::strin
   for (auto it = fs::recursive_directory_iterator(fs::path(root_) / "blobs", ec); !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
     if (it->is_regular_file() && !referenced(it->path().filename().string())) doomed.push_back(it->path());
   }
-  for (const fs::path& p : doomed) removed += fs::remove(p, ec) ? 1 : 0;
+  for (const fs::path& p : doomed) {
+    removed += fs::remove(p, ec) ? 1 : 0;
+    fs::remove(fs::path(root_) / "manifests" / (p.filename().string() + ".json"), ec);
+  }
   return removed;
 }
 

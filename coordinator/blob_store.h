@@ -2,6 +2,7 @@
 //   blobs/ab/cd/<sha256>           complete blobs, immutable, named by their SHA-256
 //   uploads/<session>/data         the blob being received, each chunk written at its offset
 //   uploads/<session>/<index>.ok   marks chunk <index> as verified and durable in `data`
+//   manifests/<sha256>.json        the chunk layout of a stored blob, for downloads
 //   tmp/                           files being written; anything here at start-up is an orphan
 // Every file is written to tmp/, fsynced and renamed into place, so a crash at any moment leaves
 // either the old state or the new one, never a partial blob or chunk. A completed upload becomes a
@@ -47,6 +48,8 @@ class BlobStore {
   absl::StatusOr<uint64_t> Size(const std::string& sha256) const;
   // Copies a local file in (streaming), verifying nothing but computing its hash.
   absl::StatusOr<std::string> PutFile(const std::string& path);
+  // The chunk layout of a stored blob (kDefaultChunkSize), computed once and kept beside it.
+  absl::StatusOr<ChunkLayout> Manifest(const std::string& sha256);
   // Up to `length` bytes from `offset` (fewer at the end of the blob).
   absl::StatusOr<std::string> Read(const std::string& sha256, uint64_t offset, uint64_t length) const;
 

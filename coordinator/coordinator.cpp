@@ -602,7 +602,7 @@ absl::StatusOr<v1::Expert> Coordinator::GetExpert(const PeerIdentity& who, const
 
 absl::StatusOr<v1::Manifest> Coordinator::GetManifest(const PeerIdentity& who, const std::string& sha256) {
   if (absl::StatusOr<std::string> probe = ReadBlob(who, sha256, 0, 0); !probe.ok()) return probe.status();
-  absl::StatusOr<ChunkLayout> layout = LayoutOfFile(blobs_->PathOf(sha256), kDefaultChunkSize);
+  absl::StatusOr<ChunkLayout> layout = blobs_->Manifest(sha256);
   if (!layout.ok()) return layout.status();
   return ToProto(*layout);
 }
