@@ -164,7 +164,9 @@ void Coordinator::Audit(const PeerIdentity& who, const std::string& action, std:
                         const std::string& result) {
   absl::StatusOr<std::string> id = audit_->Append({who.id.empty() ? "-" : who.id, who.fingerprint_sha256, action,
                                                    std::move(objects), result});
-  if (!id.ok()) std::fprintf(stderr, "flexfed-coordinator: audit: %s\n", std::string(id.status().message()).c_str());
+  if (!id.ok()) {
+    std::fprintf(stderr, "%s\n", json({{"level", "error"}, {"event", "audit_failed"}, {"message", std::string(id.status().message())}}).dump().c_str());
+  }
 }
 
 std::mutex& Coordinator::SessionLock(const std::string& session_id) {

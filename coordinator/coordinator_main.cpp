@@ -30,7 +30,19 @@ struct Options {
   int certificate_days = 365;
 };
 
+// Structured log line on stderr (journald and collectors parse it): time, level, event, fields.
+void Log(const std::string& level, const std::string& event, nlohmann::json fields = nlohmann::json::object()) {
+  const std::time_t now = std::time(nullptr);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  fields["time"] = when;
+  fields["level"] = level;
+  fields["event"] = event;
+  std::cerr << fields.dump() << std::endl;
+}
+
 [[noreturn]] void Fail(const std::string& message) {
+  Log("error", "startup_failed", {{"message", message}});
   std::cerr << "flexfed-coordinator: error: " << message << "\n";
   std::exit(1);
 }
@@ -126,8 +138,8 @@ int main(int argc, char** argv) {
     if (!m.ok()) Fail(std::string(m.status().message()));
     metrics_server = *std::move(m);
   }
-  std::cerr << "flexfed-coordinator: serving on port " << (*server)->port() << ", metrics on port " << metrics_server.port
-            << " (data " << o.data_dir << ")\n";
+  Log("info", "serving", {{"port", (*server)->port()}, {"metrics_port", metrics_server.port}, {"data_dir", o.data_dir},
+                          {"hostnames", o.hostnames}, {"orphans_removed", (*coordinator)->blobs().orphans_removed_at_open()}});
   if (!o.port_file.empty()) {
     // Line 1: the gRPC port; line 2: the metrics port (0 when off).
     if (absl::Status s = WriteFileAtomically(o.port_file, absl::StrCat((*server)->port(), "\n", metrics_server.port, "\n")); !s.ok()) {
@@ -136,7 +148,8 @@ int main(int argc, char** argv) {
   }
   int sig = 0;
   sigwait(&stop_signals, &sig);
-  std::cerr << "flexfed-coordinator: signal " << sig << ", shutting down\n";
+  Log("info", "stopping", {{"signal", sig}});
   (*server)->Shutdown();
+  Log("info", "stopped");
   return 0;
 }

@@ -277,7 +277,7 @@ void AddAdminCommands(CLI::App& app) {
   }
 
   // anchor publish | list
-  CLI::App* anchor = app.add_subcommand("anchor", "The public anchor model: publish, list");
+  CLI::App* anchor = app.add_subcommand("anchor", "The public anchor model: publish, list, show");
   anchor->require_subcommand(1);
   {
     struct O { Remote r; std::string dir, note; };
@@ -331,6 +331,30 @@ void AddAdminCommands(CLI::App& app) {
         std::cout << (a["current"].get<bool>() ? "* " : "  ") << a["anchor_id"].get<std::string>() << "  " << a["files"] << " files, "
                   << a["bytes"] << " bytes, " << When(a["published_unix"].get<int64_t>()) << "  " << a["note"].get<std::string>() << "\n";
       }
+    });
+  }
+
+  {
+    struct O { Remote r; std::string id; };
+    auto o = std::make_shared<O>();
+    CLI::App* cmd = anchor->add_subcommand("show", "Show an anchor's files and hashes (default: the current one)");
+    cmd->add_option("anchor", o->id, "Anchor id (default: current)");
+    o->r.AddOptions(cmd, true);
+    cmd->callback([o] {
+      auto client = o->r.Connect("anchor show");
+      auto resp = Call<v1::ListRequest, v1::ListAnchorsResponse>("anchor show", *client, &v1::Admin::Stub::ListAnchors, v1::ListRequest());
+      const std::string want = o->id.empty() ? resp.current_anchor_id() : o->id;
+      for (const auto& a : resp.anchors()) {
+        if (a.anchor_id() != want) continue;
+        json files = json::array();
+        for (const auto& f : a.files()) files.push_back({{"name", f.name()}, {"sha256", f.blob().sha256()}, {"size", f.blob().size()}});
+        json j = {{"anchor_id", a.anchor_id()}, {"current", a.anchor_id() == resp.current_anchor_id()}, {"config_hash", a.config_hash()},
+                  {"published_unix", a.published_unix()}, {"note", a.note()}, {"files", files}};
+        std::cout << (o->r.json ? j.dump() : j.dump(2)) << "\n";
+        return;
+      }
+      Fail("anchor show", absl::NotFoundError(want.empty() ? "no anchor has been published yet"
+                                                           : absl::StrCat("no anchor '", want, "'; see `flexfedctl anchor list`")));
     });
   }
 
