@@ -1,6 +1,8 @@
 // flexfed-coordinator: the service operators run (docs/OPERATOR_GUIDE.md).
 #include <CLI/CLI.hpp>
 
+#include <malloc.h>
+
 #include <csignal>
 #include <filesystem>
 #include <iostream>
@@ -74,6 +76,10 @@ std::pair<std::string, std::string> ServerCertificate(const Options& o, const st
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Chunks are 4 MiB buffers allocated and freed on many gRPC threads. glibc's adaptive mmap
+  // threshold would soon serve them from per-thread arenas that never shrink; a fixed threshold
+  // keeps them mmapped, so their memory returns to the system when freed.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   Options o;
   CLI::App app{"flexfed-coordinator: collects FlexOlmo experts from data owners over mTLS"};
   app.add_option("--config", o.config, "Settings file (JSON with the long option names as keys)")->check(CLI::ExistingFile);

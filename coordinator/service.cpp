@@ -1,5 +1,7 @@
 #include "coordinator/service.h"
 
+#include <mutex>
+
 #include "absl/strings/str_cat.h"
 #include "flexfed/v1/flexfed.grpc.pb.h"
 
@@ -43,7 +45,9 @@ absl::Status Fill(absl::StatusOr<T> result, T* response) {
   return absl::OkStatus();
 }
 
-// Client-streaming chunk upload: each chunk is verified and stored as it arrives.
+// Client-streaming chunk upload: each chunk is verified and stored as it arrives. Receiving the
+// next chunk overlaps with storing the last one (at most kInFlight chunks held per stream), so a
+// transfer runs at about the slower of network and disk rather than their sum.
 class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
  public:
   UploadReactor(Coordinator* c, CallbackServerContext* ctx, v1::UploadStatus* response)
@@ -56,30 +60,72 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
     who_ = *who;
     StartRead(&chunk_);
   }
+
   void OnReadDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
     if (!ok) {  // the client finished sending
-      absl::StatusOr<v1::UploadStatus> status = coordinator_->QueryMissing(who_, session_);
-      if (status.ok()) *response_ = *status;
-      Finish(ToGrpc(session_.empty() ? absl::InvalidArgumentError("no chunk was sent") : status.status()));
+      reading_done_ = true;
+      MaybeFinish(lock);
       return;
     }
     if (!chunk_.session_id().empty()) session_ = chunk_.session_id();
     chunk_.set_session_id(session_);
-    absl::StatusOr<v1::UploadStatus> put = coordinator_->PutChunk(who_, chunk_);
-    if (!put.ok()) {
-      Finish(ToGrpc(put.status()));
+    v1::UploadChunk mine;
+    mine.Swap(&chunk_);
+    ++in_flight_;
+    // With room for another chunk, receive it while this one is stored.
+    bool read_started = false;
+    if (in_flight_ < kInFlight && error_.ok()) {
+      StartRead(&chunk_);
+      read_started = true;
+    }
+    const bool failed_already = !error_.ok();
+    lock.unlock();
+    absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(error_) : coordinator_->PutChunk(who_, mine);
+    lock.lock();
+    --in_flight_;
+    if (!put.ok() && error_.ok()) error_ = put.status();
+    if (!error_.ok()) {
+      // Stop asking for chunks; finish once nothing is in flight.
+      reading_done_ = reading_done_ || !read_started;
+      MaybeFinish(lock);
       return;
     }
-    StartRead(&chunk_);
+    if (!read_started) StartRead(&chunk_);
+    else MaybeFinish(lock);
   }
   void OnDone() override { delete this; }
 
  private:
+  static constexpr int kInFlight = 2;
+
+  // Called with mu_ held: finishes the call once reading ended and no chunk is being stored.
+  void MaybeFinish(std::unique_lock<std::mutex>& lock) {
+    if (!reading_done_ || in_flight_ > 0 || finished_) return;
+    finished_ = true;
+    absl::Status result = error_;
+    if (result.ok()) {
+      if (session_.empty()) {
+        result = absl::InvalidArgumentError("no chunk was sent");
+      } else {
+        absl::StatusOr<v1::UploadStatus> status = coordinator_->QueryMissing(who_, session_);
+        if (status.ok()) *response_ = *status;
+        result = status.status();
+      }
+    }
+    lock.unlock();
+    Finish(ToGrpc(result));
+  }
+
   Coordinator* coordinator_;
   v1::UploadStatus* response_;
   PeerIdentity who_;
-  v1::UploadChunk chunk_;
+  v1::UploadChunk chunk_;  // the read buffer gRPC fills
+  std::mutex mu_;
   std::string session_;
+  int in_flight_ = 0;
+  bool reading_done_ = false, finished_ = false;
+  absl::Status error_;
 };
 
 // Server-streaming download of [offset, offset + length) in chunks of at most 4 MiB.
