@@ -21,8 +21,10 @@ ProgressReporter::ProgressReporter(std::FILE* out, bool plain)
 
 void ProgressReporter::Update(int64_t done, int64_t total, const std::string& fields, double eta_seconds) {
   const double pct = total > 0 ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
-  std::string line = absl::StrFormat("step %d/%d (%.0f%%) | %s | ETA %s", done, total, pct, fields,
-                                     FormatDuration(eta_seconds));
+  Show(absl::StrFormat("step %d/%d (%.0f%%) | %s | ETA %s", done, total, pct, fields, FormatDuration(eta_seconds)));
+}
+
+void ProgressReporter::Show(const std::string& line) {
   if (live_) {
     std::fprintf(out_, "\r\033[K%s", line.c_str());
     pending_ = true;
@@ -37,15 +39,8 @@ void ProgressReporter::Transfer(const std::string& what, uint64_t done, uint64_t
   const double rate = seconds > 0 ? done / mib / seconds : 0.0;
   const double pct = total > 0 ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0;
   const double eta = rate > 0 ? (total - done) / mib / rate : 0.0;
-  std::string line = absl::StrFormat("%s %.1f/%.1f MiB (%.0f%%) | %.1f MiB/s | ETA %s", what, done / mib, total / mib, pct, rate,
-                                     FormatDuration(eta));
-  if (live_) {
-    std::fprintf(out_, "\r\033[K%s", line.c_str());
-    pending_ = true;
-  } else {
-    std::fprintf(out_, "%s\n", line.c_str());
-  }
-  std::fflush(out_);
+  Show(absl::StrFormat("%s %.1f/%.1f MiB (%.0f%%) | %.1f MiB/s | ETA %s", what, done / mib, total / mib, pct, rate,
+                       FormatDuration(eta)));
 }
 
 void ProgressReporter::Line(const std::string& text) {

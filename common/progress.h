@@ -23,6 +23,7 @@ class ProgressReporter {
   void Finish();  // ends a live line
 
  private:
+  void Show(const std::string& line);  // redraws (live) or prints (plain) one status line
   std::FILE* out_;
   bool live_;
   bool pending_ = false;  // a live line is on screen

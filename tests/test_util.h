@@ -11,26 +11,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "tests/temp_dir.h"
 
 namespace flexfed::testing {
-
-// A fresh directory under $TMPDIR, removed with everything in it when the object dies.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "flexfed-test-XXXXXX").string();
-    path_ = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return (std::filesystem::path(path_) / name).string(); }
-
- private:
-  std::string path_;
-};
 
 // Runs a shell command; returns its exit code and, via `output`, what it printed (stdout+stderr).
 inline int RunCommand(const std::string& command, std::string* output = nullptr) {

@@ -8,12 +8,12 @@
 #include "common/file_util.h"
 #include "common/sha256.h"
 #include "coordinator/blob_store.h"
-#include "tests/service_test_util.h"
+#include "tests/temp_dir.h"
 
 namespace flexfed {
 namespace {
 
-using testing::ScratchDir;
+using testing::TempDir;
 namespace fs = std::filesystem;
 
 std::string RandomBytes(size_t n, uint32_t seed) {
@@ -24,7 +24,7 @@ std::string RandomBytes(size_t n, uint32_t seed) {
 }
 
 TEST_CASE("a chunked upload assembles into a content-addressed blob", "[blob_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *BlobStore::Open(dir.path());
   const std::string data = RandomBytes(300'000, 1);
   REQUIRE(WriteFileAtomically(dir / "src", data).ok());
@@ -55,7 +55,7 @@ TEST_CASE("a chunked upload assembles into a content-addressed blob", "[blob_sto
 }
 
 TEST_CASE("corrupted chunks are refused and never stored", "[blob_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *BlobStore::Open(dir.path());
   const std::string session = "00000000000000000000000000000001";
   const std::string chunk = RandomBytes(1000, 2);
@@ -71,7 +71,7 @@ TEST_CASE("corrupted chunks are refused and never stored", "[blob_store]") {
 }
 
 TEST_CASE("a chunk damaged on disk after receipt is found at assembly and asked for again", "[blob_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *BlobStore::Open(dir.path());
   const std::string data = RandomBytes(200'000, 5);
   REQUIRE(WriteFileAtomically(dir / "src", data).ok());
@@ -94,7 +94,7 @@ TEST_CASE("a chunk damaged on disk after receipt is found at assembly and asked 
 }
 
 TEST_CASE("a manifest that lies about the whole blob is caught at assembly", "[blob_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *BlobStore::Open(dir.path());
   const std::string data = RandomBytes(70'000, 3);
   REQUIRE(WriteFileAtomically(dir / "src", data).ok());
@@ -109,7 +109,7 @@ TEST_CASE("a manifest that lies about the whole blob is caught at assembly", "[b
 }
 
 TEST_CASE("orphans of a crash are collected at open", "[blob_store]") {
-  ScratchDir dir;
+  TempDir dir;
   { auto store = *BlobStore::Open(dir.path()); }
   REQUIRE(WriteFileAtomically(dir / "tmp/abc.partial", "half a blob").ok());
   fs::create_directories(dir / "uploads/00000000000000000000000000000003");
@@ -122,7 +122,7 @@ TEST_CASE("orphans of a crash are collected at open", "[blob_store]") {
 }
 
 TEST_CASE("unreferenced blobs can be collected", "[blob_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *BlobStore::Open(dir.path());
   REQUIRE(WriteFileAtomically(dir / "a", "aaa").ok());
   REQUIRE(WriteFileAtomically(dir / "b", "bbb").ok());

@@ -4,17 +4,17 @@
 #include <sqlite3.h>
 
 #include "coordinator/sqlite_store.h"
-#include "tests/service_test_util.h"
+#include "tests/temp_dir.h"
 
 namespace flexfed {
 namespace {
 
-using testing::ScratchDir;
+using testing::TempDir;
 
 AnchorRecord Anchor(const std::string& id, int64_t t) { return {id, "[{\"sha256\":\"" + id + "\"}]", "cfg", t, "", false}; }
 
 TEST_CASE("a new database is migrated to the newest schema, in WAL mode", "[sqlite_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *SqliteStore::Open(dir / "meta.db");
   CHECK(store->schema_version() == SqliteStore::kSchemaVersion);
   store.reset();
@@ -31,7 +31,7 @@ TEST_CASE("a new database is migrated to the newest schema, in WAL mode", "[sqli
 }
 
 TEST_CASE("a database from a newer FlexFed is refused", "[sqlite_store]") {
-  ScratchDir dir;
+  TempDir dir;
   sqlite3* db;
   REQUIRE(sqlite3_open((dir / "meta.db").c_str(), &db) == SQLITE_OK);
   REQUIRE(sqlite3_exec(db, "PRAGMA user_version = 99", nullptr, nullptr, nullptr) == SQLITE_OK);
@@ -42,7 +42,7 @@ TEST_CASE("a database from a newer FlexFed is refused", "[sqlite_store]") {
 }
 
 TEST_CASE("anchors: one is current", "[sqlite_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *SqliteStore::Open(dir / "meta.db");
   CHECK(absl::IsNotFound(store->GetAnchor("").status()));
   REQUIRE(store->AddAnchor(Anchor(std::string(64, '1'), 1), true).ok());
@@ -55,7 +55,7 @@ TEST_CASE("anchors: one is current", "[sqlite_store]") {
 }
 
 TEST_CASE("owners, experts and uploads round-trip and commit together", "[sqlite_store]") {
-  ScratchDir dir;
+  TempDir dir;
   auto store = *SqliteStore::Open(dir / "meta.db");
   REQUIRE(store->AddAnchor(Anchor(std::string(64, 'a'), 1), true).ok());
   OwnerRecord o{"acme", "ACME Corp", 10, std::string(64, 't'), 100, "", 0, false, "", 0};

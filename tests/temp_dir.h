@@ -1,4 +1,5 @@
-// Helpers for the torch-free service tests (they start in milliseconds, unlike torch tests).
+// Test helpers that need no LibTorch (the service tests start in milliseconds); test_util.h adds
+// the tensor helpers on top.
 #pragma once
 
 #include <stdlib.h>
@@ -9,13 +10,13 @@
 namespace flexfed::testing {
 
 // A fresh directory under $TMPDIR, removed with everything in it when the object dies.
-class ScratchDir {
+class TempDir {
  public:
-  ScratchDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "flexfed-svc-XXXXXX").string();
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "flexfed-test-XXXXXX").string();
     path_ = ::mkdtemp(tmpl.data());
   }
-  ~ScratchDir() {
+  ~TempDir() {
     std::error_code ec;
     std::filesystem::remove_all(path_, ec);
   }
