@@ -114,6 +114,18 @@ absl::Status SetRandomSerial(X509* cert) {
   return absl::OkStatus();
 }
 
+// An unsigned v3 certificate: random serial, valid from 5 minutes ago for `days`, subject CN.
+absl::StatusOr<Cert> NewCertificate(const std::string& common_name, int days) {
+  Cert cert(X509_new());
+  X509_set_version(cert.get(), 2);
+  if (absl::Status s = SetRandomSerial(cert.get()); !s.ok()) return s;
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -300);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(days) * 86400);
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(cert.get()), "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1, 0);
+  return cert;
+}
+
 std::string CommonName(X509_NAME* name) {
   char cn[256] = {0};
   X509_NAME_get_text_by_NID(name, NID_commonName, cn, sizeof cn);
@@ -163,13 +175,10 @@ absl::StatusOr<KeyAndCsr> MakeKeyAndCsr(const std::string& common_name) {
 absl::StatusOr<std::pair<std::string, IssuedCertificate>> MakeCa(const std::string& ca_name, int days) {
   absl::StatusOr<Key> key = NewKey();
   if (!key.ok()) return key.status();
-  Cert cert(X509_new());
-  X509_set_version(cert.get(), 2);
-  if (absl::Status s = SetRandomSerial(cert.get()); !s.ok()) return s;
-  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -300);
-  X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(days) * 86400);
+  absl::StatusOr<Cert> made = NewCertificate(ca_name, days);
+  if (!made.ok()) return made.status();
+  Cert cert = *std::move(made);
   X509_NAME* name = X509_get_subject_name(cert.get());
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(ca_name.c_str()), -1, -1, 0);
   X509_set_issuer_name(cert.get(), name);
   X509_set_pubkey(cert.get(), key->get());
   for (auto [nid, value] : {std::pair{NID_basic_constraints, "critical,CA:TRUE,pathlen:0"},
@@ -202,13 +211,10 @@ absl::StatusOr<IssuedCertificate> SignCsr(const std::string& ca_key_pem, const s
     return absl::InvalidArgumentError(absl::StrCat("the certificate request is for '",
                                                    CommonName(X509_REQ_get_subject_name(req.get())), "', not '", id, "'"));
   }
-  Cert cert(X509_new());
-  X509_set_version(cert.get(), 2);
-  if (absl::Status s = SetRandomSerial(cert.get()); !s.ok()) return s;
-  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -300);
-  X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(days) * 86400);
+  absl::StatusOr<Cert> made = NewCertificate(id, days);
+  if (!made.ok()) return made.status();
+  Cert cert = *std::move(made);
   X509_NAME* name = X509_get_subject_name(cert.get());
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(id.c_str()), -1, -1, 0);
   X509_NAME_add_entry_by_txt(name, "OU", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(role.c_str()), -1, -1, 0);
   X509_set_issuer_name(cert.get(), X509_get_subject_name(ca->get()));
   X509_set_pubkey(cert.get(), pub.get());
