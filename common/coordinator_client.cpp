@@ -14,14 +14,13 @@
 #include "absl/strings/str_format.h"
 #include "common/file_util.h"
 #include "common/sha256.h"
+#include "flexfed/v1/version.h"
 
 namespace flexfed {
 namespace {
 
 namespace fs = std::filesystem;
 
-constexpr char kProtocolHeader[] = "flexfed-protocol";
-constexpr char kProtocolVersion[] = "1.0";
 constexpr uint64_t kChunkSize = 4ull << 20;
 
 bool Retryable(const absl::Status& s) { return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s) || absl::IsAborted(s); }

@@ -1,5 +1,6 @@
 #include "common/data.h"
 
+#include <cstdlib>
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -11,6 +12,13 @@
 #include <nlohmann/json.hpp>
 
 namespace flexfed {
+
+std::string DefaultTokenCacheDir() {
+  if (const char* d = std::getenv("FLEXFED_CACHE_DIR")) return std::string(d) + "/tokens";
+  if (const char* d = std::getenv("XDG_CACHE_HOME")) return std::string(d) + "/flexfed/tokens";
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : ".") + "/.cache/flexfed/tokens";
+}
 namespace {
 
 namespace fs = std::filesystem;

@@ -17,6 +17,10 @@
 
 namespace flexfed {
 
+// Where token caches live by default: $FLEXFED_CACHE_DIR/tokens, else $XDG_CACHE_HOME/flexfed/tokens,
+// else ~/.cache/flexfed/tokens.
+std::string DefaultTokenCacheDir();
+
 struct CorpusOptions {
   std::string text_field = "text";  // the field holding a document in each JSONL line
 };

@@ -4,11 +4,13 @@
 #include "common/model.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <filesystem>
 #include <limits>
 #include <set>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -410,6 +412,10 @@ at::Tensor FlexOlmoModel::Forward(const at::Tensor& ids, const Routing& routing,
   }
   if (cache != nullptr) cache->length = past + t;
   return at::linear(RmsNorm(h, norm_, config_.rms_norm_eps), lm_head_);
+}
+
+void SetCpuThreads(int threads) {
+  at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
 }
 
 }  // namespace flexfed

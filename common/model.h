@@ -99,6 +99,9 @@ class FlexOlmoModel {
   // Moves every weight (and the RoPE tables) to `device`.
   void To(at::Device device);
 
+  const at::Tensor& embed_tokens() const { return embed_tokens_; }
+  const at::Tensor& norm() const { return norm_; }
+  const at::Tensor& lm_head() const { return lm_head_; }
   const std::vector<LayerWeights>& layers() const { return layers_; }
   std::vector<LayerWeights>& mutable_layers() { return layers_; }
 
@@ -121,6 +124,9 @@ class FlexOlmoModel {
 
 // Names a model of `config` has, in NamedParameters() order (what a checkpoint must hold).
 std::vector<std::string> ExpectedTensorNames(const ModelConfig& config, bool with_router_bias);
+
+// Sets LibTorch's intra-op CPU threads: `threads`, or every core when 0.
+void SetCpuThreads(int threads);
 
 at::ScalarType ScalarTypeOf(const std::string& torch_dtype);  // "bfloat16" → kBFloat16, ...
 std::string TorchDtypeName(at::ScalarType type);               // kBFloat16 → "bfloat16", ...

@@ -63,7 +63,14 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   }
   if (progress != nullptr) progress->Finish();
   if (used == 0) return absl::InvalidArgumentError("every sampled document is empty");
-  for (at::Tensor& s : sums) e.rows.push_back((s / static_cast<double>(used)).to(at::kFloat));
+  // Unit length, like the normalised sentence embeddings (GritLM) the paper uses: the direction
+  // says which tokens an expert wants; a raw mean has the hidden state's norm (tens, in trained
+  // models), which makes router logits of hundreds, saturates the softmax and lets the z-loss
+  // push the trained FFNs to shrink the hidden states.
+  for (at::Tensor& s : sums) {
+    at::Tensor mean = s / static_cast<double>(used);
+    e.rows.push_back((mean / mean.norm().clamp_min(1e-12)).to(at::kFloat));
+  }
   e.metadata["documents"] = std::to_string(used);
   e.metadata["max_tokens"] = std::to_string(limit);
   return e;

@@ -20,7 +20,8 @@ struct RouterInitOptions {
 };
 
 // anchor: per layer, the mean over sampled documents of the mean hidden state entering that layer,
-//   computed with the frozen anchor (the same recipe gives the anchor's own r_pub on public data).
+//   computed with the frozen anchor and scaled to unit length (the same recipe gives the anchor's
+//   own r_pub on public data).
 // vectors: vectors computed elsewhere (e.g. GritLM embeddings), checked against the hidden size.
 // random: N(0, 0.02²) per entry — for the ablation only (learned rows tend to collapse together).
 // `corpus` is used by the anchor mode only.

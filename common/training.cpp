@@ -155,7 +155,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
   std::unique_ptr<Trainer> t(new Trainer());
   t->config_ = config;
   t->inputs_ = inputs;
-  at::set_num_threads(config.threads > 0 ? config.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  SetCpuThreads(config.threads);
   if (config.device == "cuda") {
     return absl::FailedPreconditionError("--device cuda: this FlexFed build has no CUDA support (build against a CUDA LibTorch)");
   }

@@ -3,13 +3,16 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/expert_module.h"
 #include "common/model_config.h"
+#include "common/release.h"
 #include "common/sha256.h"
 #include "coordinator/sqlite_store.h"
+#include "flexfed/v1/version.h"
 #include <nlohmann/json.hpp>
 
 namespace flexfed {
@@ -399,7 +402,7 @@ absl::StatusOr<v1::TailAuditResponse> Coordinator::TailAudit(int limit) {
 absl::StatusOr<v1::StatusResponse> Coordinator::Status() {
   v1::StatusResponse out;
   out.set_version("0.1.0");
-  out.set_protocol("1.0");
+  out.set_protocol(kProtocolVersion);
   absl::StatusOr<AnchorRecord> a = store_->GetAnchor("");
   if (a.ok()) out.set_current_anchor_id(a->anchor_id);
   absl::StatusOr<std::vector<OwnerRecord>> owners = store_->ListOwners();
@@ -409,6 +412,91 @@ absl::StatusOr<v1::StatusResponse> Coordinator::Status() {
   absl::StatusOr<std::vector<UploadRecord>> uploads = store_->ListUploads(100000);
   if (uploads.ok()) out.set_open_uploads(std::count_if(uploads->begin(), uploads->end(), [](const UploadRecord& u) { return u.state == "open"; }));
   out.set_started_unix(started_unix_);
+  return out;
+}
+
+namespace {
+
+v1::Release ReleaseToProto(const ReleaseRecord& r) {
+  v1::Release out;
+  out.set_release_id(r.release_id);
+  out.set_manifest_json(r.manifest_json);
+  out.set_manifest_sha256(r.manifest_sha256);
+  out.set_created_unix(r.created_unix);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<v1::Release> Coordinator::BuildRelease(const PeerIdentity& who, const v1::BuildReleaseRequest& r) {
+  std::lock_guard<std::mutex> lock(release_mu_);
+  absl::StatusOr<AnchorRecord> anchor = store_->GetAnchor("");
+  if (!anchor.ok()) return anchor.status();
+  absl::StatusOr<std::vector<ExpertRecord>> all = store_->ListExperts();
+  if (!all.ok()) return all.status();
+  std::vector<ExpertRecord> active;
+  for (const ExpertRecord& e : *all) {
+    if (e.state == "active" && e.anchor_id == anchor->anchor_id) active.push_back(e);
+  }
+  std::sort(active.begin(), active.end(), [](const ExpertRecord& a, const ExpertRecord& b) {
+    return std::tie(a.created_unix, a.expert_id) < std::tie(b.created_unix, b.expert_id);
+  });
+  ReleaseManifest m;
+  for (const std::string& id : r.exclude()) {
+    auto it = std::find_if(all->begin(), all->end(), [&](const ExpertRecord& e) { return e.expert_id == id; });
+    if (it == all->end()) return absl::NotFoundError(absl::StrCat("--exclude ", id, ": no such expert (see `flexfedctl expert list`)"));
+    if (std::none_of(active.begin(), active.end(), [&](const ExpertRecord& e) { return e.expert_id == id; })) {
+      return absl::InvalidArgumentError(absl::StrCat("--exclude ", id, ": the expert is ", it->state,
+                                                     ", not active on the current anchor, so no release includes it anyway"));
+    }
+    m.excluded.push_back(id);
+  }
+  for (const ExpertRecord& e : active) {
+    if (std::find(m.excluded.begin(), m.excluded.end(), e.expert_id) != m.excluded.end()) continue;
+    m.experts.push_back({static_cast<int64_t>(m.experts.size()) + 1, e.expert_id, e.owner_id, e.name, e.domain,
+                         e.module_sha256, e.module_size, e.tokens_trained});
+  }
+  if (m.experts.empty()) {
+    return absl::FailedPreconditionError(
+        "no active expert is left for a release; enable uploaded experts with `flexfedctl expert enable`");
+  }
+  m.top_k = r.top_k() == 0 ? m.num_experts() : r.top_k();
+  if (m.top_k < 1 || m.top_k > m.num_experts()) {
+    return absl::InvalidArgumentError(absl::StrCat("--k ", r.top_k(), " is outside 1..", m.num_experts(), " (this release has ",
+                                                   m.num_experts(), " experts, the public one included)"));
+  }
+  absl::StatusOr<std::vector<ReleaseRecord>> existing = store_->ListReleases();
+  if (!existing.ok()) return existing.status();
+  m.release_id = ReleaseIdForNumber(static_cast<int64_t>(existing->size()) + 1);
+  m.anchor_id = anchor->anchor_id;
+  m.created_unix = Now();
+  m.note = r.note();
+  const std::string text = m.ToJson();
+  ReleaseRecord record{m.release_id, m.anchor_id, text, Sha256Hex(text), m.created_unix};
+  absl::Status s = store_->AddRelease(record);
+  std::map<std::string, std::string> objects = {{"release", m.release_id}, {"manifest", record.manifest_sha256}};
+  Audit(who, "release.build", objects, s.ok() ? "ok" : std::string(s.message()));
+  if (!s.ok()) return s;
+  return ReleaseToProto(record);
+}
+
+absl::StatusOr<v1::Release> Coordinator::GetRelease(const std::string& release_id) {
+  if (release_id.empty()) {
+    absl::StatusOr<std::vector<ReleaseRecord>> all = store_->ListReleases();
+    if (!all.ok()) return all.status();
+    if (all->empty()) return absl::NotFoundError("no release has been built yet; build one with `flexfedctl release build`");
+    return ReleaseToProto(all->back());
+  }
+  absl::StatusOr<ReleaseRecord> r = store_->GetRelease(release_id);
+  if (!r.ok()) return r.status();
+  return ReleaseToProto(*r);
+}
+
+absl::StatusOr<v1::ListReleasesResponse> Coordinator::ListReleases() {
+  absl::StatusOr<std::vector<ReleaseRecord>> all = store_->ListReleases();
+  if (!all.ok()) return all.status();
+  v1::ListReleasesResponse out;
+  for (const ReleaseRecord& r : *all) *out.add_releases() = ReleaseToProto(r);
   return out;
 }
 

@@ -59,6 +59,11 @@ class Coordinator {
   absl::StatusOr<v1::ListUploadsResponse> ListUploads(int limit);
   absl::StatusOr<v1::TailAuditResponse> TailAudit(int limit);
   absl::StatusOr<v1::StatusResponse> Status();
+  // A new release of the current anchor's active experts (in registration order) minus those in
+  // request.exclude. Existing releases never change; disabling an expert affects later ones only.
+  absl::StatusOr<v1::Release> BuildRelease(const PeerIdentity& who, const v1::BuildReleaseRequest& request);
+  absl::StatusOr<v1::Release> GetRelease(const std::string& release_id);  // empty: the newest
+  absl::StatusOr<v1::ListReleasesResponse> ListReleases();
 
   // Transfers. `expert_id` empty = an operator's blob upload (anchor files; admins only).
   absl::StatusOr<v1::UploadStatus> BeginUpload(const PeerIdentity& who, const std::string& expert_id,
@@ -91,6 +96,7 @@ class Coordinator {
   std::unique_ptr<BlobStore> blobs_;
   std::unique_ptr<AuditLog> audit_;
   std::mutex mu_;  // guards counters_ and session_locks_
+  std::mutex release_mu_;  // serialises BuildRelease (release numbering)
   CoordinatorCounters counters_;
   std::map<std::string, std::unique_ptr<std::mutex>> session_locks_;
   int64_t started_unix_ = 0;

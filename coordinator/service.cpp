@@ -261,6 +261,15 @@ class AdminService final : public v1::Admin::CallbackService {
   ServerUnaryReactor* ListExperts(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListExpertsResponse* out) override {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListExperts(), out); });
   }
+  ServerUnaryReactor* BuildRelease(CallbackServerContext* ctx, const v1::BuildReleaseRequest* r, v1::Release* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->BuildRelease(who, *r), out); });
+  }
+  ServerUnaryReactor* GetRelease(CallbackServerContext* ctx, const v1::GetReleaseRequest* r, v1::Release* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->GetRelease(r->release_id()), out); });
+  }
+  ServerUnaryReactor* ListReleases(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListReleasesResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListReleases(), out); });
+  }
   ServerUnaryReactor* SetExpertState(CallbackServerContext* ctx, const v1::SetExpertStateRequest* r, v1::Expert* out) override {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->SetExpertState(who, *r), out); });
   }

@@ -10,12 +10,10 @@
 #include <string>
 
 #include "coordinator/coordinator.h"
+#include "flexfed/v1/version.h"
 
 namespace flexfed {
 
-inline constexpr char kProtocolHeader[] = "flexfed-protocol";
-inline constexpr int kProtocolMajor = 1;
-inline constexpr int kProtocolMinor = 0;
 inline constexpr int kMaxMessageBytes = 16 << 20;
 
 struct ServerOptions {

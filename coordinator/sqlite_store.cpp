@@ -62,6 +62,20 @@ const char* const kMigrations[] = {
     CREATE INDEX uploads_by_blob ON uploads(blob_sha256);
     CREATE INDEX experts_by_module ON experts(module_sha256);
     )sql",
+    // 1 → 2: releases (immutable once written)
+    R"sql(
+    CREATE TABLE releases (
+      release_id TEXT PRIMARY KEY,
+      anchor_id TEXT NOT NULL REFERENCES anchors(anchor_id),
+      manifest_json TEXT NOT NULL,
+      manifest_sha256 TEXT NOT NULL,
+      created_unix INTEGER NOT NULL
+    );
+    CREATE TRIGGER releases_are_immutable BEFORE UPDATE ON releases
+      BEGIN SELECT RAISE(ABORT, 'releases are immutable'); END;
+    CREATE TRIGGER releases_are_kept BEFORE DELETE ON releases
+      BEGIN SELECT RAISE(ABORT, 'releases are immutable'); END;
+    )sql",
 };
 
 static_assert(sizeof(kMigrations) / sizeof(kMigrations[0]) == SqliteStore::kSchemaVersion,
@@ -149,6 +163,9 @@ void BindUpload(Statement& s, const UploadRecord& u) {
   s.Bind(u.session_id).Bind(u.expert_id).Bind(u.owner_id).Bind(u.manifest_json).Bind(u.blob_sha256).Bind(u.blob_size)
       .Bind(u.state).Bind(u.rejection).Bind(u.message).Bind(u.started_unix).Bind(u.updated_unix);
 }
+
+constexpr char kReleaseColumns[] = "release_id, anchor_id, manifest_json, manifest_sha256, created_unix";
+ReleaseRecord ReadRelease(const Statement& s) { return {s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Int(4)}; }
 
 template <typename Record, typename Reader>
 absl::StatusOr<std::vector<Record>> Query(sqlite3* db, const std::string& sql, Reader read) {
@@ -390,12 +407,32 @@ absl::Status SqliteStore::CommitModule(const UploadRecord& u, const ExpertRecord
   return Exec("COMMIT");
 }
 
+absl::Status SqliteStore::AddRelease(const ReleaseRecord& r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, absl::StrCat("INSERT INTO releases (", kReleaseColumns, ") VALUES (?, ?, ?, ?, ?)").c_str());
+  s.Bind(r.release_id).Bind(r.anchor_id).Bind(r.manifest_json).Bind(r.manifest_sha256).Bind(r.created_unix);
+  return s.Run(absl::StrCat("adding release '", r.release_id, "'"));
+}
+
+absl::StatusOr<ReleaseRecord> SqliteStore::GetRelease(const std::string& release_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return QueryOne<ReleaseRecord>(db_, absl::StrCat("SELECT ", kReleaseColumns, " FROM releases WHERE release_id = ?"),
+                                 release_id, ReadRelease, "release");
+}
+
+absl::StatusOr<std::vector<ReleaseRecord>> SqliteStore::ListReleases() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Query<ReleaseRecord>(db_, absl::StrCat("SELECT ", kReleaseColumns, " FROM releases ORDER BY created_unix, release_id"),
+                              ReadRelease);
+}
+
 absl::StatusOr<bool> SqliteStore::IsBlobReferenced(const std::string& sha256) {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_,
               "SELECT (SELECT COUNT(*) FROM experts WHERE module_sha256 = ?1) + "
               "(SELECT COUNT(*) FROM uploads WHERE blob_sha256 = ?1 AND state != 'rejected') + "
-              "(SELECT COUNT(*) FROM anchors WHERE instr(files_json, ?1) > 0)");
+              "(SELECT COUNT(*) FROM anchors WHERE instr(files_json, ?1) > 0) + "
+              "(SELECT COUNT(*) FROM releases WHERE instr(manifest_json, ?1) > 0)");
   s.Bind(sha256);
   if (s.Step() != SQLITE_ROW) return s.Error("checking blob references");
   return s.Int(0) > 0;

@@ -35,9 +35,12 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::vector<UploadRecord>> ListUploads(int limit) override;
   absl::Status UpdateUpload(const UploadRecord& upload) override;
   absl::Status CommitModule(const UploadRecord& upload, const ExpertRecord& expert) override;
+  absl::Status AddRelease(const ReleaseRecord& release) override;
+  absl::StatusOr<ReleaseRecord> GetRelease(const std::string& release_id) override;
+  absl::StatusOr<std::vector<ReleaseRecord>> ListReleases() override;
   absl::StatusOr<bool> IsBlobReferenced(const std::string& sha256) override;
 
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
 
  private:
   explicit SqliteStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}

@@ -1,4 +1,4 @@
-// The coordinator's metadata: anchors, owners, experts and upload sessions (ARCHITECTURE.md §6).
+// The coordinator's metadata: anchors, owners, experts, upload sessions and releases (ARCHITECTURE.md §6).
 // An interface so PostgreSQL can serve larger deployments; SqliteStore (sqlite_store.h) is the
 // default. Implementations are thread-safe; each call is one transaction.
 #pragma once
@@ -63,6 +63,16 @@ struct UploadRecord {
   int64_t updated_unix = 0;
 };
 
+// A release: which experts, in which router order, on which anchor (ARCHITECTURE.md §7). Written
+// once, never changed (the database refuses updates and deletes).
+struct ReleaseRecord {
+  std::string release_id;
+  std::string anchor_id;
+  std::string manifest_json;  // common/release.h
+  std::string manifest_sha256;
+  int64_t created_unix = 0;
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -93,7 +103,11 @@ class Store {
   // leaves both as they were or both updated, never an expert pointing at an uncommitted module.
   virtual absl::Status CommitModule(const UploadRecord& upload, const ExpertRecord& expert) = 0;
 
-  // Whether any anchor, expert or open upload refers to the blob (for garbage collection).
+  virtual absl::Status AddRelease(const ReleaseRecord& release) = 0;  // AlreadyExists if the id is taken
+  virtual absl::StatusOr<ReleaseRecord> GetRelease(const std::string& release_id) = 0;
+  virtual absl::StatusOr<std::vector<ReleaseRecord>> ListReleases() = 0;  // oldest first
+
+  // Whether any anchor, expert, release or open upload refers to the blob (for garbage collection).
   virtual absl::StatusOr<bool> IsBlobReferenced(const std::string& sha256) = 0;
 };
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "common/data.h"
 
 namespace flexfed::owner {
 
@@ -23,6 +24,6 @@ void ExitOnError(const std::string& command, const absl::Status& status);
 // Sets LibTorch's intra-op threads: `threads` > 0, else every core.
 void SetThreads(int threads);
 // $FLEXFED_CACHE_DIR, else $XDG_CACHE_HOME/flexfed, else ~/.cache/flexfed; + "/tokens".
-std::string DefaultTokenCacheDir();
+using flexfed::DefaultTokenCacheDir;  // common/data.h
 
 }  // namespace flexfed::owner

@@ -25,33 +25,23 @@ absl::Status Run(const Options& o) {
   const ModelConfig& c = model->config();
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok = TokenizerForModel(o.model, c.vocab_size);
   if (!tok.ok()) return tok.status();
-  CorpusOptions copts;
-  copts.text_field = o.text_field;
-  absl::StatusOr<TokenCorpus> corpus = TokenCorpus::Build(o.data, **tok, copts, o.cache_dir);
-  if (!corpus.ok()) return corpus.status();
   if (o.seq_len > c.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrFormat("--seq-len %d exceeds the model's %d positions", o.seq_len,
                                                       c.max_position_embeddings));
   }
-  std::vector<int64_t> docs(corpus->num_documents());
-  for (int64_t d = 0; d < corpus->num_documents(); ++d) docs[d] = d;
-  PackedSequences packed(*corpus, docs, o.seq_len, (*tok)->eos_id());
-  if (packed.size() == 0) {
-    return absl::InvalidArgumentError(absl::StrFormat("the text makes no full sequence of %d tokens; lower --seq-len", o.seq_len));
-  }
-  std::vector<int64_t> indices;
-  for (int64_t i = 0; i < packed.size() && (o.max_sequences == 0 || i < o.max_sequences); ++i) indices.push_back(i);
+  absl::StatusOr<EvalText> text = LoadEvalText(o.data, **tok, o.seq_len, o.max_sequences, o.cache_dir, o.text_field);
+  if (!text.ok()) return text.status();
   absl::StatusOr<Routing> routing = Routing::FromLists(c.num_experts, o.exclude, o.allow);
   if (!routing.ok()) return routing.status();
-  EvalResult r = Evaluate(*model, packed, indices, o.batch_size, **tok, *routing);
+  EvalResult r = Evaluate(*model, *text->packed, text->indices, o.batch_size, **tok, *routing);
   if (o.json) {
     std::cout << nlohmann::json({{"model", o.model}, {"loss", r.loss}, {"bits_per_byte", r.bits_per_byte},
-                                 {"tokens", r.tokens}, {"bytes", r.bytes}, {"sequences", indices.size()}})
+                                 {"tokens", r.tokens}, {"bytes", r.bytes}, {"sequences", text->indices.size()}})
                      .dump()
               << "\n";
   } else {
     std::cout << absl::StrFormat("loss %.4f nats/token, %.4f bits/byte over %d tokens (%d sequences of %d)\n", r.loss,
-                                 r.bits_per_byte, r.tokens, indices.size(), o.seq_len);
+                                 r.bits_per_byte, r.tokens, text->indices.size(), o.seq_len);
   }
   return absl::OkStatus();
 }

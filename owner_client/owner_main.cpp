@@ -6,6 +6,7 @@
 #include <iostream>
 #include <thread>
 
+#include "common/model.h"
 #include "owner_client/commands.h"
 
 namespace flexfed::owner {
@@ -16,16 +17,7 @@ void ExitOnError(const std::string& command, const absl::Status& status) {
   std::exit(1);
 }
 
-void SetThreads(int threads) {
-  at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-}
-
-std::string DefaultTokenCacheDir() {
-  if (const char* d = std::getenv("FLEXFED_CACHE_DIR")) return std::string(d) + "/tokens";
-  if (const char* d = std::getenv("XDG_CACHE_HOME")) return std::string(d) + "/flexfed/tokens";
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : ".") + "/.cache/flexfed/tokens";
-}
+void SetThreads(int threads) { SetCpuThreads(threads); }
 
 }  // namespace flexfed::owner
 

@@ -5,9 +5,11 @@
 #include <exception>
 #include <iostream>
 
+#include "coordinator/cli/inference_commands.h"
 #include "coordinator/cli/logits_command.h"
 #ifdef FLEXFED_WITH_SERVICES
 #include "coordinator/cli/admin_commands.h"
+#include "coordinator/cli/release_commands.h"
 #endif
 
 int main(int argc, char** argv) {
@@ -15,8 +17,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.footer("Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage.");
   flexfed::cli::AddLogitsCommand(app);
+  flexfed::cli::AddInferenceCommands(app);
 #ifdef FLEXFED_WITH_SERVICES
   flexfed::cli::AddAdminCommands(app);
+  flexfed::cli::AddReleaseCommands(app);
 #endif
   try {
     app.parse(argc, argv);

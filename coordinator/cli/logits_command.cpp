@@ -118,7 +118,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> GatherSequences(const LogitsOp
 }
 
 absl::Status RunLogits(const LogitsOptions& o) {
-  at::set_num_threads(o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  SetCpuThreads(o.threads);
   std::optional<at::ScalarType> dtype;
   if (o.dtype == "float32") dtype = at::kFloat;
   if (o.dtype == "bfloat16") dtype = at::kBFloat16;

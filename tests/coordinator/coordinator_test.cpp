@@ -8,6 +8,7 @@
 #include "common/anchor.h"
 #include "common/expert_export.h"
 #include "common/file_util.h"
+#include "common/release.h"
 #include "common/sha256.h"
 #include "coordinator/coordinator.h"
 #include "tests/coordinator/site.h"
@@ -206,6 +207,100 @@ TEST_CASE("identity and authorization", "[coordinator_logic]") {
     retire.set_state(v1::EXPERT_STATE_ACTIVE);
     CHECK(absl::IsFailedPrecondition(site.coordinator->SetExpertState(site.admin, retire).status()));
   }
+}
+
+TEST_CASE("releases: active experts in registration order; immutable; disabling changes only later releases", "[coordinator_logic]") {
+  Site site;
+  auto [acme, c1] = site.Enroll("acme");
+  auto [beta, c2] = site.Enroll("beta");
+  const std::string code = site.Register("acme", "code"), bible = site.Register("beta", "bible");
+  auto set_state = [&](const std::string& id, v1::ExpertState state) {
+    v1::SetExpertStateRequest r;
+    r.set_expert_id(id);
+    r.set_state(state);
+    return site.coordinator->SetExpertState(site.admin, r).status();
+  };
+  v1::BuildReleaseRequest build;
+  CHECK(absl::IsFailedPrecondition(site.coordinator->BuildRelease(site.admin, build).status()));  // nothing active yet
+  CHECK(absl::IsNotFound(site.coordinator->GetRelease("").status()));
+  const std::string m1 = site.Module("m1"), m2 = site.Module("m2", [](ExpertTensors& t, ExpertModuleMetadata& m) {
+    t.router_rows[0] = t.router_rows[0] * 2;
+    m.owner = "beta";
+  });
+  REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, code, m1)).rejection().empty());
+  REQUIRE(ValueOrDie(Upload(*site.coordinator, beta, bible, m2)).rejection().empty());
+  REQUIRE(set_state(code, v1::EXPERT_STATE_ACTIVE).ok());
+  REQUIRE(set_state(bible, v1::EXPERT_STATE_ACTIVE).ok());
+
+  const v1::Release r1 = ValueOrDie(site.coordinator->BuildRelease(site.admin, build));
+  CHECK(r1.release_id() == "rel-0001");
+  CHECK(r1.manifest_sha256() == Sha256Hex(r1.manifest_json()));
+  ReleaseManifest m = ValueOrDie(ReleaseManifest::FromJson(r1.manifest_json(), "r1"));
+  CHECK(m.anchor_id == site.anchor_id);
+  REQUIRE(m.experts.size() == 2);
+  CHECK(m.experts[0].expert_id == code);  // registration order
+  CHECK(m.experts[0].index == 1);
+  CHECK(m.experts[0].module_sha256 == ValueOrDie(Sha256File(m1)));
+  CHECK(m.experts[1].expert_id == bible);
+  CHECK(m.top_k == 3);  // default: every expert, the public one included
+
+  // --exclude and --k
+  build.add_exclude(bible);
+  build.set_top_k(2);
+  m = ValueOrDie(ReleaseManifest::FromJson(ValueOrDie(site.coordinator->BuildRelease(site.admin, build)).manifest_json(), "r2"));
+  CHECK(m.release_id == "rel-0002");
+  CHECK(m.experts.size() == 1);
+  CHECK(m.excluded == std::vector<std::string>{bible});
+  CHECK(m.top_k == 2);
+  build.set_top_k(3);  // only two experts are left
+  CHECK_THAT(std::string(site.coordinator->BuildRelease(site.admin, build).status().message()), Catch::Contains("outside 1..2"));
+  build.clear_exclude();
+  build.add_exclude("nobody/x");
+  CHECK(absl::IsNotFound(site.coordinator->BuildRelease(site.admin, build).status()));
+
+  // Disabling beta's expert: the next release leaves it out; release 1 stays as it was.
+  REQUIRE(set_state(bible, v1::EXPERT_STATE_DISABLED).ok());
+  build.clear_exclude();
+  build.set_top_k(0);
+  const v1::Release r3 = ValueOrDie(site.coordinator->BuildRelease(site.admin, build));
+  m = ValueOrDie(ReleaseManifest::FromJson(r3.manifest_json(), "r3"));
+  CHECK(m.experts.size() == 1);
+  CHECK(m.experts[0].expert_id == code);
+  build.add_exclude(bible);  // a disabled expert is in no release anyway: say so
+  CHECK_THAT(std::string(site.coordinator->BuildRelease(site.admin, build).status().message()), Catch::Contains("disabled"));
+  const v1::Release again = ValueOrDie(site.coordinator->GetRelease("rel-0001"));
+  CHECK(again.manifest_json() == r1.manifest_json());
+  CHECK(ValueOrDie(site.coordinator->GetRelease("")).release_id() == "rel-0003");
+  CHECK(ValueOrDie(site.coordinator->ListReleases()).releases_size() == 3);
+  std::string audit;
+  const v1::TailAuditResponse tail = ValueOrDie(site.coordinator->TailAudit(100));
+  for (const std::string& line : tail.events()) audit += line + "\n";
+  CHECK_THAT(audit, Catch::Contains("release.build"));
+}
+
+TEST_CASE("release manifests: parsing checks every field", "[coordinator_logic]") {
+  ReleaseManifest m;
+  m.release_id = ReleaseIdForNumber(12);
+  m.anchor_id = std::string(64, 'a');
+  m.experts.push_back({1, "acme/code", "acme", "code", "Python", std::string(64, 'b'), 100, 5});
+  m.top_k = 2;
+  m.created_unix = 1700000000;
+  const std::string text = m.ToJson();
+  ReleaseManifest back = ValueOrDie(ReleaseManifest::FromJson(text, "m"));
+  CHECK(back.ToJson() == text);
+  CHECK(back.release_id == "rel-0012");
+  auto broken = [&](const std::string& from, const std::string& to) {
+    std::string t = text;
+    REQUIRE(t.find(from) != std::string::npos);
+    t.replace(t.find(from), from.size(), to);
+    return std::string(ReleaseManifest::FromJson(t, "m").status().message());
+  };
+  CHECK_THAT(broken("\"top_k\": 2", "\"top_k\": 3"), Catch::Contains("top_k"));
+  CHECK_THAT(broken("\"index\": 1", "\"index\": 2"), Catch::Contains("index"));
+  CHECK_THAT(broken(std::string(64, 'b'), "bb"), Catch::Contains("module_sha256"));
+  CHECK_THAT(broken("rel-0012", "rel-x"), Catch::Contains("release id"));
+  CHECK_THAT(broken("flexfed-release/1", "flexfed-release/9"), Catch::Contains("format"));
+  CHECK_THAT(std::string(ReleaseManifest::FromJson("[]", "m").status().message()), Catch::Contains("m: not a valid release manifest"));
 }
 
 }  // namespace

@@ -99,5 +99,29 @@ TEST_CASE("owners, experts and uploads round-trip and commit together", "[sqlite
   CHECK_FALSE(*store->IsBlobReferenced(std::string(64, 'z')));
 }
 
+TEST_CASE("releases are immutable and keep the blobs they name", "[sqlite_store]") {
+  TempDir dir;
+  const std::string module(64, 'c');
+  {
+    auto store = *SqliteStore::Open(dir / "meta.db");
+    REQUIRE(store->AddAnchor(Anchor(std::string(64, 'a'), 1), true).ok());
+    CHECK_FALSE(*store->IsBlobReferenced(module));
+    const ReleaseRecord r{"rel-0001", std::string(64, 'a'), "{\"module_sha256\": \"" + module + "\"}", std::string(64, 'd'), 5};
+    REQUIRE(store->AddRelease(r).ok());
+    CHECK(absl::IsAlreadyExists(store->AddRelease(r)));
+    CHECK(store->GetRelease("rel-0001")->manifest_json == r.manifest_json);
+    CHECK(absl::IsNotFound(store->GetRelease("rel-0002").status()));
+    CHECK(store->ListReleases()->size() == 1);
+    CHECK(*store->IsBlobReferenced(module));  // no garbage collection of a released module
+  }
+  // Not even SQL can change or delete a release.
+  sqlite3* db;
+  REQUIRE(sqlite3_open((dir / "meta.db").c_str(), &db) == SQLITE_OK);
+  CHECK(sqlite3_exec(db, "UPDATE releases SET manifest_json = '{}'", nullptr, nullptr, nullptr) != SQLITE_OK);
+  CHECK(sqlite3_exec(db, "DELETE FROM releases", nullptr, nullptr, nullptr) != SQLITE_OK);
+  sqlite3_close(db);
+  CHECK((*SqliteStore::Open(dir / "meta.db"))->ListReleases()->size() == 1);
+}
+
 }  // namespace
 }  // namespace flexfed
