@@ -1,5 +1,6 @@
 #include "common/router_embedding.h"
 
+#include <cmath>
 #include <cstring>
 #include <regex>
 
@@ -12,6 +13,8 @@ namespace flexfed {
 namespace {
 
 std::string RowName(int64_t layer) { return absl::StrCat("layers.", layer, ".router.weight"); }
+std::string CenterName(int64_t layer) { return absl::StrCat("layers.", layer, ".router.center"); }
+std::string BiasName(int64_t layer) { return absl::StrCat("layers.", layer, ".router.bias"); }
 
 absl::StatusOr<RouterEmbedding> FromMatrix(const std::string& path, at::Tensor t, int64_t num_layers, int64_t hidden) {
   if (!at::isFloatingType(t.scalar_type())) {
@@ -47,10 +50,30 @@ absl::StatusOr<RouterEmbedding> ReadRouterEmbedding(const std::string& path, int
                                                      "]; make it with `flexfed-owner router-init`"));
     }
     e.rows.push_back(row->to(at::kFloat).clone());
+    if ((*file)->Contains(CenterName(l))) {
+      absl::StatusOr<at::Tensor> center = (*file)->Get(CenterName(l));
+      if (!center.ok() || center->dim() != 1 || center->size(0) != hidden) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": '", CenterName(l), "' must have shape [", hidden, "]"));
+      }
+      e.centers.push_back(center->to(at::kFloat).clone());
+    }
+    if ((*file)->Contains(BiasName(l))) {
+      absl::StatusOr<at::Tensor> bias = (*file)->Get(BiasName(l));
+      if (!bias.ok() || bias->numel() != 1 || !std::isfinite(bias->to(at::kFloat).item<float>()) || bias->to(at::kFloat).item<float>() > 0) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": '", BiasName(l), "' must be one finite value ≤ 0"));
+      }
+      e.biases.push_back(bias->to(at::kFloat).reshape({1}).clone());
+    }
   }
-  if ((*file)->Names().size() != static_cast<size_t>(num_layers)) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": holds ", (*file)->Names().size(), " tensors, the model has ",
-                                                   num_layers, " layers"));
+  if (!e.biases.empty() && static_cast<int64_t>(e.biases.size()) != num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": has router biases for some layers only"));
+  }
+  if (!e.centers.empty() && static_cast<int64_t>(e.centers.size()) != num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": has router centers for some layers only"));
+  }
+  if ((*file)->Names().size() != static_cast<size_t>(num_layers) + e.centers.size() + e.biases.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": holds ", (*file)->Names().size(), " tensors; expected one router row",
+                                                   e.centers.empty() ? "" : " and one center", " for each of ", num_layers, " layers"));
   }
   return e;
 }
@@ -59,6 +82,12 @@ absl::Status WriteRouterEmbedding(const std::string& path, const RouterEmbedding
   std::vector<NamedTensor> tensors;
   for (size_t l = 0; l < embedding.rows.size(); ++l) {
     tensors.push_back({RowName(static_cast<int64_t>(l)), embedding.rows[l].detach().to(at::kCPU, at::kFloat).contiguous()});
+  }
+  for (size_t l = 0; l < embedding.biases.size(); ++l) {
+    tensors.push_back({BiasName(static_cast<int64_t>(l)), embedding.biases[l].detach().to(at::kCPU, at::kFloat).reshape({1}).contiguous()});
+  }
+  for (size_t l = 0; l < embedding.centers.size(); ++l) {
+    tensors.push_back({CenterName(static_cast<int64_t>(l)), embedding.centers[l].detach().to(at::kCPU, at::kFloat).contiguous()});
   }
   return WriteSafetensors(path, tensors, embedding.metadata);
 }

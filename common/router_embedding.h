@@ -1,6 +1,8 @@
 // Router embeddings: one vector per layer that routes tokens to an expert (FLEXOLMO.md §3).
 // The file format (also of the anchor's r_pub, `router_pub.safetensors`) is in docs/EXPERT_MODULE.md:
-// tensors `layers.L.router.weight` F32 [H], metadata `mode`, `documents`, `seed`.
+// tensors `layers.L.router.weight` F32 [H] (in r_pub files also `layers.L.router.center` F32 [H]; in
+// owners' anchor-mode files also `layers.L.router.bias` F32 [1], the initial negative bias),
+// metadata `mode`, `documents`, `seed`.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,6 +17,11 @@ namespace flexfed {
 
 struct RouterEmbedding {
   std::vector<at::Tensor> rows;  // per layer [H] fp32
+  // r_pub files only: per layer, the anchor's raw mean hidden state on the public data, from which
+  // owners' anchor-mode embeddings are measured (common/router_init.h). Empty otherwise.
+  std::vector<at::Tensor> centers;
+  // Owners' anchor-mode files only: per layer [1], the negative bias training starts from.
+  std::vector<at::Tensor> biases;
   std::map<std::string, std::string> metadata;
 };
 

@@ -11,7 +11,8 @@
 namespace flexfed {
 
 absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor, const TokenCorpus* corpus,
-                                                    const RouterInitOptions& o, ProgressReporter* progress) {
+                                                    const RouterInitOptions& o, ProgressReporter* progress,
+                                                    const RouterEmbedding* router_pub) {
   const ModelConfig& c = anchor.config();
   RouterEmbedding e;
   e.metadata = {{"mode", o.mode}, {"seed", std::to_string(o.seed)}};
@@ -63,14 +64,24 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   }
   if (progress != nullptr) progress->Finish();
   if (used == 0) return absl::InvalidArgumentError("every sampled document is empty");
-  // Unit length, like the normalised sentence embeddings (GritLM) the paper uses: the direction
-  // says which tokens an expert wants; a raw mean has the hidden state's norm (tens, in trained
-  // models), which makes router logits of hundreds, saturates the softmax and lets the z-loss
-  // push the trained FFNs to shrink the hidden states.
-  for (at::Tensor& s : sums) {
-    at::Tensor mean = s / static_cast<double>(used);
-    e.rows.push_back((mean / mean.norm().clamp_min(1e-12)).to(at::kFloat));
+  const bool relative = router_pub != nullptr && !router_pub->centers.empty();
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const at::Tensor mean = (sums[l] / static_cast<double>(used)).to(at::kFloat);
+    if (relative) {
+      const at::Tensor& center = router_pub->centers[l];
+      const at::Tensor step = mean - center;
+      const double distance = step.norm().clamp_min(1e-12).item<double>();
+      e.rows.push_back(router_pub->rows[l] + step / distance);
+      // Logit(i) − logit(pub) = h·step/|step| + b: zero half-way between the two means when
+      // b = −(|m|² − |center|²) / (2 |step|). Only a negative bias can be carried (min(b, 0)).
+      const double half_way = (mean.square().sum().item<double>() - center.square().sum().item<double>()) / (2 * distance);
+      e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, -half_way)), at::kFloat));
+    } else {
+      e.rows.push_back(mean / mean.norm().clamp_min(1e-12));
+      e.centers.push_back(mean);
+    }
   }
+  e.metadata["relative_to"] = relative ? "router_pub" : "none (this is r_pub; centers kept)";
   e.metadata["documents"] = std::to_string(used);
   e.metadata["max_tokens"] = std::to_string(limit);
   return e;

@@ -19,13 +19,25 @@ struct RouterInitOptions {
   std::string vectors;          // vectors mode: .npy or safetensors, [H] or [L, H]
 };
 
-// anchor: per layer, the mean over sampled documents of the mean hidden state entering that layer,
-//   computed with the frozen anchor and scaled to unit length (the same recipe gives the anchor's
-//   own r_pub on public data).
+// anchor: per layer, m = the mean over sampled documents of the mean hidden state entering that
+//   layer, computed with the frozen anchor. For r_pub itself (public data, no router_pub yet):
+//   r_pub = m / |m|, and m is kept as the layer's "center". For an owner: r_i = r_pub +
+//   (m − center) / |m − center|: the public row plus the unit direction from the public data to the
+//   owner's. Hidden states of all text share one large direction (cosines of 0.9–0.99 between
+//   domain means in the demo's anchor), so rows made from raw means barely differ and route every
+//   token alike; measured from the public center they differ by a unit step towards each domain,
+//   which sends the owner's tokens to its expert and public tokens to expert 0 from the start.
+//   The owner's file also holds the initial negative bias that puts the routing boundary half-way
+//   between the two means (without it, a domain whose hidden states are longer than the public
+//   ones would take public tokens too).
+//   Unit scale keeps router logits near |h| (a raw mean's norm, tens, gives logits of hundreds,
+//   and the z-loss then pushes the trained FFNs to shrink the hidden states).
 // vectors: vectors computed elsewhere (e.g. GritLM embeddings), checked against the hidden size.
 // random: N(0, 0.02²) per entry — for the ablation only (learned rows tend to collapse together).
 // `corpus` is used by the anchor mode only.
+// `router_pub`: the anchor's published r_pub (with its centers), or null when making r_pub itself.
 absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor, const TokenCorpus* corpus,
-                                                    const RouterInitOptions& options, ProgressReporter* progress);
+                                                    const RouterInitOptions& options, ProgressReporter* progress,
+                                                    const RouterEmbedding* router_pub = nullptr);
 
 }  // namespace flexfed

@@ -235,7 +235,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
         t->router_rows_.push_back(row);
         t->trainable_.push_back({absl::StrCat("layers.", l, ".router.weight"), row});
         if (config.router_bias) {
-          at::Tensor bias = at::zeros({1}, at::kFloat).requires_grad_(true);
+          at::Tensor bias = (ri->biases.empty() ? at::zeros({1}, at::kFloat) : ri->biases[l].clone()).requires_grad_(true);
           t->router_bias_.push_back(bias);
           t->trainable_.push_back({absl::StrCat("layers.", l, ".router.bias"), bias});
         }

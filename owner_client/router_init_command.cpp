@@ -14,6 +14,7 @@ struct Options {
   std::vector<std::string> data;
   RouterInitOptions init;
   int threads = 0;
+  bool public_row = false;
 };
 
 absl::Status Run(const Options& o) {
@@ -32,8 +33,17 @@ absl::Status Run(const Options& o) {
     if (!c.ok()) return c.status();
     corpus = *std::move(c);
   }
+  const RouterEmbedding* router_pub = nullptr;
+  if (o.init.mode == "anchor" && !o.public_row) {
+    if (anchor->router_pub.centers.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          o.anchor, ": has no router_pub.safetensors with centers, which anchor-mode rows are measured from; pull the "
+                    "published anchor (operators make r_pub with `router-init --public` on the public data)"));
+    }
+    router_pub = &anchor->router_pub;
+  }
   ProgressReporter progress;
-  absl::StatusOr<RouterEmbedding> e = InitRouterEmbedding(anchor->model, corpus ? &*corpus : nullptr, o.init, &progress);
+  absl::StatusOr<RouterEmbedding> e = InitRouterEmbedding(anchor->model, corpus ? &*corpus : nullptr, o.init, &progress, router_pub);
   if (!e.ok()) return e.status();
   e->metadata["anchor_sha256"] = anchor->id;
   if (absl::Status s = WriteRouterEmbedding(o.out, *e); !s.ok()) return s;
@@ -60,6 +70,7 @@ void AddRouterInitCommand(CLI::App& app) {
   cmd->add_option("--text-field", o->text_field, "JSONL field holding the text");
   cmd->add_option("--cache-dir", o->cache_dir, "Token cache folder");
   cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
+  cmd->add_flag("--public", o->public_row, "Operators: make the anchor's own r_pub (and centers) from the public data");
   cmd->callback([o] { ExitOnError("router-init", Run(*o)); });
 }
 

@@ -82,9 +82,18 @@ struct World {
     TokenCorpus math_corpus = ValueOrDie(TokenCorpus::Build({math}, ByteTokenizer(), {}, cache));
     RouterInitOptions ro;
     ro.samples = 20;
-    REQUIRE(WriteRouterEmbedding(anchor + "/router_pub.safetensors", ValueOrDie(InitRouterEmbedding(a.model, &pub_corpus, ro, nullptr))).ok());
+    const RouterEmbedding pub_row = ValueOrDie(InitRouterEmbedding(a.model, &pub_corpus, ro, nullptr));
+    REQUIRE(pub_row.centers.size() == 2);
+    REQUIRE(WriteRouterEmbedding(anchor + "/router_pub.safetensors", pub_row).ok());
     math_router = dir / "math_router.safetensors";
-    REQUIRE(WriteRouterEmbedding(math_router, ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr))).ok());
+    const RouterEmbedding math_row = ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, &pub_row));
+    CHECK(math_row.centers.empty());
+    for (int l = 0; l < 2; ++l) {
+      // r_pub is a unit vector; an owner's row is r_pub plus a unit step away from the public center.
+      CHECK(std::abs(pub_row.rows[l].norm().item<double>() - 1.0) < 1e-5);
+      CHECK(std::abs((math_row.rows[l] - pub_row.rows[l]).norm().item<double>() - 1.0) < 1e-5);
+    }
+    REQUIRE(WriteRouterEmbedding(math_router, math_row).ok());
   }
   TrainInputs Inputs(const std::string& run) const { return {anchor, math_router, Run(run), cache}; }
   std::string Run(const std::string& run) const { return dir / ("runs/" + run); }

@@ -95,7 +95,7 @@ struct Federation {
                            " --steps 3 --seq-len 32 --batch-size 2 --warmup 1 --val-every 0 --validation-fraction 0 --plain",
                        &out) == 0);
     fs::copy(dir / "anchor_run/model", dir / "anchor");
-    REQUIRE(RunCommand(cache + " " + owner + " router-init --anchor " + dir / "anchor" + " --data " + text + " --out " +
+    REQUIRE(RunCommand(cache + " " + owner + " router-init --public --anchor " + dir / "anchor" + " --data " + text + " --out " +
                            dir / "anchor/router_pub.safetensors", &out) == 0);
     REQUIRE(Admin("anchor publish " + dir / "anchor") == 0);
   }
@@ -163,6 +163,41 @@ TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enabl
   CHECK_THAT(metrics, Catch::Contains("flexfed_experts{state=\"active\"} 1"));
   CHECK_THAT(metrics, Catch::Contains("flexfed_certificate_expiry_seconds{subject=\"owner/beta\"}"));
   CHECK_THAT(f.coordinator->Http("/health"), Catch::Contains("flexfed_up 1"));
+
+  // Releases from the operator's CLI: build, list, show, export; then local inference on the export.
+  REQUIRE(f.Admin("expert enable beta/x") == 0);
+  REQUIRE(f.Admin("release build --k 2 --note first --json") == 0);
+  const nlohmann::json rel = nlohmann::json::parse(f.out);
+  CHECK(rel["release_id"] == "rel-0001");
+  CHECK(rel["num_experts"] == 3);
+  CHECK(rel["experts"][0]["expert_id"] == "acme/x");
+  REQUIRE(f.Admin("release build --exclude acme/x") == 0);
+  CHECK_THAT(f.out, Catch::Contains("rel-0002") && Catch::Contains("excluded: acme/x"));
+  CHECK(f.Admin("release build --k 9") == 1);
+  CHECK_THAT(f.out, Catch::Contains("outside 1..3"));
+  REQUIRE(f.Admin("release list --json") == 0);
+  CHECK(nlohmann::json::parse(f.out).size() == 2);
+  REQUIRE(f.Admin("release export rel-0001 " + f.dir / "rel1") == 0);  // downloads the anchor too
+  const nlohmann::json exported = nlohmann::json::parse(testing::ValueOrDie(ReadFile(f.dir / "rel1/flexfed_release.json")));
+  CHECK(exported == rel);
+  CHECK_FALSE(fs::exists(f.dir / "rel1.parts"));
+  CHECK(f.Admin("release export rel-0001 " + f.dir / "rel1") == 1);  // never overwrites
+  CHECK_THAT(f.out, Catch::Contains("already exists"));
+  REQUIRE(f.Admin("release export rel-0002 " + f.dir / "rel2 --anchor " + f.dir / "anchor") == 0);
+  const std::string ctl = f.ctl;
+  std::string out;
+  REQUIRE(RunCommand(ctl + " eval " + f.dir / "rel1" + " --data t=" + f.dir / "acme.txt" + " --seq-len 16 --exclude 1 --json " +
+                         "--cache-dir " + f.dir / "cache", &out) == 0);
+  const double opted_out = nlohmann::json::parse(out)["results"][0]["bits_per_byte"];
+  REQUIRE(RunCommand(ctl + " eval " + f.dir / "rel2" + " --data t=" + f.dir / "acme.txt" + " --seq-len 16 --json --cache-dir " +
+                         f.dir / "cache", &out) == 0);
+  CHECK(std::abs(opted_out - nlohmann::json::parse(out)["results"][0]["bits_per_byte"].get<double>()) < 1e-5);
+  REQUIRE(RunCommand(ctl + " generate " + f.dir / "rel1" + " --prompt acme --max-new-tokens 5 --json", &out) == 0);
+  CHECK(nlohmann::json::parse(out)["tokens"].size() <= 5);
+  REQUIRE(RunCommand(ctl + " routing " + f.dir / "rel1" + " --text acme --json", &out) == 0);
+  CHECK(nlohmann::json::parse(out)["tokens"].size() == 4);
+  CHECK(RunCommand(ctl + " generate " + f.dir / "rel1" + " --prompt acme --exclude 7", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("expert"));
 }
 
 // One federation, the refusals in turn (each block leaves the others' preconditions intact; the

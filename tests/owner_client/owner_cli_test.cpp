@@ -37,7 +37,7 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   // The operator's side, locally: an anchor and its r_pub.
   REQUIRE(RunCommand(o + " train --pretrain test --data " + dir / "public" + " --run " + dir / "anchor_run" + " --steps 20" + small, &out) == 0);
   fs::copy(dir / "anchor_run/model", dir / "anchor");
-  REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "public" + " --out " + dir / "anchor/router_pub.safetensors", &out) == 0);
+  REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "public" + " --public --out " + dir / "anchor/router_pub.safetensors", &out) == 0);
   // The owner's side.
   REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "mine" + " --out " + dir / "r.safetensors", &out) == 0);
   REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
@@ -72,7 +72,7 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   }
   {  // exporting against another anchor is refused
     fs::copy(dir / "anchor", dir / "anchor2", fs::copy_options::recursive);
-    REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor2" + " --data " + dir / "mine" + " --out " + dir / "anchor2/router_pub.safetensors", &out) == 0);
+    REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor2" + " --data " + dir / "mine" + " --public --out " + dir / "anchor2/router_pub.safetensors", &out) == 0);
     CHECK(RunCommand(o + " export --run " + dir / "run" + " --anchor " + dir / "anchor2" + " --out " + dir / "x.safetensors" + " --owner a --name b", &out) == 1);
     CHECK_THAT(out, Catch::Contains("another anchor"));
     CHECK_FALSE(fs::exists(dir / "x.safetensors"));

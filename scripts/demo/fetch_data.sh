@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fetches the demo's domain text from Debian packages (ARCHITECTURE.md §9) into CACHE/data:
+# `apt-get download` + `dpkg-deb -x`, nothing installed. Cached: a second run does nothing.
+#   public    fortunes                 English quotations and jokes
+#   code      libpython3.11-stdlib     the Python standard library
+#   math      metamath-databases       set.mm, formal mathematics
+#   scripture bible-kjv-text           the King James Bible (decompressed with bible-kjv's own
+#                                      `bible` program, extracted from its package, not installed)
+set -euo pipefail
+cache=${1:?usage: fetch_data.sh CACHE_DIR}
+here=$(cd "$(dirname "$0")" && pwd)
+data=$cache/data
+version=1  # bump when the preparation changes
+if [[ -f $data/domains.json && "$(cat "$data/.version" 2>/dev/null)" == "$version" ]]; then
+  echo "domain text cached in $data"
+  exit 0
+fi
+debs=$cache/debs
+mkdir -p "$debs"
+packages=(fortunes libpython3.11-stdlib metamath-databases bible-kjv-text bible-kjv)
+missing=()
+for p in "${packages[@]}"; do
+  compgen -G "$debs/${p}_*.deb" >/dev/null || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "downloading ${missing[*]} (apt-get download)"
+  # apt's sandbox user cannot write to a root-owned cache; download as root when we are root.
+  (cd "$debs" && apt-get download -o APT::Sandbox::User=root "${missing[@]}" >/dev/null) || {
+    echo "fetch_data.sh: apt-get download failed; check the network and the apt sources, then run again" >&2
+    exit 1
+  }
+fi
+root=$cache/extracted
+rm -rf "$root" && mkdir -p "$root"
+for p in "${packages[@]}"; do dpkg-deb -x "$(compgen -G "$debs/${p}_*.deb" | head -1)" "$root"; done
+"$root/usr/bin/bible" -f -p "$root/usr/lib" 'gen1:1-rev22:21' >"$root/kjv.txt"
+[[ -s $root/kjv.txt ]] || { echo "fetch_data.sh: could not decompress the KJV text" >&2; exit 1; }
+rm -rf "$data.tmp"
+/usr/bin/python3 "$here/prepare_data.py" "$root" "$root/kjv.txt" "$data.tmp"
+echo "$version" >"$data.tmp/.version"
+rm -rf "$data" && mv "$data.tmp" "$data"
+rm -rf "$root"
