@@ -68,14 +68,15 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const at::Tensor mean = (sums[l] / static_cast<double>(used)).to(at::kFloat);
     if (relative) {
+      // v = 2D (m − c) / |m − c|²: logit(i) − logit(pub) = h·v + b is +D at the owner's mean,
+      // −D at the public one and 0 half-way when b = −D (|m|² − |c|²) / |m − c|². Only a
+      // negative bias can be carried (min(b, 0)).
       const at::Tensor& center = router_pub->centers[l];
       const at::Tensor step = mean - center;
-      const double distance = step.norm().clamp_min(1e-12).item<double>();
-      e.rows.push_back(router_pub->rows[l] + step / distance);
-      // Logit(i) − logit(pub) = h·step/|step| + b: zero half-way between the two means when
-      // b = −(|m|² − |center|²) / (2 |step|). Only a negative bias can be carried (min(b, 0)).
-      const double half_way = (mean.square().sum().item<double>() - center.square().sum().item<double>()) / (2 * distance);
-      e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, -half_way)), at::kFloat));
+      const double distance2 = std::max(step.square().sum().item<double>(), 1e-24);
+      e.rows.push_back(router_pub->rows[l] + step * (2 * o.margin / distance2));
+      const double bias = -o.margin * (mean.square().sum().item<double>() - center.square().sum().item<double>()) / distance2;
+      e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, bias)), at::kFloat));
     } else {
       e.rows.push_back(mean / mean.norm().clamp_min(1e-12));
       e.centers.push_back(mean);

@@ -88,10 +88,17 @@ struct World {
     math_router = dir / "math_router.safetensors";
     const RouterEmbedding math_row = ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, &pub_row));
     CHECK(math_row.centers.empty());
+    // The math data's own mean, as a center: what the owner's row is measured against.
+    const RouterEmbedding math_mean = ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr));
     for (int l = 0; l < 2; ++l) {
-      // r_pub is a unit vector; an owner's row is r_pub plus a unit step away from the public center.
+      // r_pub is a unit vector; the owner's row adds v with v·(m − c) = 2D, and the bias puts
+      // the boundary half-way (as far as a bias ≤ 0 can).
       CHECK(std::abs(pub_row.rows[l].norm().item<double>() - 1.0) < 1e-5);
-      CHECK(std::abs((math_row.rows[l] - pub_row.rows[l]).norm().item<double>() - 1.0) < 1e-5);
+      const at::Tensor m = math_mean.centers[l].to(at::kDouble), c = pub_row.centers[l].to(at::kDouble);
+      const at::Tensor v = (math_row.rows[l] - pub_row.rows[l]).to(at::kDouble);
+      CHECK(std::abs(v.dot(m - c).item<double>() - 2 * ro.margin) < 1e-3);
+      const double half_way = -v.dot((m + c) / 2).item<double>();
+      CHECK(std::abs(math_row.biases[l].item<double>() - std::min(0.0, half_way)) < 1e-3 * std::max(1.0, std::abs(half_way)));
     }
     REQUIRE(WriteRouterEmbedding(math_router, math_row).ok());
   }
@@ -151,7 +158,7 @@ TEST_CASE("after a step only expert 1, r_i and b_i have gradients; nothing froze
   }
 }
 
-TEST_CASE("an expert trained on its domain beats the anchor there and takes most of its tokens", "[training]") {
+TEST_CASE("an expert trained on its domain beats the anchor there and takes its tokens far more often than public ones", "[training]") {
   World& w = TheWorld();
   TrainConfig c = SmallRun({w.math});
   c.max_steps = 60;
@@ -181,8 +188,10 @@ TEST_CASE("an expert trained on its domain beats the anchor there and takes most
   };
   const double math_share = top1_share(w.math), public_share = top1_share(w.pub);
   INFO("expert-1 share: math " << math_share << ", public " << public_share);
-  CHECK(math_share > 0.5);
-  CHECK(math_share > public_share);
+  // The router starts with its boundary half-way between the public and the math means
+  // (router-init), so about half of the math tokens and few public ones pick expert 1 first.
+  CHECK(math_share > 0.4);
+  CHECK(math_share > 2 * public_share);
 
   // Export: the module holds exactly the allow-listed tensors and validates against the anchor.
   Anchor a = ValueOrDie(LoadAnchor(w.anchor));
