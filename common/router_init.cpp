@@ -68,14 +68,15 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const at::Tensor mean = (sums[l] / static_cast<double>(used)).to(at::kFloat);
     if (relative) {
-      // v = 2D (m − c) / |m − c|²: logit(i) − logit(pub) = h·v + b is +D at the owner's mean,
-      // −D at the public one and 0 half-way when b = −D (|m|² − |c|²) / |m − c|². Only a
-      // negative bias can be carried (min(b, 0)).
+      // v = 2D (m − c) / |m − c|² and b = −v·(c + f (m − c)): logit(i) − logit(pub) = h·v + b
+      // is 0 at the fraction f of the way from the public mean to the owner's, 2D(1 − f) at
+      // the owner's mean and −2Df at the public one. Only a negative bias can be carried.
       const at::Tensor& center = router_pub->centers[l];
       const at::Tensor step = mean - center;
       const double distance2 = std::max(step.square().sum().item<double>(), 1e-24);
-      e.rows.push_back(router_pub->rows[l] + step * (2 * o.margin / distance2));
-      const double bias = -o.margin * (mean.square().sum().item<double>() - center.square().sum().item<double>()) / distance2;
+      const at::Tensor v = step * (2 * o.margin / distance2);
+      e.rows.push_back(router_pub->rows[l] + v);
+      const double bias = -(v.dot(center).item<double>() + 2 * o.margin * o.boundary);
       e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, bias)), at::kFloat));
     } else {
       e.rows.push_back(mean / mean.norm().clamp_min(1e-12));

@@ -16,7 +16,8 @@ struct RouterInitOptions {
   int64_t samples = 1000;       // documents sampled (anchor mode)
   uint64_t seed = 0;
   int64_t max_tokens = 512;
-  double margin = 3.0;  // anchor mode: router logit margin D between the owner's and the public mean     // tokens of each document used (anchor mode)
+  double margin = 3.0;    // anchor mode: router logit margin D between the owner's and the public mean
+  double boundary = 0.5;  // anchor mode: where between the public (0) and the owner's mean (1) routing flips     // tokens of each document used (anchor mode)
   std::string vectors;          // vectors mode: .npy or safetensors, [H] or [L, H]
 };
 
@@ -24,7 +25,8 @@ struct RouterInitOptions {
 //   layer, computed with the frozen anchor. For r_pub itself (public data, no router_pub yet):
 //   r_pub = m / |m|, and m is kept as the layer's "center" c. For an owner: r_i = r_pub +
 //   2D (m − c) / |m − c|²: the public row plus a step from the public data towards the owner's,
-//   scaled so that the logit margin is D (`margin`) at either mean. Hidden states of all text share one large direction (cosines of 0.9–0.99 between
+//   scaled so that the logit margin is D (`margin`) at either mean when the boundary is half-way
+//   (`boundary` moves it towards the owner's mean: fewer foreign tokens reach the expert). Hidden states of all text share one large direction (cosines of 0.9–0.99 between
 //   domain means in the demo's anchor), so rows made from raw means barely differ and route every
 //   token alike; measured from the public center they differ by a unit step towards each domain,
 //   which sends the owner's tokens to its expert and public tokens to expert 0 from the start;

@@ -67,6 +67,8 @@ void AddRouterInitCommand(CLI::App& app) {
   cmd->add_option("--samples", o->init.samples, "Documents to sample (anchor mode)")->check(CLI::PositiveNumber);
   cmd->add_option("--max-tokens", o->init.max_tokens, "Tokens used per document (anchor mode)")->check(CLI::PositiveNumber);
   cmd->add_option("--margin", o->init.margin, "anchor mode: router logit margin between your data and the public data")->check(CLI::PositiveNumber);
+  cmd->add_option("--boundary", o->init.boundary, "anchor mode: where routing flips, 0 = at the public mean, 1 = at yours")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->init.seed, "Sampling seed");
   cmd->add_option("--text-field", o->text_field, "JSONL field holding the text");
   cmd->add_option("--cache-dir", o->cache_dir, "Token cache folder");

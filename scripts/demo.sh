@@ -62,7 +62,8 @@ threads=$(nproc)
 anchor_steps=${FLEXFED_DEMO_ANCHOR_STEPS:-200}
 expert_steps=${FLEXFED_DEMO_EXPERT_STEPS:-40}
 expert_lr=${FLEXFED_DEMO_EXPERT_LR:-1e-3}
-train_args=(--seq-len 256 --batch-size 16 --warmup 5 --val-every 0 --log-every 10 --checkpoint-every 1000 --plain)
+boundary=${FLEXFED_DEMO_BOUNDARY:-0.5}  # router-init --boundary
+train_args=(--seq-len 256 --batch-size 16 --val-every 0 --log-every 10 --checkpoint-every 1000 --plain)
 owners=(code math scripture)
 declare -A org=([code]=pyorg [math]=mathlab [scripture]=abbey)
 declare -A describe=([code]="Python standard library source" [math]="Metamath set.mm formal proofs"
@@ -121,10 +122,10 @@ owner_side() {
   "$owner" enroll --owner "$id" --token "$(cat "$work/logs/$id.token")" --ca-cert "$work/ca/ca.crt" \
     --ca-fingerprint "$fingerprint" "${net[@]}"
   "$owner" pull --to "$home/anchor" "${net[@]}"
-  "$owner" router-init --anchor "$home/anchor" --data "$data/$d/train.jsonl" --samples 200 \
+  "$owner" router-init --anchor "$home/anchor" --data "$data/$d/train.jsonl" --samples 200 --boundary "$boundary" \
     --out "$home/router.safetensors" --threads 1
   "$owner" train --anchor "$home/anchor" --router-init "$home/router.safetensors" --run "$home/run" \
-    --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" "${train_args[@]}" --threads 1
+    --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   "$owner" export --run "$home/run" --anchor "$home/anchor" --out "$home/$d.expert.safetensors" \
     --owner "$id" --name "$d" --domain "${describe[$d]}"
   "$owner" push "$home/$d.expert.safetensors" --expert "$id/$d" --anchor "$home/anchor" "${net[@]}"
@@ -138,12 +139,12 @@ ablation_side() {
   if [[ $kind == random ]]; then
     "$owner" router-init --mode random --seed 7 --anchor "$anchor_copy" --out "$home/router.safetensors"
     "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" \
-      --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" "${train_args[@]}" --threads 1
+      --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   else
     "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 \
       --out "$home/router.safetensors" --threads 1
     "$owner" train --dense --anchor "$anchor_copy" --run "$home/run" \
-      --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" "${train_args[@]}" --threads 1
+      --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   fi
   "$owner" export --run "$home/run" --anchor "$anchor_copy" --out "$home/expert.safetensors" --owner "${org[$d]}" \
     --name "$d" --domain "${describe[$d]}" $([[ $kind == dense ]] && echo --router-init "$home/router.safetensors")

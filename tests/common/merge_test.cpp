@@ -12,6 +12,8 @@
 #include "common/model.h"
 #include "common/router_embedding.h"
 #include "common/tokenizer.h"
+#include "common/file_util.h"
+#include "evaluation/suite.h"
 #include "tests/temp_dir.h"
 #include "tests/test_util.h"
 
@@ -215,6 +217,44 @@ TEST_CASE("generation: greedy with the KV cache equals re-running the model; sam
   CHECK(ValueOrDie(Generate(m, tok, prompt, g)).tokens == ValueOrDie(Generate(m, tok, prompt, greedy_all)).tokens);
   g.max_new_tokens = 10000;
   CHECK_THAT(std::string(Generate(m, tok, prompt, g).status().message()), Catch::Contains("positions"));
+}
+
+TEST_CASE("the evaluation suite scores every row on every domain and checks the expected results", "[merge]") {
+  Federation f;
+  std::string a_text, b_text;
+  for (int i = 0; i < 400; ++i) {
+    a_text += "alpha beta gamma " + std::to_string(i % 13) + "\n";
+    b_text += "{x: " + std::to_string(i * 7 % 101) + "}\n";
+  }
+  REQUIRE(WriteFileAtomically(f.dir / "a.txt", a_text).ok());
+  REQUIRE(WriteFileAtomically(f.dir / "b.txt", b_text).ok());
+  const nlohmann::json spec_json = {
+      {"anchor", f.anchor_dir},
+      {"domains", {{{"name", "public"}, {"heldout", f.dir / "a.txt"}}, {{"name", "b"}, {"heldout", f.dir / "b.txt"}}}},
+      {"owners", {{{"name", "bee"}, {"domain", "b"}, {"module", f.Module("bee", 1)}, {"dense_module", f.Module("bee_dense", 2)}}}},
+      {"top_k", {0, 1}}, {"seq_len", 32}, {"max_sequences", 4}, {"btm_prefix", 8}, {"cache_dir", f.dir / "cache"}};
+  SuiteSpec spec = ValueOrDie(SuiteSpec::FromJson(spec_json, "spec"));
+  std::vector<std::string> lines;
+  nlohmann::json r = ValueOrDie(RunSuite(spec, [&](const std::string& l) { lines.push_back(l); }));
+  std::vector<std::string> names;
+  for (const auto& row : r["rows"]) names.push_back(row["name"]);
+  CHECK(names == std::vector<std::string>{"Public anchor", "Two-expert model: bee", "Model soup (mean of the experts' FFNs)",
+                                          "BTM (ensemble of the two-expert models, prefix 8, tau 1)",
+                                          "FlexOlmo merged (2 experts, k = 2)", "FlexOlmo without the negative bias",
+                                          "No coordination (dense experts merged)", "FlexOlmo, bee opted out",
+                                          "FlexOlmo merged (2 experts, k = 1)"});
+  CHECK(lines.size() == names.size() - 1);  // BTM is computed from the two-expert scores, not run
+  // With one owner, the merged model is its two-expert model, BTM its only member, and the opt-out the anchor.
+  auto bpb = [&](size_t row, const char* d) { return r["rows"][row]["bits_per_byte"][d].get<double>(); };
+  CHECK(bpb(4, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
+  CHECK(bpb(3, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
+  CHECK(bpb(7, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
+  CHECK(r["routing"]["b"].size() == 2);  // [layer][expert] shares of the merged model
+  CHECK(r["routing"]["b"][0][0].get<double>() + r["routing"]["b"][0][1].get<double>() == Approx(1.0));
+  CHECK(r["checks"].size() == 7);  // 2 per owner, public, soup, BTM, 2 per opt-out
+  CHECK_THAT(r["table"].get<std::string>(), Catch::Contains("| Public anchor |"));
+  CHECK_THAT(std::string(SuiteSpec::FromJson({{"anchor", "x"}, {"domains", nlohmann::json::array()}}, "s").status().message()),
+             Catch::Contains("owners"));
 }
 
 TEST_CASE("top-p keeps the smallest set of tokens with that much probability", "[merge]") {
