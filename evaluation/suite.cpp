@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/anchor.h"
+#include "common/data.h"
 #include "common/evaluation.h"
 #include "common/merge.h"
 #include "common/model.h"
@@ -261,7 +262,7 @@ absl::StatusOr<SuiteSpec> SuiteSpec::FromJson(const json& j, const std::string& 
     s.batch_size = j.value("batch_size", s.batch_size);
     s.btm_prefix = j.value("btm_prefix", s.btm_prefix);
     s.btm_tau = j.value("btm_tau", s.btm_tau);
-    s.cache_dir = j.value("cache_dir", s.cache_dir);
+    s.cache_dir = j.value("cache_dir", DefaultTokenCacheDir());
     s.threads = j.value("threads", s.threads);
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", e.what()));

@@ -36,7 +36,7 @@ struct SuiteSpec {
   int64_t batch_size = 8;
   int64_t btm_prefix = 32;
   double btm_tau = 1.0;
-  std::string cache_dir;
+  std::string cache_dir;  // token cache; default DefaultTokenCacheDir()
   int threads = 0;
 
   static absl::StatusOr<SuiteSpec> FromJson(const nlohmann::json& j, const std::string& source);
