@@ -73,10 +73,14 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
       // the owner's mean and −2Df at the public one. Only a negative bias can be carried.
       const at::Tensor& center = router_pub->centers[l];
       const at::Tensor step = mean - center;
-      const double distance2 = std::max(step.square().sum().item<double>(), 1e-24);
-      const at::Tensor v = step * (2 * o.margin / distance2);
+      // Where the means nearly coincide (layer 0 sees single-token embeddings) the step is
+      // floored at a quarter of |c|: otherwise v explodes, logits saturate and the row's
+      // gradient underflows to exactly 0 (a dead router row).
+      const double distance = step.norm().item<double>();
+      const double floor = std::max(distance, std::max(0.25 * center.norm().item<double>(), 1e-12));
+      const at::Tensor v = step * (2 * o.margin / (std::max(distance, 1e-12) * floor));
       e.rows.push_back(router_pub->rows[l] + v);
-      const double bias = -(v.dot(center).item<double>() + 2 * o.margin * o.boundary);
+      const double bias = -v.dot(center + o.boundary * step).item<double>();
       e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, bias)), at::kFloat));
     } else {
       e.rows.push_back(mean / mean.norm().clamp_min(1e-12));

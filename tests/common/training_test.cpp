@@ -96,7 +96,8 @@ struct World {
       CHECK(std::abs(pub_row.rows[l].norm().item<double>() - 1.0) < 1e-5);
       const at::Tensor m = math_mean.centers[l].to(at::kDouble), c = pub_row.centers[l].to(at::kDouble);
       const at::Tensor v = (math_row.rows[l] - pub_row.rows[l]).to(at::kDouble);
-      CHECK(std::abs(v.dot(m - c).item<double>() - 2 * ro.margin) < 1e-3);
+      const double d = (m - c).norm().item<double>();
+      CHECK(std::abs(v.dot(m - c).item<double>() - 2 * ro.margin * d / std::max(d, 0.25 * c.norm().item<double>())) < 1e-3);
       const double half_way = -v.dot((m + c) / 2).item<double>();
       CHECK(std::abs(math_row.biases[l].item<double>() - std::min(0.0, half_way)) < 1e-3 * std::max(1.0, std::abs(half_way)));
     }
