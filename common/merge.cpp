@@ -114,35 +114,42 @@ absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector
   return out;
 }
 
+absl::Status WriteModelDirectory(const FlexOlmoModel& model, const std::string& anchor_dir, const std::string& out_dir,
+                                 uint64_t max_shard_bytes, const std::map<std::string, std::string>& extra_files) {
+  std::error_code ec;
+  if (fs::exists(out_dir, ec)) {
+    return absl::AlreadyExistsError(absl::StrCat(out_dir, ": already exists; choose a new output directory"));
+  }
+  const fs::path final_dir = fs::absolute(out_dir);
+  const fs::path tmp = final_dir.parent_path() / absl::StrCat(".", final_dir.filename().string(), ".partial-", RandomHex(4));
+  absl::Status s = model.Save(tmp.string(), max_shard_bytes);
+  for (const std::string& name : TokenizerFileNames()) {
+    const fs::path src = fs::path(anchor_dir) / name;
+    if (!s.ok() || !fs::exists(src, ec)) continue;
+    absl::StatusOr<std::string> bytes = ReadFile(src.string());
+    s = bytes.ok() ? WriteFileAtomically((tmp / name).string(), *bytes) : bytes.status();
+  }
+  for (const auto& [name, contents] : extra_files) {
+    if (s.ok()) s = WriteFileAtomically((tmp / name).string(), contents);
+  }
+  if (s.ok()) {
+    fs::rename(tmp, final_dir, ec);
+    if (ec) s = absl::InternalError(absl::StrCat(out_dir, ": cannot move the model into place: ", ec.message()));
+  }
+  if (!s.ok()) fs::remove_all(tmp, ec);
+  return s;
+}
+
 absl::StatusOr<MergedModel> MergeToCheckpoint(const std::string& anchor_dir, const std::vector<std::string>& module_paths,
                                               const MergeOptions& options, const std::string& out_dir,
                                               const std::vector<std::string>& expected_sha256) {
-  std::error_code ec;
-  if (fs::exists(out_dir, ec)) {
+  if (fs::exists(out_dir)) {  // before the (long) merge; WriteModelDirectory checks again
     return absl::AlreadyExistsError(absl::StrCat(out_dir, ": already exists; choose a new output directory"));
   }
   absl::StatusOr<Anchor> anchor = LoadAnchor(anchor_dir);
   if (!anchor.ok()) return anchor.status();
   absl::StatusOr<MergedModel> merged = MergeExperts(*anchor, module_paths, options, expected_sha256);
   if (!merged.ok()) return merged.status();
-
-  const fs::path final_dir = fs::absolute(out_dir);
-  const fs::path tmp = final_dir.parent_path() / absl::StrCat(".", final_dir.filename().string(), ".partial-", RandomHex(4));
-  auto fail = [&](absl::Status s) {
-    fs::remove_all(tmp, ec);
-    return s;
-  };
-  if (absl::Status s = merged->model.Save(tmp.string(), options.max_shard_bytes); !s.ok()) return fail(s);
-  for (const std::string& name : TokenizerFileNames()) {
-    const fs::path src = fs::path(anchor_dir) / name;
-    if (!fs::exists(src, ec)) continue;
-    absl::StatusOr<std::string> bytes = ReadFile(src.string());
-    if (!bytes.ok()) return fail(bytes.status());
-    if (absl::Status s = WriteFileAtomically((tmp / name).string(), *bytes); !s.ok()) return fail(s);
-  }
-  for (const auto& [name, contents] : options.extra_files) {
-    if (absl::Status s = WriteFileAtomically((tmp / name).string(), contents); !s.ok()) return fail(s);
-  }
   nlohmann::json experts = nlohmann::json::array();
   for (size_t i = 0; i < merged->experts.size(); ++i) {
     const MergedExpert& e = merged->experts[i];
@@ -158,11 +165,11 @@ absl::StatusOr<MergedModel> MergeToCheckpoint(const std::string& anchor_dir, con
                                  {"top_k", merged->model.config().num_experts_per_tok},
                                  {"router_bias", merged->model.layers()[0].router_bias.defined()},
                                  {"experts", experts}};
-  if (absl::Status s = WriteFileAtomically((tmp / kMergeRecordFileName).string(), record.dump(2) + "\n"); !s.ok()) {
-    return fail(s);
+  std::map<std::string, std::string> files = options.extra_files;
+  files[kMergeRecordFileName] = record.dump(2) + "\n";
+  if (absl::Status s = WriteModelDirectory(merged->model, anchor_dir, out_dir, options.max_shard_bytes, files); !s.ok()) {
+    return s;
   }
-  fs::rename(tmp, final_dir, ec);
-  if (ec) return fail(absl::InternalError(absl::StrCat(out_dir, ": cannot move the merged model into place: ", ec.message())));
   return merged;
 }
 

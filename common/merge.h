@@ -56,6 +56,12 @@ absl::StatusOr<MergedModel> MergeToCheckpoint(const std::string& anchor_dir, con
                                               const MergeOptions& options, const std::string& out_dir,
                                               const std::vector<std::string>& expected_sha256 = {});
 
+// Writes `model` to `out_dir` (which must not exist) as a checkpoint directory together with the
+// anchor's tokenizer files and `extra_files` (name → contents). The directory appears complete or
+// not at all: it is written next to `out_dir` and renamed.
+absl::Status WriteModelDirectory(const FlexOlmoModel& model, const std::string& anchor_dir, const std::string& out_dir,
+                                 uint64_t max_shard_bytes, const std::map<std::string, std::string>& extra_files);
+
 // Model soup (the paper's baseline): a dense model whose FFN in every layer is the element-wise
 // mean of the modules' FFNs; everything else is the anchor's.
 absl::StatusOr<FlexOlmoModel> SoupModel(const Anchor& anchor, const std::vector<std::string>& module_paths);

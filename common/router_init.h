@@ -15,27 +15,26 @@ struct RouterInitOptions {
   std::string mode = "anchor";  // anchor | vectors | random
   int64_t samples = 1000;       // documents sampled (anchor mode)
   uint64_t seed = 0;
-  int64_t max_tokens = 512;
-  double margin = 3.0;    // anchor mode: router logit margin D between the owner's and the public mean
-  double boundary = 0.5;  // anchor mode: where between the public (0) and the owner's mean (1) routing flips     // tokens of each document used (anchor mode)
+  int64_t max_tokens = 512;     // tokens of each document used (anchor mode)
+  double margin = 3.0;          // anchor mode: router logit margin D at the owner's mean
+  double boundary = 0.5;        // anchor mode: where routing flips, 0 = the public mean, 1 = the owner's
   std::string vectors;          // vectors mode: .npy or safetensors, [H] or [L, H]
 };
 
 // anchor: per layer, m = the mean over sampled documents of the mean hidden state entering that
-//   layer, computed with the frozen anchor. For r_pub itself (public data, no router_pub yet):
-//   r_pub = m / |m|, and m is kept as the layer's "center" c. For an owner: r_i = r_pub +
-//   2D (m − c) / |m − c|²: the public row plus a step from the public data towards the owner's,
-//   scaled so that the logit margin is D (`margin`) at either mean when the boundary is half-way
-//   (`boundary` moves it towards the owner's mean: fewer foreign tokens reach the expert). Hidden states of all text share one large direction (cosines of 0.9–0.99 between
-//   domain means in the demo's anchor), so rows made from raw means barely differ and route every
-//   token alike; measured from the public center they differ by a unit step towards each domain,
-//   which sends the owner's tokens to its expert and public tokens to expert 0 from the start;
-//   scaling by the distance matters most in layer 0, where inputs are embeddings of norm ~0.3.
-//   The owner's file also holds the initial negative bias that puts the routing boundary half-way
-//   between the two means (without it, a domain whose hidden states are longer than the public
-//   ones would take public tokens too).
-//   r_pub has unit length: a raw mean's norm (tens) gives logits of hundreds, and the z-loss then
-//   pushes the trained FFNs to shrink the hidden states.
+//   layer, computed with the frozen anchor.
+//   - For r_pub itself (public data, `router_pub` null): r_pub = m / |m|, and m is kept as the
+//     layer's center c. Unit length because raw means (norm 20–26 in the demo's anchor) give
+//     logits large enough for the z-loss to drive training the wrong way.
+//   - For an owner: r_i = r_pub + v with v = 2D (m − c) / (|m − c| · max(|m − c|, |c| / 4)), and an
+//     initial bias b = −v·(c + f (m − c)) (kept only if ≤ 0). Then logit(i) − logit(pub) = h·v + b
+//     is 0 at the fraction f (`boundary`) of the way from c to m and 2D(1 − f) at m (less where the
+//     floor applies). Why: hidden
+//     states of all text share one large direction (cosine 0.88–0.99 between the public and the
+//     code or scripture means in the demo's anchor), so rows from raw means route every token
+//     alike. The floor on the distance keeps v bounded where the means nearly coincide (layer 0,
+//     whose inputs are single-token embeddings): otherwise logits saturate and the row's
+//     gradient is exactly 0.
 // vectors: vectors computed elsewhere (e.g. GritLM embeddings), checked against the hidden size.
 // random: N(0, 0.02²) per entry — for the ablation only (learned rows tend to collapse together).
 // `corpus` is used by the anchor mode only.

@@ -75,7 +75,6 @@ class Suite {
       Score(name, "merged", merged->model, {}, i == 0 ? &routing_ : nullptr);
       if (i > 0) continue;
       main_row = name;
-      main_k_ = k;
       MergeOptions no_bias = options;
       no_bias.with_router_bias = false;
       absl::StatusOr<MergedModel> nb = MergeExperts(*anchor_, modules, no_bias);
@@ -241,7 +240,6 @@ class Suite {
   std::map<std::string, EvalText> texts_;
   std::vector<Row> rows_;
   json routing_ = json::object();
-  int64_t main_k_ = 0;
 };
 
 }  // namespace

@@ -21,8 +21,6 @@ void AddNetworkCommands(CLI::App& app);
 
 // Prints "flexfed-owner <command>: error: <message>" and exits 1 when `status` is not OK.
 void ExitOnError(const std::string& command, const absl::Status& status);
-// Sets LibTorch's intra-op threads: `threads` > 0, else every core.
-void SetThreads(int threads);
 // $FLEXFED_CACHE_DIR, else $XDG_CACHE_HOME/flexfed, else ~/.cache/flexfed; + "/tokens".
 using flexfed::DefaultTokenCacheDir;  // common/data.h
 

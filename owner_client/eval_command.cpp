@@ -19,7 +19,7 @@ struct Options {
 };
 
 absl::Status Run(const Options& o) {
-  SetThreads(o.threads);
+  SetCpuThreads(o.threads);
   absl::StatusOr<FlexOlmoModel> model = FlexOlmoModel::Load(o.model);
   if (!model.ok()) return model.status();
   const ModelConfig& c = model->config();

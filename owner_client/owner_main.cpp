@@ -17,8 +17,6 @@ void ExitOnError(const std::string& command, const absl::Status& status) {
   std::exit(1);
 }
 
-void SetThreads(int threads) { SetCpuThreads(threads); }
-
 }  // namespace flexfed::owner
 
 int main(int argc, char** argv) {

@@ -18,7 +18,7 @@ struct Options {
 };
 
 absl::Status Run(const Options& o) {
-  SetThreads(o.threads);
+  SetCpuThreads(o.threads);
   // r_pub itself is made with this command before the anchor has one: do not require it.
   absl::StatusOr<Anchor> anchor = LoadAnchor(o.anchor, /*require_router_pub=*/false);
   if (!anchor.ok()) return anchor.status();

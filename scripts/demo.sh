@@ -167,7 +167,6 @@ in_parallel() {
 }
 
 begin "owners: enroll, pull, router-init, train, export, push (one process tree each)"
-set -o pipefail
 in_parallel owner_side "" "${owners[@]}"
 end
 

@@ -29,8 +29,6 @@ void ExitOnError(const std::string& command, const absl::Status& s) {
   std::exit(1);
 }
 
-void SetThreads(int threads) { SetCpuThreads(threads); }
-
 // A model and its tokenizer, with the routing a command's --allow/--exclude asked for.
 struct LoadedModel {
   std::optional<FlexOlmoModel> model;
@@ -80,27 +78,13 @@ struct MergeArgs {
 };
 
 absl::Status RunMerge(const MergeArgs& a) {
-  SetThreads(a.threads);
+  SetCpuThreads(a.threads);
   if (a.soup) {
-    if (std::filesystem::exists(a.out)) return absl::AlreadyExistsError(absl::StrCat(a.out, ": already exists; choose a new directory"));
     absl::StatusOr<Anchor> anchor = LoadAnchor(a.anchor);
     if (!anchor.ok()) return anchor.status();
     absl::StatusOr<FlexOlmoModel> soup = SoupModel(*anchor, a.modules);
     if (!soup.ok()) return soup.status();
-    const std::string tmp = absl::StrCat(a.out, ".partial-", RandomHex(4));
-    absl::Status s = soup->Save(tmp, a.max_shard_mib << 20);
-    for (const std::string& name : TokenizerFileNames()) {
-      const std::string src = absl::StrCat(a.anchor, "/", name);
-      if (!s.ok() || !std::filesystem::exists(src)) continue;
-      absl::StatusOr<std::string> bytes = ReadFile(src);
-      s = bytes.ok() ? WriteFileAtomically(absl::StrCat(tmp, "/", name), *bytes) : bytes.status();
-    }
-    std::error_code ec;
-    if (s.ok()) std::filesystem::rename(tmp, a.out, ec);
-    if (!s.ok() || ec) {
-      std::filesystem::remove_all(tmp, ec);
-      return s.ok() ? absl::InternalError(absl::StrCat(a.out, ": cannot move the model into place")) : s;
-    }
+    if (absl::Status s = WriteModelDirectory(*soup, a.anchor, a.out, a.max_shard_mib << 20, {}); !s.ok()) return s;
     std::cout << absl::StrFormat("wrote the model soup of %d experts (a dense %s model) to %s\n", a.modules.size(),
                                  soup->config().model_type, a.out);
     return absl::OkStatus();
@@ -135,7 +119,7 @@ struct EvalArgs {
 };
 
 absl::Status RunEval(const EvalArgs& a) {
-  SetThreads(a.threads);
+  SetCpuThreads(a.threads);
   absl::StatusOr<LoadedModel> m = LoadModel(a.model, a.experts.exclude, a.experts.allow);
   if (!m.ok()) return m.status();
   if (a.seq_len > m->model->config().max_position_embeddings) {
@@ -187,7 +171,7 @@ void StreamText(const std::string& text, size_t* printed) {
 }
 
 absl::Status RunGenerate(const GenerateArgs& a) {
-  SetThreads(a.threads);
+  SetCpuThreads(a.threads);
   std::string prompt = a.prompt;
   if (!a.prompt_file.empty()) {
     absl::StatusOr<std::string> text = ReadFile(a.prompt_file);
@@ -246,7 +230,7 @@ std::string Printable(const std::string& s) {
 }
 
 absl::Status RunRouting(const RoutingArgs& a) {
-  SetThreads(a.threads);
+  SetCpuThreads(a.threads);
   absl::StatusOr<LoadedModel> m = LoadModel(a.model, a.experts.exclude, a.experts.allow);
   if (!m.ok()) return m.status();
   const ModelConfig& c = m->model->config();

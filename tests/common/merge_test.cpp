@@ -160,6 +160,13 @@ TEST_CASE("the model soup's FFN is the mean of the experts' FFNs", "[merge]") {
   auto b = ValueOrDie(ReadExpertModule(*ValueOrDie(SafetensorsFile::Open(modules[1])), 2));
   CHECK(RelativeError(soup.layers()[1].experts[0].up_proj, (a.ffn[1].up_proj + b.ffn[1].up_proj) / 2) < 1e-6);
   CHECK(at::equal(soup.layers()[1].k_proj, f.anchor.model.layers()[1].k_proj));
+  // Written like a merge: a loadable dense checkpoint, never over an existing directory.
+  REQUIRE(WriteModelDirectory(soup, f.anchor_dir, f.dir / "soup", kDefaultMaxShardBytes, {{"note.txt", "soup"}}).ok());
+  FlexOlmoModel back = ValueOrDie(FlexOlmoModel::Load(f.dir / "soup"));
+  CHECK(back.config().model_type == f.config.model_type);
+  CHECK(at::equal(back.layers()[0].experts[0].gate_proj, soup.layers()[0].experts[0].gate_proj));
+  CHECK(ValueOrDie(ReadFile(f.dir / "soup/note.txt")) == "soup");
+  CHECK(absl::IsAlreadyExists(WriteModelDirectory(soup, f.anchor_dir, f.dir / "soup", kDefaultMaxShardBytes, {})));
 }
 
 TEST_CASE("BTM ensemble: causal prefix weights over the members' token probabilities", "[merge]") {
