@@ -19,14 +19,7 @@ const std::vector<std::string>& TokenizerFileNames() {
   return names;
 }
 
-namespace {
-
-struct LoadedModule {
-  MergedExpert info;
-  ExpertTensors tensors;
-};
-
-absl::StatusOr<std::vector<LoadedModule>> LoadModules(const Anchor& anchor, const std::vector<std::string>& paths,
+absl::StatusOr<std::vector<LoadedExpert>> LoadExperts(const Anchor& anchor, const std::vector<std::string>& paths,
                                                       const std::vector<std::string>& expected_sha256) {
   if (paths.empty()) return absl::InvalidArgumentError("merge: no expert modules given; a merge needs at least one");
   if (!expected_sha256.empty() && expected_sha256.size() != paths.size()) {
@@ -35,9 +28,9 @@ absl::StatusOr<std::vector<LoadedModule>> LoadModules(const Anchor& anchor, cons
   const ModelConfig& config = anchor.model.config();
   absl::StatusOr<Dtype> ffn_dtype = FromScalarType(anchor.model.dtype());
   if (!ffn_dtype.ok()) return ffn_dtype.status();
-  std::vector<LoadedModule> out;
+  std::vector<LoadedExpert> out;
   for (size_t i = 0; i < paths.size(); ++i) {
-    LoadedModule m;
+    LoadedExpert m;
     m.info.path = paths[i];
     absl::StatusOr<std::string> sha = Sha256File(paths[i]);
     if (!sha.ok()) return sha.status();
@@ -65,26 +58,30 @@ absl::StatusOr<std::vector<LoadedModule>> LoadModules(const Anchor& anchor, cons
   return out;
 }
 
-}  // namespace
-
 absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector<std::string>& module_paths,
                                          const MergeOptions& options, const std::vector<std::string>& expected_sha256) {
+  absl::StatusOr<std::vector<LoadedExpert>> experts = LoadExperts(anchor, module_paths, expected_sha256);
+  if (!experts.ok()) return experts.status();
+  return MergeExperts(anchor, *experts, options);
+}
+
+absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector<LoadedExpert>& experts,
+                                         const MergeOptions& options) {
   const FlexOlmoModel& a = anchor.model;
   if (a.config().num_experts != 1) {
     return absl::InvalidArgumentError(absl::StrCat(anchor.dir, ": the anchor has ", a.config().num_experts,
                                                    " experts; merging starts from a dense (one-expert) anchor"));
   }
-  absl::StatusOr<std::vector<LoadedModule>> modules = LoadModules(anchor, module_paths, expected_sha256);
-  if (!modules.ok()) return modules.status();
+  if (experts.empty()) return absl::InvalidArgumentError("merge: no expert modules given; a merge needs at least one");
 
-  const int64_t num_experts = static_cast<int64_t>(modules->size()) + 1;
+  const int64_t num_experts = static_cast<int64_t>(experts.size()) + 1;
   const int64_t top_k = options.top_k == 0 ? num_experts : options.top_k;
   if (top_k < 1 || top_k > num_experts) {
     return absl::InvalidArgumentError(absl::StrCat("merge: --k ", options.top_k, " is outside 1..", num_experts,
                                                    " (the merged model has ", num_experts, " experts)"));
   }
   bool any_bias = false;
-  for (const LoadedModule& m : *modules) any_bias = any_bias || !m.tensors.router_bias.empty();
+  for (const LoadedExpert& m : experts) any_bias = any_bias || !m.tensors.router_bias.empty();
   const bool with_bias = options.with_router_bias && any_bias;
 
   ModelConfig config = a.config();
@@ -98,7 +95,7 @@ absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector
     LayerWeights& lw = layers[l];
     std::vector<at::Tensor> rows = {anchor.router_pub.rows[l].to(at::kFloat)};
     std::vector<at::Tensor> biases = {at::zeros({1}, at::kFloat)};  // the public expert takes no bias
-    for (const LoadedModule& m : *modules) {
+    for (const LoadedExpert& m : experts) {
       lw.experts.push_back(m.tensors.ffn[l]);
       rows.push_back(m.tensors.router_rows[l]);
       biases.push_back(m.tensors.router_bias.empty() ? at::zeros({1}, at::kFloat) : m.tensors.router_bias[l]);
@@ -110,7 +107,7 @@ absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector
       FlexOlmoModel::Assemble(config, a.embed_tokens(), std::move(layers), a.norm(), a.lm_head());
   if (!model.ok()) return model.status();
   MergedModel out{*std::move(model), anchor.id, {}};
-  for (LoadedModule& m : *modules) out.experts.push_back(std::move(m.info));
+  for (const LoadedExpert& m : experts) out.experts.push_back(m.info);
   return out;
 }
 
@@ -173,16 +170,15 @@ absl::StatusOr<MergedModel> MergeToCheckpoint(const std::string& anchor_dir, con
   return merged;
 }
 
-absl::StatusOr<FlexOlmoModel> SoupModel(const Anchor& anchor, const std::vector<std::string>& module_paths) {
-  absl::StatusOr<std::vector<LoadedModule>> modules = LoadModules(anchor, module_paths, {});
-  if (!modules.ok()) return modules.status();
+absl::StatusOr<FlexOlmoModel> SoupModel(const Anchor& anchor, const std::vector<LoadedExpert>& experts) {
+  if (experts.empty()) return absl::InvalidArgumentError("soup: no expert modules given");
   const FlexOlmoModel& a = anchor.model;
   ModelConfig config = a.config();
   std::vector<LayerWeights> layers = a.layers();
-  const double n = static_cast<double>(modules->size());
+  const double n = static_cast<double>(experts.size());
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     ExpertWeights mean;
-    for (const LoadedModule& m : *modules) {
+    for (const LoadedExpert& m : experts) {
       const ExpertWeights& e = m.tensors.ffn[l];
       auto add = [](at::Tensor& acc, const at::Tensor& t) { acc = acc.defined() ? acc + t.to(at::kFloat) : t.to(at::kFloat); };
       add(mean.gate_proj, e.gate_proj);

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "common/anchor.h"
 #include "common/checkpoint.h"
+#include "common/expert_export.h"
 #include "common/expert_module.h"
 #include "common/model.h"
 
@@ -41,8 +42,23 @@ struct MergedModel {
   std::vector<MergedExpert> experts;   // router order: experts[i] is expert i + 1
 };
 
-// Builds the merged model in memory. `expected_sha256`, when not empty, holds the SHA-256 each
-// module must have (a release's record); a mismatch is refused.
+// An expert module checked against its anchor; the tensors are views of the mapped file.
+struct LoadedExpert {
+  MergedExpert info;
+  ExpertTensors tensors;
+};
+
+// Hashes, validates (against `anchor`) and maps each module once. `expected_sha256`, when not
+// empty, holds the SHA-256 each module must have (a release's record); a mismatch is refused, as
+// is a module listed twice.
+absl::StatusOr<std::vector<LoadedExpert>> LoadExperts(const Anchor& anchor, const std::vector<std::string>& module_paths,
+                                                      const std::vector<std::string>& expected_sha256 = {});
+
+// Builds the merged model in memory from experts in router order (callers building several
+// variants, like the evaluation suite, load the modules once).
+absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector<LoadedExpert>& experts,
+                                         const MergeOptions& options);
+// LoadExperts + MergeExperts.
 absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector<std::string>& module_paths,
                                          const MergeOptions& options,
                                          const std::vector<std::string>& expected_sha256 = {});
@@ -64,7 +80,7 @@ absl::Status WriteModelDirectory(const FlexOlmoModel& model, const std::string& 
 
 // Model soup (the paper's baseline): a dense model whose FFN in every layer is the element-wise
 // mean of the modules' FFNs; everything else is the anchor's.
-absl::StatusOr<FlexOlmoModel> SoupModel(const Anchor& anchor, const std::vector<std::string>& module_paths);
+absl::StatusOr<FlexOlmoModel> SoupModel(const Anchor& anchor, const std::vector<LoadedExpert>& experts);
 
 inline constexpr char kMergeRecordFileName[] = "flexfed_merge.json";
 

@@ -43,16 +43,20 @@ class Suite {
     }
 
     Score("Public anchor", "anchor", anchor_->model);
-    std::vector<std::string> modules;
+    // Each module set is hashed, validated and mapped once; every row below reuses it.
+    std::vector<std::string> paths;
+    for (const SuiteOwner& o : spec_.owners) paths.push_back(o.module);
+    absl::StatusOr<std::vector<LoadedExpert>> modules = LoadExperts(*anchor_, paths);
+    if (!modules.ok()) return modules.status();
     std::map<std::string, std::vector<TokenScores>> two_expert_scores;  // domain → per owner
-    for (const SuiteOwner& o : spec_.owners) {
-      modules.push_back(o.module);
-      absl::StatusOr<MergedModel> two = MergeExperts(*anchor_, {o.module}, TopK(2));
+    for (size_t i = 0; i < spec_.owners.size(); ++i) {
+      const SuiteOwner& o = spec_.owners[i];
+      absl::StatusOr<MergedModel> two = MergeExperts(*anchor_, {(*modules)[i]}, TopK(2));
       if (!two.ok()) return two.status();
       std::map<std::string, TokenScores> scores = Score(absl::StrCat("Two-expert model: ", o.name), "two_expert", two->model);
       for (auto& [domain, s] : scores) two_expert_scores[domain].push_back(std::move(s));
     }
-    absl::StatusOr<FlexOlmoModel> soup = SoupModel(*anchor_, modules);
+    absl::StatusOr<FlexOlmoModel> soup = SoupModel(*anchor_, *modules);
     if (!soup.ok()) return soup.status();
     Score("Model soup (mean of the experts' FFNs)", "soup", *soup);
     {
@@ -68,7 +72,7 @@ class Suite {
       const int64_t k = spec_.top_k[i];
       MergeOptions options;
       options.top_k = k;
-      absl::StatusOr<MergedModel> merged = MergeExperts(*anchor_, modules, options);
+      absl::StatusOr<MergedModel> merged = MergeExperts(*anchor_, *modules, options);
       if (!merged.ok()) return merged.status();
       const std::string name = absl::StrFormat("FlexOlmo merged (%d experts, k = %d)", merged->model.config().num_experts,
                                                merged->model.config().num_experts_per_tok);
@@ -77,7 +81,7 @@ class Suite {
       main_row = name;
       MergeOptions no_bias = options;
       no_bias.with_router_bias = false;
-      absl::StatusOr<MergedModel> nb = MergeExperts(*anchor_, modules, no_bias);
+      absl::StatusOr<MergedModel> nb = MergeExperts(*anchor_, *modules, no_bias);
       if (!nb.ok()) return nb.status();
       Score("FlexOlmo without the negative bias", "ablation", nb->model);
       for (auto [field, label] : {std::pair{&SuiteOwner::random_init_module, "FlexOlmo with random router init"},

@@ -82,7 +82,9 @@ absl::Status RunMerge(const MergeArgs& a) {
   if (a.soup) {
     absl::StatusOr<Anchor> anchor = LoadAnchor(a.anchor);
     if (!anchor.ok()) return anchor.status();
-    absl::StatusOr<FlexOlmoModel> soup = SoupModel(*anchor, a.modules);
+    absl::StatusOr<std::vector<LoadedExpert>> experts = LoadExperts(*anchor, a.modules);
+    if (!experts.ok()) return experts.status();
+    absl::StatusOr<FlexOlmoModel> soup = SoupModel(*anchor, *experts);
     if (!soup.ok()) return soup.status();
     if (absl::Status s = WriteModelDirectory(*soup, a.anchor, a.out, a.max_shard_mib << 20, {}); !s.ok()) return s;
     std::cout << absl::StrFormat("wrote the model soup of %d experts (a dense %s model) to %s\n", a.modules.size(),

@@ -154,7 +154,7 @@ TEST_CASE("merge refuses what does not fit, and leaves nothing behind", "[merge]
 TEST_CASE("the model soup's FFN is the mean of the experts' FFNs", "[merge]") {
   Federation f;
   const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2)};
-  FlexOlmoModel soup = ValueOrDie(SoupModel(f.anchor, modules));
+  FlexOlmoModel soup = ValueOrDie(SoupModel(f.anchor, ValueOrDie(LoadExperts(f.anchor, modules))));
   CHECK(soup.config().num_experts == 1);
   auto a = ValueOrDie(ReadExpertModule(*ValueOrDie(SafetensorsFile::Open(modules[0])), 2));
   auto b = ValueOrDie(ReadExpertModule(*ValueOrDie(SafetensorsFile::Open(modules[1])), 2));
