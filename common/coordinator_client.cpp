@@ -223,6 +223,19 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
   }
 }
 
+absl::Status CoordinatorClient::DownloadAnchorFiles(const v1::Anchor& anchor, const std::string& dir, ProgressReporter* progress) {
+  for (const v1::AnchorFile& f : anchor.files()) {
+    const fs::path dest = fs::path(dir) / f.name();
+    if (fs::exists(dest) && Sha256File(dest.string()).value_or("") == f.blob().sha256()) continue;  // already here
+    std::error_code ec;
+    fs::create_directories(dest.parent_path(), ec);
+    if (ec) return absl::InternalError(absl::StrCat(dest.parent_path().string(), ": cannot create directory: ", ec.message()));
+    if (progress != nullptr) progress->Line(absl::StrCat("downloading ", f.name()));
+    if (absl::Status s = DownloadBlob(f.blob().sha256(), dest.string(), progress); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const std::string& path, ProgressReporter* progress,
                                              const RetryPolicy& retry) {
   absl::StatusOr<v1::Manifest> manifest = WithRetries(retry, progress, [&]() -> absl::StatusOr<v1::Manifest> {

@@ -50,6 +50,10 @@ class CoordinatorClient {
   absl::Status DownloadBlob(const std::string& sha256, const std::string& path, ProgressReporter* progress,
                             const RetryPolicy& retry = {});
 
+  // Downloads every file of `anchor` into `dir` (files already there with the right hash are
+  // kept). Callers then check the whole directory with AnchorId() (common/anchor.h).
+  absl::Status DownloadAnchorFiles(const v1::Anchor& anchor, const std::string& dir, ProgressReporter* progress);
+
  private:
   CoordinatorClient() = default;
   std::shared_ptr<grpc::Channel> channel_;

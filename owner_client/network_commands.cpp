@@ -9,7 +9,6 @@
 #include "common/expert_module.h"
 #include "common/file_util.h"
 #include "common/identity.h"
-#include "common/sha256.h"
 #include "owner_client/commands.h"
 #include <nlohmann/json.hpp>
 
@@ -102,13 +101,7 @@ void AddPull(CLI::App& app) {
       v1::Anchor anchor;
       if (absl::Status s = Unary(**client, [&](grpc::ClientContext* ctx) { return (*client)->owner().GetAnchor(ctx, v1::GetAnchorRequest(), &anchor); }); !s.ok()) return s;
       ProgressReporter progress;
-      for (const v1::AnchorFile& f : anchor.files()) {
-        const fs::path dest = fs::path(o->to) / f.name();
-        if (fs::exists(dest) && Sha256File(dest.string()).value_or("") == f.blob().sha256()) continue;  // already here
-        fs::create_directories(dest.parent_path());
-        progress.Line(absl::StrCat("downloading ", f.name()));
-        if (absl::Status s = (*client)->DownloadBlob(f.blob().sha256(), dest.string(), &progress); !s.ok()) return s;
-      }
+      if (absl::Status s = (*client)->DownloadAnchorFiles(anchor, o->to, &progress); !s.ok()) return s;
       absl::StatusOr<std::string> id = AnchorId(o->to);
       if (!id.ok()) return id.status();
       if (*id != anchor.anchor_id()) {

@@ -141,7 +141,7 @@ ablation_side() {
     "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" \
       --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   else
-    "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 \
+    "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 --boundary "$boundary" \
       --out "$home/router.safetensors" --threads 1
     "$owner" train --dense --anchor "$anchor_copy" --run "$home/run" \
       --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1

@@ -64,12 +64,7 @@ absl::Status Export(CoordinatorClient& client, const v1::Release& release, const
     }
     if (anchor == nullptr) return absl::NotFoundError(absl::StrCat("the coordinator no longer lists anchor ", m.anchor_id));
     anchor_dir = (parts / "anchor").string();
-    for (const v1::AnchorFile& f : anchor->files()) {
-      const fs::path dest = fs::path(anchor_dir) / f.name();
-      fs::create_directories(dest.parent_path(), ec);
-      progress.Line(absl::StrCat("downloading anchor file ", f.name()));
-      if (absl::Status s = client.DownloadBlob(f.blob().sha256(), dest.string(), &progress); !s.ok()) return s;
-    }
+    if (absl::Status s = client.DownloadAnchorFiles(*anchor, anchor_dir, &progress); !s.ok()) return s;
     absl::StatusOr<std::string> id = AnchorId(anchor_dir);
     if (!id.ok()) return id.status();
     if (*id != m.anchor_id) return absl::DataLossError(absl::StrCat(anchor_dir, ": downloaded anchor has id ", *id, ", not ", m.anchor_id));
