@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/layers.h"
+#include "common/moe_dispatch.h"
 
 namespace flexfed {
 namespace {
@@ -363,6 +364,14 @@ at::Tensor FlexOlmoModel::Moe(int64_t layer, const at::Tensor& x, const at::Tens
   if (!config_.is_moe()) {  // olmo2: one dense FFN, no router
     const ExpertWeights& e = w.experts[0];
     return SwiGlu(x, e.gate_proj, e.up_proj, e.down_proj);
+  }
+  if (UseDispatchMoe(x)) {  // CUDA kernels (common/moe_dispatch.h)
+    DispatchMoeOutput r = DispatchMoe(x, w.router, w.router_bias, routing_mask, top_k, config_.norm_topk_prob, w.experts);
+    if (trace != nullptr) {
+      trace->router_logits.push_back(r.logits);
+      trace->expert_indices.push_back(r.indices);
+    }
+    return r.out;
   }
   RouterOutput route = Route(x, w.router, w.router_bias, routing_mask, top_k, config_.norm_topk_prob);
   if (trace != nullptr) {

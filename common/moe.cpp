@@ -1,13 +1,19 @@
 #include "common/moe.h"
 
+#include "common/autocast.h"
 #include "common/layers.h"
 
 namespace flexfed {
 
+at::Tensor RouterLogits(const at::Tensor& x, const at::Tensor& router) {
+  const NoAutocast fp32;
+  return at::linear(x.to(at::kFloat), router.to(at::kFloat));
+}
+
 RouterOutput Route(const at::Tensor& x, const at::Tensor& router, const at::Tensor& bias, const at::Tensor& mask,
                    int64_t top_k, bool norm_topk_prob) {
   const int64_t num_experts = router.size(0);
-  at::Tensor logits = at::linear(x.to(at::kFloat), router.to(at::kFloat));  // [N, E]
+  at::Tensor logits = RouterLogits(x, router);  // [N, E]
   if (bias.defined() && num_experts > 1) {
     // The public expert (0) takes no bias; the others min(b_e, 0).
     at::Tensor b = bias.to(at::kFloat);

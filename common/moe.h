@@ -20,6 +20,9 @@ struct RouterOutput {
   at::Tensor indices;  // [N, K] int64
 };
 
+// x32 · router32ᵀ: [N, H] × [E, H] → [N, E] fp32, with autocast off (the router always runs in fp32).
+at::Tensor RouterLogits(const at::Tensor& x, const at::Tensor& router);
+
 // logits = x32 · router32ᵀ (+ min(bias_e, 0) for e ≥ 1) (+ mask); p = softmax(logits);
 // (weights, indices) = topk(p, k); weights /= Σ weights only when `norm_topk_prob`.
 // x: [N, H]; router: [E, H]; bias: [E] or undefined; mask: [E] fp32 (0 allowed, -inf excluded) or

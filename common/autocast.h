@@ -1,0 +1,43 @@
+// Mixed precision (autocast) in one place, over LibTorch's API as it was in 1.13 and is since 2.4.
+// Owner training on CUDA runs its forward inside an AutocastScope (bf16): matrix products run in bf16
+// from fp32 master weights, while the router, the norms, the softmax and the loss stay in fp32.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <optional>
+
+namespace flexfed {
+
+// Enables autocast to `dtype` for `device` (kCUDA or kCPU) until destroyed; nests like
+// torch.autocast (the cast cache is cleared when the outermost scope ends). One thread.
+class AutocastScope {
+ public:
+  AutocastScope(at::DeviceType device, at::ScalarType dtype);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  at::DeviceType device_;
+  bool was_enabled_;
+  at::ScalarType old_dtype_;
+};
+
+// The dtype autocast computes matrix products in on `device`, or nullopt when it is off there.
+std::optional<at::ScalarType> AutocastDtype(at::DeviceType device);
+
+// Ops under this guard run in the dtypes they are given, whatever the autocast state (the router
+// logits must be fp32, FLEXOLMO.md §2).
+class NoAutocast {
+ public:
+  NoAutocast() = default;
+  NoAutocast(const NoAutocast&) = delete;
+  NoAutocast& operator=(const NoAutocast&) = delete;
+
+ private:
+  c10::impl::ExcludeDispatchKeyGuard guard_{c10::autocast_dispatch_keyset};
+};
+
+}  // namespace flexfed
