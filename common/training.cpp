@@ -14,7 +14,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/anchor.h"
+#include "common/autocast.h"
 #include "common/file_util.h"
+#include "common/moe_dispatch.h"
 #include "common/router_embedding.h"
 
 namespace flexfed {
@@ -30,17 +32,35 @@ constexpr double kPi = 3.14159265358979323846;
 
 absl::Status Bad(const std::string& what) { return absl::InvalidArgumentError(what); }
 
-// fp32 GEMM FLOP/s on [m, k] × [k, n], measured (best of 3) with the current threads.
-double MeasureGemmRate(int64_t m, int64_t k, int64_t n) {
-  at::Tensor a = at::randn({m, k}), b = at::randn({k, n}), c = at::empty({m, n});
+// GEMM FLOP/s on [m, k] × [k, n] in `dtype` on `device`, measured (best of 3 after a warm-up; the
+// current threads on the CPU). On a GPU each sample is 10 products ended by a host read, which waits.
+double MeasureGemmRate(int64_t m, int64_t k, int64_t n, at::Device device, at::ScalarType dtype) {
+  const at::TensorOptions o = at::TensorOptions().device(device).dtype(dtype);
+  at::Tensor a = at::randn({m, k}, o), b = at::randn({k, n}, o), c = at::empty({m, n}, o);
+  const int reps = device.is_cuda() ? 10 : 1;
   double best = 1e30;
   for (int i = 0; i < 4; ++i) {
     auto start = Clock::now();
-    at::mm_out(c, a, b);
-    const double s = std::chrono::duration<double>(Clock::now() - start).count();
+    for (int r = 0; r < reps; ++r) at::mm_out(c, a, b);
+    if (device.is_cuda()) c[0][0].item<float>();
+    const double s = std::chrono::duration<double>(Clock::now() - start).count() / reps;
     if (i > 0) best = std::min(best, s);
   }
   return 2.0 * m * k * n / best;
+}
+
+// "auto" | "cpu" | "cuda" → the device training runs on.
+absl::StatusOr<at::Device> TrainingDevice(const std::string& device) {
+  if (device == "cpu") return at::Device(at::kCPU);
+  if (at::hasCUDA()) return at::Device(at::kCUDA, 0);
+  if (device == "auto") return at::Device(at::kCPU);
+  if (!CudaKernelsBuilt()) {
+    return absl::FailedPreconditionError(
+        "--device cuda: this FlexFed build has no CUDA support; build it against a CUDA LibTorch with "
+        "-DFLEXFED_CUDA=ON (docs/GPU.md), or train with --device cpu");
+  }
+  return absl::FailedPreconditionError(
+      "--device cuda: no CUDA device is visible; check nvidia-smi and CUDA_VISIBLE_DEVICES, or train with --device cpu");
 }
 
 absl::StatusOr<json> ReadJsonFile(const std::string& path) {
@@ -59,7 +79,7 @@ void ComposeRouters(const std::vector<at::Tensor>& pub, const std::vector<at::Te
                     const std::vector<at::Tensor>& bias, std::vector<LayerWeights>& layers) {
   for (size_t l = 0; l < layers.size(); ++l) {
     layers[l].router = at::cat({pub[l], rows[l].view({1, -1})});
-    if (!bias.empty()) layers[l].router_bias = at::cat({at::zeros({1}, at::kFloat), bias[l]});
+    if (!bias.empty()) layers[l].router_bias = at::cat({at::zeros({1}, bias[l].options()), bias[l]});
   }
 }
 
@@ -87,6 +107,7 @@ absl::Status TrainConfig::Validate() const {
     return Bad("val_every, val_batches, checkpoint_every must be ≥ 0, log_every and keep_checkpoints ≥ 1");
   }
   if (device != "auto" && device != "cpu" && device != "cuda") return Bad("device must be auto, cpu or cuda");
+  if (precision != "auto" && precision != "fp32" && precision != "bf16") return Bad("precision must be auto, fp32 or bf16");
   return absl::OkStatus();
 }
 
@@ -101,7 +122,7 @@ json TrainConfig::IdentityJson() const {
 json TrainConfig::ToJson() const {
   json j = IdentityJson();
   j.update({{"val_every", val_every}, {"val_batches", val_batches}, {"checkpoint_every", checkpoint_every},
-            {"keep_checkpoints", keep_checkpoints}, {"log_every", log_every}, {"device", device}, {"threads", threads}});
+            {"keep_checkpoints", keep_checkpoints}, {"log_every", log_every}, {"device", device}, {"precision", precision}, {"threads", threads}});
   return j;
 }
 
@@ -131,7 +152,7 @@ absl::StatusOr<TrainConfig> TrainConfig::FromJson(const json& j, const std::stri
   get("grad_clip", c.grad_clip); get("z_loss", c.z_loss); get("router_bias", c.router_bias); get("top_k", c.top_k);
   get("val_every", c.val_every); get("val_batches", c.val_batches); get("checkpoint_every", c.checkpoint_every);
   get("keep_checkpoints", c.keep_checkpoints); get("log_every", c.log_every); get("seed", c.seed);
-  get("device", c.device); get("threads", c.threads); get("preset", c.preset);
+  get("device", c.device); get("precision", c.precision); get("threads", c.threads); get("preset", c.preset);
   if (absl::Status s = c.Validate(); !s.ok()) return Bad(absl::StrCat(source, ": ", s.message()));
   return c;
 }
@@ -156,9 +177,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
   t->config_ = config;
   t->inputs_ = inputs;
   SetCpuThreads(config.threads);
-  if (config.device == "cuda") {
-    return absl::FailedPreconditionError("--device cuda: this FlexFed build has no CUDA support (build against a CUDA LibTorch)");
-  }
+  absl::StatusOr<at::Device> device = TrainingDevice(config.device);
+  if (!device.ok()) return device.status();
+  t->device_ = *device;
+  // Master weights, gradients and optimizer state stay fp32; bf16 is autocast's (the forward's products).
+  if (config.precision == "bf16" || (config.precision == "auto" && device->is_cuda())) t->autocast_ = at::kBFloat16;
 
   // Run folder: a new run must not overwrite another; a resumed one must be the same run.
   const fs::path run = inputs.run_dir;
@@ -187,15 +210,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     absl::StatusOr<FlexOlmoModel> m = FlexOlmoModel::Create(*mc, at::kFloat, config.seed);
     if (!m.ok()) return m.status();
     t->model_ = *std::move(m);
+    t->model_->To(t->device_);
     for (NamedTensor& nt : t->model_->NamedParameters()) {
       nt.tensor.requires_grad_(true);
       t->trainable_.push_back(nt);
     }
     t->anchor_id_ = "";
   } else {
-    // CPU training runs in fp32 throughout; a bf16 anchor converts exactly.
+    // fp32 master weights (a bf16 anchor converts exactly), on the training device before any
+    // trained leaf is made from them.
     absl::StatusOr<Anchor> anchor = LoadAnchor(inputs.anchor_dir, /*require_router_pub=*/config.mode == "expert", at::kFloat);
     if (!anchor.ok()) return anchor.status();
+    anchor->model.To(t->device_);
     t->anchor_id_ = anchor->id;
     const FlexOlmoModel& base = anchor->model;
     ModelConfig mc = base.config();
@@ -230,12 +256,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
       absl::StatusOr<RouterEmbedding> ri = ReadRouterEmbedding(inputs.router_init, mc.num_hidden_layers, mc.hidden_size);
       if (!ri.ok()) return ri.status();
       for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
-        t->router_pub_.push_back(anchor->router_pub.rows[l].to(at::kFloat).view({1, mc.hidden_size}));
-        at::Tensor row = ri->rows[l].to(at::kFloat).clone().requires_grad_(true);
+        t->router_pub_.push_back(anchor->router_pub.rows[l].to(t->device_, at::kFloat).view({1, mc.hidden_size}));
+        at::Tensor row = ri->rows[l].to(t->device_, at::kFloat).clone().requires_grad_(true);
         t->router_rows_.push_back(row);
         t->trainable_.push_back({absl::StrCat("layers.", l, ".router.weight"), row});
         if (config.router_bias) {
-          at::Tensor bias = (ri->biases.empty() ? at::zeros({1}, at::kFloat) : ri->biases[l].clone()).requires_grad_(true);
+          at::Tensor bias = (ri->biases.empty() ? at::zeros({1}, at::kFloat) : ri->biases[l].to(at::kFloat))
+                                .to(t->device_)
+                                .clone()
+                                .requires_grad_(true);
           t->router_bias_.push_back(bias);
           t->trainable_.push_back({absl::StrCat("layers.", l, ".router.bias"), bias});
         }
@@ -291,8 +320,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
   const double attention = 12.0 * (config.seq_len + 1) / 2.0 * mc.num_attention_heads * mc.head_dim * mc.num_hidden_layers;
   t->flops_per_token_ = 6 * trained + 4 * frozen + attention;
   if (config.mode == "pretrain") t->flops_per_token_ -= 6.0 * mc.vocab_size * mc.hidden_size;  // embedding lookup
-  t->gemm_rate_ = MeasureGemmRate(std::min<int64_t>(2048, config.batch_size * config.seq_len), mc.hidden_size,
-                                  mc.intermediate_size);
+  const int64_t gemm_rows = std::min<int64_t>(t->device_.is_cuda() ? 8192 : 2048, config.batch_size * config.seq_len);
+  t->gemm_rate_ = MeasureGemmRate(gemm_rows, mc.hidden_size, mc.intermediate_size, t->device_,
+                                  t->autocast_.value_or(at::kFloat));
 
   fs::create_directories(run / "checkpoints", ec);
   if (ec) return absl::InternalError(absl::StrCat(inputs.run_dir, ": cannot create: ", ec.message()));
@@ -355,18 +385,24 @@ double Trainer::Step() {
   const ModelConfig& mc = model_->config();
   double loss_sum = 0;
   for (int64_t micro = 0; micro < config_.grad_accum; ++micro) {
-    at::Tensor batch = NextBatch();
+    at::Tensor batch = NextBatch().to(device_);
     const int64_t t = config_.seq_len;
     at::Tensor inputs = batch.narrow(1, 0, t), targets = batch.narrow(1, 1, t).reshape({-1});
     Compose();
     ForwardTrace trace;
-    at::Tensor logits = model_->Forward(inputs, {}, nullptr, &trace);
-    at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, mc.vocab_size}).to(at::kFloat), targets);
-    at::Tensor total = loss;
-    if (config_.z_loss > 0 && !trace.router_logits.empty()) {
-      at::Tensor z = at::zeros({}, at::kFloat);
-      for (const at::Tensor& logits_l : trace.router_logits) z = z + at::logsumexp(logits_l, -1).pow(2).mean();
-      total = total + config_.z_loss * z;
+    at::Tensor loss, total;
+    {
+      // The forward under autocast (when on); the backward outside it, as torch.autocast prescribes.
+      std::optional<AutocastScope> autocast;
+      if (autocast_) autocast.emplace(device_.type(), *autocast_);
+      at::Tensor logits = model_->Forward(inputs, {}, nullptr, &trace);
+      loss = at::cross_entropy_loss(logits.reshape({-1, mc.vocab_size}).to(at::kFloat), targets);
+      total = loss;
+      if (config_.z_loss > 0 && !trace.router_logits.empty()) {
+        at::Tensor z = at::zeros({}, loss.options());
+        for (const at::Tensor& logits_l : trace.router_logits) z = z + at::logsumexp(logits_l, -1).pow(2).mean();
+        total = total + config_.z_loss * z;
+      }
     }
     (total / static_cast<double>(config_.grad_accum)).backward();
     loss_sum += loss.item<double>();
@@ -389,6 +425,8 @@ double Trainer::Step() {
 
 EvalResult Trainer::Validate() {
   Compose();
+  std::optional<AutocastScope> autocast;
+  if (autocast_) autocast.emplace(device_.type(), *autocast_);
   return Evaluate(*model_, *val_, val_indices_, config_.batch_size, *tokenizer_);
 }
 

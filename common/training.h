@@ -49,7 +49,8 @@ struct TrainConfig {
   int64_t keep_checkpoints = 2;
   int64_t log_every = 10;
   uint64_t seed = 0;
-  std::string device = "auto";  // auto | cpu | cuda
+  std::string device = "auto";     // auto | cpu | cuda (auto: the first GPU when there is one)
+  std::string precision = "auto";  // auto | fp32 | bf16 (bf16 autocast; auto: bf16 on a GPU, fp32 on the CPU)
   int threads = 0;              // 0 = all cores
   std::string preset = "tiny";  // pretrain: the model size (ARCHITECTURE.md §8)
 
@@ -126,6 +127,8 @@ class Trainer {
   int64_t epoch_ = 0, position_ = 0;  // data position: next sequence is order(epoch)[position]
   std::vector<int64_t> order_;
   double last_grad_norm_ = 0;
+  at::Device device_ = at::kCPU;
+  std::optional<at::ScalarType> autocast_;  // bf16 when the forward runs under autocast
   double gemm_rate_ = 0;  // FLOP/s measured at start, for MFU
   double flops_per_token_ = 0;
 };

@@ -141,6 +141,9 @@ void AddTrainCommand(CLI::App& app) {
   bind("--log-every", &TrainConfig::log_every, "Log metrics every N steps");
   bind("--seed", &TrainConfig::seed, "Seed for the data split, order and fresh weights");
   bind("--device", &TrainConfig::device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  bind("--precision", &TrainConfig::precision,
+       "auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (autocast; master weights stay fp32)")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   bind("--threads", &TrainConfig::threads, "CPU threads (default: all cores)");
   cmd->callback([o] { ExitOnError("train", Run(*o)); });
 }

@@ -322,6 +322,43 @@ TEST_CASE("bad training input is refused with the reason", "[training]") {
   CHECK_THAT(error(c, w.Inputs("never-started"), true), Catch::Contains("no run to resume"));
 }
 
+TEST_CASE("bf16 autocast training keeps fp32 master weights and learns like fp32", "[training]") {
+  // The CUDA recipe (bf16 autocast, fp32 master weights and optimizer) run on the CPU's autocast.
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.max_steps = 12;
+  std::vector<double> losses[2];
+  for (int mixed = 0; mixed < 2; ++mixed) {
+    c.precision = mixed ? "bf16" : "fp32";
+    auto t = ValueOrDie(Trainer::Create(c, w.Inputs(absl::StrCat("precision-", c.precision)), false));
+    for (int i = 0; i < 12; ++i) losses[mixed].push_back(t->Step());
+    for (const NamedTensor& nt : t->trainable()) {
+      INFO(nt.name);
+      CHECK(nt.tensor.scalar_type() == at::kFloat);
+    }
+  }
+  INFO("fp32 " << losses[0].front() << " → " << losses[0].back() << ", bf16 " << losses[1].front() << " → "
+               << losses[1].back());
+  CHECK(losses[1].back() < losses[1].front() - 0.1);
+  CHECK(std::abs(losses[1].front() - losses[0].front()) < 0.02 * losses[0].front());  // bf16 products, same model
+  CHECK(losses[1].front() != losses[0].front());                                       // ... really in bf16
+  CHECK(std::abs(losses[1].back() - losses[0].back()) < 0.05 * losses[0].back());
+}
+
+TEST_CASE("--device cuda without a usable GPU is refused with the fix", "[training]") {
+  if (at::hasCUDA()) {
+    WARN("a GPU is present: the refusal is not reachable here");
+    return;
+  }
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.device = "cuda";
+  absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(c, w.Inputs("no-gpu"), false);
+  REQUIRE_FALSE(t.ok());
+  CHECK_THAT(std::string(t.status().message()), Catch::Contains("--device cpu"));
+  CHECK_FALSE(fs::exists(w.Run("no-gpu")));  // nothing written
+}
+
 TEST_CASE("the learning rate warms up linearly then follows a cosine to its floor", "[training]") {
   World& w = TheWorld();
   TrainConfig c = SmallRun({w.math});
