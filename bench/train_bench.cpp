@@ -1,7 +1,8 @@
 // Owner training-step benchmark, FlexFed side: one optimizer step of the expert-training loop
-// (common/training.h, the real Trainer::Step) on the `small` anchor, with tokens/s, MFU against a
-// GEMM rate measured in the same process, and peak memory against its parts. One JSON line per
-// configuration; bench/run_train_bench.sh runs it beside bench/train_bench.py (plain PyTorch).
+// (common/training.h, the real Trainer::Step) on a fresh anchor of --preset, with tokens/s, MFU against
+// the GEMM rate the trainer measures on its device, and peak memory against its parts. One JSON line
+// per configuration. bench/run_train_bench.sh runs it on the CPU beside bench/train_bench.py (plain
+// PyTorch); bench/gpu/run.sh runs it on a GPU with --device cuda --preset 1b.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <sys/resource.h>
@@ -12,6 +13,8 @@
 #include <random>
 
 #include "common/file_util.h"
+#include <torch/cuda.h>
+
 #include "common/router_embedding.h"
 #include "common/training.h"
 #include <nlohmann/json.hpp>
@@ -41,9 +44,13 @@ void WriteText(const std::string& path) {
 int main(int argc, char** argv) {
   CLI::App app{"FlexFed owner training-step benchmark (JSON lines); see bench/README.md"};
   int threads = 2;
-  std::string preset = "small";
+  std::string preset = "small", device = "cpu", precision = "auto";
+  std::vector<std::string> shapes = {"4x512", "1x256"};
   app.add_option("--threads", threads, "Intra-op threads (match the Python side)");
   app.add_option("--preset", preset, "Anchor size");
+  app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--precision", precision, "auto, fp32 or bf16 (autocast)")->check(CLI::IsMember({"auto", "fp32", "bf16"}));
+  app.add_option("--shape", shapes, "Micro-batch shapes BATCHxSEQ, one line each");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
 
@@ -51,8 +58,11 @@ int main(int argc, char** argv) {
   fs::create_directories(dir);
   ModelConfig config = *ModelConfig::Preset(preset);
   {
-    FlexOlmoModel anchor = *FlexOlmoModel::Create(config, at::kFloat, 1);
+    // bf16 halves the 1b anchor on disk; the trainer loads fp32 master weights either way.
+    FlexOlmoModel anchor = *FlexOlmoModel::Create(config, config.vocab_size > 1000 ? at::kBFloat16 : at::kFloat, 1);
     if (!anchor.Save((dir / "anchor").string()).ok()) return 1;
+    // Byte-level text through a larger vocabulary: the compute is the model's all the same.
+    if (!WriteFileAtomically((dir / "anchor/flexfed_tokenizer.json").string(), "{\"type\": \"bytes\"}\n").ok()) return 1;
     RouterEmbedding pub, mine;
     for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
       pub.rows.push_back(at::randn({config.hidden_size}));
@@ -63,7 +73,12 @@ int main(int argc, char** argv) {
     WriteText((dir / "data.txt").string());
   }
   struct Shape { int64_t batch, seq; };
-  for (Shape shape : {Shape{4, 512}, Shape{1, 256}}) {
+  for (const std::string& text : shapes) {
+    Shape shape{};
+    if (std::sscanf(text.c_str(), "%ldx%ld", &shape.batch, &shape.seq) != 2 || shape.batch < 1 || shape.seq < 2) {
+      std::cerr << "--shape " << text << ": expected BATCHxSEQ, e.g. 4x2048\n";
+      return 2;
+    }
     TrainConfig c;
     c.data = {(dir / "data.txt").string()};
     c.seq_len = shape.seq;
@@ -72,6 +87,8 @@ int main(int argc, char** argv) {
     c.val_every = 0;
     c.checkpoint_every = 0;
     c.threads = threads;
+    c.device = device;
+    c.precision = precision;
     c.validation_fraction = 0;
     const std::string run = (dir / ("run" + std::to_string(shape.seq))).string();
     auto trainer = Trainer::Create(c, {(dir / "anchor").string(), (dir / "mine.safetensors").string(), run,
@@ -80,34 +97,26 @@ int main(int argc, char** argv) {
       std::cerr << trainer.status().message() << "\n";
       return 1;
     }
-    (*trainer)->Step();  // warm-up
+    const bool cuda = (*trainer)->device().is_cuda();
+    auto step = [&] {  // one optimizer step, finished on the device
+      (*trainer)->Step();
+      if (cuda) torch::cuda::synchronize();
+    };
+    step();  // warm-up
     double best = 1e30;
     for (int i = 0; i < (shape.seq >= 512 ? 4 : 12); ++i) {
       auto start = std::chrono::steady_clock::now();
-      (*trainer)->Step();
+      step();
       best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
-    // FLOPs per token: 6 per trained weight, 4 per frozen weight used (no weight gradient), causal attention.
-    double trained = 0, frozen = 0, frozen_bytes = 0, trained_bytes = 0;
-    for (const NamedTensor& nt : (*trainer)->trainable()) trained += nt.tensor.numel();
-    for (const NamedTensor& nt : (*trainer)->FrozenTensors()) {
-      frozen_bytes += nt.tensor.nbytes();
-      if (nt.name != "model.embed_tokens.weight") frozen += nt.tensor.numel();
-    }
-    trained_bytes = trained * 4;
+    double frozen_bytes = 0, trained_bytes = 0;
+    for (const NamedTensor& nt : (*trainer)->trainable()) trained_bytes += nt.tensor.nbytes();
+    for (const NamedTensor& nt : (*trainer)->FrozenTensors()) frozen_bytes += nt.tensor.nbytes();
     const double tokens = static_cast<double>(shape.batch * shape.seq);
-    const double attention = 12.0 * (shape.seq + 1) / 2.0 * config.hidden_size * config.num_hidden_layers;
-    const double flops = (6 * trained + 4 * frozen + attention) * tokens;
-    at::Tensor a = at::randn({2048, config.hidden_size}), b = at::randn({config.hidden_size, config.intermediate_size}), out = at::empty({2048, config.intermediate_size});
-    double gemm_best = 1e30;
-    for (int i = 0; i < 6; ++i) {
-      auto start = std::chrono::steady_clock::now();
-      at::mm_out(out, a, b);
-      gemm_best = std::min(gemm_best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    }
-    const double gemm = 2.0 * 2048 * config.hidden_size * config.intermediate_size / gemm_best;
-    nlohmann::json j = {{"impl", "flexfed"}, {"tokens_per_step", tokens}, {"seconds", best},
-                        {"tokens_per_s", tokens / best}, {"mfu", flops / best / gemm}, {"gemm_flops_per_s", gemm},
+    const double gemm = (*trainer)->gemm_rate();
+    nlohmann::json j = {{"impl", "flexfed"}, {"device", cuda ? "cuda" : "cpu"}, {"preset", preset},
+                        {"tokens_per_step", tokens}, {"seconds", best}, {"tokens_per_s", tokens / best},
+                        {"mfu", (*trainer)->flops_per_token() * tokens / best / gemm}, {"gemm_flops_per_s", gemm},
                         {"peak_rss_bytes", PeakRssBytes()},
                         {"memory", {{"frozen_weights", frozen_bytes}, {"trained_weights", trained_bytes},
                                     {"trained_grads", trained_bytes}, {"adam_states", 2 * trained_bytes}}}};

@@ -103,6 +103,11 @@ class Trainer {
   // Every model tensor that is not trained (for the gradient test).
   std::vector<NamedTensor> FrozenTensors() const;
   double LearningRate(int64_t step) const;
+  // MFU's parts: FLOPs per trained token (6 per trained weight, 4 per frozen weight used, causal
+  // attention) and the matrix-product rate measured on the training device when the run started.
+  double flops_per_token() const { return flops_per_token_; }
+  double gemm_rate() const { return gemm_rate_; }
+  at::Device device() const { return device_; }
 
  private:
   Trainer() = default;
