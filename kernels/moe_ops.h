@@ -25,7 +25,8 @@ inline constexpr int kMaxExperts = 256;
 
 // (1) Router: per token, logits_out = logits_in + (e ≥ 1 ? min(bias[e], 0) : 0), -inf where the
 // expert is not allowed; p = softmax(logits_out) (exp(l - max) / Σ); the K largest p in descending
-// order, ties to the lower expert index; weights = those p, divided by their sum when `normalize`.
+// order, ties to the lower expert index (NaN ranks below every number, so indices stay valid);
+// weights = those p, divided by their sum when `normalize`.
 // Preconditions: 1 ≤ K ≤ E ≤ kMaxExperts and at least one allowed expert.
 struct RouterArgs {
   const float* logits_in = nullptr;  // [N, E] x·W_rᵀ in fp32

@@ -50,6 +50,9 @@ void Softmax(const float* l, int experts, float* p) {
   for (int e = 0; e < experts; ++e) p[e] /= sum;
 }
 
+// NaN (a diverged run) ranks below every probability, as in the kernel: indices stay valid.
+float RankKey(float p) { return std::isnan(p) ? -0.5f : p; }
+
 }  // namespace
 
 float Bf16ToFloat(uint16_t v) {
@@ -89,7 +92,7 @@ void RouterReference(const RouterArgs& a) {
     for (int j = 0; j < k; ++j) {
       int best = -1;
       for (int e = 0; e < e_count; ++e) {
-        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;  // strict: ties keep the lower index
+        if (!taken[e] && (best < 0 || RankKey(p[e]) > RankKey(p[best]))) best = e;  // strict: ties keep the lower
       }
       taken[best] = true;
       a.weights[n * k + j] = p[best];

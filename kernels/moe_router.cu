@@ -9,7 +9,8 @@
 //   3. Group max and group sum of exp(l - max) by butterfly shuffles give p = exp(l - max) / Σ.
 //   4. K rounds of a group arg-max over the experts not yet taken, comparing (p, -e) so equal
 //      probabilities go to the lower expert index; lane 0 writes each round's weight and index.
-//      The weights' running sum (in round order) renormalises them when asked.
+//      The weights' running sum (in round order) renormalises them when asked. NaN probabilities
+//      rank below all numbers (the reference does the same), so the indices stay valid.
 // Backward (per token, same layout): recompute p from the saved logits; G_e = the slot gradient
 // of the expert (normalised form: (dw_j − Σ dw·w) / S); grad_l = p·(G − Σ p·G).
 // Limits: E ≤ kMaxExperts (256) for the per-lane register arrays; at least one allowed expert
@@ -40,6 +41,10 @@ void CheckShape(const char* op, int64_t tokens, int experts, int top_k) {
                                 ", got top_k " + std::to_string(top_k) + " of " + std::to_string(experts));
   }
 }
+
+// A NaN probability (a diverged run) ranks below every number, so K distinct valid experts are
+// always chosen and the NaN reaches the loss instead of an out-of-range index reaching align.
+__device__ __forceinline__ float RankKey(float p) { return isnan(p) ? -0.5f : p; }
 
 // Step 3: this lane's probabilities from its logits (experts past E get 0).
 template <int kPer>
@@ -86,30 +91,34 @@ __global__ void RouterForwardKernel(RouterArgs a, int width) {
   unsigned taken = 0;
   float total = 0;
   for (int j = 0; j < a.top_k; ++j) {
-    float best = -1.0f;
+    float best = -1.0f, best_p = 0.0f;  // rank key and probability of the best so far
     int best_e = 0x7fffffff;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int e = lane + i * width;
-      if (e < experts && !(taken & (1u << i)) && p[i] > best) {  // own experts ascend: strict > keeps the lower
-        best = p[i];
+      const float key = RankKey(p[i]);
+      if (e < experts && !(taken & (1u << i)) && key > best) {  // own experts ascend: strict > keeps the lower
+        best = key;
+        best_p = p[i];
         best_e = e;
       }
     }
     for (int o = width / 2; o > 0; o /= 2) {
       const float other = __shfl_xor_sync(0xffffffffu, best, o, width);
+      const float other_p = __shfl_xor_sync(0xffffffffu, best_p, o, width);
       const int other_e = __shfl_xor_sync(0xffffffffu, best_e, o, width);
       if (other > best || (other == best && other_e < best_e)) {
         best = other;
+        best_p = other_p;
         best_e = other_e;
       }
     }
     if (best_e % width == lane) taken |= 1u << (best_e / width);
     if (valid && lane == 0) {
-      a.weights[n * a.top_k + j] = best;
+      a.weights[n * a.top_k + j] = best_p;
       a.indices[n * a.top_k + j] = best_e;
     }
-    total += best;
+    total += best_p;
   }
   if (a.normalize && valid && lane == 0) {
     for (int j = 0; j < a.top_k; ++j) a.weights[n * a.top_k + j] /= total;

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -51,6 +53,18 @@ TEST_CASE("the router reference breaks ties to the lower expert and renormalises
   a.normalize = true;
   kernels::RouterReference(a);
   CHECK(w[0] == Approx(0.5f));
+}
+
+TEST_CASE("a NaN router logit still yields valid, distinct experts", "[moe]") {
+  const std::vector<float> logits = {std::nanf(""), 1.0f, 2.0f, 0.0f};
+  std::vector<float> out(4), w(3);
+  std::vector<int32_t> idx(3);
+  kernels::RouterReference({logits.data(), nullptr, nullptr, out.data(), w.data(), idx.data(), 1, 4, 3, false});
+  std::vector<int32_t> sorted = idx;
+  std::sort(sorted.begin(), sorted.end());
+  CHECK(std::unique(sorted.begin(), sorted.end()) == sorted.end());
+  for (int32_t e : idx) CHECK((e >= 0 && e < 4));
+  CHECK(std::isnan(w[0]));  // the NaN reaches the weights (and the loss), not the indices
 }
 
 TEST_CASE("bf16 conversion rounds to nearest even like LibTorch", "[moe]") {
