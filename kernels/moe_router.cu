@@ -183,8 +183,8 @@ __global__ void RouterBackwardKernel(RouterBackwardArgs a, int width) {
 
 }  // namespace
 
-void RouterForward(const RouterArgs& a, cudaStream_t stream) {
-  CheckShape("RouterForward", a.tokens, a.experts, a.top_k);
+void Router(const RouterArgs& a, cudaStream_t stream) {
+  CheckShape("Router", a.tokens, a.experts, a.top_k);
   if (a.tokens == 0) return;
   const int width = GroupWidth(a.experts), per = (a.experts + width - 1) / width;
   const unsigned blocks = static_cast<unsigned>((a.tokens * width + kBlock - 1) / kBlock);

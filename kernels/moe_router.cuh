@@ -10,7 +10,7 @@ namespace flexfed::kernels {
 
 // Device pointers; runs on `stream`. Throws std::invalid_argument on a broken precondition it can
 // see from the host (shape, K), std::runtime_error on a CUDA error.
-void RouterForward(const RouterArgs& a, cudaStream_t stream);
+void Router(const RouterArgs& a, cudaStream_t stream);
 void RouterBackward(const RouterBackwardArgs& a, cudaStream_t stream);
 
 }  // namespace flexfed::kernels

@@ -128,7 +128,7 @@ int main(int argc, char** argv) {
   void* grad_up = Random(m * ffn * es, bf16, 14);
 
   const k::RouterArgs router{logits, nullptr, nullptr, logits_out, weights, indices, n, experts, top_k, false};
-  k::RouterForward(router, nullptr);
+  k::Router(router, nullptr);
   const k::AlignArgs align{indices, counts, offsets, sorted, position, workspace, m, experts};
   k::Align(align, nullptr);
   FLEXFED_CUDA_CHECK(cudaDeviceSynchronize());
@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
   };
   const double hs = static_cast<double>(h) * es, fs = static_cast<double>(ffn) * es;
   const std::vector<Row> table = {
-      {"router", n * e * 8.0 + m * 8.0, [&] { k::RouterForward(router, nullptr); }},
+      {"router", n * e * 8.0 + m * 8.0, [&] { k::Router(router, nullptr); }},
       {"router_backward", n * e * 8.0 + m * 12.0,
        [&] { k::RouterBackward({logits_out, indices, weights, grad_weights, grad_logits, n, experts, top_k, false}, nullptr); }},
       {"align", m * 16.0, [&] { k::Align(align, nullptr); }},

@@ -150,7 +150,7 @@ void CheckRouter(const RouterCase& c) {
   DeviceBuffer<int32_t> d_idx(n * top_k);
   RouterArgs dev{d_logits.get(), c.bias ? d_bias.get() : nullptr, c.mask ? d_allowed.get() : nullptr, d_out.get(),
                  d_w.get(), d_idx.get(), n, e_count, top_k, c.normalize};
-  RouterForward(dev, nullptr);
+  Router(dev, nullptr);
   const std::vector<float> got_logits = d_out.Host(), got_w = d_w.Host();
   const std::vector<int32_t> got_idx = d_idx.Host();
   for (size_t i = 0; i < got_logits.size(); ++i) {
@@ -339,10 +339,10 @@ TEST_CASE("kernels refuse shapes outside their limits", "[kernels]") {
   a.tokens = 4;
   a.experts = kMaxExperts + 1;
   a.top_k = 1;
-  CHECK_THROWS_WITH(RouterForward(a, nullptr), Catch::Contains("experts"));
+  CHECK_THROWS_WITH(Router(a, nullptr), Catch::Contains("experts"));
   a.experts = 4;
   a.top_k = 5;
-  CHECK_THROWS_WITH(RouterForward(a, nullptr), Catch::Contains("top_k"));
+  CHECK_THROWS_WITH(Router(a, nullptr), Catch::Contains("top_k"));
 }
 
 }  // namespace
