@@ -20,6 +20,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda_check.cuh"
 #include "kernels/device_util.cuh"
@@ -181,30 +182,37 @@ __global__ void RouterBackwardKernel(RouterBackwardArgs a, int width) {
   }
 }
 
+// Calls launch(std::integral_constant<int, kPer>) with the register array size the experts need.
+template <typename Launch>
+void WithLanes(int experts, Launch&& launch) {
+  const int per = (experts + GroupWidth(experts) - 1) / GroupWidth(experts);
+  if (per == 1) launch(std::integral_constant<int, 1>{});
+  else if (per == 2) launch(std::integral_constant<int, 2>{});
+  else if (per <= 4) launch(std::integral_constant<int, 4>{});
+  else launch(std::integral_constant<int, 8>{});
+  FLEXFED_CUDA_CHECK_LAUNCH();
+}
+
+unsigned Blocks(int64_t tokens, int width) { return static_cast<unsigned>((tokens * width + kBlock - 1) / kBlock); }
+
 }  // namespace
 
 void Router(const RouterArgs& a, cudaStream_t stream) {
   CheckShape("Router", a.tokens, a.experts, a.top_k);
   if (a.tokens == 0) return;
-  const int width = GroupWidth(a.experts), per = (a.experts + width - 1) / width;
-  const unsigned blocks = static_cast<unsigned>((a.tokens * width + kBlock - 1) / kBlock);
-  if (per == 1) RouterForwardKernel<1><<<blocks, kBlock, 0, stream>>>(a, width);
-  else if (per == 2) RouterForwardKernel<2><<<blocks, kBlock, 0, stream>>>(a, width);
-  else if (per <= 4) RouterForwardKernel<4><<<blocks, kBlock, 0, stream>>>(a, width);
-  else RouterForwardKernel<8><<<blocks, kBlock, 0, stream>>>(a, width);
-  FLEXFED_CUDA_CHECK_LAUNCH();
+  const int width = GroupWidth(a.experts);
+  WithLanes(a.experts, [&](auto per) {
+    RouterForwardKernel<decltype(per)::value><<<Blocks(a.tokens, width), kBlock, 0, stream>>>(a, width);
+  });
 }
 
 void RouterBackward(const RouterBackwardArgs& a, cudaStream_t stream) {
   CheckShape("RouterBackward", a.tokens, a.experts, a.top_k);
   if (a.tokens == 0) return;
-  const int width = GroupWidth(a.experts), per = (a.experts + width - 1) / width;
-  const unsigned blocks = static_cast<unsigned>((a.tokens * width + kBlock - 1) / kBlock);
-  if (per == 1) RouterBackwardKernel<1><<<blocks, kBlock, 0, stream>>>(a, width);
-  else if (per == 2) RouterBackwardKernel<2><<<blocks, kBlock, 0, stream>>>(a, width);
-  else if (per <= 4) RouterBackwardKernel<4><<<blocks, kBlock, 0, stream>>>(a, width);
-  else RouterBackwardKernel<8><<<blocks, kBlock, 0, stream>>>(a, width);
-  FLEXFED_CUDA_CHECK_LAUNCH();
+  const int width = GroupWidth(a.experts);
+  WithLanes(a.experts, [&](auto per) {
+    RouterBackwardKernel<decltype(per)::value><<<Blocks(a.tokens, width), kBlock, 0, stream>>>(a, width);
+  });
 }
 
 }  // namespace flexfed::kernels
