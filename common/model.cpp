@@ -416,6 +416,7 @@ at::Tensor FlexOlmoModel::Forward(const at::Tensor& ids, const Routing& routing,
     if (trace != nullptr && trace->want_layer_inputs) trace->layer_inputs.push_back(h);
     // Reordered norm: each norm applies to its sublayer's output; there is no input norm.
     h = h + RmsNorm(Attention(l, h, past, cache), w.post_attention_layernorm, config_.rms_norm_eps);
+    if (trace != nullptr && trace->want_router_inputs) trace->router_inputs.push_back(h);
     at::Tensor m = Moe(l, h.reshape({b * t, hidden}), routing_mask, top_k, trace).view({b, t, hidden});
     h = h + RmsNorm(m, w.post_feedforward_layernorm, config_.rms_norm_eps);
   }

@@ -57,6 +57,8 @@ struct KvCache {
 struct ForwardTrace {
   bool want_layer_inputs = false;
   std::vector<at::Tensor> layer_inputs;    // [B, T, H] hidden state entering each layer
+  bool want_router_inputs = false;
+  std::vector<at::Tensor> router_inputs;   // [B, T, H] what each layer's router sees (after attention)
   std::vector<at::Tensor> router_logits;   // [N, E] fp32, after bias and opt-out mask (MoE only)
   std::vector<at::Tensor> expert_indices;  // [N, K] int64, experts chosen per token (MoE only)
 };

@@ -49,10 +49,10 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
     if (len == 0) continue;
     std::vector<int64_t> ids(corpus->tokens() + corpus->doc_offsets()[d], corpus->tokens() + corpus->doc_offsets()[d] + len);
     ForwardTrace trace;
-    trace.want_layer_inputs = true;
+    trace.want_router_inputs = true;
     anchor.Forward(at::tensor(ids, at::kLong).view({1, len}).to(anchor.device()), {}, nullptr, &trace);
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      sums[l] += trace.layer_inputs[l][0].to(at::kDouble).mean(0).to(at::kCPU);
+      sums[l] += trace.router_inputs[l][0].to(at::kDouble).mean(0).to(at::kCPU);  // what the router sees
     }
     ++used;
     if (progress != nullptr && (used % 50 == 0 || used == o.samples)) {

@@ -21,8 +21,11 @@ struct RouterInitOptions {
   std::string vectors;          // vectors mode: .npy or safetensors, [H] or [L, H]
 };
 
-// anchor: per layer, m = the mean over sampled documents of the mean hidden state entering that
-//   layer, computed with the frozen anchor.
+// anchor: per layer, m = the mean over sampled documents of the mean of what that layer's router
+//   sees (the residual stream after the layer's attention), computed with the frozen anchor.
+//   (Before 2026-11-25 it averaged the stream entering the layer, before attention: in layer 0
+//   that is the bare embedding, far smaller than what the router is given, so rows made from it
+//   saturated there.)
 //   - For r_pub itself (public data, `router_pub` null): r_pub = m / |m|, and m is kept as the
 //     layer's center c. Unit length because raw means (norm 20–26 in the demo's anchor) give
 //     logits large enough for the z-loss to drive training the wrong way.
