@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 echo "== tests"
 "$build_dir/tests/flexfed_kernel_tests" "[gpu],[kernels]" | tail -n 3
-"$build_dir/tests/flexfed_tests" "[moe]" | tail -n 2
+"$build_dir/tests/flexfed_tests" "[gpu],[moe]" | tail -n 2
 
 echo "== kernels (1b shapes: 16384 tokens, hidden 2048, FFN 8192, bf16)"
 "$build_dir/bench/flexfed_kernel_bench" --experts 2 --top-k 2 | tee "$out/kernels.jsonl"

@@ -82,20 +82,21 @@ struct Layer {
 };
 
 // Fresh leaves requiring gradients. Expert weights scaled so outputs are O(1).
-Layer MakeLayer(int64_t tokens, int64_t hidden, int64_t ffn, int64_t experts, at::ScalarType dtype, bool with_bias) {
+Layer MakeLayer(int64_t tokens, int64_t hidden, int64_t ffn, int64_t experts, at::ScalarType dtype, bool with_bias,
+                at::Device device = at::kCPU) {
   Layer l;
-  l.x = at::randn({tokens, hidden}).to(dtype).requires_grad_();
-  l.router = at::randn({experts, hidden}).mul(0.3).to(dtype).requires_grad_();
+  l.x = at::randn({tokens, hidden}).to(device, dtype).requires_grad_();
+  l.router = at::randn({experts, hidden}).mul(0.3).to(device, dtype).requires_grad_();
   if (with_bias) {
     // Negative, positive and exactly zero entries: min(b, 0) passes gradient only where b ≤ 0.
-    l.bias = at::randn({experts}).requires_grad_();
-    at::NoGradGuard no_grad;
-    if (experts > 2) l.bias[2].fill_(0.0);
+    at::Tensor b = at::randn({experts});
+    if (experts > 2) b[2].fill_(0.0);
+    l.bias = b.to(device).requires_grad_();
   }
   for (int64_t e = 0; e < experts; ++e) {
-    l.experts.push_back({(at::randn({ffn, hidden}) / std::sqrt(hidden)).to(dtype).requires_grad_(),
-                         (at::randn({ffn, hidden}) / std::sqrt(hidden)).to(dtype).requires_grad_(),
-                         (at::randn({hidden, ffn}) / std::sqrt(ffn)).to(dtype).requires_grad_()});
+    l.experts.push_back({(at::randn({ffn, hidden}) / std::sqrt(hidden)).to(device, dtype).requires_grad_(),
+                         (at::randn({ffn, hidden}) / std::sqrt(hidden)).to(device, dtype).requires_grad_(),
+                         (at::randn({hidden, ffn}) / std::sqrt(ffn)).to(device, dtype).requires_grad_()});
   }
   return l;
 }
@@ -133,7 +134,7 @@ Result RunPath(const Layer& l, const at::Tensor& probe, Fn&& path) {
 }
 
 void CompareWithLibTorch(const Layer& l, const at::Tensor& mask, int64_t top_k, bool normalize, double tol) {
-  const at::Tensor probe = at::randn({l.x.size(0), l.x.size(1)});
+  const at::Tensor probe = at::randn({l.x.size(0), l.x.size(1)}).to(l.x.device());
   const Result want = RunPath(l, probe, [&] {
     RouterOutput route = Route(l.x, l.router, l.bias, mask, top_k, normalize);
     return std::make_tuple(CombineExperts(l.x, l.experts, route), route.logits, route.indices);
@@ -219,6 +220,29 @@ TEST_CASE("under autocast the experts run in bf16 and the router stays fp32", "[
   mixed.out.sum().backward();
   CHECK(l.experts[0].gate_proj.grad().scalar_type() == at::kFloat);  // master weights keep fp32 gradients
   CHECK(l.router.grad().defined());
+}
+
+TEST_CASE("on a GPU the kernels equal the LibTorch path, forward and backward", "[gpu]") {
+  if (!UseDispatchMoe(at::empty({1}, at::TensorOptions().device(at::hasCUDA() ? at::kCUDA : at::kCPU)))) {
+    WARN("no CUDA device, or a build without the CUDA kernels: this [gpu] test is skipped (docs/GPU.md)");
+    return;
+  }
+  at::manual_seed(10);
+  const at::Device gpu(at::kCUDA, 0);
+  {
+    INFO("fp32, 4 experts, k = 2, bias");
+    CompareWithLibTorch(MakeLayer(1000, 64, 96, 4, at::kFloat, true, gpu), {}, 2, false, 1e-4);
+  }
+  {
+    INFO("fp32, excluded experts, k = E of the allowed, renormalised");
+    at::Tensor mask = at::zeros({5});
+    mask[2] = -std::numeric_limits<float>::infinity();
+    CompareWithLibTorch(MakeLayer(513, 72, 40, 5, at::kFloat, true, gpu), mask.to(gpu), 4, true, 1e-4);
+  }
+  {
+    INFO("bf16, 8 experts, k = 2");
+    CompareWithLibTorch(MakeLayer(4096, 128, 256, 8, at::kBFloat16, true, gpu), {}, 2, false, 3e-2);
+  }
 }
 
 TEST_CASE("the fused SwiGLU activation equals silu(gate) * up", "[moe]") {
