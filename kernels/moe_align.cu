@@ -29,7 +29,7 @@
 namespace flexfed::kernels {
 namespace {
 
-constexpr int kChunk = 4096;
+constexpr int kChunk = 1024;  // slots per block: 32 blocks for the 1b owner step (32768 slots)
 constexpr int kTile = 256;  // threads per block of the count and scatter kernels
 constexpr int kWarps = kTile / 32;
 constexpr int kScanBlock = 1024;
