@@ -353,6 +353,12 @@ std::vector<NamedTensor> Trainer::FrozenTensors() const {
   return frozen;
 }
 
+std::string Trainer::ComputeDescription() const {
+  std::string where = device_.str();
+  if (device_.is_cpu()) where += absl::StrCat(" (", at::get_num_threads(), " threads)");
+  return absl::StrCat(where, autocast_ ? ", bf16 autocast (fp32 master weights)" : ", fp32");
+}
+
 void Trainer::Compose() {
   if (!router_rows_.empty()) ComposeRouters(router_pub_, router_rows_, router_bias_, model_->mutable_layers());
 }

@@ -108,6 +108,8 @@ class Trainer {
   double flops_per_token() const { return flops_per_token_; }
   double gemm_rate() const { return gemm_rate_; }
   at::Device device() const { return device_; }
+  // "cuda:0, bf16 autocast (fp32 master weights)" or "cpu, fp32": what the run computes on.
+  std::string ComputeDescription() const;
 
  private:
   Trainer() = default;

@@ -79,6 +79,7 @@ absl::Status Run(Options& o) {
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGPIPE, SIG_IGN);  // a closed log reader must not kill hours of training
   ProgressReporter progress(stderr, o.plain);
+  progress.Line(absl::StrCat("training on ", (*trainer)->ComputeDescription()));
   if (o.resume) progress.Line(absl::StrCat("resuming at step ", (*trainer)->step(), " of ", (*trainer)->total_steps()));
   absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&g_stop, &progress);
   if (!out.ok()) return out.status();

@@ -43,6 +43,7 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
                          dir / "mine" + " --run " + dir / "run" + " --steps 8" + small, &out) == 0);
   CHECK_THAT(out, Catch::Contains("step 8/8"));
+  CHECK_THAT(out, Catch::Contains(at::hasCUDA() ? "training on cuda:0, bf16 autocast" : "training on cpu ("));
   CHECK(fs::exists(dir / "run/metrics.jsonl"));
   CHECK(fs::exists(dir / "run/train_config.json"));
   REQUIRE(RunCommand(o + " export --run " + dir / "run" + " --anchor " + dir / "anchor" + " --out " + dir / "mine.safetensors" +
