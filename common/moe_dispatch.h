@@ -37,7 +37,7 @@ DispatchMoeOutput DispatchMoe(const at::Tensor& x, const at::Tensor& router, con
                               const std::vector<ExpertWeights>& experts);
 
 // The fused SwiGLU activation silu(gate) · up alone (kernel on CUDA, reference on CPU), no
-// autograd: for tests and benchmarks. gate, up: same shape, fp32 or bf16.
+// autograd: for tests. gate, up: same shape, fp32 or bf16.
 at::Tensor SwiGluActivation(const at::Tensor& gate, const at::Tensor& up);
 
 }  // namespace flexfed

@@ -24,18 +24,6 @@ struct alignas(sizeof(T) * kN) Pack {
   T v[kN];
 };
 
-// The widest pack (16 bytes at most) that every row of `row_elems` elements can use, given the base
-// pointers' alignment: 16 / sizeof(T) when rows and pointers are 16-byte aligned, else 1.
-template <typename T>
-inline int PackWidth(int64_t row_elems, const void* const* ptrs, int count) {
-  constexpr int kWide = 16 / sizeof(T);
-  if (row_elems % kWide != 0) return 1;
-  for (int i = 0; i < count; ++i) {
-    if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return 1;
-  }
-  return kWide;
-}
-
 // The widest access (16, 8, 4, 2 or 1 bytes) that rows of `row_bytes` starting at each of `ptrs` allow.
 inline int RowAlignment(size_t row_bytes, const void* const* ptrs, int count) {
   for (int w = 16; w > 1; w /= 2) {
@@ -44,6 +32,13 @@ inline int RowAlignment(size_t row_bytes, const void* const* ptrs, int count) {
     if (ok) return w;
   }
   return 1;
+}
+
+// The pack width in elements for rows of `row_elems` T: 16 bytes' worth when every row and pointer
+// is 16-byte aligned, else 1.
+template <typename T>
+inline int PackWidth(int64_t row_elems, const void* const* ptrs, int count) {
+  return RowAlignment(static_cast<size_t>(row_elems) * sizeof(T), ptrs, count) == 16 ? 16 / sizeof(T) : 1;
 }
 
 // Reductions over a group of `width` lanes (a power of two ≤ 32) inside one warp.
