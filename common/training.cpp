@@ -56,8 +56,8 @@ absl::StatusOr<at::Device> TrainingDevice(const std::string& device) {
   if (device == "auto") return at::Device(at::kCPU);
   if (!CudaKernelsBuilt()) {
     return absl::FailedPreconditionError(
-        "--device cuda: this FlexFed build has no CUDA support; build it against a CUDA LibTorch with "
-        "-DFLEXFED_CUDA=ON (docs/GPU.md), or train with --device cpu");
+        "--device cuda: no CUDA device is available to this build; build FlexFed against a CUDA LibTorch with "
+        "-DFLEXFED_CUDA=ON (docs/GPU.md) on a machine whose GPU nvidia-smi shows, or train with --device cpu");
   }
   return absl::FailedPreconditionError(
       "--device cuda: no CUDA device is visible; check nvidia-smi and CUDA_VISIBLE_DEVICES, or train with --device cpu");
