@@ -121,7 +121,7 @@ TEST_CASE("opting out expert j at inference equals the release built without j",
       const at::Tensor opted_out = all.Forward(ids, Routing::Excluding(4, {j}));
       const at::Tensor expected = rebuilt.Forward(ids);
       INFO("k = " << k << ", expert " << j);
-      CHECK(RelativeError(opted_out, expected) < 1e-6);
+      CHECK(RelativeError(opted_out, expected) < 1e-5);  // fp32 rounding of differently shaped products
       // And it really changes the model: the expert mattered.
       CHECK(RelativeError(all.Forward(ids), expected) > 1e-4);
     }

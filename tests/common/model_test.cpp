@@ -249,7 +249,10 @@ TEST_CASE("opting out expert j equals the model with expert j physically removed
     FlexOlmoModel removed = ValueOrDie(FlexOlmoModel::Load(without));
     at::Tensor opted_out = model.Forward(ids, Routing::Excluding(4, {j}));
     at::Tensor physical = removed.Forward(ids);
-    CHECK(RelativeError(opted_out, physical) <= 1e-6);
+    // Equal up to fp32 rounding: the router's product has 4 columns here and 3 there, which BLAS
+    // may sum in another order; measured 0.5–18·10⁻⁷ over runs (1e-6 failed about one run in six).
+    // The full model differs from either by ~1.
+    CHECK(RelativeError(opted_out, physical) <= 1e-5);
     CHECK(RelativeError(opted_out, model.Forward(ids)) > 1e-4);
   }
   // Allowing only the public expert and one other is the same as excluding the rest.
