@@ -24,6 +24,16 @@ ReleaseManifest Parse(const std::string& command, const v1::Release& r) {
   return *std::move(m);
 }
 
+// The release `id` (empty: the newest) and its parsed manifest, or exit naming `command`.
+template <typename Client>
+std::pair<v1::Release, ReleaseManifest> FetchRelease(const std::string& command, Client& client, const std::string& id) {
+  v1::GetReleaseRequest req;
+  req.set_release_id(id);
+  v1::Release r = Call<v1::GetReleaseRequest, v1::Release>(command, client, &v1::Admin::Stub::GetRelease, req);
+  ReleaseManifest m = Parse(command, r);
+  return {std::move(r), std::move(m)};
+}
+
 void PrintRelease(const ReleaseManifest& m, const std::string& manifest_sha256) {
   std::cout << absl::StrFormat("release %s  (%s, manifest %s)\n", m.release_id, When(m.created_unix),
                                manifest_sha256.substr(0, 16));
@@ -147,10 +157,7 @@ void AddReleaseCommands(CLI::App& app) {
     o->r.AddOptions(cmd, true);
     cmd->callback([o] {
       auto client = o->r.Connect("release show");
-      v1::GetReleaseRequest req;
-      req.set_release_id(o->id);
-      v1::Release r = Call<v1::GetReleaseRequest, v1::Release>("release show", *client, &v1::Admin::Stub::GetRelease, req);
-      ReleaseManifest m = Parse("release show", r);
+      const auto [r, m] = FetchRelease("release show", *client, o->id);
       if (o->r.json) std::cout << r.manifest_json();
       else PrintRelease(m, r.manifest_sha256());
     });
@@ -167,10 +174,7 @@ void AddReleaseCommands(CLI::App& app) {
     o->r.AddOptions(cmd, false);
     cmd->callback([o] {
       auto client = o->r.Connect("release export");
-      v1::GetReleaseRequest req;
-      req.set_release_id(o->id);
-      v1::Release r = Call<v1::GetReleaseRequest, v1::Release>("release export", *client, &v1::Admin::Stub::GetRelease, req);
-      ReleaseManifest m = Parse("release export", r);
+      const auto [r, m] = FetchRelease("release export", *client, o->id);
       if (absl::Status s = Export(*client, r, m, o->anchor, o->out, o->max_shard_mib << 20); !s.ok()) Fail("release export", s);
       std::cout << absl::StrFormat("exported %s to %s: flex_olmo, %d experts, k = %d\n", m.release_id, o->out, m.num_experts(), m.top_k);
     });
