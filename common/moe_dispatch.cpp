@@ -325,13 +325,4 @@ DispatchMoeOutput DispatchMoe(const at::Tensor& x, const at::Tensor& router, con
   return {out.to(x.scalar_type()), logits, indices.to(at::kLong)};
 }
 
-at::Tensor SwiGluActivation(const at::Tensor& gate, const at::Tensor& up) {
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
-              "SwiGluActivation: gate and up differ in shape or dtype");
-  const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor out = at::empty_like(g);
-  SwiGluInto(g, u, out);
-  return out;
-}
-
 }  // namespace flexfed

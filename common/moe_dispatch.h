@@ -36,8 +36,4 @@ DispatchMoeOutput DispatchMoe(const at::Tensor& x, const at::Tensor& router, con
                               const at::Tensor& mask, int64_t top_k, bool norm_topk_prob,
                               const std::vector<ExpertWeights>& experts);
 
-// The fused SwiGLU activation silu(gate) · up alone (kernel on CUDA, reference on CPU), no
-// autograd: for tests. gate, up: same shape, fp32 or bf16.
-at::Tensor SwiGluActivation(const at::Tensor& gate, const at::Tensor& up);
-
 }  // namespace flexfed
