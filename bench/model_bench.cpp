@@ -11,7 +11,7 @@
 #include <chrono>
 #include <iostream>
 
-#include "common/model.h"
+#include "common/model/model.h"
 #include <nlohmann/json.hpp>
 
 namespace flexfed {

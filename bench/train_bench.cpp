@@ -1,5 +1,5 @@
 // Owner training-step benchmark, FlexFed side: one optimizer step of the expert-training loop
-// (common/training.h, the real Trainer::Step) on a fresh anchor of --preset, with tokens/s, MFU against
+// (common/train/training.h, the real Trainer::Step) on a fresh anchor of --preset, with tokens/s, MFU against
 // the GEMM rate the trainer measures on its device, and peak memory against its parts. One JSON line
 // per configuration. bench/run_train_bench.sh runs it on the CPU beside bench/train_bench.py (plain
 // PyTorch); bench/gpu/run.sh runs it on a GPU with --device cuda --preset 1b.
@@ -12,11 +12,11 @@
 #include <iostream>
 #include <random>
 
-#include "common/file_util.h"
+#include "common/core/file_util.h"
 #include <torch/cuda.h>
 
-#include "common/router_embedding.h"
-#include "common/training.h"
+#include "common/model/router_embedding.h"
+#include "common/train/training.h"
 #include <nlohmann/json.hpp>
 
 namespace fs = std::filesystem;

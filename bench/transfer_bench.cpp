@@ -9,7 +9,7 @@
 #include <iostream>
 #include <random>
 
-#include "common/coordinator_client.h"
+#include "common/client/coordinator_client.h"
 #include <nlohmann/json.hpp>
 
 using namespace flexfed;

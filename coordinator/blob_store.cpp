@@ -11,8 +11,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "common/file_util.h"
-#include "common/sha256.h"
+#include "common/core/file_util.h"
+#include "common/core/sha256.h"
 #include <nlohmann/json.hpp>
 
 namespace flexfed {

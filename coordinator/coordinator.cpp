@@ -7,10 +7,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "common/expert_module.h"
-#include "common/model_config.h"
-#include "common/release.h"
-#include "common/sha256.h"
+#include "common/core/expert_module.h"
+#include "common/core/model_config.h"
+#include "common/core/release.h"
+#include "common/core/sha256.h"
 #include "coordinator/sqlite_store.h"
 #include "flexfed/v1/version.h"
 #include <nlohmann/json.hpp>

@@ -4,6 +4,7 @@
 // Protocol: proto/flexfed/v1/flexfed.proto, docs/PROTOCOL.md. Thread-safe.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
@@ -11,7 +12,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/identity.h"
+#include "common/core/identity.h"
 #include "coordinator/audit_log.h"
 #include "coordinator/blob_store.h"
 #include "coordinator/store.h"

@@ -8,8 +8,8 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
-#include "common/file_util.h"
-#include "common/identity.h"
+#include "common/core/file_util.h"
+#include "common/core/identity.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/metrics.h"
 #include "coordinator/service.h"

@@ -8,6 +8,7 @@
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 

@@ -68,7 +68,7 @@ struct UploadRecord {
 struct ReleaseRecord {
   std::string release_id;
   std::string anchor_id;
-  std::string manifest_json;  // common/release.h
+  std::string manifest_json;  // common/core/release.h
   std::string manifest_sha256;
   int64_t created_unix = 0;
 };

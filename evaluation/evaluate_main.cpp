@@ -5,7 +5,7 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
-#include "common/file_util.h"
+#include "common/core/file_util.h"
 #include "evaluation/suite.h"
 
 int main(int argc, char** argv) {

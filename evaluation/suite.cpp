@@ -6,12 +6,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/anchor.h"
-#include "common/data.h"
-#include "common/evaluation.h"
-#include "common/merge.h"
-#include "common/model.h"
-#include "common/tokenizer.h"
+#include "common/model/anchor.h"
+#include "common/train/data.h"
+#include "common/train/loss.h"
+#include "common/merge/merge.h"
+#include "common/model/model.h"
+#include "common/model/tokenizer.h"
 
 namespace flexfed {
 namespace {

@@ -4,6 +4,7 @@
 // of the merged model per domain and layer; and the checks the demo must pass. docs/EVALUATION.md.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 

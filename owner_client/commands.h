@@ -7,7 +7,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "common/data.h"
+#include "common/train/data.h"
 
 namespace flexfed::owner {
 
@@ -22,6 +22,6 @@ void AddNetworkCommands(CLI::App& app);
 // Prints "flexfed-owner <command>: error: <message>" and exits 1 when `status` is not OK.
 void ExitOnError(const std::string& command, const absl::Status& status);
 // $FLEXFED_CACHE_DIR, else $XDG_CACHE_HOME/flexfed, else ~/.cache/flexfed; + "/tokens".
-using flexfed::DefaultTokenCacheDir;  // common/data.h
+using flexfed::DefaultTokenCacheDir;  // common/train/data.h
 
 }  // namespace flexfed::owner

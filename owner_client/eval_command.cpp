@@ -1,8 +1,8 @@
 #include <iostream>
 
 #include "absl/strings/str_format.h"
-#include "common/evaluation.h"
-#include "common/model.h"
+#include "common/train/loss.h"
+#include "common/model/model.h"
 #include "owner_client/commands.h"
 #include <nlohmann/json.hpp>
 

@@ -2,10 +2,10 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
-#include "common/anchor.h"
-#include "common/expert_export.h"
-#include "common/file_util.h"
-#include "common/training.h"
+#include "common/model/anchor.h"
+#include "common/merge/expert_export.h"
+#include "common/core/file_util.h"
+#include "common/train/training.h"
 #include "owner_client/commands.h"
 #include <nlohmann/json.hpp>
 

@@ -1,9 +1,9 @@
 #include <iostream>
 
 #include "absl/strings/str_format.h"
-#include "common/anchor.h"
-#include "common/expert_module.h"
-#include "common/sha256.h"
+#include "common/model/anchor.h"
+#include "common/core/expert_module.h"
+#include "common/core/sha256.h"
 #include "owner_client/commands.h"
 #include <nlohmann/json.hpp>
 

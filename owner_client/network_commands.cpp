@@ -4,11 +4,11 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
-#include "common/anchor.h"
-#include "common/coordinator_client.h"
-#include "common/expert_module.h"
-#include "common/file_util.h"
-#include "common/identity.h"
+#include "common/model/anchor.h"
+#include "common/client/coordinator_client.h"
+#include "common/core/expert_module.h"
+#include "common/core/file_util.h"
+#include "common/core/identity.h"
 #include "owner_client/commands.h"
 #include <nlohmann/json.hpp>
 

@@ -6,7 +6,7 @@
 #include <iostream>
 #include <thread>
 
-#include "common/model.h"
+#include "common/model/model.h"
 #include "owner_client/commands.h"
 
 namespace flexfed::owner {

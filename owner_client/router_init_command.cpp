@@ -1,9 +1,9 @@
 #include <filesystem>
 #include <iostream>
 
-#include "common/anchor.h"
-#include "common/router_init.h"
-#include "common/tokenizer.h"
+#include "common/model/anchor.h"
+#include "common/train/router_init.h"
+#include "common/model/tokenizer.h"
 #include "owner_client/commands.h"
 
 namespace flexfed::owner {

@@ -5,8 +5,8 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
-#include "common/file_util.h"
-#include "common/training.h"
+#include "common/core/file_util.h"
+#include "common/train/training.h"
 #include "owner_client/commands.h"
 
 namespace flexfed::owner {

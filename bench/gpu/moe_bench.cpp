@@ -1,5 +1,5 @@
 // MoE layer benchmark: forward + backward of one MoE block through the dispatch path
-// (common/moe_dispatch.h: the CUDA kernels on a GPU) against the plain LibTorch layer (moe.h:
+// (common/model/moe_dispatch.h: the CUDA kernels on a GPU) against the plain LibTorch layer (moe.h:
 // Route + CombineExperts, experts grouped on the host), same inputs, same process, alternated.
 // As in owner training: fp32 master weights under bf16 autocast on a GPU. One JSON line per
 // configuration; bench/gpu/run.sh prints them with the kernels' share of the layer's time.
@@ -11,10 +11,10 @@
 #include <iostream>
 #include <optional>
 
-#include "common/autocast.h"
-#include "common/model.h"
-#include "common/moe.h"
-#include "common/moe_dispatch.h"
+#include "common/model/autocast.h"
+#include "common/model/model.h"
+#include "common/model/moe.h"
+#include "common/model/moe_dispatch.h"
 #include <nlohmann/json.hpp>
 
 using namespace flexfed;

@@ -5,8 +5,8 @@
 #include <fstream>
 #include <random>
 
-#include "common/file_util.h"
-#include "common/sha256.h"
+#include "common/core/file_util.h"
+#include "common/core/sha256.h"
 #include "coordinator/blob_store.h"
 #include "tests/temp_dir.h"
 

@@ -5,11 +5,11 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "common/anchor.h"
-#include "common/expert_export.h"
-#include "common/file_util.h"
-#include "common/release.h"
-#include "common/sha256.h"
+#include "common/model/anchor.h"
+#include "common/merge/expert_export.h"
+#include "common/core/file_util.h"
+#include "common/core/release.h"
+#include "common/core/sha256.h"
 #include "coordinator/coordinator.h"
 #include "tests/coordinator/site.h"
 #include "tests/test_util.h"

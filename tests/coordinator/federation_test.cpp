@@ -11,10 +11,10 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "common/coordinator_client.h"
+#include "common/client/coordinator_client.h"
 #include "coordinator/blob_store.h"
-#include "common/file_util.h"
-#include "common/sha256.h"
+#include "common/core/file_util.h"
+#include "common/core/sha256.h"
 #include "tests/test_util.h"
 #include <nlohmann/json.hpp>
 

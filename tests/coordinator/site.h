@@ -7,10 +7,10 @@
 #include <filesystem>
 #include <map>
 
-#include "common/anchor.h"
-#include "common/expert_export.h"
-#include "common/file_util.h"
-#include "common/sha256.h"
+#include "common/model/anchor.h"
+#include "common/merge/expert_export.h"
+#include "common/core/file_util.h"
+#include "common/core/sha256.h"
 #include "coordinator/coordinator.h"
 #include "tests/test_util.h"
 

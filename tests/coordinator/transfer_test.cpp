@@ -7,7 +7,7 @@
 
 #include <thread>
 
-#include "common/coordinator_client.h"
+#include "common/client/coordinator_client.h"
 #include "coordinator/service.h"
 #include "tests/coordinator/site.h"
 

@@ -1,11 +1,11 @@
-// libFuzzer target for the safetensors header validator (common/safetensors.cpp). Built with clang
+// libFuzzer target for the safetensors header validator (common/core/safetensors.cpp). Built with clang
 // (tests/fuzz/CMakeLists.txt) and run by ctest for a bounded number of inputs from the seed corpus.
 // Besides crashes and sanitizer reports, it checks that every accepted file obeys the rules the
 // rest of FlexFed relies on: tensors tile the data section exactly, in bounds, sizes consistent.
 #include <cstdint>
 #include <cstdlib>
 
-#include "common/safetensors.h"
+#include "common/core/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   absl::StatusOr<flexfed::SafetensorsLayout> layout = flexfed::ParseSafetensors("fuzz", data, size);

@@ -4,7 +4,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "common/file_util.h"
+#include "common/core/file_util.h"
 #include "tests/test_util.h"
 #include <nlohmann/json.hpp>
 

@@ -1,0 +1,64 @@
+# LibTorch: the one inside FLEXFED_PYTHON's PyTorch (the project's .venv, pinned in
+# scripts/python-requirements.txt; a GPU machine's own PyTorch), never a system copy. docs/BUILD.md.
+#
+# Sets FLEXFED_TORCH_VERSION and the imported targets of LibTorch's own config (TORCH_LIBRARIES).
+
+set(FLEXFED_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python3" CACHE FILEPATH
+    "Python whose PyTorch provides LibTorch and runs the test oracles")
+execute_process(COMMAND ${FLEXFED_PYTHON} -c "import torch; print(torch.utils.cmake_prefix_path); print(torch.__version__)"
+                RESULT_VARIABLE _torch_missing OUTPUT_VARIABLE _torch_out ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
+if(_torch_missing)
+  message(FATAL_ERROR "${FLEXFED_PYTHON} cannot import torch: run scripts/setup.sh (makes .venv with the pinned "
+                      "PyTorch) or pass -DFLEXFED_PYTHON=/path/to/python3 of an environment with PyTorch")
+endif()
+string(REPLACE "\n" ";" _torch_out "${_torch_out}")
+list(GET _torch_out 0 _torch_prefix)
+list(GET _torch_out 1 FLEXFED_TORCH_VERSION)
+list(PREPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
+
+# A CUDA LibTorch's config compiles CUDA for TORCH_CUDA_ARCH_LIST (every architecture it knows when
+# unset) and turns CMAKE_CUDA_ARCHITECTURES off: hand it ours ("90" -> "9.0").
+set(FLEXFED_CUDA_ARCHS "${CMAKE_CUDA_ARCHITECTURES}")
+if(FLEXFED_KERNELS AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_ARCH_LIST)
+  set(TORCH_CUDA_ARCH_LIST "")
+  foreach(_arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
+    string(REGEX REPLACE "^([0-9]+)([0-9a-z])(-real|-virtual)?$" "\\1.\\2" _arch "${_arch}")
+    list(APPEND TORCH_CUDA_ARCH_LIST ${_arch})
+  endforeach()
+endif()
+
+find_package(Torch REQUIRED)
+message(STATUS "FlexFed: LibTorch ${FLEXFED_TORCH_VERSION} from ${FLEXFED_PYTHON}")
+
+# LibTorch's include directory also carries the headers of the old protobuf it was built with
+# (include/google/protobuf). Searched before the system's, they would replace Debian's protobuf in
+# every file that includes both LibTorch and the gRPC-generated code (the owner's push, flexfedctl's
+# release commands). Point LibTorch's targets at a copy of that directory made of links to
+# everything but google/.
+get_filename_component(_torch_include "${_torch_prefix}/../../include" ABSOLUTE)
+set(_filtered ${CMAKE_BINARY_DIR}/torch_include)
+file(REMOVE_RECURSE ${_filtered})
+file(MAKE_DIRECTORY ${_filtered})
+file(GLOB _entries RELATIVE ${_torch_include} ${_torch_include}/*)
+foreach(_entry IN LISTS _entries)
+  if(NOT _entry STREQUAL "google")
+    file(CREATE_LINK ${_torch_include}/${_entry} ${_filtered}/${_entry} SYMBOLIC)
+  endif()
+endforeach()
+foreach(_target torch torch_cpu torch_cuda c10 c10_cuda headeronly torch_cpu_library torch_cuda_library torch_library)
+  if(TARGET ${_target})
+    get_target_property(_dirs ${_target} INTERFACE_INCLUDE_DIRECTORIES)
+    if(_dirs)
+      string(REPLACE "${_torch_include}" "${_filtered}" _dirs "${_dirs}")
+      set_target_properties(${_target} PROPERTIES INTERFACE_INCLUDE_DIRECTORIES "${_dirs}")
+    endif()
+  endif()
+endforeach()
+string(REPLACE "${_torch_include}" "${_filtered}" TORCH_INCLUDE_DIRS "${TORCH_INCLUDE_DIRS}")
+
+# PyTorch's wheels are built with a newer GCC whose std::filesystem is partly linked into libtorch.so,
+# and libtorch.so exports those copies. An executable that lists libtorch.so before libstdc++.so.6
+# binds its own std::filesystem calls to them, and some crash (fs::remove_all jumps to address 0:
+# every temporary directory's cleanup, the GPU train bench at exit). Listing the system libstdc++
+# first makes every such call resolve to it. Added to flexfed_model's consumers (common/model/).
+set(FLEXFED_TORCH_LINK_OPTIONS "LINKER:--push-state,--no-as-needed" "-lstdc++" "LINKER:--pop-state")

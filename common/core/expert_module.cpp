@@ -1,0 +1,167 @@
+// Format: docs/EXPERT_MODULE.md.
+#include "common/core/expert_module.h"
+
+#include <cstring>
+#include <map>
+#include <set>
+
+#include "absl/status/status.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "common/core/file_util.h"
+#include "common/core/sha256.h"
+
+namespace flexfed {
+namespace {
+
+absl::Status Reject(const std::string& reason, const std::string& message) {
+  absl::Status s = absl::InvalidArgumentError(message);
+  s.SetPayload(kRejectionPayload, absl::Cord(reason));
+  return s;
+}
+
+std::string Name(int64_t layer, const char* what) { return absl::StrCat("layers.", layer, ".", what); }
+
+}  // namespace
+
+
+std::string RejectionReason(const absl::Status& status) {
+  absl::optional<absl::Cord> p = status.GetPayload(kRejectionPayload);
+  return p ? std::string(*p) : std::string();
+}
+
+std::string ConfigHash(const ModelConfig& config) {
+  nlohmann::json j = {{"model_type", "flexfed-anchor"},
+                      {"vocab_size", config.vocab_size},
+                      {"hidden_size", config.hidden_size},
+                      {"intermediate_size", config.intermediate_size},
+                      {"num_hidden_layers", config.num_hidden_layers},
+                      {"num_attention_heads", config.num_attention_heads},
+                      {"num_key_value_heads", config.num_key_value_heads},
+                      {"head_dim", config.head_dim},
+                      {"rope_theta", config.rope_theta},
+                      {"rms_norm_eps", config.rms_norm_eps},
+                      {"tie_word_embeddings", config.tie_word_embeddings}};
+  return Sha256Hex(j.dump());
+}
+
+std::vector<AllowedTensor> ExpertModuleAllowList(const ModelConfig& c, Dtype ffn_dtype, bool with_bias) {
+  std::vector<AllowedTensor> out;
+  const int64_t h = c.hidden_size, f = c.intermediate_size;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    out.push_back({Name(l, "gate_proj.weight"), ffn_dtype, {f, h}});
+    out.push_back({Name(l, "up_proj.weight"), ffn_dtype, {f, h}});
+    out.push_back({Name(l, "down_proj.weight"), ffn_dtype, {h, f}});
+    out.push_back({Name(l, "router.weight"), Dtype::kF32, {h}});
+    if (with_bias) out.push_back({Name(l, "router.bias"), Dtype::kF32, {1}});
+  }
+  return out;
+}
+
+namespace {
+
+// Whether every element of a floating-point tensor's little-endian bytes is finite.
+bool AllFinite(Dtype dtype, const uint8_t* p, uint64_t bytes) {
+  switch (dtype) {
+    case Dtype::kF32:
+      for (uint64_t i = 0; i + 4 <= bytes; i += 4) {
+        uint32_t u;
+        std::memcpy(&u, p + i, 4);
+        if ((u & 0x7f800000u) == 0x7f800000u) return false;
+      }
+      return true;
+    case Dtype::kBF16:
+    case Dtype::kF16: {
+      const uint16_t exponent = dtype == Dtype::kBF16 ? 0x7f80 : 0x7c00;
+      for (uint64_t i = 0; i + 2 <= bytes; i += 2) {
+        uint16_t u;
+        std::memcpy(&u, p + i, 2);
+        if ((u & exponent) == exponent) return false;
+      }
+      return true;
+    }
+    case Dtype::kF64:
+      for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
+        uint64_t u;
+        std::memcpy(&u, p + i, 8);
+        if ((u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) return false;
+      }
+      return true;
+    default:
+      return true;
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<ExpertModuleMetadata> ValidateExpertModule(const std::string& path, const ModelConfig& config,
+                                                          Dtype ffn_dtype, const std::string& expected_anchor) {
+  absl::StatusOr<std::shared_ptr<MappedFile>> mapped = MappedFile::Open(path);
+  if (!mapped.ok()) return Reject("format", std::string(mapped.status().message()));
+  absl::StatusOr<SafetensorsLayout> layout = ParseSafetensors(path, (*mapped)->data(), (*mapped)->size());
+  if (!layout.ok()) return Reject("format", std::string(layout.status().message()));
+  std::map<std::string, const TensorInfo*> by_name;
+  for (const TensorInfo& t : layout->tensors) by_name[t.name] = &t;
+  const auto& meta = layout->metadata;
+  auto get = [&](const char* key) -> std::string {
+    auto it = meta.find(key);
+    return it == meta.end() ? std::string() : it->second;
+  };
+  if (get("format") != kExpertModuleFormat || get("format_version") != kExpertModuleVersion) {
+    return Reject("format", absl::StrCat(path, ": not a FlexFed expert module (format '", get("format"), "' version '",
+                                         get("format_version"), "'); export it with `flexfed-owner export`"));
+  }
+  ExpertModuleMetadata m;
+  m.anchor_sha256 = get("anchor_sha256");
+  m.config_hash = get("config_hash");
+  m.owner = get("owner");
+  m.expert_name = get("expert_name");
+  m.domain = get("domain");
+  m.router_init = get("router_init");
+  const std::string tokens = get("tokens_trained");
+  if (m.anchor_sha256.size() != 64 || m.config_hash.size() != 64 || tokens.empty() ||
+      tokens.find_first_not_of("0123456789") != std::string::npos) {
+    return Reject("metadata", absl::StrCat(path, ": metadata lacks a valid anchor_sha256, config_hash or tokens_trained"));
+  }
+  m.tokens_trained = std::stoll(tokens);
+  if (!expected_anchor.empty() && m.anchor_sha256 != expected_anchor) {
+    return Reject("anchor_mismatch", absl::StrCat(path, ": trained against anchor ", m.anchor_sha256.substr(0, 12),
+                                                  "…, not ", expected_anchor.substr(0, 12),
+                                                  "…; retrain against the current anchor"));
+  }
+  if (m.config_hash != ConfigHash(config)) {
+    return Reject("config_mismatch", absl::StrCat(path, ": config_hash does not match the anchor's model config"));
+  }
+
+  const bool with_bias = by_name.count(Name(0, "router.bias")) > 0;
+  std::set<std::string> allowed;
+  for (const AllowedTensor& a : ExpertModuleAllowList(config, ffn_dtype, with_bias)) {
+    allowed.insert(a.name);
+    auto found = by_name.find(a.name);
+    const TensorInfo* info = found == by_name.end() ? nullptr : found->second;
+    if (info == nullptr) {
+      return Reject("missing_tensor", absl::StrCat(path, ": missing tensor '", a.name, "'"));
+    }
+    if (info->dtype != a.dtype) {
+      return Reject("dtype", absl::StrCat(path, ": tensor '", a.name, "' is ", DtypeName(info->dtype), ", must be ",
+                                          DtypeName(a.dtype)));
+    }
+    if (info->shape != a.shape) {
+      return Reject("shape", absl::StrCat(path, ": tensor '", a.name, "' has shape ", ShapeString(info->shape),
+                                          ", must be ", ShapeString(a.shape)));
+    }
+    if (!AllFinite(info->dtype, (*mapped)->data() + layout->data_offset + info->begin, info->end - info->begin)) {
+      return Reject("non_finite", absl::StrCat(path, ": tensor '", a.name, "' holds NaN or infinity"));
+    }
+  }
+  for (const auto& [name, _] : by_name) {
+    if (!allowed.count(name)) {
+      return Reject("unexpected_tensor", absl::StrCat(path, ": tensor '", name,
+                                                      "' is not part of an expert module; nothing but the expert's "
+                                                      "FFN, router row and bias may leave the premises"));
+    }
+  }
+  return m;
+}
+
+}  // namespace flexfed

@@ -1,0 +1,54 @@
+// The expert module: the only thing an owner's premises ever send (ARCHITECTURE.md §7). One
+// safetensors file with, per layer, the trained expert's FFN, its router row and (optionally) its
+// negative bias, plus metadata binding it to one anchor. Spec: docs/EXPERT_MODULE.md.
+// This header is the format and its validation (torch-free); common/merge/expert_export.h writes and
+// extracts modules as tensors.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/core/model_config.h"
+#include "common/core/safetensors.h"
+
+namespace flexfed {
+
+inline constexpr char kExpertModuleFormat[] = "flexfed-expert-module";
+inline constexpr char kExpertModuleVersion[] = "1";
+// Why a module was refused, as the payload "flexfed.reason" of the error status (for metrics and
+// audit): format, missing_tensor, unexpected_tensor, shape, dtype, non_finite, metadata,
+// anchor_mismatch, config_mismatch.
+inline constexpr char kRejectionPayload[] = "flexfed.reason";
+std::string RejectionReason(const absl::Status& status);
+
+struct ExpertModuleMetadata {
+  std::string anchor_sha256;  // AnchorId() of the anchor it was trained against
+  std::string config_hash;    // ConfigHash() of that anchor's config
+  std::string owner;
+  std::string expert_name;
+  std::string domain;
+  int64_t tokens_trained = 0;
+  std::string router_init;  // anchor | vectors | random
+};
+
+// SHA-256 of the fields of `config` that decide an expert's shapes and meaning.
+std::string ConfigHash(const ModelConfig& config);
+
+struct AllowedTensor {
+  std::string name;
+  Dtype dtype;
+  std::vector<int64_t> shape;
+};
+// Every tensor a module for an anchor of `config` with weights of `ffn_dtype` holds, in order;
+// the bias tensors (`layers.L.router.bias`) are all present or all absent.
+std::vector<AllowedTensor> ExpertModuleAllowList(const ModelConfig& config, Dtype ffn_dtype, bool with_bias);
+
+// Checks the module in `path` against the allow-list of `config` — exact names, dtypes and
+// shapes, nothing else — finite values, complete metadata and, when given, the anchor id. Reads
+// the file through a private mapping; torch-free, so the coordinator validates uploads with it.
+absl::StatusOr<ExpertModuleMetadata> ValidateExpertModule(const std::string& path, const ModelConfig& config,
+                                                          Dtype ffn_dtype, const std::string& expected_anchor_sha256 = "");
+
+}  // namespace flexfed

@@ -1,0 +1,101 @@
+#include "common/train/adamw.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+
+namespace flexfed {
+
+AdamW::AdamW(std::vector<NamedTensor> params, AdamWOptions options)
+    : params_(std::move(params)), options_(options) {
+  for (const NamedTensor& p : params_) {
+    TORCH_CHECK(p.tensor.requires_grad(), "AdamW: parameter ", p.name, " does not require grad");
+    exp_avg_.push_back(at::zeros_like(p.tensor, at::kFloat));
+    exp_avg_sq_.push_back(at::zeros_like(p.tensor, at::kFloat));
+  }
+}
+
+void AdamWUpdate(at::Tensor& p32, const at::Tensor& g, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr,
+                 const AdamWOptions& o, int64_t step) {
+  const double bias1 = 1.0 - std::pow(o.beta1, static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(o.beta2, static_cast<double>(step));
+  if (o.weight_decay != 0) p32.mul_(1.0 - lr * o.weight_decay);
+  exp_avg.mul_(o.beta1).add_(g, 1.0 - o.beta1);
+  exp_avg_sq.mul_(o.beta2).addcmul_(g, g, 1.0 - o.beta2);
+  at::Tensor denom = (exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(o.eps);
+  p32.addcdiv_(exp_avg, denom, -lr / bias1);
+}
+
+void AdamW::Step(double lr) {
+  at::NoGradGuard no_grad;
+  ++step_;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor p = params_[i].tensor;
+    if (!p.grad().defined()) continue;
+    at::Tensor g = p.grad().to(at::kFloat);
+    // Moments and the update in fp32 whatever the parameter dtype (bf16 weights keep fp32 moments).
+    at::Tensor p32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
+    AdamWUpdate(p32, g, exp_avg_[i], exp_avg_sq_[i], lr, options_, step_);
+    if (p.scalar_type() != at::kFloat) p.copy_(p32);
+  }
+}
+
+void AdamW::ZeroGrad() {
+  for (NamedTensor& p : params_) p.tensor.mutable_grad() = at::Tensor();
+}
+
+std::vector<NamedTensor> AdamW::State() const {
+  std::vector<NamedTensor> state = {{"step", at::tensor(step_, at::kLong).reshape({})}};
+  for (size_t i = 0; i < params_.size(); ++i) {
+    state.push_back({params_[i].name + ".exp_avg", exp_avg_[i]});
+    state.push_back({params_[i].name + ".exp_avg_sq", exp_avg_sq_[i]});
+  }
+  return state;
+}
+
+absl::Status AdamW::LoadState(const std::vector<NamedTensor>& state) {
+  std::map<std::string, at::Tensor> by_name;
+  for (const NamedTensor& nt : state) by_name[nt.name] = nt.tensor;
+  auto step = by_name.find("step");
+  if (step == by_name.end() || step->second.numel() != 1) {
+    return absl::InvalidArgumentError("optimizer state has no 'step'; the checkpoint is incomplete");
+  }
+  std::vector<at::Tensor> m(params_.size()), v(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    for (auto [suffix, out] : {std::pair{".exp_avg", &m[i]}, {".exp_avg_sq", &v[i]}}) {
+      auto it = by_name.find(params_[i].name + suffix);
+      if (it == by_name.end() || it->second.sizes() != params_[i].tensor.sizes()) {
+        return absl::InvalidArgumentError(absl::StrCat("optimizer state for '", params_[i].name, suffix,
+                                                       "' is missing or has the wrong shape; the checkpoint does not "
+                                                       "belong to this run"));
+      }
+      *out = it->second.to(params_[i].tensor.device(), at::kFloat).clone();
+    }
+  }
+  exp_avg_ = std::move(m);
+  exp_avg_sq_ = std::move(v);
+  step_ = step->second.item<int64_t>();
+  return absl::OkStatus();
+}
+
+double ClipGradNorm(const std::vector<NamedTensor>& params, double max_norm) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> squares;
+  for (const NamedTensor& p : params) {
+    if (p.tensor.grad().defined()) squares.push_back(p.tensor.grad().to(at::kFloat).pow(2).sum());
+  }
+  if (squares.empty()) return 0.0;
+  const double norm = std::sqrt(at::stack(squares).sum().item<double>());
+  if (max_norm > 0 && norm > max_norm) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (const NamedTensor& p : params) {
+      if (p.tensor.grad().defined()) p.tensor.mutable_grad().mul_(scale);
+    }
+  }
+  return norm;
+}
+
+}  // namespace flexfed

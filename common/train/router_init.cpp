@@ -1,0 +1,96 @@
+#include "common/train/router_init.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace flexfed {
+
+absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor, const TokenCorpus* corpus,
+                                                    const RouterInitOptions& o, ProgressReporter* progress,
+                                                    const RouterEmbedding* router_pub) {
+  const ModelConfig& c = anchor.config();
+  RouterEmbedding e;
+  e.metadata = {{"mode", o.mode}, {"seed", std::to_string(o.seed)}};
+  if (o.mode == "vectors") {
+    if (o.vectors.empty()) return absl::InvalidArgumentError("vectors mode needs --vectors FILE (.npy or .safetensors)");
+    absl::StatusOr<RouterEmbedding> v = ReadExternalVectors(o.vectors, c.num_hidden_layers, c.hidden_size);
+    if (!v.ok()) return v.status();
+    v->metadata = {{"mode", "vectors"}, {"source", o.vectors}};
+    return v;
+  }
+  if (o.mode == "random") {
+    at::Generator gen = at::detail::createCPUGenerator(o.seed);
+    at::Tensor r = at::normal(0.0, 0.02, {c.hidden_size}, gen, at::TensorOptions().dtype(at::kFloat));
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) e.rows.push_back(r.clone());  // the same vector in every layer
+    return e;
+  }
+  if (o.mode != "anchor") {
+    return absl::InvalidArgumentError(absl::StrCat("router-init mode '", o.mode, "' is not anchor, vectors or random"));
+  }
+  if (corpus == nullptr || corpus->num_documents() == 0) {
+    return absl::InvalidArgumentError("anchor mode needs documents (--data)");
+  }
+  if (o.samples < 1 || o.max_tokens < 1) return absl::InvalidArgumentError("--samples and --max-tokens must be positive");
+  c10::InferenceMode inference;
+  std::vector<int64_t> order = Permutation(corpus->num_documents(), o.seed);
+  std::vector<at::Tensor> sums(c.num_hidden_layers);
+  for (at::Tensor& s : sums) s = at::zeros({c.hidden_size}, at::kDouble);
+  int64_t used = 0;
+  const int64_t limit = std::min<int64_t>(o.max_tokens, c.max_position_embeddings);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t d : order) {
+    if (used == o.samples) break;
+    const int64_t len = std::min(corpus->document_length(d), limit);
+    if (len == 0) continue;
+    std::vector<int64_t> ids(corpus->tokens() + corpus->doc_offsets()[d], corpus->tokens() + corpus->doc_offsets()[d] + len);
+    ForwardTrace trace;
+    trace.want_router_inputs = true;
+    anchor.Forward(at::tensor(ids, at::kLong).view({1, len}).to(anchor.device()), {}, nullptr, &trace);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      sums[l] += trace.router_inputs[l][0].to(at::kDouble).mean(0).to(at::kCPU);  // what the router sees
+    }
+    ++used;
+    if (progress != nullptr && (used % 50 == 0 || used == o.samples)) {
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const int64_t target = std::min<int64_t>(o.samples, corpus->num_documents());
+      progress->Update(used, target, absl::StrFormat("%.1f docs/s", used / std::max(elapsed, 1e-9)),
+                       elapsed / used * (target - used));
+    }
+  }
+  if (progress != nullptr) progress->Finish();
+  if (used == 0) return absl::InvalidArgumentError("every sampled document is empty");
+  const bool relative = router_pub != nullptr && !router_pub->centers.empty();
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const at::Tensor mean = (sums[l] / static_cast<double>(used)).to(at::kFloat);
+    if (relative) {
+      // v = 2D (m − c) / |m − c|² and b = −v·(c + f (m − c)): logit(i) − logit(pub) = h·v + b
+      // is 0 at the fraction f of the way from the public mean to the owner's, 2D(1 − f) at
+      // the owner's mean and −2Df at the public one. Only a negative bias can be carried.
+      const at::Tensor& center = router_pub->centers[l];
+      const at::Tensor step = mean - center;
+      // Where the means nearly coincide (layer 0 sees single-token embeddings) the step is
+      // floored at a quarter of |c|: otherwise v explodes, logits saturate and the row's
+      // gradient underflows to exactly 0 (a dead router row).
+      const double distance = step.norm().item<double>();
+      const double floor = std::max(distance, std::max(0.25 * center.norm().item<double>(), 1e-12));
+      const at::Tensor v = step * (2 * o.margin / (std::max(distance, 1e-12) * floor));
+      e.rows.push_back(router_pub->rows[l] + v);
+      const double bias = -v.dot(center + o.boundary * step).item<double>();
+      e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, bias)), at::kFloat));
+    } else {
+      e.rows.push_back(mean / mean.norm().clamp_min(1e-12));
+      e.centers.push_back(mean);
+    }
+  }
+  e.metadata["relative_to"] = relative ? "router_pub" : "none (this is r_pub; centers kept)";
+  e.metadata["documents"] = std::to_string(used);
+  e.metadata["max_tokens"] = std::to_string(limit);
+  return e;
+}
+
+}  // namespace flexfed

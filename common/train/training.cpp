@@ -1,0 +1,600 @@
+#include "common/train/training.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/model/anchor.h"
+#include "common/model/autocast.h"
+#include "common/core/file_util.h"
+#include "common/model/moe_dispatch.h"
+#include "common/model/router_embedding.h"
+
+namespace flexfed {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr char kConfigFile[] = "train_config.json";
+constexpr char kMetricsFile[] = "metrics.jsonl";
+constexpr double kPi = 3.14159265358979323846;
+
+absl::Status Bad(const std::string& what) { return absl::InvalidArgumentError(what); }
+
+// GEMM FLOP/s on [m, k] × [k, n] in `dtype` on `device`, measured (best of 3 after a warm-up; the
+// current threads on the CPU). On a GPU each sample is 10 products ended by a host read, which waits.
+double MeasureGemmRate(int64_t m, int64_t k, int64_t n, at::Device device, at::ScalarType dtype) {
+  const at::TensorOptions o = at::TensorOptions().device(device).dtype(dtype);
+  at::Tensor a = at::randn({m, k}, o), b = at::randn({k, n}, o), c = at::empty({m, n}, o);
+  const int reps = device.is_cuda() ? 10 : 1;
+  double best = 1e30;
+  for (int i = 0; i < 4; ++i) {
+    auto start = Clock::now();
+    for (int r = 0; r < reps; ++r) at::mm_out(c, a, b);
+    if (device.is_cuda()) c[0][0].item<float>();
+    const double s = std::chrono::duration<double>(Clock::now() - start).count() / reps;
+    if (i > 0) best = std::min(best, s);
+  }
+  return 2.0 * m * k * n / best;
+}
+
+// "auto" | "cpu" | "cuda" → the device training runs on.
+absl::StatusOr<at::Device> TrainingDevice(const std::string& device) {
+  if (device == "cpu") return at::Device(at::kCPU);
+  if (at::hasCUDA()) return at::Device(at::kCUDA, 0);
+  if (device == "auto") return at::Device(at::kCPU);
+  if (!CudaKernelsBuilt()) {
+    return absl::FailedPreconditionError(
+        "--device cuda: no CUDA device is available to this build; build FlexFed against a CUDA LibTorch with "
+        "-DFLEXFED_CUDA=ON (docs/GPU.md) on a machine whose GPU nvidia-smi shows, or train with --device cpu");
+  }
+  return absl::FailedPreconditionError(
+      "--device cuda: no CUDA device is visible; check nvidia-smi and CUDA_VISIBLE_DEVICES, or train with --device cpu");
+}
+
+absl::StatusOr<json> ReadJsonFile(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(path);
+  if (!text.ok()) return text.status();
+  json j = json::parse(*text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Bad(absl::StrCat(path, ": not valid JSON"));
+  return j;
+}
+
+std::string CheckpointName(int64_t step) { return absl::StrFormat("step-%08d", step); }
+
+// Router [2, H] = [r_pub (frozen); r_i (trained)] and bias [0, b_i] per layer. Rebuilt before
+// every forward, so gradients reach the trained leaves r_i and b_i.
+void ComposeRouters(const std::vector<at::Tensor>& pub, const std::vector<at::Tensor>& rows,
+                    const std::vector<at::Tensor>& bias, std::vector<LayerWeights>& layers) {
+  for (size_t l = 0; l < layers.size(); ++l) {
+    layers[l].router = at::cat({pub[l], rows[l].view({1, -1})});
+    if (!bias.empty()) layers[l].router_bias = at::cat({at::zeros({1}, bias[l].options()), bias[l]});
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------ config
+
+absl::Status TrainConfig::Validate() const {
+  if (mode != "expert" && mode != "dense" && mode != "pretrain") {
+    return Bad(absl::StrCat("mode '", mode, "' is not expert, dense or pretrain"));
+  }
+  if (data.empty()) return Bad("no training data; pass --data FILE_OR_FOLDER");
+  if (seq_len < 2 || batch_size < 1 || grad_accum < 1) return Bad("seq_len must be ≥ 2, batch_size and grad_accum ≥ 1");
+  if (max_steps <= 0 && token_budget <= 0) return Bad("give a step count (--steps) or a token budget (--tokens)");
+  if (max_steps < 0 || token_budget < 0) return Bad("--steps and --tokens must not be negative");
+  if (!(lr > 0) || min_lr_ratio < 0 || min_lr_ratio > 1) return Bad("lr must be positive and min_lr_ratio in [0, 1]");
+  if (warmup_steps < 0) return Bad("warmup_steps must not be negative");
+  if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0 && weight_decay >= 0)) {
+    return Bad("AdamW needs 0 ≤ beta1, beta2 < 1, eps > 0 and weight_decay ≥ 0");
+  }
+  if (grad_clip < 0 || z_loss < 0) return Bad("grad_clip and z_loss must not be negative");
+  if (top_k < 1 || top_k > 2) return Bad("top_k must be 1 or 2 (the two-expert model)");
+  if (validation_fraction < 0 || validation_fraction >= 1) return Bad("validation_fraction must be in [0, 1)");
+  if (val_every < 0 || val_batches < 0 || checkpoint_every < 0 || log_every < 1 || keep_checkpoints < 1) {
+    return Bad("val_every, val_batches, checkpoint_every must be ≥ 0, log_every and keep_checkpoints ≥ 1");
+  }
+  if (device != "auto" && device != "cpu" && device != "cuda") return Bad("device must be auto, cpu or cuda");
+  if (precision != "auto" && precision != "fp32" && precision != "bf16") return Bad("precision must be auto, fp32 or bf16");
+  return absl::OkStatus();
+}
+
+json TrainConfig::IdentityJson() const {
+  return {{"mode", mode}, {"data", data}, {"text_field", text_field}, {"validation_fraction", validation_fraction},
+          {"seq_len", seq_len}, {"batch_size", batch_size}, {"grad_accum", grad_accum}, {"max_steps", max_steps},
+          {"token_budget", token_budget}, {"lr", lr}, {"min_lr_ratio", min_lr_ratio}, {"warmup_steps", warmup_steps},
+          {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}, {"grad_clip", grad_clip},
+          {"z_loss", z_loss}, {"router_bias", router_bias}, {"top_k", top_k}, {"seed", seed}, {"preset", preset}};
+}
+
+json TrainConfig::ToJson() const {
+  json j = IdentityJson();
+  j.update({{"val_every", val_every}, {"val_batches", val_batches}, {"checkpoint_every", checkpoint_every},
+            {"keep_checkpoints", keep_checkpoints}, {"log_every", log_every}, {"device", device}, {"precision", precision}, {"threads", threads}});
+  return j;
+}
+
+absl::StatusOr<TrainConfig> TrainConfig::FromJson(const json& j, const std::string& source) {
+  if (!j.is_object()) return Bad(absl::StrCat(source, ": expected a JSON object of training settings"));
+  TrainConfig c;
+  const json known = c.ToJson();
+  for (const auto& [key, value] : j.items()) {
+    if (!known.contains(key)) {
+      return Bad(absl::StrCat(source, ": unknown setting '", key, "' (see flexfed-owner train --help)"));
+    }
+    const json& like = known[key];
+    const bool ok = (like.is_number_integer() && value.is_number_integer()) ||
+                    (like.is_number_float() && value.is_number()) || (like.is_boolean() && value.is_boolean()) ||
+                    (like.is_string() && value.is_string()) ||
+                    (like.is_array() && value.is_array() && std::all_of(value.begin(), value.end(), [](const json& v) { return v.is_string(); }));
+    if (!ok) return Bad(absl::StrCat(source, ": setting '", key, "' should be like ", like.dump()));
+  }
+  auto get = [&](const char* key, auto& field) {
+    if (j.contains(key)) field = j[key].get<std::decay_t<decltype(field)>>();
+  };
+  get("mode", c.mode); get("data", c.data); get("text_field", c.text_field);
+  get("validation_fraction", c.validation_fraction); get("seq_len", c.seq_len); get("batch_size", c.batch_size);
+  get("grad_accum", c.grad_accum); get("max_steps", c.max_steps); get("token_budget", c.token_budget);
+  get("lr", c.lr); get("min_lr_ratio", c.min_lr_ratio); get("warmup_steps", c.warmup_steps);
+  get("beta1", c.beta1); get("beta2", c.beta2); get("eps", c.eps); get("weight_decay", c.weight_decay);
+  get("grad_clip", c.grad_clip); get("z_loss", c.z_loss); get("router_bias", c.router_bias); get("top_k", c.top_k);
+  get("val_every", c.val_every); get("val_batches", c.val_batches); get("checkpoint_every", c.checkpoint_every);
+  get("keep_checkpoints", c.keep_checkpoints); get("log_every", c.log_every); get("seed", c.seed);
+  get("device", c.device); get("precision", c.precision); get("threads", c.threads); get("preset", c.preset);
+  if (absl::Status s = c.Validate(); !s.ok()) return Bad(absl::StrCat(source, ": ", s.message()));
+  return c;
+}
+
+// ------------------------------------------------------------------------------------ setup
+
+absl::StatusOr<std::string> LatestCheckpoint(const std::string& run_dir) {
+  const fs::path latest = fs::path(run_dir) / "checkpoints" / "latest";
+  absl::StatusOr<std::string> name = ReadFile(latest.string());
+  if (!name.ok()) return absl::NotFoundError(absl::StrCat(run_dir, ": no checkpoint to resume from"));
+  const fs::path dir = fs::path(run_dir) / "checkpoints" / *name;
+  if (!fs::is_directory(dir)) {
+    return absl::DataLossError(absl::StrCat(latest.string(), " names ", *name, ", which is missing; the run folder is damaged"));
+  }
+  return dir.string();
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& config, const TrainInputs& inputs,
+                                                         bool resume) {
+  if (absl::Status s = config.Validate(); !s.ok()) return s;
+  std::unique_ptr<Trainer> t(new Trainer());
+  t->config_ = config;
+  t->inputs_ = inputs;
+  SetCpuThreads(config.threads);
+  absl::StatusOr<at::Device> device = TrainingDevice(config.device);
+  if (!device.ok()) return device.status();
+  t->device_ = *device;
+  // Master weights, gradients and optimizer state stay fp32; bf16 is autocast's (the forward's products).
+  if (config.precision == "bf16" || (config.precision == "auto" && device->is_cuda())) t->autocast_ = at::kBFloat16;
+
+  // Run folder: a new run must not overwrite another; a resumed one must be the same run.
+  const fs::path run = inputs.run_dir;
+  const fs::path config_path = run / kConfigFile;
+  std::error_code ec;
+  if (resume) {
+    absl::StatusOr<json> saved = ReadJsonFile(config_path.string());
+    if (!saved.ok()) return absl::NotFoundError(absl::StrCat(inputs.run_dir, ": no run to resume (", kConfigFile, " missing)"));
+    const json want = config.IdentityJson();
+    for (const auto& [key, value] : want.items()) {
+      if (!saved->contains("settings") || !(*saved)["settings"].contains(key) || (*saved)["settings"][key] != value) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            inputs.run_dir, ": was started with a different '", key, "' (",
+            saved->contains("settings") && (*saved)["settings"].contains(key) ? (*saved)["settings"][key].dump() : "unset",
+            " vs ", value.dump(), "); resume with the run's settings (--config ", config_path.string(), ") or use a new folder"));
+      }
+    }
+  } else if (fs::exists(config_path, ec)) {
+    return absl::AlreadyExistsError(absl::StrCat(inputs.run_dir, ": already holds a run; continue it with --resume or choose another folder"));
+  }
+
+  // Model and trained tensors.
+  if (config.mode == "pretrain") {
+    absl::StatusOr<ModelConfig> mc = ModelConfig::Preset(config.preset);
+    if (!mc.ok()) return mc.status();
+    absl::StatusOr<FlexOlmoModel> m = FlexOlmoModel::Create(*mc, at::kFloat, config.seed);
+    if (!m.ok()) return m.status();
+    t->model_ = *std::move(m);
+    t->model_->To(t->device_);
+    for (NamedTensor& nt : t->model_->NamedParameters()) {
+      nt.tensor.requires_grad_(true);
+      t->trainable_.push_back(nt);
+    }
+    t->anchor_id_ = "";
+  } else {
+    // fp32 master weights (a bf16 anchor converts exactly), on the training device before any
+    // trained leaf is made from them.
+    absl::StatusOr<Anchor> anchor = LoadAnchor(inputs.anchor_dir, /*require_router_pub=*/config.mode == "expert", at::kFloat);
+    if (!anchor.ok()) return anchor.status();
+    anchor->model.To(t->device_);
+    t->anchor_id_ = anchor->id;
+    const FlexOlmoModel& base = anchor->model;
+    ModelConfig mc = base.config();
+    std::vector<NamedTensor> named = base.NamedParameters();
+    auto find = [&](const std::string& name) {
+      for (const NamedTensor& nt : named) {
+        if (nt.name == name) return nt.tensor;
+      }
+      TORCH_CHECK(false, "internal: anchor has no tensor ", name);
+    };
+    std::vector<LayerWeights> layers = base.layers();  // shares the anchor's tensors (frozen)
+    const bool has_lm_head = !mc.tie_word_embeddings;
+    for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
+      const ExpertWeights& ffn = base.layers()[l].experts[0];
+      // The trained FFN starts as a copy of the anchor's (fp32 master weights for the optimizer).
+      ExpertWeights trained{ffn.gate_proj.clone().requires_grad_(true), ffn.up_proj.clone().requires_grad_(true),
+                            ffn.down_proj.clone().requires_grad_(true)};
+      const std::string p = absl::StrCat("layers.", l, ".");
+      t->trainable_.push_back({p + "gate_proj.weight", trained.gate_proj});
+      t->trainable_.push_back({p + "up_proj.weight", trained.up_proj});
+      t->trainable_.push_back({p + "down_proj.weight", trained.down_proj});
+      if (config.mode == "dense") {
+        layers[l].experts = {trained};
+      } else {
+        layers[l].experts = {ffn, trained};
+      }
+    }
+    if (config.mode == "expert") {
+      if (inputs.router_init.empty()) {
+        return Bad("expert training needs the owner's router embedding: make it with `flexfed-owner router-init` and pass --router-init FILE");
+      }
+      absl::StatusOr<RouterEmbedding> ri = ReadRouterEmbedding(inputs.router_init, mc.num_hidden_layers, mc.hidden_size);
+      if (!ri.ok()) return ri.status();
+      for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
+        t->router_pub_.push_back(anchor->router_pub.rows[l].to(t->device_, at::kFloat).view({1, mc.hidden_size}));
+        at::Tensor row = ri->rows[l].to(t->device_, at::kFloat).clone().requires_grad_(true);
+        t->router_rows_.push_back(row);
+        t->trainable_.push_back({absl::StrCat("layers.", l, ".router.weight"), row});
+        if (config.router_bias) {
+          at::Tensor bias = (ri->biases.empty() ? at::zeros({1}, at::kFloat) : ri->biases[l].to(at::kFloat))
+                                .to(t->device_)
+                                .clone()
+                                .requires_grad_(true);
+          t->router_bias_.push_back(bias);
+          t->trainable_.push_back({absl::StrCat("layers.", l, ".router.bias"), bias});
+        }
+      }
+      ComposeRouters(t->router_pub_, t->router_rows_, t->router_bias_, layers);
+      mc.model_type = "flex_olmo";
+      mc.num_experts = 2;
+      mc.num_experts_per_tok = config.top_k;
+      mc.norm_topk_prob = false;
+    }
+    absl::StatusOr<FlexOlmoModel> m = FlexOlmoModel::Assemble(
+        mc, find("model.embed_tokens.weight"), std::move(layers), find("model.norm.weight"),
+        has_lm_head ? find("lm_head.weight") : at::Tensor());
+    if (!m.ok()) return m.status();
+    t->model_ = *std::move(m);
+    t->Compose();
+  }
+
+  // Data.
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok =
+      TokenizerForModel(config.mode == "pretrain" ? "" : inputs.anchor_dir, t->model_->config().vocab_size);
+  if (!tok.ok()) return tok.status();
+  t->tokenizer_ = *std::move(tok);
+  CorpusOptions copts;
+  copts.text_field = config.text_field;
+  absl::StatusOr<TokenCorpus> corpus = TokenCorpus::Build(config.data, *t->tokenizer_, copts, inputs.cache_dir);
+  if (!corpus.ok()) return corpus.status();
+  DocumentSplit split = SplitDocuments(corpus->num_documents(), config.validation_fraction, config.seed);
+  t->train_ = std::make_unique<PackedSequences>(*corpus, split.train, config.seq_len, t->tokenizer_->eos_id());
+  t->val_ = std::make_unique<PackedSequences>(*corpus, split.validation, config.seq_len, t->tokenizer_->eos_id());
+  if (t->train_->size() < config.batch_size) {
+    return Bad(absl::StrCat("the training data makes ", t->train_->size(), " sequences of ", config.seq_len,
+                            " tokens, fewer than one batch of ", config.batch_size,
+                            "; give more text or lower --seq-len/--batch-size"));
+  }
+  const int64_t val_count = std::min<int64_t>(t->val_->size(), config.val_batches * config.batch_size);
+  for (int64_t i = 0; i < val_count; ++i) t->val_indices_.push_back(i);
+
+  t->total_steps_ = config.max_steps > 0 ? config.max_steps
+                                         : (config.token_budget + config.TokensPerStep() - 1) / config.TokensPerStep();
+  AdamWOptions aopts{config.beta1, config.beta2, config.eps, config.weight_decay};
+  t->optimizer_ = std::make_unique<AdamW>(t->trainable_, aopts);
+  t->order_ = Permutation(t->train_->size(), config.seed);
+
+  // MFU: 6 FLOPs per trained weight and 4 per frozen weight used (forward + input gradient) per
+  // token, plus causal attention; against a GEMM rate measured now.
+  const ModelConfig& mc = t->model_->config();
+  double trained = 0, frozen = 0;
+  for (const NamedTensor& nt : t->trainable_) trained += nt.tensor.numel();
+  for (const NamedTensor& nt : t->FrozenTensors()) {
+    if (nt.name != "model.embed_tokens.weight") frozen += nt.tensor.numel();
+  }
+  const double attention = 12.0 * (config.seq_len + 1) / 2.0 * mc.num_attention_heads * mc.head_dim * mc.num_hidden_layers;
+  t->flops_per_token_ = 6 * trained + 4 * frozen + attention;
+  if (config.mode == "pretrain") t->flops_per_token_ -= 6.0 * mc.vocab_size * mc.hidden_size;  // embedding lookup
+  const int64_t gemm_rows = std::min<int64_t>(t->device_.is_cuda() ? 8192 : 2048, config.batch_size * config.seq_len);
+  t->gemm_rate_ = MeasureGemmRate(gemm_rows, mc.hidden_size, mc.intermediate_size, t->device_,
+                                  t->autocast_.value_or(at::kFloat));
+
+  fs::create_directories(run / "checkpoints", ec);
+  if (ec) return absl::InternalError(absl::StrCat(inputs.run_dir, ": cannot create: ", ec.message()));
+  if (resume) {
+    if (absl::Status s = t->Resume(); !s.ok()) return s;
+  } else {
+    json echo = {{"settings", config.IdentityJson()}, {"cadence", config.ToJson()}, {"anchor_sha256", t->anchor_id_},
+                 {"anchor_dir", inputs.anchor_dir}, {"router_init", inputs.router_init}, {"token_cache", corpus->key()},
+                 {"documents", {{"train", split.train.size()}, {"validation", split.validation.size()}}},
+                 {"total_steps", t->total_steps_}};
+    if (absl::Status s = WriteFileAtomically(config_path.string(), echo.dump(2) + "\n"); !s.ok()) return s;
+    std::error_code ignored;
+    fs::remove(run / kMetricsFile, ignored);
+  }
+  return t;
+}
+
+std::vector<NamedTensor> Trainer::FrozenTensors() const {
+  std::vector<NamedTensor> frozen;
+  for (const NamedTensor& nt : model_->NamedParameters()) {
+    const bool trained = std::any_of(trainable_.begin(), trainable_.end(), [&](const NamedTensor& t) {
+      return t.tensor.is_same(nt.tensor);
+    });
+    // Composed routers and biases are not leaves; their frozen part is r_pub.
+    if (!trained && nt.tensor.is_leaf()) frozen.push_back(nt);
+  }
+  for (size_t l = 0; l < router_pub_.size(); ++l) frozen.push_back({absl::StrCat("router_pub.", l), router_pub_[l]});
+  return frozen;
+}
+
+std::string Trainer::ComputeDescription() const {
+  std::string where = device_.str();
+  if (device_.is_cpu()) where += absl::StrCat(" (", at::get_num_threads(), " threads)");
+  return absl::StrCat(where, autocast_ ? ", bf16 autocast (fp32 master weights)" : ", fp32");
+}
+
+void Trainer::Compose() {
+  if (!router_rows_.empty()) ComposeRouters(router_pub_, router_rows_, router_bias_, model_->mutable_layers());
+}
+
+// ------------------------------------------------------------------------------------ the loop
+
+double Trainer::LearningRate(int64_t step) const {
+  const double lr = config_.lr;
+  if (step < config_.warmup_steps) return lr * static_cast<double>(step + 1) / static_cast<double>(config_.warmup_steps);
+  const int64_t decay = std::max<int64_t>(1, total_steps_ - config_.warmup_steps);
+  const double progress = std::min(1.0, static_cast<double>(step - config_.warmup_steps) / static_cast<double>(decay));
+  const double floor = lr * config_.min_lr_ratio;
+  return floor + (lr - floor) * 0.5 * (1.0 + std::cos(kPi * progress));
+}
+
+at::Tensor Trainer::NextBatch() {
+  std::vector<int64_t> indices;
+  while (static_cast<int64_t>(indices.size()) < config_.batch_size) {
+    if (position_ >= static_cast<int64_t>(order_.size())) {
+      ++epoch_;
+      position_ = 0;
+      order_ = Permutation(train_->size(), config_.seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(epoch_));
+    }
+    indices.push_back(order_[position_++]);
+  }
+  return train_->Batch(indices);
+}
+
+double Trainer::Step() {
+  const ModelConfig& mc = model_->config();
+  double loss_sum = 0;
+  for (int64_t micro = 0; micro < config_.grad_accum; ++micro) {
+    at::Tensor batch = NextBatch().to(device_);
+    const int64_t t = config_.seq_len;
+    at::Tensor inputs = batch.narrow(1, 0, t), targets = batch.narrow(1, 1, t).reshape({-1});
+    Compose();
+    ForwardTrace trace;
+    at::Tensor loss, total;
+    {
+      // The forward under autocast (when on); the backward outside it, as torch.autocast prescribes.
+      std::optional<AutocastScope> autocast;
+      if (autocast_) autocast.emplace(device_.type(), *autocast_);
+      at::Tensor logits = model_->Forward(inputs, {}, nullptr, &trace);
+      loss = at::cross_entropy_loss(logits.reshape({-1, mc.vocab_size}).to(at::kFloat), targets);
+      total = loss;
+      if (config_.z_loss > 0 && !trace.router_logits.empty()) {
+        at::Tensor z = at::zeros({}, loss.options());
+        for (const at::Tensor& logits_l : trace.router_logits) z = z + at::logsumexp(logits_l, -1).pow(2).mean();
+        total = total + config_.z_loss * z;
+      }
+    }
+    (total / static_cast<double>(config_.grad_accum)).backward();
+    loss_sum += loss.item<double>();
+    tokens_ += inputs.numel();
+    if (routing_counts_.size() != trace.expert_indices.size()) {
+      routing_counts_.assign(trace.expert_indices.size(), std::vector<double>(mc.num_experts, 0.0));
+    }
+    for (size_t l = 0; l < trace.expert_indices.size(); ++l) {
+      at::Tensor top1 = at::bincount(trace.expert_indices[l].select(1, 0).to(at::kCPU), {}, mc.num_experts).contiguous();
+      const int64_t* counts = top1.data_ptr<int64_t>();
+      for (int64_t e = 0; e < mc.num_experts; ++e) routing_counts_[l][e] += static_cast<double>(counts[e]);
+    }
+  }
+  last_grad_norm_ = ClipGradNorm(trainable_, config_.grad_clip);
+  optimizer_->Step(LearningRate(step_));
+  optimizer_->ZeroGrad();
+  ++step_;
+  return loss_sum / static_cast<double>(config_.grad_accum);
+}
+
+EvalResult Trainer::Validate() {
+  Compose();
+  std::optional<AutocastScope> autocast;
+  if (autocast_) autocast.emplace(device_.type(), *autocast_);
+  return Evaluate(*model_, *val_, val_indices_, config_.batch_size, *tokenizer_);
+}
+
+absl::Status Trainer::SaveCheckpoint() {
+  const fs::path dir = fs::path(inputs_.run_dir) / "checkpoints";
+  const std::string name = CheckpointName(step_);
+  const fs::path tmp = dir / absl::StrCat(name, ".tmp");
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) return absl::InternalError(absl::StrCat(tmp.string(), ": cannot create: ", ec.message()));
+  if (absl::Status s = WriteSafetensors((tmp / "trainable.safetensors").string(), trainable_); !s.ok()) return s;
+  if (absl::Status s = WriteSafetensors((tmp / "optimizer.safetensors").string(), optimizer_->State()); !s.ok()) return s;
+  json state = {{"step", step_}, {"tokens", tokens_}, {"epoch", epoch_}, {"position", position_},
+                {"anchor_sha256", anchor_id_}, {"settings", config_.IdentityJson()}};
+  if (absl::Status s = WriteFileAtomically((tmp / "state.json").string(), state.dump(2) + "\n"); !s.ok()) return s;
+  fs::remove_all(dir / name, ec);
+  fs::rename(tmp, dir / name, ec);
+  if (ec) return absl::InternalError(absl::StrCat((dir / name).string(), ": cannot finish checkpoint: ", ec.message()));
+  if (absl::Status s = WriteFileAtomically((dir / "latest").string(), name); !s.ok()) return s;
+  // Keep the newest `keep_checkpoints`.
+  std::vector<std::string> all;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string f = entry.path().filename().string();
+    if (entry.is_directory() && f.rfind("step-", 0) == 0 && f.find(".tmp") == std::string::npos) all.push_back(f);
+  }
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + config_.keep_checkpoints < all.size(); ++i) fs::remove_all(dir / all[i], ec);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::Resume() {
+  absl::StatusOr<std::string> dir = LatestCheckpoint(inputs_.run_dir);
+  if (!dir.ok()) return dir.status();
+  absl::StatusOr<json> state = ReadJsonFile((fs::path(*dir) / "state.json").string());
+  if (!state.ok()) return state.status();
+  if ((*state)["anchor_sha256"] != anchor_id_) {
+    return absl::FailedPreconditionError(absl::StrCat(inputs_.run_dir, ": was trained against another anchor (",
+                                                      (*state)["anchor_sha256"].get<std::string>().substr(0, 12),
+                                                      "…); point --anchor to that anchor"));
+  }
+  absl::StatusOr<std::shared_ptr<const SafetensorsFile>> weights = SafetensorsFile::Open((fs::path(*dir) / "trainable.safetensors").string());
+  if (!weights.ok()) return weights.status();
+  {
+    at::NoGradGuard no_grad;
+    for (NamedTensor& nt : trainable_) {
+      absl::StatusOr<at::Tensor> saved = (*weights)->Get(nt.name);
+      if (!saved.ok() || saved->sizes() != nt.tensor.sizes()) {
+        return absl::DataLossError(absl::StrCat(*dir, ": checkpoint lacks '", nt.name, "' or has another shape"));
+      }
+      nt.tensor.copy_(*saved);
+    }
+  }
+  absl::StatusOr<std::shared_ptr<const SafetensorsFile>> opt = SafetensorsFile::Open((fs::path(*dir) / "optimizer.safetensors").string());
+  if (!opt.ok()) return opt.status();
+  std::vector<NamedTensor> opt_state;
+  for (const std::string& name : (*opt)->Names()) opt_state.push_back({name, *(*opt)->Get(name)});
+  if (absl::Status s = optimizer_->LoadState(opt_state); !s.ok()) return s;
+  step_ = (*state)["step"].get<int64_t>();
+  tokens_ = (*state)["tokens"].get<int64_t>();
+  epoch_ = (*state)["epoch"].get<int64_t>();
+  position_ = (*state)["position"].get<int64_t>();
+  order_ = epoch_ == 0 ? Permutation(train_->size(), config_.seed)
+                       : Permutation(train_->size(), config_.seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(epoch_));
+  Compose();
+  // Metrics logged after that checkpoint belong to a future that did not happen: drop them.
+  const std::string metrics = (fs::path(inputs_.run_dir) / kMetricsFile).string();
+  absl::StatusOr<std::string> text = ReadFile(metrics);
+  if (text.ok()) {
+    std::string kept;
+    std::istringstream lines(*text);
+    for (std::string line; std::getline(lines, line);) {
+      json j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() <= step_) kept += line + "\n";
+    }
+    if (absl::Status s = WriteFileAtomically(metrics, kept); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::WriteModel() {
+  Compose();
+  const fs::path dir = fs::path(inputs_.run_dir) / "model";
+  if (absl::Status s = model_->Save(dir.string()); !s.ok()) return s;
+  return WriteFileAtomically((dir / "flexfed_tokenizer.json").string(), "{\"type\": \"bytes\"}\n");
+}
+
+absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, ProgressReporter* progress) {
+  std::ofstream metrics(fs::path(inputs_.run_dir) / kMetricsFile, std::ios::app);
+  if (!metrics) return absl::InternalError(absl::StrCat(inputs_.run_dir, ": cannot write ", kMetricsFile));
+  TrainOutcome out;
+  const auto start = Clock::now();
+  const int64_t first_step = step_;
+  auto window_start = Clock::now();
+  int64_t window_tokens = 0;
+  double window_loss = 0;
+  int64_t window_steps = 0;
+  while (step_ < total_steps_) {
+    const int64_t tokens_before = tokens_;
+    const double loss = Step();
+    out.last_loss = loss;
+    window_tokens += tokens_ - tokens_before;
+    window_loss += loss;
+    ++window_steps;
+    const bool stopping = stop != nullptr && stop->load();
+    const bool last = step_ == total_steps_;
+    if (step_ % config_.log_every == 0 || last || stopping) {
+      const double seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
+      const double tps = window_tokens / std::max(seconds, 1e-9);
+      const double mfu = tps * flops_per_token_ / gemm_rate_;
+      json j = {{"step", step_}, {"tokens", tokens_}, {"loss", window_loss / window_steps}, {"lr", LearningRate(step_ - 1)},
+                {"grad_norm", last_grad_norm_}, {"tokens_per_s", tps}, {"mfu", mfu}};
+      if (!routing_counts_.empty()) {
+        json fractions = json::array();
+        for (const auto& counts : routing_counts_) {
+          double sum = 0;
+          for (double c : counts) sum += c;
+          json row = json::array();
+          for (double c : counts) row.push_back(sum > 0 ? c / sum : 0.0);
+          fractions.push_back(row);
+        }
+        j["routing"] = fractions;  // per layer, fraction of tokens whose first choice is each expert
+        routing_counts_.clear();
+      }
+      metrics << j.dump() << "\n" << std::flush;
+      if (progress != nullptr) {
+        const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+        const double eta = elapsed / std::max<int64_t>(1, step_ - first_step) * (total_steps_ - step_);
+        progress->Update(step_, total_steps_,
+                         absl::StrFormat("loss %.4f | lr %.2e | %.0f tok/s | MFU %.0f%%", window_loss / window_steps,
+                                         LearningRate(step_ - 1), tps, 100 * mfu),
+                         eta);
+      }
+      window_start = Clock::now();
+      window_tokens = 0;
+      window_loss = 0;
+      window_steps = 0;
+    }
+    if (config_.val_every > 0 && !val_indices_.empty() && (step_ % config_.val_every == 0 || last)) {
+      EvalResult v = Validate();
+      out.last_val_loss = v.loss;
+      metrics << json({{"step", step_}, {"val_loss", v.loss}, {"val_bits_per_byte", v.bits_per_byte}}).dump() << "\n" << std::flush;
+      if (progress != nullptr) {
+        progress->Line(absl::StrFormat("step %d: validation loss %.4f, %.4f bits/byte", step_, v.loss, v.bits_per_byte));
+      }
+    }
+    if ((config_.checkpoint_every > 0 && step_ % config_.checkpoint_every == 0) || last || stopping) {
+      if (absl::Status s = SaveCheckpoint(); !s.ok()) return s;
+    }
+    if (stopping && !last) {
+      out.interrupted = true;
+      break;
+    }
+  }
+  if (!out.interrupted) {
+    if (absl::Status s = WriteModel(); !s.ok()) return s;
+  }
+  if (progress != nullptr) progress->Finish();
+  out.steps = step_;
+  out.tokens = tokens_;
+  return out;
+}
+
+}  // namespace flexfed

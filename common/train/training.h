@@ -1,0 +1,147 @@
+// The training loop: one loop for an owner's expert (FLEXOLMO.md §3), the dense "no coordination"
+// ablation, and full pretraining (how the demo's anchor is made). A run lives in a folder:
+//   RUN/train_config.json        the settings, echoed (and checked on --resume)
+//   RUN/metrics.jsonl            one JSON object per logged step and per validation
+//   RUN/checkpoints/step-N/      trainable.safetensors, optimizer.safetensors, state.json
+//   RUN/checkpoints/latest       name of the newest complete checkpoint
+//   RUN/model/                   the trained model as an HF checkpoint (written at the end)
+// Format details: docs/OWNER_GUIDE.md.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/train/adamw.h"
+#include "common/train/data.h"
+#include "common/train/loss.h"
+#include "common/model/model.h"
+#include "common/core/progress.h"
+#include "common/model/tokenizer.h"
+#include <nlohmann/json.hpp>
+
+namespace flexfed {
+
+struct TrainConfig {
+  std::string mode = "expert";  // expert | dense | pretrain
+  std::vector<std::string> data;
+  std::string text_field = "text";
+  double validation_fraction = 0.05;
+  int64_t seq_len = 256;
+  int64_t batch_size = 8;  // sequences per micro-batch
+  int64_t grad_accum = 1;  // micro-batches per optimizer step
+  int64_t max_steps = 0;   // optimizer steps; 0 = derive from token_budget
+  int64_t token_budget = 0;
+  double lr = 9e-4;
+  double min_lr_ratio = 0.0;  // cosine decays to lr · min_lr_ratio
+  int64_t warmup_steps = 100;
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+  double grad_clip = 1.0;
+  double z_loss = 1e-3;     // router z-loss coefficient (0 = off)
+  bool router_bias = true;  // learnable negative bias for the owner's expert
+  int64_t top_k = 2;        // experts per token while training (of 2)
+  int64_t val_every = 100;
+  int64_t val_batches = 8;
+  int64_t checkpoint_every = 100;
+  int64_t keep_checkpoints = 2;
+  int64_t log_every = 10;
+  uint64_t seed = 0;
+  std::string device = "auto";     // auto | cpu | cuda (auto: the first GPU when there is one)
+  std::string precision = "auto";  // auto | fp32 | bf16 (bf16 autocast; auto: bf16 on a GPU, fp32 on the CPU)
+  int threads = 0;              // 0 = all cores
+  std::string preset = "tiny";  // pretrain: the model size (ARCHITECTURE.md §8)
+
+  absl::Status Validate() const;
+  nlohmann::json ToJson() const;
+  static absl::StatusOr<TrainConfig> FromJson(const nlohmann::json& j, const std::string& source);
+  // The fields that decide the result (not threads, device, logging or checkpoint cadence): a run
+  // can only be resumed with the same ones.
+  nlohmann::json IdentityJson() const;
+  int64_t TokensPerStep() const { return batch_size * seq_len * grad_accum; }
+};
+
+struct TrainInputs {
+  std::string anchor_dir;   // expert and dense modes
+  std::string router_init;  // expert mode: r_i (flexfed-owner router-init); dense mode: optional
+  std::string run_dir;
+  std::string cache_dir;    // token cache
+};
+
+struct TrainOutcome {
+  int64_t steps = 0;
+  int64_t tokens = 0;
+  bool interrupted = false;
+  double last_loss = 0;
+  double last_val_loss = 0;
+};
+
+class Trainer {
+ public:
+  // Sets up a new run in inputs.run_dir (which must hold no run), or with `resume` continues the
+  // run there from its latest checkpoint: weights, optimizer, schedule and data position.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainConfig& config, const TrainInputs& inputs,
+                                                         bool resume);
+
+  // Trains until the step budget is spent or `stop` becomes true (checked after every step, e.g.
+  // set by SIGINT). Checkpoints every checkpoint_every steps and when it stops; at the end also
+  // writes RUN/model. `progress` may be null.
+  absl::StatusOr<TrainOutcome> Run(const std::atomic<bool>* stop, ProgressReporter* progress);
+
+  // One optimizer step (grad_accum micro-batches); returns the mean training loss.
+  double Step();
+  EvalResult Validate();
+  absl::Status SaveCheckpoint();
+  absl::Status WriteModel();  // RUN/model
+
+  int64_t step() const { return step_; }
+  int64_t total_steps() const { return total_steps_; }
+  const FlexOlmoModel& model() const { return *model_; }
+  const std::vector<NamedTensor>& trainable() const { return trainable_; }
+  // Every model tensor that is not trained (for the gradient test).
+  std::vector<NamedTensor> FrozenTensors() const;
+  double LearningRate(int64_t step) const;
+  // MFU's parts: FLOPs per trained token (6 per trained weight, 4 per frozen weight used, causal
+  // attention) and the matrix-product rate measured on the training device when the run started.
+  double flops_per_token() const { return flops_per_token_; }
+  double gemm_rate() const { return gemm_rate_; }
+  at::Device device() const { return device_; }
+  // "cuda:0, bf16 autocast (fp32 master weights)" or "cpu, fp32": what the run computes on.
+  std::string ComputeDescription() const;
+
+ private:
+  Trainer() = default;
+  absl::Status Resume();
+  void Compose();  // installs the trained leaves into the model (router rows are concatenated)
+  at::Tensor NextBatch();
+  std::vector<std::vector<double>> routing_counts_;  // [layer][expert] top-1 counts since last log
+
+  TrainConfig config_;
+  TrainInputs inputs_;
+  std::string anchor_id_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::optional<FlexOlmoModel> model_;
+  std::vector<NamedTensor> trainable_;
+  std::vector<at::Tensor> router_pub_;   // expert mode: per layer [1, H], frozen
+  std::vector<at::Tensor> router_rows_;  // expert mode: per layer [H], trained (views into trainable_)
+  std::vector<at::Tensor> router_bias_;  // expert mode: per layer [1], trained
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<PackedSequences> train_, val_;
+  std::vector<int64_t> val_indices_;
+  int64_t step_ = 0, tokens_ = 0, total_steps_ = 0;
+  int64_t epoch_ = 0, position_ = 0;  // data position: next sequence is order(epoch)[position]
+  std::vector<int64_t> order_;
+  double last_grad_norm_ = 0;
+  at::Device device_ = at::kCPU;
+  std::optional<at::ScalarType> autocast_;  // bf16 when the forward runs under autocast
+  double gemm_rate_ = 0;  // FLOP/s measured at start, for MFU
+  double flops_per_token_ = 0;
+};
+
+// The newest complete checkpoint folder of a run, or NotFound.
+absl::StatusOr<std::string> LatestCheckpoint(const std::string& run_dir);
+
+}  // namespace flexfed

@@ -1,0 +1,284 @@
+// Merging, opt-out equivalence, the model soup, the BTM ensemble and generation (common/merge/merge.h,
+// common/train/loss.h, common/model/generation.h).
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+
+#include "common/model/anchor.h"
+#include "common/train/loss.h"
+#include "common/merge/expert_export.h"
+#include "common/model/generation.h"
+#include "common/merge/merge.h"
+#include "common/model/model.h"
+#include "common/model/router_embedding.h"
+#include "common/model/tokenizer.h"
+#include "common/core/file_util.h"
+#include "evaluation/suite.h"
+#include "tests/temp_dir.h"
+#include "tests/test_util.h"
+
+namespace flexfed {
+namespace {
+
+using testing::RelativeError;
+using testing::TempDir;
+using testing::ValueOrDie;
+namespace fs = std::filesystem;
+
+// A `test` anchor with r_pub, and owners' modules that differ from it and from each other.
+struct Federation {
+  TempDir dir;
+  ModelConfig config = ValueOrDie(ModelConfig::Preset("test"));
+  std::string anchor_dir = dir / "anchor";
+  Anchor anchor = MakeAnchor(anchor_dir, config);
+
+  static Anchor MakeAnchor(const std::string& anchor_dir, const ModelConfig& config) {
+    REQUIRE(ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 11)).Save(anchor_dir).ok());
+    RouterEmbedding pub;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) pub.rows.push_back(at::randn({config.hidden_size}));
+    REQUIRE(WriteRouterEmbedding(anchor_dir + "/" + kRouterPubFileName, pub).ok());
+    return ValueOrDie(LoadAnchor(anchor_dir));
+  }
+
+  std::string Module(const std::string& name, uint64_t seed, bool with_bias = true) {
+    at::manual_seed(seed);
+    ExpertTensors t;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+      const ExpertWeights& e = anchor.model.layers()[l].experts[0];
+      t.ffn.push_back({e.gate_proj + 0.05 * at::randn_like(e.gate_proj), e.up_proj + 0.05 * at::randn_like(e.up_proj),
+                       e.down_proj + 0.05 * at::randn_like(e.down_proj)});
+      t.router_rows.push_back(at::randn({config.hidden_size}));
+      if (with_bias) t.router_bias.push_back(at::tensor({-0.1f * static_cast<float>(seed % 7)}));
+    }
+    ExpertModuleMetadata m{anchor.id, ConfigHash(config), name, name, "domain of " + name, 1000, "anchor"};
+    const std::string path = dir / (name + ".safetensors");
+    REQUIRE(WriteExpertModule(path, t, m).ok());
+    return path;
+  }
+};
+
+at::Tensor Ids(int64_t batch, int64_t length, uint64_t seed) {
+  at::manual_seed(seed);
+  return at::randint(0, 256, {batch, length}, at::kLong);
+}
+
+TEST_CASE("merge: expert 0 is public, router rows concatenate in order, the rest is the anchor's", "[merge]") {
+  Federation f;
+  const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2), f.Module("bible", 3)};
+  MergeOptions o;
+  o.top_k = 2;
+  ValueOrDie(MergeToCheckpoint(f.anchor_dir, modules, o, f.dir / "merged"));
+  FlexOlmoModel m = ValueOrDie(FlexOlmoModel::Load(f.dir / "merged"));
+  CHECK(m.config().model_type == "flex_olmo");
+  CHECK(m.config().num_experts == 4);
+  CHECK(m.config().num_experts_per_tok == 2);
+  CHECK_FALSE(m.config().norm_topk_prob);
+  for (const std::string& name : {"config.json", "model.safetensors", "flexfed_extras.safetensors", "flexfed_merge.json"}) {
+    CHECK(fs::exists(fs::path(f.dir / "merged") / name));
+  }
+  const nlohmann::json record = nlohmann::json::parse(ValueOrDie(ReadFile(f.dir / "merged/flexfed_merge.json")));
+  CHECK(record["anchor_id"] == f.anchor.id);
+  CHECK(record["experts"][1]["name"] == "math");
+  for (int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
+    const LayerWeights& w = m.layers()[l];
+    CHECK(at::equal(w.router[0], f.anchor.router_pub.rows[l]));
+    CHECK(at::equal(w.experts[0].down_proj, f.anchor.model.layers()[l].experts[0].down_proj));
+    CHECK(at::equal(w.q_proj, f.anchor.model.layers()[l].q_proj));
+    for (int64_t e = 1; e <= 3; ++e) {
+      auto file = ValueOrDie(SafetensorsFile::Open(modules[e - 1]));
+      ExpertTensors t = ValueOrDie(ReadExpertModule(*file, f.config.num_hidden_layers));
+      CHECK(at::equal(w.router[e], t.router_rows[l]));
+      CHECK(at::equal(w.experts[e].gate_proj, t.ffn[l].gate_proj));
+      CHECK(w.router_bias[e].item<float>() == t.router_bias[l].item<float>());
+    }
+    CHECK(w.router_bias[0].item<float>() == 0.0f);
+  }
+  // A merge with --no-bias has no extras file.
+  o.with_router_bias = false;
+  ValueOrDie(MergeToCheckpoint(f.anchor_dir, modules, o, f.dir / "nobias"));
+  CHECK_FALSE(fs::exists(f.dir / "nobias/flexfed_extras.safetensors"));
+}
+
+TEST_CASE("opting out expert j at inference equals the release built without j", "[merge]") {
+  Federation f;
+  const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2), f.Module("bible", 3)};
+  const at::Tensor ids = Ids(2, 24, 5);
+  for (int64_t k : {0, 2}) {  // every expert, and top-2
+    MergeOptions o;
+    o.top_k = k;
+    const std::string all_dir = f.dir / ("all_k" + std::to_string(k));
+    ValueOrDie(MergeToCheckpoint(f.anchor_dir, modules, o, all_dir));
+    FlexOlmoModel all = ValueOrDie(FlexOlmoModel::Load(all_dir));
+    for (int64_t j = 1; j <= 3; ++j) {
+      std::vector<std::string> without = modules;
+      without.erase(without.begin() + (j - 1));
+      MergeOptions ow = o;
+      if (k == 0) ow.top_k = 0;  // a release of every remaining expert
+      const std::string dir = f.dir / ("without" + std::to_string(j) + "_k" + std::to_string(k));
+      ValueOrDie(MergeToCheckpoint(f.anchor_dir, without, ow, dir));
+      FlexOlmoModel rebuilt = ValueOrDie(FlexOlmoModel::Load(dir));
+      c10::InferenceMode inference;
+      const at::Tensor opted_out = all.Forward(ids, Routing::Excluding(4, {j}));
+      const at::Tensor expected = rebuilt.Forward(ids);
+      INFO("k = " << k << ", expert " << j);
+      CHECK(RelativeError(opted_out, expected) < 1e-5);  // fp32 rounding of differently shaped products
+      // And it really changes the model: the expert mattered.
+      CHECK(RelativeError(all.Forward(ids), expected) > 1e-4);
+    }
+  }
+}
+
+TEST_CASE("merge refuses what does not fit, and leaves nothing behind", "[merge]") {
+  Federation f;
+  const std::string code = f.Module("code", 1);
+  Federation other;  // another anchor
+  const std::string foreign = other.Module("math", 2);
+  MergeOptions o;
+  absl::StatusOr<MergedModel> r = MergeToCheckpoint(f.anchor_dir, {code, foreign}, o, f.dir / "out");
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(std::string(r.status().message()), Catch::Contains("anchor"));
+  CHECK_FALSE(fs::exists(f.dir / "out"));
+  CHECK(std::distance(fs::directory_iterator(f.dir.path()), fs::directory_iterator()) == 2);  // anchor, code: no partial output
+  o.top_k = 3;
+  r = MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out");
+  CHECK_THAT(std::string(r.status().message()), Catch::Contains("outside 1..2"));
+  o.top_k = 0;
+  CHECK_THAT(std::string(MergeToCheckpoint(f.anchor_dir, {code, code}, o, f.dir / "out").status().message()),
+             Catch::Contains("once"));
+  CHECK_THAT(std::string(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out", {std::string(64, '0')}).status().message()),
+             Catch::Contains("SHA-256"));
+  ValueOrDie(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out"));
+  CHECK(absl::IsAlreadyExists(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out").status()));
+}
+
+TEST_CASE("the model soup's FFN is the mean of the experts' FFNs", "[merge]") {
+  Federation f;
+  const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2)};
+  FlexOlmoModel soup = ValueOrDie(SoupModel(f.anchor, ValueOrDie(LoadExperts(f.anchor, modules))));
+  CHECK(soup.config().num_experts == 1);
+  auto a = ValueOrDie(ReadExpertModule(*ValueOrDie(SafetensorsFile::Open(modules[0])), 2));
+  auto b = ValueOrDie(ReadExpertModule(*ValueOrDie(SafetensorsFile::Open(modules[1])), 2));
+  CHECK(RelativeError(soup.layers()[1].experts[0].up_proj, (a.ffn[1].up_proj + b.ffn[1].up_proj) / 2) < 1e-6);
+  CHECK(at::equal(soup.layers()[1].k_proj, f.anchor.model.layers()[1].k_proj));
+  // Written like a merge: a loadable dense checkpoint, never over an existing directory.
+  REQUIRE(WriteModelDirectory(soup, f.anchor_dir, f.dir / "soup", kDefaultMaxShardBytes, {{"note.txt", "soup"}}).ok());
+  FlexOlmoModel back = ValueOrDie(FlexOlmoModel::Load(f.dir / "soup"));
+  CHECK(back.config().model_type == f.config.model_type);
+  CHECK(at::equal(back.layers()[0].experts[0].gate_proj, soup.layers()[0].experts[0].gate_proj));
+  CHECK(ValueOrDie(ReadFile(f.dir / "soup/note.txt")) == "soup");
+  CHECK(absl::IsAlreadyExists(WriteModelDirectory(soup, f.anchor_dir, f.dir / "soup", kDefaultMaxShardBytes, {})));
+}
+
+TEST_CASE("BTM ensemble: causal prefix weights over the members' token probabilities", "[merge]") {
+  at::manual_seed(3);
+  TokenScores good{at::rand({3, 10}, at::kDouble) * 0.5, at::ones({3, 10}, at::kLong)};
+  TokenScores bad{good.nll + 3.0, good.bytes};
+  // One member: the ensemble is that member.
+  CHECK(RelativeError(EnsembleScores({good}, 4, 1.0).nll, good.nll) < 1e-12);
+  TokenScores mix = EnsembleScores({good, bad}, 4, 1.0);
+  // Token 0 has no prefix: equal weights, p = (p_good + p_bad) / 2.
+  const at::Tensor p0 = (at::exp(-good.nll.select(1, 0)) + at::exp(-bad.nll.select(1, 0))) / 2;
+  CHECK(RelativeError(mix.nll.select(1, 0), -at::log(p0)) < 1e-12);
+  // After the prefix the weights stop changing, and the better member dominates.
+  const at::Tensor w_good = 1.0 / (1.0 + at::exp(-(bad.nll - good.nll).narrow(1, 0, 4).sum(1)));
+  const at::Tensor p9 = w_good * at::exp(-good.nll.select(1, 9)) + (1 - w_good) * at::exp(-bad.nll.select(1, 9));
+  CHECK(RelativeError(mix.nll.select(1, 9), -at::log(p9)) < 1e-12);
+  CHECK((mix.nll.narrow(1, 4, 6) < good.nll.narrow(1, 4, 6) + 0.01).all().item<bool>());
+}
+
+TEST_CASE("generation: greedy with the KV cache equals re-running the model; sampling repeats with its seed", "[merge]") {
+  Federation f;
+  MergeOptions o;
+  o.top_k = 2;
+  MergedModel merged = ValueOrDie(MergeExperts(f.anchor, {f.Module("code", 1), f.Module("math", 2)}, o));
+  const FlexOlmoModel& m = merged.model;
+  ByteTokenizer tok;
+  const std::vector<int32_t> prompt = tok.Encode("The quick brown fox");
+  GenerateOptions g;
+  g.max_new_tokens = 12;
+  g.stop_at_eos = false;
+  const Routing routing = Routing::Excluding(3, {1});
+  GenerateResult greedy = ValueOrDie(Generate(m, tok, prompt, g, routing));
+  REQUIRE(greedy.tokens.size() == 12);
+  std::vector<int64_t> seq(prompt.begin(), prompt.end());
+  {
+    c10::InferenceMode inference;
+    for (int32_t expected : greedy.tokens) {
+      at::Tensor logits = m.Forward(at::tensor(seq, at::kLong).unsqueeze(0), routing).select(1, -1).squeeze(0);
+      logits.index_put_({tok.bos_id()}, -INFINITY);
+      logits.index_put_({tok.pad_id()}, -INFINITY);
+      CHECK(logits.argmax().item<int64_t>() == expected);
+      seq.push_back(expected);
+    }
+  }
+  g.temperature = 1.0;
+  g.top_p = 0.9;
+  g.seed = 7;
+  const auto a = ValueOrDie(Generate(m, tok, prompt, g)).tokens;
+  CHECK(ValueOrDie(Generate(m, tok, prompt, g)).tokens == a);
+  g.seed = 8;
+  CHECK(ValueOrDie(Generate(m, tok, prompt, g)).tokens != a);
+  g.top_k = 1;  // top-1 sampling is greedy
+  GenerateOptions greedy_all = g;
+  greedy_all.temperature = 0;
+  CHECK(ValueOrDie(Generate(m, tok, prompt, g)).tokens == ValueOrDie(Generate(m, tok, prompt, greedy_all)).tokens);
+  g.max_new_tokens = 10000;
+  CHECK_THAT(std::string(Generate(m, tok, prompt, g).status().message()), Catch::Contains("positions"));
+}
+
+TEST_CASE("the evaluation suite scores every row on every domain and checks the expected results", "[merge]") {
+  Federation f;
+  std::string a_text, b_text;
+  for (int i = 0; i < 400; ++i) {
+    a_text += "alpha beta gamma " + std::to_string(i % 13) + "\n";
+    b_text += "{x: " + std::to_string(i * 7 % 101) + "}\n";
+  }
+  REQUIRE(WriteFileAtomically(f.dir / "a.txt", a_text).ok());
+  REQUIRE(WriteFileAtomically(f.dir / "b.txt", b_text).ok());
+  const nlohmann::json spec_json = {
+      {"anchor", f.anchor_dir},
+      {"domains", {{{"name", "public"}, {"heldout", f.dir / "a.txt"}}, {{"name", "b"}, {"heldout", f.dir / "b.txt"}}}},
+      {"owners", {{{"name", "bee"}, {"domain", "b"}, {"module", f.Module("bee", 1)}, {"dense_module", f.Module("bee_dense", 2)}}}},
+      {"top_k", {0, 1}}, {"seq_len", 32}, {"max_sequences", 4}, {"btm_prefix", 8}, {"cache_dir", f.dir / "cache"}};
+  SuiteSpec spec = ValueOrDie(SuiteSpec::FromJson(spec_json, "spec"));
+  std::vector<std::string> lines;
+  nlohmann::json r = ValueOrDie(RunSuite(spec, [&](const std::string& l) { lines.push_back(l); }));
+  std::vector<std::string> names;
+  for (const auto& row : r["rows"]) names.push_back(row["name"]);
+  CHECK(names == std::vector<std::string>{"Public anchor", "Two-expert model: bee", "Model soup (mean of the experts' FFNs)",
+                                          "BTM (ensemble of the two-expert models, prefix 8, tau 1)",
+                                          "FlexOlmo merged (2 experts, k = 2)", "FlexOlmo without the negative bias",
+                                          "No coordination (dense experts merged)", "FlexOlmo, bee opted out",
+                                          "FlexOlmo merged (2 experts, k = 1)"});
+  CHECK(lines.size() == names.size() - 1);  // BTM is computed from the two-expert scores, not run
+  // With one owner, the merged model is its two-expert model, BTM its only member, and the opt-out the anchor.
+  auto bpb = [&](size_t row, const char* d) { return r["rows"][row]["bits_per_byte"][d].get<double>(); };
+  CHECK(bpb(4, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
+  CHECK(bpb(3, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
+  CHECK(bpb(7, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
+  CHECK(r["routing"]["b"].size() == 2);  // [layer][expert] shares of the merged model
+  CHECK(r["routing"]["b"][0][0].get<double>() + r["routing"]["b"][0][1].get<double>() == Approx(1.0));
+  CHECK(r["checks"].size() == 7);  // 2 per owner, public, soup, BTM, 2 per opt-out
+  CHECK_THAT(r["table"].get<std::string>(), Catch::Contains("| Public anchor |"));
+  CHECK_THAT(std::string(SuiteSpec::FromJson({{"anchor", "x"}, {"domains", nlohmann::json::array()}}, "s").status().message()),
+             Catch::Contains("owners"));
+}
+
+TEST_CASE("top-p keeps the smallest set of tokens with that much probability", "[merge]") {
+  at::Generator gen = at::detail::createCPUGenerator(1);
+  const at::Tensor logits = at::log(at::tensor({0.5f, 0.3f, 0.15f, 0.05f}));
+  GenerateOptions o;
+  o.temperature = 1.0;
+  o.top_p = 0.75;  // {0, 1} hold 0.8 ≥ 0.75
+  std::set<int64_t> seen;
+  for (int i = 0; i < 300; ++i) seen.insert(SampleToken(logits, o, gen));
+  CHECK(seen == std::set<int64_t>{0, 1});
+  o.top_p = 1.0;
+  o.top_k = 3;
+  seen.clear();
+  for (int i = 0; i < 600; ++i) seen.insert(SampleToken(logits, o, gen));
+  CHECK(seen == std::set<int64_t>{0, 1, 2});
+}
+
+}  // namespace
+}  // namespace flexfed

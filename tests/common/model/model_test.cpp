@@ -1,0 +1,389 @@
+// Specification of the FlexOlmo model (common/model/model.h, common/model/layers.h, common/model/moe.h) against the
+// independent Python reference (tests/reference/flex_olmo_reference.py) and its own invariants.
+#include <catch2/catch.hpp>
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <filesystem>
+
+#include "common/model/checkpoint.h"
+#include "common/core/file_util.h"
+#include "common/model/layers.h"
+#include "common/model/model.h"
+#include "tests/test_util.h"
+
+namespace flexfed {
+namespace {
+
+using testing::ReferenceDir;
+using testing::RelativeError;
+using testing::TempDir;
+using testing::ValueOrDie;
+namespace fs = std::filesystem;
+
+struct ReferenceCase {
+  const char* name;
+  double tolerance;  // relative error allowed against the reference
+};
+
+// Both sides run the same LibTorch kernels and agree bit for bit here; the tolerances leave room
+// for BLAS builds that sum in another order (F32) or round one bf16 ulp differently (BF16).
+constexpr ReferenceCase kCases[] = {
+    {"flex_olmo_f32", 1e-5}, {"olmo2_f32", 1e-5}, {"flex_olmo_bf16", 1e-2}, {"olmo2_bf16", 1e-2}};
+
+std::shared_ptr<const SafetensorsFile> Expected(const std::string& name) {
+  return ValueOrDie(SafetensorsFile::Open((fs::path(ReferenceDir()) / name / "expected.safetensors").string()));
+}
+
+at::Tensor Get(const std::shared_ptr<const SafetensorsFile>& f, const std::string& name) {
+  return ValueOrDie(f->Get(name));
+}
+
+TEST_CASE("logits, hidden states and router logits match the Python reference", "[model][reference]") {
+  at::NoGradGuard no_grad;
+  for (const ReferenceCase& c : kCases) {
+    INFO(c.name);
+    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load((fs::path(ReferenceDir()) / c.name).string()));
+    auto expected = Expected(c.name);
+    ForwardTrace trace;
+    trace.want_layer_inputs = true;
+    at::Tensor logits = model.Forward(Get(expected, "ids"), Routing::All(), nullptr, &trace);
+    CHECK(logits.scalar_type() == Get(expected, "logits").scalar_type());
+    CHECK(RelativeError(logits, Get(expected, "logits")) < c.tolerance);
+    for (size_t l = 0; l < trace.layer_inputs.size(); ++l) {
+      CHECK(RelativeError(trace.layer_inputs[l], Get(expected, "layer_input." + std::to_string(l))) < c.tolerance);
+    }
+    if (model.config().is_moe()) {
+      REQUIRE(trace.router_logits.size() == static_cast<size_t>(model.config().num_hidden_layers));
+      for (size_t l = 0; l < trace.router_logits.size(); ++l) {
+        CHECK(RelativeError(trace.router_logits[l], Get(expected, "router_logits." + std::to_string(l))) < c.tolerance);
+      }
+    }
+    if (expected->Contains("logits_excluding_1")) {
+      at::Tensor excluded = model.Forward(Get(expected, "ids"), Routing::Excluding(model.config().num_experts, {1}));
+      CHECK(RelativeError(excluded, Get(expected, "logits_excluding_1")) < c.tolerance);
+      CHECK(RelativeError(excluded, logits) > 1e-3);  // excluding an expert really changes the output
+    }
+  }
+}
+
+TEST_CASE("single blocks match the Python reference", "[model][reference]") {
+  for (const ReferenceCase& c : kCases) {
+    INFO(c.name);
+    auto e = Expected(c.name);
+    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load((fs::path(ReferenceDir()) / c.name).string()));
+    const double tol = c.tolerance;
+    CHECK(RelativeError(RmsNorm(Get(e, "block.rms.x"), Get(e, "block.rms.w"), 1e-5), Get(e, "block.rms.y")) < tol);
+
+    RopeTables rope = MakeRopeTables(10000.0, 8, 6);
+    CHECK(RelativeError(rope.cos, Get(e, "block.rope.cos")) < 1e-6);
+    CHECK(RelativeError(rope.sin, Get(e, "block.rope.sin")) < 1e-6);
+    at::Tensor y = ApplyRope(Get(e, "block.rope.x"), rope.cos, rope.sin);
+    CHECK(y.scalar_type() == Get(e, "block.rope.x").scalar_type());
+    CHECK(RelativeError(y, Get(e, "block.rope.y")) < tol);
+
+    const ExpertWeights& ex = model.layers()[0].experts[0];
+    CHECK(RelativeError(SwiGlu(Get(e, "block.swiglu.x"), ex.gate_proj, ex.up_proj, ex.down_proj),
+                        Get(e, "block.swiglu.y")) < tol);
+  }
+}
+
+TEST_CASE("bf16 RMSNorm multiplies the weight in fp32 and rounds once", "[model]") {
+  at::Tensor x = at::randn({64, 256}).to(at::kBFloat16), w = (1 + at::randn({256})).to(at::kBFloat16);
+  at::Tensor x32 = x.to(at::kFloat);
+  at::Tensor once = (w.to(at::kFloat) * (x32 * at::rsqrt(x32.pow(2).mean(-1, true) + 1e-6))).to(at::kBFloat16);
+  at::Tensor twice = w * (x32 * at::rsqrt(x32.pow(2).mean(-1, true) + 1e-6)).to(at::kBFloat16);
+  CHECK(at::equal(RmsNormReference(x, w, 1e-6), once));
+  CHECK_FALSE(at::equal(RmsNormReference(x, w, 1e-6), twice));  // the distinction is observable
+}
+
+TEST_CASE("the fused inference RMSNorm equals the ATen reference", "[model]") {
+  at::NoGradGuard no_grad;  // the fused path serves gradient-free calls only
+  for (auto [x_type, w_type] : {std::pair{at::kFloat, at::kFloat}, {at::kBFloat16, at::kBFloat16}, {at::kBFloat16, at::kFloat}}) {
+    INFO(c10::toString(x_type) << " x, " << c10::toString(w_type) << " weight");
+    at::Tensor x = (3 * at::randn({3, 7, 200}) + 0.5).to(x_type), w = (1 + at::randn({200})).to(w_type);
+    at::Tensor fused = RmsNorm(x, w, 1e-6), reference = RmsNormReference(x, w, 1e-6);
+    CHECK(fused.scalar_type() == reference.scalar_type());
+    // fp32: the sum of squares is accumulated in another order; bf16: at most one ulp apart.
+    CHECK(RelativeError(fused, reference) < (x_type == at::kFloat ? 1e-6 : 8e-3));
+    // Non-contiguous input (a transposed view) gives the same values.
+    at::Tensor xt = x.transpose(0, 1);
+    CHECK(at::equal(RmsNorm(xt, w, 1e-6), RmsNorm(xt.contiguous(), w, 1e-6)));
+  }
+  // With gradients on, the reference (differentiable) path runs.
+  at::AutoGradMode grad(true);
+  at::Tensor x = at::randn({2, 16}).requires_grad_(), w = at::ones({16});
+  at::Tensor y = RmsNorm(x, w, 1e-6);
+  CHECK(y.requires_grad());
+  CHECK(at::equal(y, RmsNormReference(x, w, 1e-6)));
+}
+
+TEST_CASE("blocked causal attention equals full masked attention", "[model]") {
+  const int64_t bh = 3, d = 8;
+  for (int64_t past : {0, 5}) {
+    for (int64_t t : {1, 7, 20}) {
+      at::Tensor q = at::randn({bh, t, d}), k = at::randn({bh, past + t, d}), v = at::randn({bh, past + t, d});
+      at::Tensor scores = at::matmul(q, k.transpose(1, 2)) * 0.3;
+      at::Tensor future = at::ones({t, past + t}, at::kBool).triu(past + 1);
+      at::Tensor want = at::matmul(at::softmax(scores.masked_fill(future, -INFINITY), -1), v);
+      for (int64_t block : {1, 3, 64}) {
+        INFO("past " << past << ", tokens " << t << ", block " << block);
+        CHECK(RelativeError(CausalAttention(q, k, v, past, 0.3, block), want) < 1e-6);
+      }
+    }
+  }
+}
+
+TEST_CASE("hand-derived block values", "[model]") {
+  // RMSNorm of (3, 4): rms = sqrt(12.5); weight (1, 2).
+  at::Tensor y = RmsNorm(at::tensor({3.0f, 4.0f}), at::tensor({1.0f, 2.0f}), 0.0);
+  CHECK(y[0].item<float>() == Approx(3.0 / std::sqrt(12.5)));
+  CHECK(y[1].item<float>() == Approx(8.0 / std::sqrt(12.5)));
+  // rotate_half([1, 2, 3, 4]) = [-3, -4, 1, 2].
+  CHECK(at::equal(RotateHalf(at::tensor({1.0f, 2.0f, 3.0f, 4.0f})), at::tensor({-3.0f, -4.0f, 1.0f, 2.0f})));
+  // Position 0 is the identity; position p rotates pair i by p·theta^(-2i/D).
+  RopeTables rope = MakeRopeTables(100.0, 4, 3);
+  CHECK(at::equal(rope.cos[0], at::ones({4})));
+  CHECK(rope.cos[2][1].item<float>() == Approx(std::cos(2.0 / 10.0)));
+  CHECK(rope.sin[2][3].item<float>() == Approx(std::sin(2.0 / 10.0)));
+  // GQA: kv head g serves query heads g·groups .. g·groups + groups - 1.
+  at::Tensor kv = at::arange(2, at::kFloat).view({1, 2, 1, 1});
+  CHECK(at::equal(RepeatKv(kv, 3).flatten(), at::tensor({0.f, 0.f, 0.f, 1.f, 1.f, 1.f})));
+}
+
+TEST_CASE("routing: softmax over allowed experts, top-k, renormalisation and negative bias", "[model][moe]") {
+  at::Tensor x = at::eye(3);                                    // token i picks router column i
+  at::Tensor router = at::tensor({2.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 1.0f, 1.0f, 3.0f}).view({3, 3});  // [E, H]
+  SECTION("probabilities over all experts, not renormalised") {
+    RouterOutput r = Route(x, router, {}, {}, /*top_k=*/2, /*norm_topk_prob=*/false);
+    // token 0 logits (2, 0, 1): softmax = e^2, 1, e / (e^2 + 1 + e).
+    const double z = std::exp(2.0) + 1.0 + std::exp(1.0);
+    CHECK(r.indices[0][0].item<int64_t>() == 0);
+    CHECK(r.indices[0][1].item<int64_t>() == 2);
+    CHECK(r.weights[0][0].item<float>() == Approx(std::exp(2.0) / z));
+    CHECK(r.weights[0][1].item<float>() == Approx(std::exp(1.0) / z));
+  }
+  SECTION("renormalised top-k weights sum to one") {
+    RouterOutput r = Route(x, router, {}, {}, 2, /*norm_topk_prob=*/true);
+    CHECK(at::allclose(r.weights.sum(-1), at::ones({3})));
+  }
+  SECTION("an excluded expert gets probability 0 and is never chosen") {
+    at::Tensor mask = at::tensor({0.0f, 0.0f, -std::numeric_limits<float>::infinity()});
+    RouterOutput r = Route(x, router, {}, mask, 2, false);
+    CHECK((r.indices != 2).all().item<bool>());
+    // token 2 logits (0, 0, -inf): two equal experts at 1/2 each.
+    CHECK(r.weights[2][0].item<float>() == Approx(0.5));
+  }
+  SECTION("negative bias: clamped at 0 and never applied to the public expert") {
+    at::Tensor bias = at::tensor({-5.0f, 1.0f, -1.0f});
+    RouterOutput r = Route(x, router, bias, {}, 1, false);
+    at::Tensor plain = at::linear(x, router);
+    CHECK(at::allclose(r.logits, plain + at::tensor({0.0f, 0.0f, -1.0f})));
+  }
+}
+
+TEST_CASE("experts compute only the tokens routed to them", "[model][moe]") {
+  const int64_t h = 8, f = 12;
+  std::vector<ExpertWeights> experts;
+  for (int e = 0; e < 3; ++e) experts.push_back({at::randn({f, h}), at::randn({f, h}), at::randn({h, f})});
+  at::Tensor x = at::randn({5, h});
+  RouterOutput route;
+  route.indices = at::tensor({0, 2, 0, 0, 2}, at::kLong).view({5, 1});  // expert 1 gets no token
+  route.weights = at::rand({5, 1});
+  at::Tensor out = CombineExperts(x, experts, route);
+  for (int64_t i = 0; i < 5; ++i) {
+    const ExpertWeights& e = experts[route.indices[i][0].item<int64_t>()];
+    at::Tensor want = SwiGlu(x[i].unsqueeze(0), e.gate_proj, e.up_proj, e.down_proj) * route.weights[i][0];
+    CHECK(RelativeError(out[i], want[0]) < 1e-6);
+  }
+  // Expert 1's weights were never touched: poisoning them changes nothing.
+  experts[1].gate_proj.fill_(std::numeric_limits<float>::quiet_NaN());
+  CHECK(at::equal(CombineExperts(x, experts, route), out));
+}
+
+// Writes the model of `src` without expert `j` and its router row/bias entry: what a release
+// built without j holds.
+void WriteWithoutExpert(const std::string& src, const std::string& dst, int64_t j) {
+  ModelConfig config = ValueOrDie(ReadModelConfig((fs::path(src) / "config.json").string()));
+  FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load(src));
+  std::vector<NamedTensor> weights, extras;
+  const std::string expert_tag = ".mlp.experts.";
+  for (NamedTensor& nt : model.NamedParameters()) {
+    size_t at_pos = nt.name.find(expert_tag);
+    if (at_pos != std::string::npos) {
+      size_t num_begin = at_pos + expert_tag.size();
+      size_t num_end = nt.name.find('.', num_begin);
+      int64_t e = std::stoll(nt.name.substr(num_begin, num_end - num_begin));
+      if (e == j) continue;
+      if (e > j) nt.name = nt.name.substr(0, num_begin) + std::to_string(e - 1) + nt.name.substr(num_end);
+      weights.push_back(nt);
+    } else if (nt.name.find("mlp.gate.weight") != std::string::npos || nt.name.find("router_bias") != std::string::npos) {
+      at::Tensor keep = at::cat({nt.tensor.narrow(0, 0, j), nt.tensor.narrow(0, j + 1, nt.tensor.size(0) - j - 1)});
+      (nt.name.find("router_bias") != std::string::npos ? extras : weights).push_back({nt.name, keep});
+    } else {
+      weights.push_back(nt);
+    }
+  }
+  config.num_experts -= 1;
+  REQUIRE(WriteCheckpoint(dst, weights).ok());
+  if (!extras.empty()) REQUIRE(WriteSafetensors((fs::path(dst) / FlexOlmoModel::kExtrasFileName).string(), extras).ok());
+  REQUIRE(WriteModelConfig((fs::path(dst) / "config.json").string(), config).ok());
+}
+
+TEST_CASE("opting out expert j equals the model with expert j physically removed", "[model][optout]") {
+  at::NoGradGuard no_grad;
+  TempDir dir;
+  ModelConfig config = ValueOrDie(ModelConfig::Preset("test", /*num_experts=*/4, /*top_k=*/2));
+  FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, /*seed=*/7, /*with_router_bias=*/true));
+  // Give the router rows and biases some spread so routing is not uniform.
+  for (LayerWeights& lw : model.mutable_layers()) {
+    lw.router.normal_(0.0, 1.0);
+    lw.router_bias.copy_(at::tensor({0.0f, -0.5f, 0.3f, -1.5f}));
+  }
+  REQUIRE(model.Save(dir / "full").ok());
+  at::Tensor ids = at::randint(0, config.vocab_size, {3, 17}, at::kLong);
+  for (int64_t j = 1; j < 4; ++j) {
+    INFO("expert " << j);
+    const std::string without = dir / ("without" + std::to_string(j));
+    WriteWithoutExpert(dir / "full", without, j);
+    FlexOlmoModel removed = ValueOrDie(FlexOlmoModel::Load(without));
+    at::Tensor opted_out = model.Forward(ids, Routing::Excluding(4, {j}));
+    at::Tensor physical = removed.Forward(ids);
+    // Equal up to fp32 rounding: the router's product has 4 columns here and 3 there, which BLAS
+    // may sum in another order; measured 0.5–18·10⁻⁷ over runs (1e-6 failed about one run in six).
+    // The full model differs from either by ~1.
+    CHECK(RelativeError(opted_out, physical) <= 1e-5);
+    CHECK(RelativeError(opted_out, model.Forward(ids)) > 1e-4);
+  }
+  // Allowing only the public expert and one other is the same as excluding the rest.
+  CHECK(at::equal(model.Forward(ids, Routing::Only(4, {0, 2})), model.Forward(ids, Routing::Excluding(4, {1, 3}))));
+}
+
+TEST_CASE("KV-cache decoding gives the logits of a full forward", "[model][kvcache]") {
+  at::NoGradGuard no_grad;
+  for (auto [experts, top_k] : {std::pair<int64_t, int64_t>{1, 1}, {4, 2}}) {
+    ModelConfig config = ValueOrDie(ModelConfig::Preset("test", experts, top_k));
+    config.num_key_value_heads = 2;  // exercise GQA through the cache
+    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 3));
+    at::Tensor ids = at::randint(0, config.vocab_size, {2, 12}, at::kLong);
+    at::Tensor full = model.Forward(ids);
+
+    KvCache cache = model.NewCache(/*batch=*/2, /*capacity=*/16);
+    std::vector<at::Tensor> pieces = {model.Forward(ids.narrow(1, 0, 5), {}, &cache)};  // prefill 5
+    pieces.push_back(model.Forward(ids.narrow(1, 5, 3), {}, &cache));                  // a chunk of 3
+    for (int64_t t = 8; t < 12; ++t) pieces.push_back(model.Forward(ids.narrow(1, t, 1), {}, &cache));
+    CHECK(cache.length == 12);
+    CHECK(RelativeError(at::cat(pieces, 1), full) < 1e-5);
+  }
+}
+
+TEST_CASE("load, save and load again is bit-identical", "[model][checkpoint]") {
+  for (const ReferenceCase& c : kCases) {
+    INFO(c.name);
+    TempDir dir;
+    const std::string src = (fs::path(ReferenceDir()) / c.name).string();
+    FlexOlmoModel first = ValueOrDie(FlexOlmoModel::Load(src));
+    REQUIRE(first.Save(dir / "a").ok());
+    FlexOlmoModel second = ValueOrDie(FlexOlmoModel::Load(dir / "a"));
+    REQUIRE(second.Save(dir / "b").ok());
+
+    Checkpoint original = ValueOrDie(Checkpoint::Open(src));
+    Checkpoint saved = ValueOrDie(Checkpoint::Open(dir / "a"));
+    CHECK(original.Names() == saved.Names());
+    for (const std::string& name : original.Names()) {
+      at::Tensor a = ValueOrDie(original.Get(name)), b = ValueOrDie(saved.Get(name));
+      INFO(name);
+      CHECK(a.scalar_type() == b.scalar_type());
+      CHECK(at::equal(a, b));
+    }
+    CHECK(first.config().ToJson() == second.config().ToJson());
+    // Saving is deterministic: the second save writes the same bytes.
+    CHECK(ValueOrDie(ReadFile(dir / "a/model.safetensors")) == ValueOrDie(ReadFile(dir / "b/model.safetensors")));
+    CHECK(fs::exists(dir / "a/flexfed_extras.safetensors") == fs::exists(fs::path(src) / "flexfed_extras.safetensors"));
+  }
+}
+
+TEST_CASE("a sharded model loads like a single-file one", "[model][checkpoint]") {
+  at::NoGradGuard no_grad;
+  TempDir dir;
+  FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Create(ValueOrDie(ModelConfig::Preset("test", 2, 2)), at::kFloat, 5));
+  REQUIRE(model.Save(dir / "sharded", /*max_shard_bytes=*/200'000).ok());
+  CHECK(fs::exists(dir / ("sharded/" + std::string(kIndexFileName))));
+  FlexOlmoModel back = ValueOrDie(FlexOlmoModel::Load(dir / "sharded"));
+  at::Tensor ids = at::randint(0, 259, {1, 9}, at::kLong);
+  CHECK(at::equal(back.Forward(ids), model.Forward(ids)));
+}
+
+TEST_CASE("a dense olmo2 checkpoint is the one-expert flex_olmo model", "[model]") {
+  at::NoGradGuard no_grad;
+  TempDir dir;
+  const std::string src = (fs::path(ReferenceDir()) / "olmo2_f32").string();
+  FlexOlmoModel dense = ValueOrDie(FlexOlmoModel::Load(src));
+  // Rename mlp.X_proj to mlp.experts.0.X_proj, add any router (softmax over one expert is 1).
+  std::vector<NamedTensor> weights;
+  for (NamedTensor nt : dense.NamedParameters()) {
+    const size_t p = nt.name.find(".mlp.");
+    if (p != std::string::npos) nt.name.replace(p, 5, ".mlp.experts.0.");
+    weights.push_back(nt);
+  }
+  ModelConfig config = dense.config();
+  config.model_type = "flex_olmo";
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    weights.push_back({"model.layers." + std::to_string(l) + ".mlp.gate.weight", at::randn({1, config.hidden_size})});
+  }
+  REQUIRE(WriteCheckpoint(dir.path(), weights).ok());
+  REQUIRE(WriteModelConfig(dir / "config.json", config).ok());
+  FlexOlmoModel moe = ValueOrDie(FlexOlmoModel::Load(dir.path()));
+  at::Tensor ids = at::randint(0, config.vocab_size, {2, 10}, at::kLong);
+  CHECK(RelativeError(moe.Forward(ids), dense.Forward(ids)) < 1e-6);
+}
+
+TEST_CASE("loading refuses incomplete, misshapen or surplus checkpoints", "[model][checkpoint]") {
+  TempDir dir;
+  FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Create(ValueOrDie(ModelConfig::Preset("test", 2, 1)), at::kFloat, 1));
+  REQUIRE(model.Save(dir.path()).ok());
+  std::vector<NamedTensor> weights = model.NamedParameters();
+  auto load_error = [&](std::vector<NamedTensor> w) {
+    REQUIRE(WriteCheckpoint(dir.path(), w).ok());
+    absl::StatusOr<FlexOlmoModel> m = FlexOlmoModel::Load(dir.path());
+    return m.ok() ? std::string("OK") : std::string(m.status().message());
+  };
+  CHECK(load_error(weights) == "OK");
+  SECTION("missing tensor") {
+    auto w = weights;
+    w.erase(w.begin() + 3);
+    CHECK_THAT(load_error(w), Catch::Contains("missing tensor '" + weights[3].name + "'"));
+  }
+  SECTION("wrong shape") {
+    auto w = weights;
+    w[1].tensor = at::zeros({3, 3});
+    CHECK_THAT(load_error(w), Catch::Contains(weights[1].name) && Catch::Contains("shape [3, 3]"));
+  }
+  SECTION("surplus tensor") {
+    auto w = weights;
+    w.push_back({"model.layers.0.mlp.experts.9.gate_proj.weight", at::zeros({2})});
+    CHECK_THAT(load_error(w), Catch::Contains("unexpected tensor 'model.layers.0.mlp.experts.9.gate_proj.weight'"));
+  }
+}
+
+TEST_CASE("fresh models are deterministic in their seed and load in another dtype", "[model]") {
+  at::NoGradGuard no_grad;
+  ModelConfig config = ValueOrDie(ModelConfig::Preset("test", 2, 2));
+  FlexOlmoModel a = ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 11));
+  FlexOlmoModel b = ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 11));
+  FlexOlmoModel c = ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 12));
+  CHECK(at::equal(a.NamedParameters()[1].tensor, b.NamedParameters()[1].tensor));
+  CHECK_FALSE(at::equal(a.NamedParameters()[1].tensor, c.NamedParameters()[1].tensor));
+
+  TempDir dir;
+  REQUIRE(a.Save(dir.path()).ok());
+  FlexOlmoModel bf16 = ValueOrDie(FlexOlmoModel::Load(dir.path(), at::kBFloat16));
+  CHECK(bf16.dtype() == at::kBFloat16);
+  at::Tensor ids = at::randint(0, 259, {1, 8}, at::kLong);
+  CHECK(bf16.Forward(ids).scalar_type() == at::kBFloat16);
+  CHECK(RelativeError(bf16.Forward(ids), a.Forward(ids)) < 5e-2);
+}
+
+}  // namespace
+}  // namespace flexfed
