@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh >/dev/null
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-bench/alternate.sh "$out" "build/bench/flexfed_train_bench $*" "/usr/bin/python3 bench/train_bench.py $*"
+bench/alternate.sh "$out" "build/bench/flexfed_train_bench $*" ".venv/bin/python3 bench/train_bench.py $*"
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 best, peak, memory = {}, {}, None

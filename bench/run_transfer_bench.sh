@@ -8,7 +8,7 @@ bash scripts/build.sh >/dev/null
 size=${1:-1024}
 work=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
-build/coordinator/flexfedctl ca init --dir "$work/ca" >/dev/null
+build/ctl/flexfedctl ca init --dir "$work/ca" >/dev/null
 build/coordinator/flexfed-coordinator --ca-dir "$work/ca" --data-dir "$work/data" --listen 127.0.0.1:0 \
   --metrics-listen "" --port-file "$work/port" 2>"$work/coordinator.log" &
 pid=$!

@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/core/anchor_manifest.h"
 #include "common/core/expert_module.h"
 #include "common/core/model_config.h"
 #include "common/core/release.h"
@@ -246,20 +247,17 @@ absl::StatusOr<v1::Anchor> Coordinator::PublishAnchor(const PeerIdentity& who, c
   for (const char* required : {"config.json", "router_pub.safetensors"}) {
     if (find(required) == nullptr) return absl::InvalidArgumentError(absl::StrCat("an anchor needs ", required));
   }
-  absl::StatusOr<std::string> config_text = blobs_->Read(find("config.json")->sha256(), 0, find("config.json")->size());
-  if (!config_text.ok()) return config_text.status();
-  json cj = json::parse(*config_text, nullptr, false);
-  absl::StatusOr<ModelConfig> config = ModelConfig::FromJson(cj, "anchor config.json");
+  absl::StatusOr<ModelConfig> config = ConfigFromBlob(*find("config.json"));
   if (!config.ok()) return config.status();
   if (config->num_experts != 1) return absl::InvalidArgumentError("an anchor is a dense model (olmo2, or flex_olmo with one expert)");
   // The same id as AnchorId() computes on the owner's copy of the directory.
-  Sha256 h;
+  std::vector<AnchorFile> manifest;
   json files_json = json::array();
   for (const auto& [name, blob] : files) {
-    h.Update(absl::StrCat(blob.sha256(), "  ", blob.size(), "  ", name, "\n"));
+    manifest.push_back({name, blob.sha256(), blob.size()});
     files_json.push_back({{"name", name}, {"sha256", blob.sha256()}, {"size", blob.size()}});
   }
-  AnchorRecord a{h.HexDigest(), files_json.dump(), ConfigHash(*config), Now(), r.note(), true};
+  AnchorRecord a{AnchorIdOf(std::move(manifest)), files_json.dump(), ConfigHash(*config), Now(), r.note(), true};
   absl::Status s = store_->AddAnchor(a, /*make_current=*/true);
   Audit(who, "anchor.publish", {{"anchor", a.anchor_id}}, s.ok() ? "ok" : std::string(s.message()));
   if (!s.ok()) return s;
@@ -514,21 +512,16 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
       return Denied(absl::StrCat("expert '", expert_id, "' belongs to another owner"));
     }
     if (e->state == "retired") return absl::FailedPreconditionError(absl::StrCat("expert '", expert_id, "' is retired"));
-    absl::StatusOr<AnchorRecord> anchor = store_->GetAnchor(e->anchor_id);
-    if (!anchor.ok()) return anchor.status();
-    absl::StatusOr<v1::Anchor> a = GetAnchor(e->anchor_id);
-    for (const v1::AnchorFile& f : a->files()) {
-      if (f.name() != "config.json") continue;
-      absl::StatusOr<std::string> text = blobs_->Read(f.blob().sha256(), 0, f.blob().size());
-      absl::StatusOr<ModelConfig> config = text.ok() ? ModelConfig::FromJson(json::parse(*text, nullptr, false), "anchor config.json")
-                                                     : absl::StatusOr<ModelConfig>(text.status());
-      if (config.ok() && layout.size > ModuleBound(*config)) {
+    absl::StatusOr<ModelConfig> config = AnchorConfig(e->anchor_id);
+    if (!config.ok()) return config.status();
+    if (layout.size > ModuleBound(*config)) {
+      {
         std::lock_guard<std::mutex> lock(mu_);
         ++counters_.rejected_uploads["oversized"];
-        Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}}, "rejected: oversized");
-        return absl::InvalidArgumentError(absl::StrCat("a module of ", layout.size, " bytes exceeds the ", ModuleBound(*config),
-                                                       " an expert of this anchor can take (rejection: oversized)"));
       }
+      Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}}, "rejected: oversized");
+      return absl::InvalidArgumentError(absl::StrCat("a module of ", layout.size, " bytes exceeds the ", ModuleBound(*config),
+                                                     " an expert of this anchor can take (rejection: oversized)"));
     }
   }
   // The session id is a function of (caller, expert, blob): re-declaring the same upload after a
@@ -628,18 +621,12 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
   out.mutable_blob()->set_size(static_cast<uint64_t>(u.blob_size));
   absl::StatusOr<ExpertRecord> e = store_->GetExpert(u.expert_id);
   if (!e.ok()) return e.status();
-  absl::StatusOr<v1::Anchor> anchor = GetAnchor(e->anchor_id);
-  if (!anchor.ok()) return anchor.status();
-  // Validate the module against the anchor the expert was registered for, before it is visible.
+  // The anchor the expert was registered for: an error reading it is the coordinator's, not the
+  // module's, so it fails the commit (retryable) instead of rejecting the upload.
+  absl::StatusOr<ModelConfig> config = AnchorConfig(e->anchor_id);
+  if (!config.ok()) return config.status();
+  // Validate the module against that anchor, before it is visible.
   absl::Status verdict = [&]() -> absl::Status {
-    const v1::AnchorFile* config_file = nullptr;
-    for (const v1::AnchorFile& f : anchor->files()) {
-      if (f.name() == "config.json") config_file = &f;
-    }
-    absl::StatusOr<std::string> text = blobs_->Read(config_file->blob().sha256(), 0, config_file->blob().size());
-    if (!text.ok()) return text.status();
-    absl::StatusOr<ModelConfig> config = ModelConfig::FromJson(json::parse(*text, nullptr, false), "anchor config.json");
-    if (!config.ok()) return config.status();
     const Dtype dtype = config->torch_dtype == "float32" ? Dtype::kF32 : config->torch_dtype == "float16" ? Dtype::kF16 : Dtype::kBF16;
     absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(blobs_->PathOf(u.blob_sha256), *config, dtype, e->anchor_id);
     if (!meta.ok()) return meta.status();
@@ -681,6 +668,23 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
   Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "ok");
   *out.mutable_expert() = ToProto(*e);
   return out;
+}
+
+absl::StatusOr<ModelConfig> Coordinator::ConfigFromBlob(const v1::BlobRef& blob) {
+  absl::StatusOr<std::string> text = blobs_->Read(blob.sha256(), 0, blob.size());
+  if (!text.ok()) return text.status();
+  return ModelConfig::FromJson(json::parse(*text, nullptr, false), "anchor config.json");
+}
+
+absl::StatusOr<ModelConfig> Coordinator::AnchorConfig(const std::string& anchor_id) {
+  absl::StatusOr<v1::Anchor> anchor = GetAnchor(anchor_id);
+  if (!anchor.ok()) return anchor.status();
+  for (const v1::AnchorFile& f : anchor->files()) {
+    if (f.name() == "config.json") return ConfigFromBlob(f.blob());
+  }
+  // PublishAnchor refuses an anchor without one: the store is damaged.
+  return absl::DataLossError(absl::StrCat("anchor ", anchor_id, " has no config.json in the coordinator's store; "
+                                          "restore the store from a backup or publish the anchor again"));
 }
 
 absl::StatusOr<v1::Expert> Coordinator::GetExpert(const PeerIdentity& who, const std::string& expert_id) {

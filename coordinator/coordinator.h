@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/core/identity.h"
+#include "common/core/model_config.h"
 #include "coordinator/audit_log.h"
 #include "coordinator/blob_store.h"
 #include "coordinator/store.h"
@@ -91,6 +92,10 @@ class Coordinator {
              const std::string& result);
   std::mutex& SessionLock(const std::string& session_id);
   absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
+  // An anchor's config.json, read from its blob and parsed: the one way the coordinator reads it
+  // (publishing checks a new anchor's; uploads are sized and modules validated against an expert's).
+  absl::StatusOr<ModelConfig> ConfigFromBlob(const v1::BlobRef& blob);
+  absl::StatusOr<ModelConfig> AnchorConfig(const std::string& anchor_id);
 
   CoordinatorOptions options_;
   std::unique_ptr<Store> store_;

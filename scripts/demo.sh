@@ -49,7 +49,7 @@ bash scripts/build.sh
 end
 
 build=$repo/${FLEXFED_BUILD_DIR:-build}
-ctl=$build/coordinator/flexfedctl
+ctl=$build/ctl/flexfedctl
 owner=$build/owner_client/flexfed-owner
 coordinatord=$build/coordinator/flexfed-coordinator
 evaluate=$build/evaluation/flexfed-evaluate

@@ -47,12 +47,4 @@ T ValueOrDie(absl::StatusOr<T> v) {
   return *std::move(v);
 }
 
-// Where the Python reference wrote its cases (tests/reference/flex_olmo_reference.py).
-// ctest sets FLEXFED_REFERENCE_DIR; running the binary by hand needs it set too.
-inline std::string ReferenceDir() {
-  const char* dir = std::getenv("FLEXFED_REFERENCE_DIR");
-  if (dir == nullptr) throw std::runtime_error("set FLEXFED_REFERENCE_DIR to build/reference (ctest does)");
-  return dir;
-}
-
 }  // namespace flexfed::testing

@@ -2,6 +2,8 @@
 // anchors, uploads, validation and authorization. The gRPC transport is tested separately.
 #include <catch2/catch.hpp>
 
+#include <sqlite3.h>
+
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -90,6 +92,43 @@ TEST_CASE("an interrupted upload resumes with only the missing chunks", "[coordi
   CHECK(resumed.missing_size() == m.chunks_size() - 1);
   CHECK(absl::IsFailedPrecondition(site.coordinator->CommitUpload(acme, resumed.session_id()).status()));  // not complete
   CHECK(ValueOrDie(Upload(*site.coordinator, acme, expert, module)).rejection() == "");
+}
+
+// The anchor's config.json is read through one accessor; a store that lost it (a damaged database)
+// must fail uploads with DATA_LOSS and keep the upload open for a retry, not crash (CommitModule
+// dereferenced a missing file) or skip the size check (BeginUpload ignored the read's error).
+TEST_CASE("an anchor whose config.json is gone from the store fails uploads with DATA_LOSS", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string math = site.Register("acme", "math");
+  const std::string code = site.Register("acme", "code");
+  const std::string module = site.Module("m");
+  const v1::Manifest m = ManifestOf(module);
+  v1::UploadStatus begun = ValueOrDie(site.coordinator->BeginUpload(acme, math, m));
+  const std::string bytes = ValueOrDie(ReadFile(module));
+  for (uint64_t i : begun.missing()) {
+    v1::UploadChunk c;
+    c.set_session_id(begun.session_id());
+    c.set_index(i);
+    c.set_data(bytes.substr(i * kChunk, m.chunks(static_cast<int>(i)).size()));
+    c.set_sha256(m.chunks(static_cast<int>(i)).sha256());
+    REQUIRE(site.coordinator->PutChunk(acme, c).ok());
+  }
+  // Damage the store behind the coordinator's back: the anchor's file list loses config.json.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open((site.dir / "coordinator/metadata.db").c_str(), &db) == SQLITE_OK);
+  const std::string sql = "UPDATE anchors SET files_json = (SELECT json_group_array(value) FROM json_each(files_json) "
+                          "WHERE json_extract(value, '$.name') != 'config.json')";
+  CHECK(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+  REQUIRE(ValueOrDie(site.coordinator->GetAnchor("")).files_size() == 2);
+
+  const absl::Status commit = site.coordinator->CommitUpload(acme, begun.session_id()).status();
+  CHECK(absl::IsDataLoss(commit));
+  CHECK_THAT(std::string(commit.message()), Catch::Contains("config.json"));
+  CHECK(absl::IsDataLoss(site.coordinator->BeginUpload(acme, code, m).status()));
+  // Nothing was attached; the upload is not rejected.
+  CHECK(ValueOrDie(site.coordinator->GetExpert(acme, math)).state() == v1::EXPERT_STATE_REGISTERED);
 }
 
 TEST_CASE("every kind of bad module is rejected with its own reason and nothing becomes visible", "[coordinator_logic]") {

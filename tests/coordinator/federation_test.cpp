@@ -196,6 +196,25 @@ TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enabl
   CHECK(nlohmann::json::parse(out)["tokens"].size() <= 5);
   REQUIRE(RunCommand(ctl + " routing " + f.dir / "rel1" + " --text acme --json", &out) == 0);
   CHECK(nlohmann::json::parse(out)["tokens"].size() == 4);
+  // The export is a Hugging Face checkpoint as it is: transformers' AutoModelForCausalLM loads it and
+  // computes flexfedctl's logits. The owners' negative router biases are FlexFed's own extra, in
+  // flexfed_extras.safetensors, which transformers does not read; so flexfedctl runs on the same
+  // files without that one (docs/CHECKPOINTS.md).
+  fs::create_directory(f.dir / "rel1_hf");
+  for (const auto& entry : fs::directory_iterator(f.dir / "rel1")) {
+    if (entry.path().filename() != "flexfed_extras.safetensors") {
+      fs::create_symlink(entry.path(), fs::path(f.dir / "rel1_hf") / entry.path().filename());
+    }
+  }
+  REQUIRE(RunCommand(ctl + " logits " + f.dir / "rel1_hf" + " --ids 97,99,109,101,32,120 --ids 98,101 -o " +
+                         f.dir / "rel1.logits.safetensors", &out) == 0);
+  {
+    const int hf = RunCommand(testing::BinaryFromEnv("FLEXFED_HF_RELEASE_CHECK") + " " + f.dir / "rel1" + " " +
+                                  f.dir / "rel1.logits.safetensors", &out);
+    INFO(out);
+    CHECK(hf == 0);
+    CHECK_THAT(out, Catch::Contains("FlexOlmoForCausalLM (flex_olmo, 3 experts)"));
+  }
   CHECK(RunCommand(ctl + " generate " + f.dir / "rel1" + " --prompt acme --exclude 7", &out) == 1);
   CHECK_THAT(out, Catch::Contains("expert"));
 }

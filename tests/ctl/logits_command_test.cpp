@@ -1,4 +1,5 @@
-// `flexfedctl logits` run as a real process on the reference checkpoints (ctl/logits_command.cpp).
+// `flexfedctl logits` run as a real process on the oracle's checkpoints (ctl/logits_command.cpp):
+// what transformers computes on the checkpoints it saved (tests/oracle/hf_model_cases.py).
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
@@ -7,12 +8,16 @@
 #include "absl/strings/str_cat.h"
 #include "common/model/checkpoint.h"
 #include "common/core/file_util.h"
+#include "tests/oracle/oracle.h"
 #include "tests/test_util.h"
 
 namespace flexfed {
 namespace {
 
-using testing::ReferenceDir;
+using testing::kOracleCases;
+using testing::OracleCase;
+using testing::OracleCaseDir;
+using testing::OracleExpected;
 using testing::RelativeError;
 using testing::TempDir;
 using testing::ValueOrDie;
@@ -22,32 +27,31 @@ std::string Ctl() { return testing::BinaryFromEnv("FLEXFED_CTL"); }
 
 int Run(const std::string& command, std::string* output = nullptr) { return testing::RunCommand(command, output); }
 
-TEST_CASE("flexfedctl logits reproduces the reference logits for olmo2 and flex_olmo, F32 and BF16", "[cli]") {
-  for (const char* name : {"flex_olmo_f32", "olmo2_f32", "flex_olmo_bf16", "olmo2_bf16"}) {
-    INFO(name);
+TEST_CASE("flexfedctl logits reproduces transformers' logits for olmo2 and flex_olmo, F32 and BF16", "[cli]") {
+  for (const OracleCase& c : kOracleCases) {
+    INFO(c.name);
     TempDir dir;
-    const std::string model = (fs::path(ReferenceDir()) / name).string();
+    const std::string model = OracleCaseDir(c.name);
     const std::string expected_path = model + "/expected.safetensors";
     std::string out;
     REQUIRE(Run(absl::StrCat(Ctl(), " logits ", model, " --ids-file ", expected_path, " --threads 1 -o ", dir / "l.safetensors"), &out) == 0);
     auto got = ValueOrDie(SafetensorsFile::Open(dir / "l.safetensors"));
-    auto expected = ValueOrDie(SafetensorsFile::Open(expected_path));
+    auto expected = OracleExpected(c.name);
     at::Tensor logits = ValueOrDie(got->Get("logits"));
     CHECK(logits.scalar_type() == at::kFloat);
-    const bool bf16 = std::string(name).find("bf16") != std::string::npos;
-    CHECK(RelativeError(logits, ValueOrDie(expected->Get("logits")).to(at::kFloat)) < (bf16 ? 1e-2 : 1e-5));
+    CHECK(RelativeError(logits, ValueOrDie(expected->Get("logits")).to(at::kFloat)) < c.tolerance);
     CHECK(at::equal(ValueOrDie(got->Get("ids")), ValueOrDie(expected->Get("ids"))));
     if (expected->Contains("logits_excluding_1")) {
       REQUIRE(Run(absl::StrCat(Ctl(), " logits ", model, " --ids-file ", expected_path, " --exclude 1 -o ", dir / "x.safetensors")) == 0);
       at::Tensor excluded = ValueOrDie(ValueOrDie(SafetensorsFile::Open(dir / "x.safetensors"))->Get("logits"));
-      CHECK(RelativeError(excluded, ValueOrDie(expected->Get("logits_excluding_1")).to(at::kFloat)) < (bf16 ? 1e-2 : 1e-5));
+      CHECK(RelativeError(excluded, ValueOrDie(expected->Get("logits_excluding_1")).to(at::kFloat)) < c.tolerance);
     }
   }
 }
 
 TEST_CASE("flexfedctl logits pads a ragged batch on the right without changing real positions", "[cli]") {
   TempDir dir;
-  const std::string model = (fs::path(ReferenceDir()) / "flex_olmo_f32").string();
+  const std::string model = OracleCaseDir("flex_olmo_f32");
   REQUIRE(Run(absl::StrCat(Ctl(), " logits ", model, " --ids 5,6,7,8 --ids 9,10 -o ", dir / "b.safetensors")) == 0);
   REQUIRE(Run(absl::StrCat(Ctl(), " logits ", model, " --ids 9,10 -o ", dir / "one.safetensors")) == 0);
   auto batch = ValueOrDie(SafetensorsFile::Open(dir / "b.safetensors"));
@@ -59,7 +63,7 @@ TEST_CASE("flexfedctl logits pads a ragged batch on the right without changing r
 
 TEST_CASE("flexfedctl logits refuses bad input with one line and exit code 1 or 2", "[cli]") {
   TempDir dir;
-  const std::string model = (fs::path(ReferenceDir()) / "flex_olmo_f32").string();
+  const std::string model = OracleCaseDir("flex_olmo_f32");
   const std::string out = " -o " + dir / "o.safetensors";
   std::string msg;
   CHECK(Run(Ctl() + " logits " + model + " --ids 1,400" + out, &msg) == 1);

@@ -14,48 +14,18 @@
 #include "common/model/tokenizer.h"
 #include "common/core/file_util.h"
 #include "evaluation/suite.h"
+#include "tests/common/merge/federation_fixture.h"
 #include "tests/temp_dir.h"
 #include "tests/test_util.h"
 
 namespace flexfed {
 namespace {
 
+using testing::Federation;
 using testing::RelativeError;
 using testing::TempDir;
 using testing::ValueOrDie;
 namespace fs = std::filesystem;
-
-// A `test` anchor with r_pub, and owners' modules that differ from it and from each other.
-struct Federation {
-  TempDir dir;
-  ModelConfig config = ValueOrDie(ModelConfig::Preset("test"));
-  std::string anchor_dir = dir / "anchor";
-  Anchor anchor = MakeAnchor(anchor_dir, config);
-
-  static Anchor MakeAnchor(const std::string& anchor_dir, const ModelConfig& config) {
-    REQUIRE(ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 11)).Save(anchor_dir).ok());
-    RouterEmbedding pub;
-    for (int64_t l = 0; l < config.num_hidden_layers; ++l) pub.rows.push_back(at::randn({config.hidden_size}));
-    REQUIRE(WriteRouterEmbedding(anchor_dir + "/" + kRouterPubFileName, pub).ok());
-    return ValueOrDie(LoadAnchor(anchor_dir));
-  }
-
-  std::string Module(const std::string& name, uint64_t seed, bool with_bias = true) {
-    at::manual_seed(seed);
-    ExpertTensors t;
-    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
-      const ExpertWeights& e = anchor.model.layers()[l].experts[0];
-      t.ffn.push_back({e.gate_proj + 0.05 * at::randn_like(e.gate_proj), e.up_proj + 0.05 * at::randn_like(e.up_proj),
-                       e.down_proj + 0.05 * at::randn_like(e.down_proj)});
-      t.router_rows.push_back(at::randn({config.hidden_size}));
-      if (with_bias) t.router_bias.push_back(at::tensor({-0.1f * static_cast<float>(seed % 7)}));
-    }
-    ExpertModuleMetadata m{anchor.id, ConfigHash(config), name, name, "domain of " + name, 1000, "anchor"};
-    const std::string path = dir / (name + ".safetensors");
-    REQUIRE(WriteExpertModule(path, t, m).ok());
-    return path;
-  }
-};
 
 at::Tensor Ids(int64_t batch, int64_t length, uint64_t seed) {
   at::manual_seed(seed);
@@ -131,7 +101,7 @@ TEST_CASE("opting out expert j at inference equals the release built without j",
 TEST_CASE("merge refuses what does not fit, and leaves nothing behind", "[merge]") {
   Federation f;
   const std::string code = f.Module("code", 1);
-  Federation other;  // another anchor
+  Federation other(/*anchor_seed=*/12);  // another anchor
   const std::string foreign = other.Module("math", 2);
   MergeOptions o;
   absl::StatusOr<MergedModel> r = MergeToCheckpoint(f.anchor_dir, {code, foreign}, o, f.dir / "out");

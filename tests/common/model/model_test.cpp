@@ -1,5 +1,5 @@
-// Specification of the FlexOlmo model (common/model/model.h, common/model/layers.h, common/model/moe.h) against the
-// independent Python reference (tests/reference/flex_olmo_reference.py) and its own invariants.
+// Specification of the FlexOlmo model (common/model/model.h, common/model/layers.h, common/model/moe.h) against
+// Hugging Face transformers (tests/oracle/hf_model_cases.py) and its own invariants.
 #include <catch2/catch.hpp>
 
 #include <ATen/ATen.h>
@@ -11,41 +11,31 @@
 #include "common/core/file_util.h"
 #include "common/model/layers.h"
 #include "common/model/model.h"
+#include "tests/oracle/oracle.h"
 #include "tests/test_util.h"
 
 namespace flexfed {
 namespace {
 
-using testing::ReferenceDir;
+using testing::kOracleCases;
+using testing::OracleCase;
+using testing::OracleCaseDir;
+using testing::OracleExpected;
 using testing::RelativeError;
 using testing::TempDir;
 using testing::ValueOrDie;
 namespace fs = std::filesystem;
 
-struct ReferenceCase {
-  const char* name;
-  double tolerance;  // relative error allowed against the reference
-};
-
-// Both sides run the same LibTorch kernels and agree bit for bit here; the tolerances leave room
-// for BLAS builds that sum in another order (F32) or round one bf16 ulp differently (BF16).
-constexpr ReferenceCase kCases[] = {
-    {"flex_olmo_f32", 1e-5}, {"olmo2_f32", 1e-5}, {"flex_olmo_bf16", 1e-2}, {"olmo2_bf16", 1e-2}};
-
-std::shared_ptr<const SafetensorsFile> Expected(const std::string& name) {
-  return ValueOrDie(SafetensorsFile::Open((fs::path(ReferenceDir()) / name / "expected.safetensors").string()));
-}
-
 at::Tensor Get(const std::shared_ptr<const SafetensorsFile>& f, const std::string& name) {
   return ValueOrDie(f->Get(name));
 }
 
-TEST_CASE("logits, hidden states and router logits match the Python reference", "[model][reference]") {
+TEST_CASE("logits, layer inputs, router logits and opt-out match Hugging Face transformers", "[model][oracle]") {
   at::NoGradGuard no_grad;
-  for (const ReferenceCase& c : kCases) {
+  for (const OracleCase& c : kOracleCases) {
     INFO(c.name);
-    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load((fs::path(ReferenceDir()) / c.name).string()));
-    auto expected = Expected(c.name);
+    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load(OracleCaseDir(c.name)));
+    auto expected = OracleExpected(c.name);
     ForwardTrace trace;
     trace.want_layer_inputs = true;
     at::Tensor logits = model.Forward(Get(expected, "ids"), Routing::All(), nullptr, &trace);
@@ -68,11 +58,11 @@ TEST_CASE("logits, hidden states and router logits match the Python reference", 
   }
 }
 
-TEST_CASE("single blocks match the Python reference", "[model][reference]") {
-  for (const ReferenceCase& c : kCases) {
+TEST_CASE("RMSNorm, RoPE and SwiGLU match transformers' modules", "[model][oracle]") {
+  for (const OracleCase& c : kOracleCases) {
     INFO(c.name);
-    auto e = Expected(c.name);
-    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load((fs::path(ReferenceDir()) / c.name).string()));
+    auto e = OracleExpected(c.name);
+    FlexOlmoModel model = ValueOrDie(FlexOlmoModel::Load(OracleCaseDir(c.name)));
     const double tol = c.tolerance;
     CHECK(RelativeError(RmsNorm(Get(e, "block.rms.x"), Get(e, "block.rms.w"), 1e-5), Get(e, "block.rms.y")) < tol);
 
@@ -279,10 +269,10 @@ TEST_CASE("KV-cache decoding gives the logits of a full forward", "[model][kvcac
 }
 
 TEST_CASE("load, save and load again is bit-identical", "[model][checkpoint]") {
-  for (const ReferenceCase& c : kCases) {
+  for (const OracleCase& c : kOracleCases) {
     INFO(c.name);
     TempDir dir;
-    const std::string src = (fs::path(ReferenceDir()) / c.name).string();
+    const std::string src = OracleCaseDir(c.name);
     FlexOlmoModel first = ValueOrDie(FlexOlmoModel::Load(src));
     REQUIRE(first.Save(dir / "a").ok());
     FlexOlmoModel second = ValueOrDie(FlexOlmoModel::Load(dir / "a"));
@@ -318,7 +308,7 @@ TEST_CASE("a sharded model loads like a single-file one", "[model][checkpoint]")
 TEST_CASE("a dense olmo2 checkpoint is the one-expert flex_olmo model", "[model]") {
   at::NoGradGuard no_grad;
   TempDir dir;
-  const std::string src = (fs::path(ReferenceDir()) / "olmo2_f32").string();
+  const std::string src = OracleCaseDir("olmo2_f32");
   FlexOlmoModel dense = ValueOrDie(FlexOlmoModel::Load(src));
   // Rename mlp.X_proj to mlp.experts.0.X_proj, add any router (softmax over one expert is 1).
   std::vector<NamedTensor> weights;
