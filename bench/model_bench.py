@@ -1,7 +1,6 @@
-#!/usr/bin/python3
-"""Model benchmark, plain-PyTorch side (Debian's python3-torch): the same FlexOlmo model and the
-same measurements as bench/model_bench.cpp, written the way one writes it in Python. The blocks
-come from tests/reference/flex_olmo_reference.py (the test oracle), the KV cache is added here.
+"""Model benchmark, plain-PyTorch side (the project's .venv PyTorch, the same LibTorch FlexFed links):
+the same FlexOlmo model and the same measurements as bench/model_bench.cpp, written the way one
+writes it in Python. The blocks come from bench/plain_flex_olmo.py, the KV cache is added here.
 Prints one JSON object per measurement."""
 
 import argparse
@@ -13,8 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
-from flex_olmo_reference import apply_rope, moe, rms_norm, rope_tables  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plain_flex_olmo import apply_rope, moe, rms_norm, rope_tables  # noqa: E402
 
 PRESETS = {"tiny": (4, 256, 4, 688, 259), "small": (8, 512, 8, 1376, 259)}
 

@@ -1,8 +1,7 @@
-#!/usr/bin/python3
 """Owner training-step benchmark, plain-PyTorch side: the same expert-training step as
 bench/train_bench.cpp — anchor frozen (requires_grad=False), expert 1, r_i and b_i trained, top-2
 of 2, cross-entropy + router z-loss, gradient clipping, torch.optim.AdamW — written plainly on
-Debian's python3-torch. One JSON line per configuration."""
+the project's .venv PyTorch (the LibTorch FlexFed links). One JSON line per configuration."""
 
 import argparse
 import json

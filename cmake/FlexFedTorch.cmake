@@ -5,7 +5,7 @@
 
 set(FLEXFED_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python3" CACHE FILEPATH
     "Python whose PyTorch provides LibTorch and runs the test oracles")
-execute_process(COMMAND ${FLEXFED_PYTHON} -c "import torch; print(torch.utils.cmake_prefix_path); print(torch.__version__)"
+execute_process(COMMAND ${FLEXFED_PYTHON} -c "import torch; print(torch.utils.cmake_prefix_path); print(torch.__version__); print(torch.version.cuda or '')"
                 RESULT_VARIABLE _torch_missing OUTPUT_VARIABLE _torch_out ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
 if(_torch_missing)
   message(FATAL_ERROR "${FLEXFED_PYTHON} cannot import torch: run scripts/setup.sh (makes .venv with the pinned "
@@ -14,6 +14,25 @@ endif()
 string(REPLACE "\n" ";" _torch_out "${_torch_out}")
 list(GET _torch_out 0 _torch_prefix)
 list(GET _torch_out 1 FLEXFED_TORCH_VERSION)
+list(LENGTH _torch_out _n)
+set(_torch_cuda "")
+if(_n GREATER 2)
+  list(GET _torch_out 2 _torch_cuda)
+endif()
+if(FLEXFED_TORCH_VERSION VERSION_LESS 2.4)
+  message(FATAL_ERROR "PyTorch ${FLEXFED_TORCH_VERSION} in ${FLEXFED_PYTHON} is older than 2.4, whose LibTorch API "
+                      "FlexFed uses: install the version of scripts/python-requirements.txt (scripts/setup.sh does)")
+endif()
+# A CUDA build of LibTorch configures only next to a CUDA toolkit (its config looks for nvcc).
+if(_torch_cuda AND NOT CMAKE_CUDA_COMPILER)
+  find_program(FLEXFED_NVCC nvcc HINTS ENV CUDA_HOME PATH_SUFFIXES bin PATHS /usr/local/cuda/bin)
+endif()
+if(_torch_cuda AND NOT CMAKE_CUDA_COMPILER AND NOT FLEXFED_NVCC)
+  message(FATAL_ERROR "PyTorch ${FLEXFED_TORCH_VERSION} in ${FLEXFED_PYTHON} is a CUDA ${_torch_cuda} build, whose "
+                      "LibTorch needs the CUDA toolkit to configure against, and no nvcc was found: install CUDA "
+                      "${_torch_cuda} (nvcc in /usr/local/cuda, on PATH or in CUDACXX), or use a Python whose PyTorch "
+                      "is a CPU build (-DFLEXFED_PYTHON=...)")
+endif()
 list(PREPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
 
 # A CUDA LibTorch's config compiles CUDA for TORCH_CUDA_ARCH_LIST (every architecture it knows when

@@ -1,5 +1,5 @@
 // The audit log: one JSON object per line, appended and fsynced before the action's reply, so an
-// operator can always tell who did what (ARCHITECTURE.md §6). Thread-safe.
+// operator can always tell who did what (docs/ARCHITECTURE.md §6). Thread-safe.
 #pragma once
 
 #include <cstdint>

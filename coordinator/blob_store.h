@@ -1,4 +1,4 @@
-// Content-addressed blob store on a filesystem (ARCHITECTURE.md §6). Layout under ROOT:
+// Content-addressed blob store on a filesystem (docs/ARCHITECTURE.md §6). Layout under ROOT:
 //   blobs/ab/cd/<sha256>           complete blobs, immutable, named by their SHA-256
 //   uploads/<session>/data         the blob being received, each chunk written at its offset
 //   uploads/<session>/<index>.ok   marks chunk <index> as verified and durable in `data`

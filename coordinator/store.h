@@ -1,4 +1,4 @@
-// The coordinator's metadata: anchors, owners, experts, upload sessions and releases (ARCHITECTURE.md §6).
+// The coordinator's metadata: anchors, owners, experts, upload sessions and releases (docs/ARCHITECTURE.md §6).
 // An interface so PostgreSQL can serve larger deployments; SqliteStore (sqlite_store.h) is the
 // default. Implementations are thread-safe; each call is one transaction.
 #pragma once
@@ -63,7 +63,7 @@ struct UploadRecord {
   int64_t updated_unix = 0;
 };
 
-// A release: which experts, in which router order, on which anchor (ARCHITECTURE.md §7). Written
+// A release: which experts, in which router order, on which anchor (docs/ARCHITECTURE.md §7). Written
 // once, never changed (the database refuses updates and deletes).
 struct ReleaseRecord {
   std::string release_id;

@@ -1,4 +1,4 @@
-// The evaluation suite (FLEXOLMO.md §5 in miniature): bits per byte on each domain's held-out text
+// The evaluation suite (docs/METHOD.md §5 in miniature): bits per byte on each domain's held-out text
 // for the public anchor, each owner's two-expert model, model soup, BTM, FlexOlmo merged, its
 // ablations (no negative bias, random router init, no coordination) and each opt-out; the routing
 // of the merged model per domain and layer; and the checks the demo must pass. docs/EVALUATION.md.

@@ -1,4 +1,4 @@
-// The mixture-of-experts dispatch ops (FLEXOLMO.md §2, "MoE block") as plain functions over raw
+// The mixture-of-experts dispatch ops (docs/METHOD.md §2, "MoE block") as plain functions over raw
 // buffers: one argument struct per op, shared by the CUDA launchers (kernels/*.cuh, device pointers)
 // and the CPU references declared here (host pointers, kernels/moe_reference.cpp). The references
 // are the semantics: each kernel must produce what its reference produces, up to fp32 rounding order,

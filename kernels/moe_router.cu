@@ -1,4 +1,4 @@
-// Router: softmax + negative bias + opt-out mask + top-k, one pass per token (FLEXOLMO.md §2).
+// Router: softmax + negative bias + opt-out mask + top-k, one pass per token (docs/METHOD.md §2).
 //
 // Algorithm (forward):
 //   1. A token is handled by a group of G lanes of one warp, G = the smallest power of two ≥ E,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main command: the whole FlexFed story on one machine (ARCHITECTURE.md §9).
+# The README's main command: the whole FlexFed story on one machine (docs/ARCHITECTURE.md §9).
 #   set-up and build → domain text from Debian packages → a `tiny` public anchor (pretrained once,
 #   then reused) → a coordinator on loopback with mTLS → three owners (code, math, scripture),
 #   each enrolling, pulling the anchor, training its expert and pushing it from its own processes

@@ -1,35 +1,26 @@
 #!/usr/bin/env bash
-# The GPU build mode: the model, the CUDA kernels, the tests, the owner's command and the benchmarks,
-# against the CUDA LibTorch inside a PyTorch installation, without the services (gRPC, SQLite,
-# prometheus: FLEXFED_SERVICES=OFF). Needs CMake, a C++17 compiler, nvcc and PyTorch with CUDA,
-# plus Abseil, nlohmann-json, CLI11, Catch2 and OpenSSL: installed, or bundled by
-# scripts/gpu_deps.sh on a Debian 12 machine and named by FLEXFED_GPU_DEPS=DIR.
-# Usage: scripts/gpu_build.sh [BUILD_DIR]   (default build-gpu; CUDA_ARCHS defaults to 90)
+# The build on a GPU machine: the same CMake build as everywhere, against that machine's own PyTorch
+# (its LibTorch and CUDA), without the gRPC/SQLite services (a GPU machine that can install nothing
+# lacks them). What it chooses: the interpreter and, where needed, the bundle of small libraries.
+#   PYTHON=/path/to/python3   the Python whose PyTorch to use (default: python3 on PATH)
+#   FLEXFED_GPU_DEPS=DIR      Abseil, nlohmann-json, CLI11, Catch2, OpenSSL from scripts/gpu_deps.sh
+#   CUDA_ARCHS=90             CUDA architectures (default 90: H100/H200)
+# The binaries find the bundle's libraries without LD_LIBRARY_PATH (RPATH; docs/GPU.md).
+# Usage: scripts/gpu_build.sh [BUILD_DIR]   (default build-gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${1:-build-gpu}
-python=${PYTHON:-python3}
-if ! torch_prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null); then
-  echo "gpu_build: $python cannot import torch; install PyTorch with CUDA or set PYTHON=/path/to/python3" >&2
-  exit 1
-fi
-if [[ $("$python" -c 'import torch; print(torch.version.cuda is not None)') != True ]]; then
-  echo "gpu_build: $python's PyTorch has no CUDA; install a CUDA build of PyTorch" >&2
-  exit 1
-fi
-nvcc=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
-[[ -x $nvcc ]] || { echo "gpu_build: no nvcc found; install the CUDA toolkit or set CUDACXX" >&2; exit 1; }
-prefix=$torch_prefix
-extra=()
+python=$(command -v "${PYTHON:-python3}") || { echo "gpu_build: no ${PYTHON:-python3}; set PYTHON=/path/to/python3" >&2; exit 1; }
+args=(-DFLEXFED_PYTHON="$python" -DFLEXFED_SERVICES=OFF -DFLEXFED_CUDA=ON -DFLEXFED_FUZZ=OFF
+      -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}")
 if [[ -n ${FLEXFED_GPU_DEPS:-} ]]; then
   deps=$(cd "$FLEXFED_GPU_DEPS" && pwd)/usr
-  prefix="$prefix;$deps"
-  extra+=(-DOPENSSL_ROOT_DIR="$deps" -DOPENSSL_USE_STATIC_LIBS=TRUE)
+  # DT_RPATH (not RUNPATH): it also serves the bundled libraries' own dependencies (Abseil's
+  # libraries load each other), which a RUNPATH on the executable does not.
+  args+=(-DCMAKE_PREFIX_PATH="$deps" -DOPENSSL_ROOT_DIR="$deps" -DOPENSSL_USE_STATIC_LIBS=TRUE
+         -DCMAKE_EXE_LINKER_FLAGS=-Wl,--disable-new-dtags)
 fi
-generator=()
-command -v ninja >/dev/null && generator=(-G Ninja)
-cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DFLEXFED_SERVICES=OFF -DFLEXFED_CUDA=ON \
-  -DFLEXFED_FUZZ=OFF -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
-  -DCMAKE_PREFIX_PATH="$prefix" -DFLEXFED_PYTHON="$(command -v "$python")" "${extra[@]}"
+command -v ninja >/dev/null && args+=(-G Ninja)
+cmake -S . -B "$build_dir" "${args[@]}"
 cmake --build "$build_dir" -j "$(nproc)" --target flexfed_tests flexfed_kernel_tests flexfed-owner flexfedctl \
   flexfed_kernel_bench flexfed_moe_bench flexfed_train_bench

@@ -1,5 +1,5 @@
 // MoE kernel bandwidth benchmark (torch-free): each kernel of kernels/ on the 1b owner-training
-// shapes (ARCHITECTURE.md §8), its achieved GB/s (bytes it must read and write / time) against the
+// shapes (docs/ARCHITECTURE.md §8), its achieved GB/s (bytes it must read and write / time) against the
 // device-to-device copy bandwidth measured in the same run. One JSON line per kernel; bench/gpu/run.sh
 // turns them into the table of docs/PERFORMANCE.md.
 #include <CLI/CLI.hpp>

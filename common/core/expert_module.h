@@ -1,4 +1,4 @@
-// The expert module: the only thing an owner's premises ever send (ARCHITECTURE.md §7). One
+// The expert module: the only thing an owner's premises ever send (docs/ARCHITECTURE.md §7). One
 // safetensors file with, per layer, the trained expert's FFN, its router row and (optionally) its
 // negative bias, plus metadata binding it to one anchor. Spec: docs/EXPERT_MODULE.md.
 // This header is the format and its validation (torch-free); common/merge/expert_export.h writes and

@@ -1,4 +1,4 @@
-// Identities for mTLS (ARCHITECTURE.md §5), on OpenSSL: the project CA, certificate requests
+// Identities for mTLS (docs/ARCHITECTURE.md §5), on OpenSSL: the project CA, certificate requests
 // made where the private key lives, certificates that bind an owner id (subject CN and a SAN URI
 // `flexfed://<role>/<id>`), fingerprints, and reading a peer certificate back.
 // Keys are ECDSA P-256. All inputs are PEM text; all failures are Status errors, never aborts.

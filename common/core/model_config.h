@@ -48,7 +48,7 @@ struct ModelConfig {
   static absl::StatusOr<ModelConfig> FromJson(const nlohmann::json& j, const std::string& source);
   nlohmann::json ToJson() const;
 
-  // The sizes of ARCHITECTURE.md §8: test, tiny, small, 1b, 7b. Dense (olmo2) unless
+  // The sizes of docs/ARCHITECTURE.md §8: test, tiny, small, 1b, 7b. Dense (olmo2) unless
   // `num_experts` > 1, in which case the result is flex_olmo with `top_k` experts per token.
   static absl::StatusOr<ModelConfig> Preset(const std::string& name, int64_t num_experts = 1, int64_t top_k = 1);
 };

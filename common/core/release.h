@@ -1,4 +1,4 @@
-// Release manifests (ARCHITECTURE.md §3 step 5, §7): which experts a merged model holds, in router
+// Release manifests (docs/ARCHITECTURE.md §3 step 5, §7): which experts a merged model holds, in router
 // order, on which anchor, with which k. The coordinator writes one per `flexfedctl release build`
 // and never changes it; `release export` checks every downloaded blob against it before merging.
 // Torch-free: the coordinator and flexfedctl share it. Spec: docs/RELEASES.md.

@@ -1,4 +1,4 @@
-// Merging (FLEXOLMO.md §4): the anchor plus an ordered list of expert modules becomes one FlexOlmo
+// Merging (docs/METHOD.md §4): the anchor plus an ordered list of expert modules becomes one FlexOlmo
 // model. Expert 0 is the anchor's (public) FFN, expert i the i-th module's; the router of layer L
 // is [r_pub; r_1; …; r_n]; every other tensor is the anchor's. Each module is validated against
 // the anchor first (allow-list, shapes, dtypes, finite values, anchor id). The owners' negative

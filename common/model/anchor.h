@@ -1,4 +1,4 @@
-// The anchor: the frozen public model every owner trains against (ARCHITECTURE.md §3). An anchor
+// The anchor: the frozen public model every owner trains against (docs/ARCHITECTURE.md §3). An anchor
 // directory holds an HF checkpoint (olmo2, or flex_olmo with one expert), `router_pub.safetensors`
 // (r_pub, one router vector per layer) and optionally `flexfed_tokenizer.json`. Its manifest and id:
 // common/core/anchor_manifest.h.

@@ -1,4 +1,4 @@
-// Mixed precision (autocast) in one place, over LibTorch's API as it was in 1.13 and is since 2.4.
+// Mixed precision (autocast) in one place, over LibTorch's per-device autocast API (2.4 and later).
 // Owner training on CUDA runs its forward inside an AutocastScope (bf16): matrix products run in bf16
 // from fp32 master weights, while the router, the norms, the softmax and the loss stay in fp32.
 #pragma once
@@ -29,7 +29,7 @@ class AutocastScope {
 std::optional<at::ScalarType> AutocastDtype(at::DeviceType device);
 
 // Ops under this guard run in the dtypes they are given, whatever the autocast state (the router
-// logits must be fp32, FLEXOLMO.md §2).
+// logits must be fp32, docs/METHOD.md §2).
 class NoAutocast {
  public:
   NoAutocast() = default;

@@ -1,4 +1,4 @@
-// The building blocks of the FlexOlmo forward (FLEXOLMO.md §2), as free functions so tests can
+// The building blocks of the FlexOlmo forward (docs/METHOD.md §2), as free functions so tests can
 // check each against the reference and the CUDA path can reuse them.
 // Dimensions: B=batch, T=tokens, N=B·T, H=hidden, F=FFN width, D=head dim, P=positions.
 #pragma once

@@ -1,4 +1,4 @@
-// The forward pass follows ../shared/design/FLEXOLMO.md §2 line by line; where HF's
+// The forward pass follows docs/METHOD.md §2 line by line; where HF's
 // modeling_flex_olmo.py makes a numerical choice (fp32 softmax, fp32 RoPE, order of expert sums)
 // this code makes the same one, so logits agree to rounding.
 #include "common/model/model.h"

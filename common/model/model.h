@@ -1,5 +1,5 @@
 // The FlexOlmo causal language model (HF `flex_olmo`; a dense `olmo2` model is its one-expert case).
-// The forward pass is exactly ../shared/design/FLEXOLMO.md §2; tensor names are HF's (see
+// The forward pass is exactly docs/METHOD.md §2; tensor names are HF's (see
 // docs/CHECKPOINTS.md). Weights are plain tensors keyed by those names, so load, save, freezing and
 // optimizers all work from one list (NamedParameters()).
 //
@@ -26,7 +26,7 @@ struct LayerWeights {
   at::Tensor q_norm, k_norm;          // [Q·D], [G·D]: RMSNorm over the full projection
   at::Tensor post_attention_layernorm, post_feedforward_layernorm;  // [H]
   at::Tensor router;       // [E, H], row e = router embedding of expert e; undefined when dense
-  at::Tensor router_bias;  // [E] FlexFed extra (negative bias, FLEXOLMO.md §3); undefined = none
+  at::Tensor router_bias;  // [E] FlexFed extra (negative bias, docs/METHOD.md §3); undefined = none
   std::vector<ExpertWeights> experts;  // E entries; expert 0 is the public (anchor) FFN
 };
 

@@ -1,4 +1,4 @@
-// The FlexOlmo mixture-of-experts block (FLEXOLMO.md §2, "MoE block"), CPU/LibTorch path.
+// The FlexOlmo mixture-of-experts block (docs/METHOD.md §2, "MoE block"), CPU/LibTorch path.
 // Dimensions: N=tokens, H=hidden, F=FFN width, E=experts, K=experts per token.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Router embeddings: one vector per layer that routes tokens to an expert (FLEXOLMO.md §3).
+// Router embeddings: one vector per layer that routes tokens to an expert (docs/METHOD.md §3).
 // The file format (also of the anchor's r_pub, `router_pub.safetensors`) is in docs/EXPERT_MODULE.md:
 // tensors `layers.L.router.weight` F32 [H] (in r_pub files also `layers.L.router.center` F32 [H]; in
 // owners' anchor-mode files also `layers.L.router.bias` F32 [1], the initial negative bias),

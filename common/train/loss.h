@@ -48,7 +48,7 @@ EvalResult Summarize(const TokenScores& scores);
 EvalResult Evaluate(const FlexOlmoModel& model, const PackedSequences& data, const std::vector<int64_t>& indices,
                     int64_t batch_size, const Tokenizer& tokenizer, const Routing& routing = {});
 
-// BTM (Li et al. 2022; FLEXOLMO.md §5): an ensemble whose output probability is Σ_m w_m p_m, with
+// BTM (Li et al. 2022; docs/METHOD.md §5): an ensemble whose output probability is Σ_m w_m p_m, with
 // per-sequence weights w = softmax(−NLL_prefix / tau) over the members. Causal: token t is mixed
 // with weights from the tokens before it, up to the first `prefix` (uniform at t = 0).
 TokenScores EnsembleScores(const std::vector<TokenScores>& members, int64_t prefix, double tau);

@@ -1,4 +1,4 @@
-// Router embedding initialisation for an owner's expert (FLEXOLMO.md §3, "Router embedding init").
+// Router embedding initialisation for an owner's expert (docs/METHOD.md §3, "Router embedding init").
 #pragma once
 
 #include <cstdint>

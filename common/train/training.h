@@ -1,4 +1,4 @@
-// The training loop: one loop for an owner's expert (FLEXOLMO.md §3), the dense "no coordination"
+// The training loop: one loop for an owner's expert (docs/METHOD.md §3), the dense "no coordination"
 // ablation, and full pretraining (how the demo's anchor is made). A run lives in a folder:
 //   RUN/train_config.json        the settings, echoed (and checked on --resume)
 //   RUN/metrics.jsonl            one JSON object per logged step and per validation
@@ -53,7 +53,7 @@ struct TrainConfig {
   std::string device = "auto";     // auto | cpu | cuda (auto: the first GPU when there is one)
   std::string precision = "auto";  // auto | fp32 | bf16 (bf16 autocast; auto: bf16 on a GPU, fp32 on the CPU)
   int threads = 0;              // 0 = all cores
-  std::string preset = "tiny";  // pretrain: the model size (ARCHITECTURE.md §8)
+  std::string preset = "tiny";  // pretrain: the model size (docs/ARCHITECTURE.md §8)
 
   absl::Status Validate() const;
   nlohmann::json ToJson() const;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the demo's domain text from Debian packages (ARCHITECTURE.md §9) into CACHE/data:
+# Fetches the demo's domain text from Debian packages (docs/ARCHITECTURE.md §9) into CACHE/data:
 # `apt-get download` + `dpkg-deb -x`, nothing installed. Cached: a second run does nothing.
 #   public    fortunes                 English quotations and jokes
 #   code      libpython3.11-stdlib     the Python standard library

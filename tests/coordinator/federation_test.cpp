@@ -1,5 +1,5 @@
 // The federation as real processes on 127.0.0.1 with ports chosen by the OS: a coordinator,
-// flexfedctl as the operator, flexfed-owner as two owners (ARCHITECTURE.md §3; issue #4 tests).
+// flexfedctl as the operator, flexfed-owner as two owners (docs/ARCHITECTURE.md §3; issue #4 tests).
 #include <catch2/catch.hpp>
 
 #include <signal.h>

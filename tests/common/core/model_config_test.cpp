@@ -122,7 +122,7 @@ TEST_CASE("inconsistent configs are refused with the reason", "[config]") {
   CHECK_THAT(ErrorOf(missing), Catch::StartsWith("config.json: "));
 }
 
-TEST_CASE("presets follow ARCHITECTURE.md section 8", "[config]") {
+TEST_CASE("presets follow docs/ARCHITECTURE.md section 8", "[config]") {
   ModelConfig tiny = ValueOrDie(ModelConfig::Preset("tiny"));
   CHECK(tiny.num_hidden_layers == 4);
   CHECK(tiny.hidden_size == 256);
