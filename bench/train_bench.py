@@ -40,7 +40,7 @@ def main():
     opt = torch.optim.AdamW(trained, lr=9e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
     captured = []
-    import flex_olmo_reference as ref
+    import plain_flex_olmo as ref
     original_route = ref.route
 
     def route(*a, **k):  # keep the router logits for the z-loss

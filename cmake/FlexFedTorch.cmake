@@ -1,39 +1,19 @@
 # LibTorch: the one inside FLEXFED_PYTHON's PyTorch (the project's .venv, pinned in
 # scripts/python-requirements.txt; a GPU machine's own PyTorch), never a system copy. docs/BUILD.md.
-#
-# Sets FLEXFED_TORCH_VERSION and the imported targets of LibTorch's own config (TORCH_LIBRARIES).
+# Included after FlexFedPython.cmake and the CUDA set-up; defines LibTorch's imported targets
+# (TORCH_LIBRARIES) as its own config does, with the adjustments below.
 
-set(FLEXFED_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python3" CACHE FILEPATH
-    "Python whose PyTorch provides LibTorch and runs the test oracles")
-execute_process(COMMAND ${FLEXFED_PYTHON} -c "import torch; print(torch.utils.cmake_prefix_path); print(torch.__version__); print(torch.version.cuda or '')"
-                RESULT_VARIABLE _torch_missing OUTPUT_VARIABLE _torch_out ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
-if(_torch_missing)
-  message(FATAL_ERROR "${FLEXFED_PYTHON} cannot import torch: run scripts/setup.sh (makes .venv with the pinned "
-                      "PyTorch) or pass -DFLEXFED_PYTHON=/path/to/python3 of an environment with PyTorch")
-endif()
-string(REPLACE "\n" ";" _torch_out "${_torch_out}")
-list(GET _torch_out 0 _torch_prefix)
-list(GET _torch_out 1 FLEXFED_TORCH_VERSION)
-list(LENGTH _torch_out _n)
-set(_torch_cuda "")
-if(_n GREATER 2)
-  list(GET _torch_out 2 _torch_cuda)
-endif()
 if(FLEXFED_TORCH_VERSION VERSION_LESS 2.4)
   message(FATAL_ERROR "PyTorch ${FLEXFED_TORCH_VERSION} in ${FLEXFED_PYTHON} is older than 2.4, whose LibTorch API "
                       "FlexFed uses: install the version of scripts/python-requirements.txt (scripts/setup.sh does)")
 endif()
 # A CUDA build of LibTorch configures only next to a CUDA toolkit (its config looks for nvcc).
-if(_torch_cuda AND NOT CMAKE_CUDA_COMPILER)
-  find_program(FLEXFED_NVCC nvcc HINTS ENV CUDA_HOME PATH_SUFFIXES bin PATHS /usr/local/cuda/bin)
+if(FLEXFED_TORCH_CUDA_VERSION AND NOT FLEXFED_CUDA_TOOLKIT)
+  message(FATAL_ERROR "PyTorch ${FLEXFED_TORCH_VERSION} in ${FLEXFED_PYTHON} is a CUDA ${FLEXFED_TORCH_CUDA_VERSION} "
+                      "build, whose LibTorch needs a CUDA toolkit to configure against, and none was found: run "
+                      "scripts/setup.sh (its environment carries nvcc), install CUDA ${FLEXFED_TORCH_CUDA_VERSION} "
+                      "(/usr/local/cuda or CUDACXX), or use a Python whose PyTorch is a CPU build (-DFLEXFED_PYTHON=...)")
 endif()
-if(_torch_cuda AND NOT CMAKE_CUDA_COMPILER AND NOT FLEXFED_NVCC)
-  message(FATAL_ERROR "PyTorch ${FLEXFED_TORCH_VERSION} in ${FLEXFED_PYTHON} is a CUDA ${_torch_cuda} build, whose "
-                      "LibTorch needs the CUDA toolkit to configure against, and no nvcc was found: install CUDA "
-                      "${_torch_cuda} (nvcc in /usr/local/cuda, on PATH or in CUDACXX), or use a Python whose PyTorch "
-                      "is a CPU build (-DFLEXFED_PYTHON=...)")
-endif()
-list(PREPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
 
 # A CUDA LibTorch's config compiles CUDA for TORCH_CUDA_ARCH_LIST (every architecture it knows when
 # unset) and turns CMAKE_CUDA_ARCHITECTURES off: hand it ours ("90" -> "9.0").
@@ -46,6 +26,7 @@ if(FLEXFED_KERNELS AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_
   endforeach()
 endif()
 
+list(PREPEND CMAKE_PREFIX_PATH "${FLEXFED_TORCH_PREFIX}")
 find_package(Torch REQUIRED)
 message(STATUS "FlexFed: LibTorch ${FLEXFED_TORCH_VERSION} from ${FLEXFED_PYTHON}")
 
@@ -54,7 +35,7 @@ message(STATUS "FlexFed: LibTorch ${FLEXFED_TORCH_VERSION} from ${FLEXFED_PYTHON
 # every file that includes both LibTorch and the gRPC-generated code (the owner's push, flexfedctl's
 # release commands). Point LibTorch's targets at a copy of that directory made of links to
 # everything but google/.
-get_filename_component(_torch_include "${_torch_prefix}/../../include" ABSOLUTE)
+get_filename_component(_torch_include "${FLEXFED_TORCH_PREFIX}/../../include" ABSOLUTE)
 set(_filtered ${CMAKE_BINARY_DIR}/torch_include)
 file(REMOVE_RECURSE ${_filtered})
 file(MAKE_DIRECTORY ${_filtered})

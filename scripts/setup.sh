@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs exactly what FlexFed's build, tests and demo need: Debian 12 packages, and the project's
-# Python environment .venv with LibTorch (PyTorch's CUDA build) and the test oracles, pinned in
-# scripts/python-requirements.txt. Non-interactive and idempotent: when everything is there it runs
-# dpkg-query and compares one stamp file (well under 1 s).
+# Python environment .venv with LibTorch (PyTorch's CUDA build), the CUDA compiler it was built with
+# and the test oracles, pinned in scripts/python-requirements.txt. Non-interactive and idempotent:
+# when everything is there it runs dpkg-query and compares one stamp file (well under 1 s).
 # FLEXFED_VENV=DIR puts the environment elsewhere (the build then needs -DFLEXFED_PYTHON=DIR/bin/python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +46,16 @@ if ! cmp -s "$requirements" "$venv/.flexfed-requirements" 2>/dev/null; then
   echo "setup: installing the Python environment $venv ($(grep -v '^#' "$requirements" | tr '\n' ' '))"
   [[ -x $venv/bin/python3 ]] || /usr/bin/python3 -m venv "$venv"
   "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check --requirement "$requirements"
+  # NVIDIA's wheels hold a complete CUDA toolkit (nvcc, headers, libraries) in nvidia/cu13, laid out
+  # as nvcc's own profile and CMake expect it but for two things: the libraries are in lib/ (nvcc
+  # links from lib64/) and carry only versioned names (CMake finds libcudart.so). Add both as links.
+  cuda_root=$("$venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13
+  if [[ -x $cuda_root/bin/nvcc ]]; then
+    ln -sfn lib "$cuda_root/lib64"
+    for lib in "$cuda_root"/lib/lib*.so.*; do
+      ln -sf "$(basename "$lib")" "$cuda_root/lib/$(basename "${lib%%.so.*}").so"
+    done
+  fi
   cp "$requirements" "$venv/.flexfed-requirements"
   echo "setup: Python environment done"
 fi
