@@ -4,7 +4,8 @@
 #
 # Sets FLEXFED_TORCH_PREFIX (LibTorch's CMake prefix), FLEXFED_TORCH_VERSION, FLEXFED_TORCH_CUDA_VERSION
 # (empty for a CPU build) and FLEXFED_PYTHON_CUDA_ROOT: the CUDA toolkit the environment carries as
-# NVIDIA's wheels (nvidia/cuXY with bin/nvcc), empty when it has none.
+# NVIDIA's wheels (nvidia/cuXY with bin/nvcc, and the lib64 link scripts/setup.sh adds, without
+# which nvcc cannot link), empty when it has none.
 
 set(FLEXFED_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python3" CACHE FILEPATH
     "Python whose PyTorch provides LibTorch and runs the test oracles")
@@ -14,7 +15,7 @@ import os, sysconfig, torch
 cuda = torch.version.cuda or ""
 root = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu" + cuda.split(".")[0]) if cuda else ""
 print(torch.utils.cmake_prefix_path, torch.__version__, cuda or "-",
-      root if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) else "-", sep="\n")
+      root if root and all(os.path.exists(os.path.join(root, p)) for p in ("bin/nvcc", "lib64")) else "-", sep="\n")
 ]=]
   RESULT_VARIABLE _python_failed OUTPUT_VARIABLE _python_out ERROR_VARIABLE _python_error
   OUTPUT_STRIP_TRAILING_WHITESPACE)

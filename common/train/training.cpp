@@ -34,8 +34,8 @@ constexpr double kPi = 3.14159265358979323846;
 
 absl::Status Bad(const std::string& what) { return absl::InvalidArgumentError(what); }
 
-// GEMM FLOP/s on [m, k] × [k, n] in `dtype` on `device`, measured (best of 3 after a warm-up; the
-// current threads on the CPU). On a GPU each sample is 10 products ended by a host read, which waits.
+// GEMM FLOP/s on [m, k] × [k, n] in `dtype` on `device`, measured (best of 4 samples after a warm-up;
+// the current threads on the CPU). A GPU sample ends with a host read, which waits for the products.
 // It is the rate MFU is measured against: the step's dominant product [m, k] × [k, n] in each of the
 // three operand layouts a training step uses — forward y = x·Wᵀ, input gradient dx = dy·W, weight
 // gradient dW = dyᵀ·x — and the best of them. BLAS libraries differ by layout (MKL on an AVX2
@@ -47,17 +47,20 @@ double MeasureGemmRate(int64_t m, int64_t k, int64_t n, at::Device device, at::S
   const std::function<at::Tensor()> layouts[] = {[&] { return at::linear(x, w); },    // [m, n]
                                                  [&] { return at::mm(dy, w); },       // [m, k]
                                                  [&] { return at::mm(dy.t(), x); }};  // [n, k]
-  const int reps = device.is_cuda() ? 10 : 2;
+  // Each sample repeats the product for at least ~20 ms: small products (256 rows take ~2 ms on a
+  // 2-core CPU) timed one at a time give a denominator as noisy as the machine.
   double best = 1e30;
   for (const auto& product : layouts) {
-    for (int i = 0; i < 4; ++i) {
+    const auto time = [&](int reps) {
       auto start = Clock::now();
       at::Tensor out;
       for (int r = 0; r < reps; ++r) out = product();
       if (device.is_cuda()) out[0][0].item<float>();
-      const double s = std::chrono::duration<double>(Clock::now() - start).count() / reps;
-      if (i > 0) best = std::min(best, s);  // the first call warms up
-    }
+      return std::chrono::duration<double>(Clock::now() - start).count() / reps;
+    };
+    const double first = time(1);  // warms up
+    const int reps = std::clamp(static_cast<int>(0.02 / std::max(first, 1e-6)), device.is_cuda() ? 10 : 2, 1000);
+    for (int i = 0; i < 4; ++i) best = std::min(best, time(reps));
   }
   return 2.0 * m * k * n / best;
 }
