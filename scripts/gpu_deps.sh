@@ -10,7 +10,7 @@ dir=${1:-.gpu-deps}
 bash scripts/setup.sh >/dev/null
 rm -rf "$dir"
 mkdir -p "$dir"
-packages=(libabsl-dev libabsl20220623 nlohmann-json3-dev libcli11-dev catch2 libssl-dev)
+packages=(libabsl-dev libabsl20220623 nlohmann-json3-dev libcli11-dev catch2 libssl-dev libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2)
 for p in "${packages[@]}"; do
   dpkg -L "$p" | while read -r f; do
     [[ $f == /usr/* && $f != /usr/share/doc/* && $f != /usr/share/man/* && ! -d $f ]] || continue

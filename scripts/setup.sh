@@ -15,6 +15,8 @@ packages=(
   libssl-dev libsqlite3-dev prometheus-cpp-dev
   # libraries
   nlohmann-json3-dev libcli11-dev catch2
+  # tokenizers: Unicode regular expressions (pre-tokenizers) and normalization (NFC)
+  libpcre2-dev libutf8proc-dev
   # the Python environment (LibTorch, the test oracles, benchmarks' peers)
   python3 python3-venv
 )

@@ -5,6 +5,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
+#include "common/model/hf_tokenizer.h"
 #include <nlohmann/json.hpp>
 
 namespace flexfed {
@@ -25,6 +26,16 @@ std::string ByteTokenizer::Decode(const std::vector<int32_t>& ids) const {
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerForModel(const std::string& model_dir, int64_t vocab_size) {
+  if (!model_dir.empty() && std::filesystem::exists(std::filesystem::path(model_dir) / kHfTokenizerFile)) {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> hf = LoadHfTokenizer(model_dir);
+    if (!hf.ok()) return hf.status();
+    if ((*hf)->vocab_size() > vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(model_dir, ": the tokenizer's ids reach ", (*hf)->vocab_size() - 1,
+                                                     " but the model's vocabulary has ", vocab_size,
+                                                     " rows; use the tokenizer.json the model was trained with"));
+    }
+    return hf;
+  }
   const std::string path = (std::filesystem::path(model_dir) / "flexfed_tokenizer.json").string();
   std::string type = vocab_size == ByteTokenizer::kVocab ? "bytes" : "";
   if (std::filesystem::exists(path)) {
@@ -38,8 +49,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerForModel(const std::string& 
   }
   if (type != "bytes") {
     return absl::UnimplementedError(absl::StrCat(
-        model_dir, ": no tokenizer FlexFed can use (vocabulary ", vocab_size,
-        "); FlexFed has the byte tokenizer (vocabulary 259) — pass token ids directly for other models"));
+        model_dir, ": no tokenizer FlexFed can use (vocabulary ", vocab_size, "): put the model's ", kHfTokenizerFile,
+        " (and ", kHfTokenizerConfigFile, ") beside it, or pass token ids directly"));
   }
   if (vocab_size < ByteTokenizer::kVocab) {
     return absl::InvalidArgumentError(absl::StrCat(model_dir, ": vocabulary ", vocab_size,

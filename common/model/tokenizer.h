@@ -1,5 +1,6 @@
-// Tokenizers: text ↔ token ids. FlexFed ships the byte-level tokenizer of the `test`, `tiny` and
-// `small` models; a BPE tokenizer (dolma2, for real OLMo-2 anchors) implements the same interface.
+// Tokenizers: text ↔ token ids. The byte-level tokenizer of the `test`, `tiny` and `small` models,
+// and Hugging Face tokenizer.json BPE tokenizers (the dolma2 tokenizer of real OLMo-2 anchors;
+// common/model/hf_tokenizer.h) behind the same interface.
 #pragma once
 
 #include <cstdint>
@@ -42,9 +43,9 @@ class ByteTokenizer final : public Tokenizer {
   int64_t TokenBytes(int32_t id) const override { return id >= 0 && id < 256 ? 1 : 0; }
 };
 
-// The tokenizer a model directory uses: `flexfed_tokenizer.json` ({"type": "bytes"}) when present,
-// else inferred from the vocabulary (259 = bytes). `vocab_size` is the model's, and must cover the
-// tokenizer's ids.
+// The tokenizer a model directory uses: its Hugging Face `tokenizer.json` when present; else
+// `flexfed_tokenizer.json` ({"type": "bytes"}); else inferred from the vocabulary (259 = bytes).
+// `vocab_size` is the model's, and must cover the tokenizer's ids (it may be padded beyond them).
 absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerForModel(const std::string& model_dir, int64_t vocab_size);
 
 // Where invalid UTF-8 starts in `text`, or npos when it is all valid.
