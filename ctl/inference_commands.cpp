@@ -16,6 +16,7 @@
 #include "common/merge/merge.h"
 #include "common/model/model.h"
 #include "common/model/tokenizer.h"
+#include "ctl/hf_exactness.h"
 #include <nlohmann/json.hpp>
 
 namespace flexfed::cli {
@@ -75,6 +76,7 @@ struct MergeArgs {
   bool no_bias = false, soup = false;
   uint64_t max_shard_mib = kDefaultMaxShardBytes >> 20;
   int threads = 0;
+  HeldOutText held_out{{}, 256, 32, DefaultTokenCacheDir()};
 };
 
 absl::Status RunMerge(const MergeArgs& a) {
@@ -105,6 +107,9 @@ absl::Status RunMerge(const MergeArgs& a) {
     std::cout << absl::StrFormat("  expert %d: %s/%s  %s  %s\n", i + 1, e.metadata.owner, e.metadata.expert_name,
                                  e.sha256.substr(0, 12), e.metadata.domain);
   }
+  absl::StatusOr<std::string> exactness = HfExactnessLine(merged->model, a.out, a.held_out);
+  if (!exactness.ok()) return exactness.status();
+  std::cout << *exactness << "\n";
   return absl::OkStatus();
 }
 
@@ -340,6 +345,7 @@ void AddInferenceCommands(CLI::App& app) {
     cmd->add_flag("--no-bias", a->no_bias, "Leave the owners' negative router biases out (ablation)");
     cmd->add_flag("--soup", a->soup, "Write the model soup instead: one dense FFN, the mean of the modules' (baseline)");
     cmd->add_option("--max-shard-mib", a->max_shard_mib, "Shard the safetensors past this size")->check(CLI::PositiveNumber);
+    AddHeldOutOptions(cmd, &a->held_out);
     cmd->add_option("--threads", a->threads, "CPU threads (default: all cores)");
     cmd->callback([a] { ExitOnError("merge", RunMerge(*a)); });
   }

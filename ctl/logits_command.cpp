@@ -163,6 +163,9 @@ absl::Status RunLogits(const LogitsOptions& o) {
       {"weights_dtype", TorchDtypeName(model->dtype())},
       {"allowed_experts", absl::StrJoin(allowed_ids, ",")},
       {"padding", "right; positions past each sequence's length hold logits of padding"}};
+  // The texts that were tokenised (they follow the --ids and --ids-file sequences), so a checker can
+  // tokenise them again with another tokenizer (tests/oracle/hf_release_logits.py).
+  if (!o.texts.empty()) metadata["texts"] = nlohmann::json(o.texts).dump();
   if (absl::Status s = WriteSafetensors(o.out, {{"logits", logits}, {"ids", ids}, {"lengths", lengths}}, metadata); !s.ok()) {
     return s;
   }

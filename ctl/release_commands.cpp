@@ -7,6 +7,8 @@
 #include "absl/strings/str_join.h"
 #include "common/model/anchor.h"
 #include "common/merge/merge.h"
+#include "common/train/data.h"
+#include "ctl/hf_exactness.h"
 #include "common/core/progress.h"
 #include "common/core/release.h"
 #include "ctl/remote.h"
@@ -51,8 +53,8 @@ void PrintRelease(const ReleaseManifest& m, const std::string& manifest_sha256) 
 
 // Downloads `release`'s anchor (unless `local_anchor` holds exactly it) and modules into `parts`,
 // verifying every blob, then merges into `out`.
-absl::Status Export(CoordinatorClient& client, const v1::Release& release, const ReleaseManifest& m,
-                    const std::string& local_anchor, const std::string& out, uint64_t max_shard_bytes) {
+absl::StatusOr<MergedModel> Export(CoordinatorClient& client, const v1::Release& release, const ReleaseManifest& m,
+                                   const std::string& local_anchor, const std::string& out, uint64_t max_shard_bytes) {
   std::error_code ec;
   if (fs::exists(out, ec)) return absl::AlreadyExistsError(absl::StrCat(out, ": already exists; choose a new directory"));
   const fs::path parts = fs::path(out).string() + ".parts";
@@ -96,7 +98,7 @@ absl::Status Export(CoordinatorClient& client, const v1::Release& release, const
   absl::StatusOr<MergedModel> merged = MergeToCheckpoint(anchor_dir, modules, options, out, hashes);
   if (!merged.ok()) return merged.status();
   fs::remove_all(parts, ec);
-  return absl::OkStatus();
+  return merged;
 }
 
 }  // namespace
@@ -163,7 +165,12 @@ void AddReleaseCommands(CLI::App& app) {
     });
   }
   {
-    struct O { Remote r; std::string id, out, anchor; uint64_t max_shard_mib = kDefaultMaxShardBytes >> 20; };
+    struct O {
+      Remote r;
+      std::string id, out, anchor;
+      uint64_t max_shard_mib = kDefaultMaxShardBytes >> 20;
+      HeldOutText held_out{{}, 256, 32, DefaultTokenCacheDir()};
+    };
     auto o = std::make_shared<O>();
     CLI::App* cmd = release->add_subcommand("export", "Download a release's anchor and modules, verify them and write the merged HF checkpoint");
     cmd->add_option("release", o->id, "Release id (rel-NNNN)")->required();
@@ -171,12 +178,17 @@ void AddReleaseCommands(CLI::App& app) {
     cmd->add_option("--anchor", o->anchor, "A local copy of the release's anchor (checked by its id) instead of downloading it")
         ->check(CLI::ExistingDirectory);
     cmd->add_option("--max-shard-mib", o->max_shard_mib, "Shard the safetensors past this size")->check(CLI::PositiveNumber);
+    AddHeldOutOptions(cmd, &o->held_out);
     o->r.AddOptions(cmd, false);
     cmd->callback([o] {
       auto client = o->r.Connect("release export");
       const auto [r, m] = FetchRelease("release export", *client, o->id);
-      if (absl::Status s = Export(*client, r, m, o->anchor, o->out, o->max_shard_mib << 20); !s.ok()) Fail("release export", s);
+      absl::StatusOr<MergedModel> merged = Export(*client, r, m, o->anchor, o->out, o->max_shard_mib << 20);
+      if (!merged.ok()) Fail("release export", merged.status());
       std::cout << absl::StrFormat("exported %s to %s: flex_olmo, %d experts, k = %d\n", m.release_id, o->out, m.num_experts(), m.top_k);
+      absl::StatusOr<std::string> exactness = HfExactnessLine(merged->model, o->out, o->held_out);
+      if (!exactness.ok()) Fail("release export", exactness.status());
+      std::cout << *exactness << "\n";
     });
   }
 }

@@ -290,9 +290,9 @@ json ModelConfig::ToJson() const {
     j["eos_token_id"] = eos_token_ids[0];
   }
   j["torch_dtype"] = torch_dtype;
-  if (!j.contains("architectures")) {
-    j["architectures"] = {is_moe() ? "FlexOlmoForCausalLM" : "Olmo2ForCausalLM"};
-  }
+  // vLLM picks the model class by `architectures` (transformers by model_type): it follows the
+  // model type, whatever a source config said (a merge turns an olmo2 anchor into flex_olmo).
+  j["architectures"] = {is_moe() ? "FlexOlmoForCausalLM" : "Olmo2ForCausalLM"};
   return j;
 }
 

@@ -1,9 +1,11 @@
 #include "common/train/data.h"
 
-#include <cstdlib>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -177,17 +179,39 @@ absl::StatusOr<TokenCorpus> TokenCorpus::Build(const std::vector<std::string>& i
   }
   if (cache_hit) *cache_hit = false;
 
+  // Documents are tokenized on every core, a batch at a time, and appended in their order.
   std::vector<int32_t> tokens;
   std::vector<int64_t> offsets = {0};
   int64_t text_bytes = 0;
+  std::vector<std::string> batch;
+  size_t batch_bytes = 0;
+  const size_t workers = std::max(1u, std::thread::hardware_concurrency());
+  auto flush = [&] {
+    std::vector<std::vector<int32_t>> ids(batch.size());
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+      for (size_t i = next++; i < batch.size(); i = next++) ids[i] = tokenizer.Encode(batch[i]);
+    };
+    std::vector<std::thread> threads;
+    for (size_t w = 1; w < std::min(workers, batch.size()); ++w) threads.emplace_back(work);
+    work();
+    for (std::thread& t : threads) t.join();
+    for (const std::vector<int32_t>& doc : ids) {
+      tokens.insert(tokens.end(), doc.begin(), doc.end());
+      offsets.push_back(static_cast<int64_t>(tokens.size()));
+    }
+    batch.clear();
+    batch_bytes = 0;
+  };
   absl::Status s = ForEachDocument(*files, options, [&](const std::string&, std::string_view text) {
-    std::vector<int32_t> ids = tokenizer.Encode(text);
-    tokens.insert(tokens.end(), ids.begin(), ids.end());
-    offsets.push_back(static_cast<int64_t>(tokens.size()));
+    batch.emplace_back(text);
+    batch_bytes += text.size();
     text_bytes += static_cast<int64_t>(text.size());
+    if (batch_bytes >= (16u << 20) || batch.size() >= 8192) flush();
     return absl::OkStatus();
   });
   if (!s.ok()) return s;
+  flush();
   if (tokens.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("the data (", inputs.front(), (inputs.size() > 1 ? ", ..." : ""),
                                                    ") holds no text; give non-empty documents"));

@@ -85,6 +85,18 @@ TEST_CASE("olmo2 configs are the one-expert case", "[config]") {
   CHECK(c.num_experts == 1);
   CHECK(c.num_experts_per_tok == 1);
   CHECK_FALSE(c.ToJson().contains("num_experts"));
+  CHECK(c.ToJson()["architectures"] == json::array({"Olmo2ForCausalLM"}));
+}
+
+TEST_CASE("architectures follows the model type, as vLLM picks the class by it", "[config]") {
+  json j = FlexOlmo7x7B();
+  j["model_type"] = "olmo2";
+  j["architectures"] = {"Olmo2ForCausalLM"};
+  for (const char* k : {"num_experts", "num_experts_per_tok", "norm_topk_prob"}) j.erase(k);
+  ModelConfig c = ValueOrDie(ModelConfig::FromJson(j, "config.json"));
+  c.model_type = "flex_olmo";  // what a merge of an olmo2 anchor does
+  c.num_experts = 2;
+  CHECK(c.ToJson()["architectures"] == json::array({"FlexOlmoForCausalLM"}));
 }
 
 TEST_CASE("what FlexFed does not implement is an error, never ignored", "[config]") {

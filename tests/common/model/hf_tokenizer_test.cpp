@@ -13,6 +13,7 @@
 #include "common/core/file_util.h"
 #include "common/model/hf_tokenizer.h"
 #include "common/model/tokenizer.h"
+#include "common/train/data.h"
 #include "tests/temp_dir.h"
 #include "tests/test_util.h"
 #include <nlohmann/json.hpp>
@@ -76,6 +77,37 @@ TEST_CASE("a model directory with a tokenizer.json uses it; a vocabulary too sma
   absl::StatusOr<std::unique_ptr<Tokenizer>> small = TokenizerForModel(dir, 100);
   REQUIRE_FALSE(small.ok());
   CHECK_THAT(std::string(small.status().message()), Catch::Contains("vocabulary has 100 rows"));
+}
+
+TEST_CASE("a corpus tokenised on every core holds each document's ids in order", "[tokenizer]") {
+  // More documents than one batch (8192) of TokenCorpus::Build, each different, so a reordering shows.
+  const std::string dir = OracleTokenizerDir("dolma2");
+  std::unique_ptr<Tokenizer> tok = ValueOrDie(LoadHfTokenizer(dir));
+  const nlohmann::json oracle = nlohmann::json::parse(ValueOrDie(ReadFile(dir + "/cases.json")));
+  TempDir tmp;
+  std::string jsonl;
+  std::vector<std::string> docs;
+  for (int i = 0; i < 20000; ++i) {
+    const std::string base = oracle["cases"][static_cast<size_t>(i) % oracle["cases"].size()]["text"];
+    docs.push_back(std::to_string(i * 7919 % 100003) + " " + base.substr(0, static_cast<size_t>(i) % 97 + 1));
+    if (FindInvalidUtf8(docs.back()) != std::string_view::npos) docs.back() = std::to_string(i) + " plain";
+    jsonl += nlohmann::json({{"text", docs.back()}}).dump() + "\n";
+  }
+  REQUIRE(WriteFileAtomically(tmp / "docs.jsonl", jsonl).ok());
+  TokenCorpus corpus = ValueOrDie(TokenCorpus::Build({tmp / "docs.jsonl"}, *tok, {}, tmp / "cache"));
+  REQUIRE(corpus.num_documents() == 20000);
+  int64_t bytes = 0;
+  bool all_equal = true;
+  for (int64_t d = 0; d < 20000; ++d) {
+    const std::vector<int32_t> ids = tok->Encode(docs[static_cast<size_t>(d)]);
+    bytes += static_cast<int64_t>(docs[static_cast<size_t>(d)].size());
+    const int32_t* got = corpus.tokens() + corpus.doc_offsets()[d];
+    all_equal = all_equal && corpus.document_length(d) == static_cast<int64_t>(ids.size()) &&
+                std::equal(ids.begin(), ids.end(), got);
+    if (!all_equal) FAIL("document " << d << " differs from encoding it alone");
+  }
+  CHECK(all_equal);
+  CHECK(corpus.num_bytes() == bytes);
 }
 
 TEST_CASE("invalid UTF-8 encodes as U+FFFD, as a Python string of the same bytes would", "[tokenizer]") {
