@@ -7,6 +7,7 @@
 
 #include "ctl/inference_commands.h"
 #include "ctl/logits_command.h"
+#include "ctl/random_checkpoint_command.h"
 #include "ctl/tokenize_command.h"
 #ifdef FLEXFED_WITH_SERVICES
 #include "ctl/admin_commands.h"
@@ -19,6 +20,7 @@ int main(int argc, char** argv) {
   app.footer("Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage.");
   flexfed::cli::AddLogitsCommand(app);
   flexfed::cli::AddTokenizeCommand(app);
+  flexfed::cli::AddRandomCheckpointCommand(app);
   flexfed::cli::AddInferenceCommands(app);
 #ifdef FLEXFED_WITH_SERVICES
   flexfed::cli::AddAdminCommands(app);

@@ -3,11 +3,15 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sys/resource.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -25,6 +29,48 @@ inline int RunCommand(const std::string& command, std::string* output = nullptr)
     output->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// A command run through the shell, with its exit code, wall time and peak resident memory (of the
+// shell and what it ran, as wait4 reports it).
+struct Measured {
+  int status = -1;
+  double seconds = 0;
+  int64_t max_rss_bytes = 0;
+};
+inline Measured RunMeasured(const std::string& command, std::string* output = nullptr) {
+  TempDir dir;
+  const std::string out = dir / "out";
+  const std::string full = command + " >" + out + " 2>&1";
+  Measured m;
+  const auto start = std::chrono::steady_clock::now();
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execl("/bin/sh", "sh", "-c", full.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  struct rusage usage {};
+  if (pid > 0 && ::wait4(pid, &status, 0, &usage) == pid) {
+    m.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    m.max_rss_bytes = static_cast<int64_t>(usage.ru_maxrss) * 1024;
+  }
+  m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (output) {
+    std::ifstream in(out);
+    output->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  return m;
+}
+
+// This process's resident memory now, from /proc/self/status (VmRSS).
+inline int64_t ResidentBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
 }
 
 // The path of a binary that ctest passes in an environment variable.

@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -99,6 +101,39 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return out;
 }
 
+namespace {
+
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21  // Linux 5.4
+#endif
+
+// The live mappings, start -> end, so ReleaseMappedPages touches nothing else.
+std::mutex& MappingsMutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<uintptr_t, uintptr_t>& Mappings() {
+  static std::map<uintptr_t, uintptr_t> m;
+  return m;
+}
+
+}  // namespace
+
+void ReleaseMappedPages(const void* data, uint64_t size) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data), end = begin + size;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  {
+    std::lock_guard<std::mutex> lock(MappingsMutex());
+    auto it = Mappings().upper_bound(begin);
+    if (it == Mappings().begin()) return;
+    --it;
+    if (begin < it->first || end > it->second) return;
+  }
+  // Whole pages inside the range only: a page shared with a neighbouring tensor stays.
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+}
+
 absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return ErrnoError("cannot open", path);
@@ -122,13 +157,20 @@ absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Open(const std::string& 
       return s;
     }
     data = static_cast<uint8_t*>(p);
+    std::lock_guard<std::mutex> lock(MappingsMutex());
+    Mappings()[reinterpret_cast<uintptr_t>(data)] = reinterpret_cast<uintptr_t>(data) + size;
   }
   ::close(fd);  // the mapping keeps the file alive
   return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(data_, size_);
+  if (data_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(MappingsMutex());
+    Mappings().erase(reinterpret_cast<uintptr_t>(data_));
+  }
+  ::munmap(data_, size_);
 }
 
 }  // namespace flexfed

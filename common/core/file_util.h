@@ -39,6 +39,13 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 
 // A private, copy-on-write mapping of a whole file: readers see the file's bytes, writes through
 // the mapping never reach the file. Lives as long as the last shared_ptr to it.
+// Lets the kernel take back the pages of [data, data + size) once a streaming reader is done with
+// them (a writer that copied a tensor out, a check that read it): they leave the process's resident
+// set and are read from the file again if touched. Only memory inside a live MappedFile is affected,
+// anything else is left alone; and MADV_PAGEOUT drops only pages still equal to the file's, never
+// data. Where the kernel cannot (before Linux 5.4, or a file the process may not write), a no-op.
+void ReleaseMappedPages(const void* data, uint64_t size);
+
 class MappedFile {
  public:
   static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path);

@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/core/file_util.h"
 
 namespace flexfed {
 namespace {
@@ -17,9 +18,9 @@ absl::Status WriteExpertModule(const std::string& path, const ExpertTensors& t, 
   std::vector<NamedTensor> tensors;
   for (size_t l = 0; l < t.ffn.size(); ++l) {
     const int64_t layer = static_cast<int64_t>(l);
-    tensors.push_back({Name(layer, "gate_proj.weight"), t.ffn[l].gate_proj.detach()});
-    tensors.push_back({Name(layer, "up_proj.weight"), t.ffn[l].up_proj.detach()});
-    tensors.push_back({Name(layer, "down_proj.weight"), t.ffn[l].down_proj.detach()});
+    tensors.push_back({Name(layer, "gate_proj.weight"), t.ffn[l].gate_proj.detach(), t.ffn_write_as});
+    tensors.push_back({Name(layer, "up_proj.weight"), t.ffn[l].up_proj.detach(), t.ffn_write_as});
+    tensors.push_back({Name(layer, "down_proj.weight"), t.ffn[l].down_proj.detach(), t.ffn_write_as});
     tensors.push_back({Name(layer, "router.weight"), t.router_rows[l].detach().to(at::kFloat).reshape({-1})});
     if (!t.router_bias.empty()) tensors.push_back({Name(layer, "router.bias"), t.router_bias[l].detach().to(at::kFloat).reshape({1})});
   }
@@ -63,9 +64,13 @@ absl::StatusOr<ExpertTensors> ExtractExpert(const FlexOlmoModel& trained, const 
         !at::equal(nt.tensor.detach().to(at::kCPU), it->second.to(at::kCPU, nt.tensor.scalar_type()))) {
       changed.push_back(nt.name);
     }
+    // Compared once: both sides' mapped pages go back (a 7B model is read tensor by tensor).
+    for (const at::Tensor& t : {nt.tensor, it == anchor_by_name.end() ? at::Tensor() : it->second}) {
+      if (t.defined() && t.device().is_cpu() && t.is_contiguous()) ReleaseMappedPages(t.data_ptr(), t.nbytes());
+    }
   }
   ExpertTensors out;
-  const at::ScalarType ffn_dtype = anchor.dtype();
+  out.ffn_write_as = anchor.dtype();
   for (int64_t l = 0; l < tc.num_hidden_layers; ++l) {
     const LayerWeights& lw = trained.layers()[l];
     if (!dense) {
@@ -77,8 +82,7 @@ absl::StatusOr<ExpertTensors> ExtractExpert(const FlexOlmoModel& trained, const 
       out.router_rows.push_back(dense_router_row->rows[l].to(at::kFloat));
     }
     const ExpertWeights& e = lw.experts[dense ? 0 : 1];
-    out.ffn.push_back({e.gate_proj.detach().to(at::kCPU, ffn_dtype), e.up_proj.detach().to(at::kCPU, ffn_dtype),
-                       e.down_proj.detach().to(at::kCPU, ffn_dtype)});
+    out.ffn.push_back({e.gate_proj.detach(), e.up_proj.detach(), e.down_proj.detach()});
   }
   if (!changed.empty()) {
     std::string list;

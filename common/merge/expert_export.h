@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@ struct ExpertTensors {
   std::vector<ExpertWeights> ffn;       // per layer
   std::vector<at::Tensor> router_rows;  // per layer [H] fp32
   std::vector<at::Tensor> router_bias;  // per layer [1] fp32, or empty when trained without bias
+  std::optional<at::ScalarType> ffn_write_as;  // set: the FFN weights are converted to it as they are written
 };
 
 absl::Status WriteExpertModule(const std::string& path, const ExpertTensors& tensors,
@@ -29,7 +31,9 @@ absl::Status WriteExpertModule(const std::string& path, const ExpertTensors& ten
 // must not change is bit-identical to the anchor's (embeddings, attention, norms, lm_head, expert 0,
 // and router row 0 = r_pub); refuses, naming them, otherwise. `trained` is the two-expert model of
 // `flexfed-owner train`, or the dense model of `train --dense`, whose router row then comes from
-// `dense_router_row` (required in that case). FFN weights are cast to the anchor's dtype.
+// `dense_router_row` (required in that case). The FFN weights stay the trained model's tensors
+// (views of its mapped files) and are cast to the anchor's dtype as WriteExpertModule writes them,
+// one at a time: exporting a 7B expert never holds it whole.
 absl::StatusOr<ExpertTensors> ExtractExpert(const FlexOlmoModel& trained, const FlexOlmoModel& anchor,
                                             const RouterEmbedding& router_pub, const RouterEmbedding* dense_router_row);
 

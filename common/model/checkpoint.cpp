@@ -101,12 +101,12 @@ absl::StatusOr<at::Tensor> SafetensorsFile::Get(const std::string& name) const {
 absl::Status WriteSafetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                               const std::map<std::string, std::string>& metadata) {
   std::vector<TensorInfo> infos;
-  std::map<std::string, const at::Tensor*> by_name;
+  std::map<std::string, const NamedTensor*> by_name;
   for (const NamedTensor& nt : tensors) {
-    absl::StatusOr<Dtype> dtype = FromScalarType(nt.tensor.scalar_type());
+    absl::StatusOr<Dtype> dtype = FromScalarType(nt.write_as.value_or(nt.tensor.scalar_type()));
     if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", nt.name, "': ", dtype.status().message()));
     infos.push_back(TensorInfo{nt.name, *dtype, nt.tensor.sizes().vec(), 0, 0});
-    by_name.emplace(nt.name, &nt.tensor);
+    by_name.emplace(nt.name, &nt);
   }
   absl::StatusOr<std::string> header = BuildSafetensorsHeader(infos, metadata);
   if (!header.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", header.status().message()));
@@ -114,9 +114,13 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<NamedTe
   absl::StatusOr<std::unique_ptr<AtomicFile>> out = AtomicFile::Create(path);
   if (!out.ok()) return out.status();
   if (absl::Status s = (*out)->Write(*header); !s.ok()) return s;
+  // One tensor at a time; a tensor read from a mapped file gives its pages back once written, so
+  // writing a model made of mapped tensors (a merge, an export) does not accumulate them.
   for (const TensorInfo& info : infos) {
-    at::Tensor t = by_name.at(info.name)->detach().to(at::kCPU).contiguous();
+    const NamedTensor& nt = *by_name.at(info.name);
+    at::Tensor t = nt.tensor.detach().to(at::kCPU, nt.write_as.value_or(nt.tensor.scalar_type())).contiguous();
     if (absl::Status s = (*out)->Write(t.data_ptr(), t.nbytes()); !s.ok()) return s;
+    if (nt.tensor.device().is_cpu() && nt.tensor.is_contiguous()) ReleaseMappedPages(nt.tensor.data_ptr(), nt.tensor.nbytes());
   }
   return (*out)->Commit();
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,7 +47,8 @@ class SafetensorsFile {
 
 struct NamedTensor {
   std::string name;
-  at::Tensor tensor;  // any device; written as its dtype, row-major
+  at::Tensor tensor;                       // any device; row-major
+  std::optional<at::ScalarType> write_as;  // written as this dtype (converted then), else as its own
 };
 
 // Writes `tensors` to `path` atomically (temp → fsync → rename), streaming one tensor at a time.

@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -14,9 +15,12 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/model/layers.h"
 #include "common/model/moe_dispatch.h"
+#include "common/core/file_util.h"
+#include <nlohmann/json.hpp>
 
 namespace flexfed {
 namespace {
@@ -170,6 +174,78 @@ absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Create(const ModelConfig& config, a
   if (config.tie_word_embeddings) m.lm_head_ = m.embed_tokens_;
   m.BuildRope();
   return m;
+}
+
+absl::Status WriteRandomCheckpoint(const std::string& dir, const ModelConfig& config, at::ScalarType dtype,
+                                   uint64_t seed, uint64_t max_shard_bytes) {
+  if (absl::Status s = config.Validate(); !s.ok()) return s;
+  std::error_code ec;
+  if (fs::exists(dir, ec)) return absl::AlreadyExistsError(absl::StrCat(dir, ": already exists; choose a new directory"));
+  // Shapes only: the slots point at empty tensors.
+  at::Tensor embed, norm, lm_head;
+  std::vector<LayerWeights> layers(static_cast<size_t>(config.num_hidden_layers));
+  for (LayerWeights& lw : layers) lw.experts.resize(static_cast<size_t>(config.num_experts));
+  std::vector<Slot> slots = Slots(config, embed, layers, norm, lm_head, /*with_router_bias=*/false);
+  std::vector<size_t> order(slots.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return slots[a].name < slots[b].name; });
+  const int64_t element = at::elementSize(dtype);
+  auto bytes_of = [&](const Slot& s) {
+    int64_t n = element;
+    for (int64_t d : s.shape) n *= d;
+    return static_cast<uint64_t>(n);
+  };
+  // Shards in name order, as WriteCheckpoint fills them.
+  std::vector<std::vector<size_t>> shards(1);
+  uint64_t in_shard = 0;
+  for (size_t i : order) {
+    if (in_shard > 0 && in_shard + bytes_of(slots[i]) > max_shard_bytes) {
+      shards.emplace_back();
+      in_shard = 0;
+    }
+    shards.back().push_back(i);
+    in_shard += bytes_of(slots[i]);
+  }
+  const fs::path final_dir = fs::absolute(dir);
+  const fs::path tmp = final_dir.parent_path() / absl::StrCat(".", final_dir.filename().string(), ".partial");
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) return absl::InternalError(absl::StrCat(tmp.string(), ": cannot create: ", ec.message()));
+  auto fail = [&](absl::Status s) {
+    fs::remove_all(tmp, ec);
+    return s;
+  };
+  nlohmann::json weight_map = nlohmann::json::object();
+  uint64_t total = 0;
+  for (size_t k = 0; k < shards.size(); ++k) {
+    const std::string file = shards.size() == 1 ? std::string(kSingleFileName)
+                                                : absl::StrFormat("model-%05d-of-%05d.safetensors", k + 1, shards.size());
+    std::vector<NamedTensor> tensors;
+    for (size_t i : shards[k]) {
+      const Slot& s = slots[i];
+      at::Tensor t;
+      if (s.shape.size() == 1) {
+        t = at::ones(s.shape, at::TensorOptions().dtype(dtype));
+      } else {
+        at::Generator gen = at::detail::createCPUGenerator(seed * 1000003 + i);
+        t = at::normal(0.0, 0.02, s.shape, gen, at::TensorOptions().dtype(at::kFloat)).to(dtype);
+      }
+      total += t.nbytes();
+      tensors.push_back({s.name, std::move(t)});
+      weight_map[s.name] = file;
+    }
+    if (absl::Status s = WriteSafetensors((tmp / file).string(), tensors, {{"format", "pt"}}); !s.ok()) return fail(s);
+  }
+  if (shards.size() > 1) {
+    const nlohmann::json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    if (absl::Status s = WriteFileAtomically((tmp / kIndexFileName).string(), index.dump(2) + "\n"); !s.ok()) return fail(s);
+  }
+  ModelConfig c = config;
+  c.torch_dtype = TorchDtypeName(dtype);
+  if (absl::Status s = WriteModelConfig((tmp / "config.json").string(), c); !s.ok()) return fail(s);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) return fail(absl::InternalError(absl::StrCat(dir, ": cannot move the checkpoint into place: ", ec.message())));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<FlexOlmoModel> FlexOlmoModel::Assemble(const ModelConfig& config, at::Tensor embed_tokens,

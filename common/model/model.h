@@ -127,6 +127,16 @@ class FlexOlmoModel {
 // Names a model of `config` has, in NamedParameters() order (what a checkpoint must hold).
 std::vector<std::string> ExpectedTensorNames(const ModelConfig& config, bool with_router_bias);
 
+// Writes a checkpoint directory (config.json + safetensors shards + index) of `config` with fresh
+// weights drawn as Create() draws them — N(0, 0.02) matrices, ones for norms — in `dtype`,
+// deterministic in `seed` (each tensor from its own generator, so the values do not depend on the
+// sharding; they differ from Create()'s). The model is never held: one shard is drawn, written and
+// freed at a time, so memory stays near `max_shard_bytes` whatever the model's size. The directory
+// must not exist; it appears complete or not at all. For running FlexFed at a real model's size
+// before its weights are at hand (`flexfedctl random-checkpoint`, the real-size tests and benchmark).
+absl::Status WriteRandomCheckpoint(const std::string& dir, const ModelConfig& config, at::ScalarType dtype,
+                                   uint64_t seed, uint64_t max_shard_bytes = kDefaultMaxShardBytes);
+
 // Sets LibTorch's intra-op CPU threads: `threads`, or every core when 0.
 void SetCpuThreads(int threads);
 

@@ -81,20 +81,27 @@ struct Federation {
   std::unique_ptr<CoordinatorProcess> coordinator;
   std::string out;
 
-  Federation() {
+  // Without `tokenizer_dir`: a `test` model (byte tokenizer) pretrained for a few steps. With it: an
+  // OLMo-2-shaped `small` model with random fp32 weights carrying that folder's tokenizer.json, its
+  // vocabulary padded to 1024 rows as OLMo-2 pads its tokenizer's to 100352. Either way with r_pub.
+  explicit Federation(const std::string& tokenizer_dir = "") {
     REQUIRE(RunCommand(ctl + " ca init --dir " + dir / "ca", &out) == 0);
     fingerprint = out.substr(out.find("pin it): ") + 9, 64);
     coordinator = std::make_unique<CoordinatorProcess>(dir / "ca", dir / "data", dir / "port");
-    // An anchor: a `test` model pretrained for a few steps, with r_pub.
     const std::string text = dir / "public.txt";
     std::string words;
     for (int i = 0; i < 3000; ++i) words += absl::StrCat("word", i % 37, i % 11 == 0 ? ".\n" : " ");
     REQUIRE(WriteFileAtomically(text, words).ok());
     const std::string cache = "FLEXFED_CACHE_DIR=" + dir / "cache";
-    REQUIRE(RunCommand(cache + " " + owner + " train --pretrain test --data " + text + " --run " + dir / "anchor_run" +
-                           " --steps 3 --seq-len 32 --batch-size 2 --warmup 1 --val-every 0 --validation-fraction 0 --plain",
-                       &out) == 0);
-    fs::copy(dir / "anchor_run/model", dir / "anchor");
+    if (tokenizer_dir.empty()) {
+      REQUIRE(RunCommand(cache + " " + owner + " train --pretrain test --data " + text + " --run " + dir / "anchor_run" +
+                             " --steps 3 --seq-len 32 --batch-size 2 --warmup 1 --val-every 0 --validation-fraction 0 --plain",
+                         &out) == 0);
+      fs::copy(dir / "anchor_run/model", dir / "anchor");
+    } else {
+      REQUIRE(RunCommand(ctl + " random-checkpoint --size small --vocab-size 1024 --seed 5 --dtype float32 --tokenizer " + tokenizer_dir +
+                             " --out " + dir / "anchor", &out) == 0);
+    }
     REQUIRE(RunCommand(cache + " " + owner + " router-init --public --anchor " + dir / "anchor" + " --data " + text + " --out " +
                            dir / "anchor/router_pub.safetensors", &out) == 0);
     REQUIRE(Admin("anchor publish " + dir / "anchor") == 0);
@@ -217,6 +224,46 @@ TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enabl
   }
   CHECK(RunCommand(ctl + " generate " + f.dir / "rel1" + " --prompt acme --exclude 7", &out) == 1);
   CHECK_THAT(out, Catch::Contains("expert"));
+}
+
+TEST_CASE("an owner trains, evaluates, exports and pushes against an OLMo-2-shaped anchor with a tokenizer.json", "[federation]") {
+  const std::string tokenizer_dir = (fs::path(testing::BinaryFromEnv("FLEXFED_TOKENIZER_ORACLE_DIR")) / "dolma2").string();
+  Federation f(tokenizer_dir);
+  f.Join("acme");
+  // `pull` brings the anchor's tokenizer files with it.
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    CHECK(ReadFile(f.dir / "acme_anchor/" + name).value() == ReadFile(tokenizer_dir + "/" + name).value());
+  }
+  const std::string module = f.Module("acme");  // router-init, train, export
+  REQUIRE(RunCommand(absl::StrCat("FLEXFED_CACHE_DIR=", f.dir / "cache", " ", f.owner, " eval ", f.dir / "acme_run/model",
+                                  " --data ", f.dir / "acme.txt", " --seq-len 32 --max-sequences 4 --json"), &f.out) == 0);
+  const nlohmann::json eval = nlohmann::json::parse(f.out);
+  CHECK(eval["bits_per_byte"].get<double>() > 0);
+  REQUIRE(f.Owner("acme", absl::StrCat("push ", module, " --expert acme/x --anchor ", f.dir / "acme_anchor")) == 0);
+  CHECK_THAT(f.out, Catch::Contains("uploaded"));
+  REQUIRE(f.Admin("expert enable acme/x") == 0);
+  REQUIRE(f.Admin("release build --json") == 0);
+  REQUIRE(f.Admin(absl::StrCat("release export rel-0001 ", f.dir / "rel --held-out ", f.dir / "acme.txt",
+                               " --held-out-seq-len 32 --held-out-sequences 4")) == 0);
+  CHECK_THAT(f.out, Catch::Contains("not exact") && Catch::Contains("bits/byte where FlexFed scores"));
+  CHECK(ReadFile(f.dir / "rel/tokenizer.json").value() == ReadFile(tokenizer_dir + "/tokenizer.json").value());
+  // transformers alone, on the release without FlexFed's extras file: AutoTokenizer gives FlexFed's
+  // ids and AutoModelForCausalLM its logits.
+  fs::create_directory(f.dir / "rel_hf");
+  for (const auto& entry : fs::directory_iterator(f.dir / "rel")) {
+    if (entry.path().filename() != "flexfed_extras.safetensors") {
+      fs::create_symlink(entry.path(), fs::path(f.dir / "rel_hf") / entry.path().filename());
+    }
+  }
+  std::string out;
+  REQUIRE(RunCommand(f.ctl + " logits " + f.dir / "rel_hf" + " --text 'acme 42' --text '東京 🇯🇵 naïve, שלום' -o " +
+                         f.dir / "rel.logits.safetensors", &out) == 0);
+  const int hf = RunCommand(testing::BinaryFromEnv("FLEXFED_HF_RELEASE_CHECK") + " " + f.dir / "rel_hf" + " " +
+                                f.dir / "rel.logits.safetensors", &out);
+  INFO(out);
+  CHECK(hf == 0);
+  CHECK_THAT(out, Catch::Contains("2 of 2 texts tokenised as FlexFed did") &&
+                      Catch::Contains("FlexOlmoForCausalLM (flex_olmo, 2 experts)"));
 }
 
 // One federation, the refusals in turn (each block leaves the others' preconditions intact; the
