@@ -176,7 +176,10 @@ for d in "${owners[@]}"; do "$ctl" expert enable "${org[$d]}/$d" >/dev/null; don
 "$ctl" release build --note "all experts"
 "$ctl" release build --exclude mathlab/math --note "math opted out" >/dev/null
 "$ctl" release list
-"$ctl" release export rel-0001 "$work/release" --anchor "$anchor"
+# Its last line says whether transformers and vLLM compute this checkpoint as FlexFed does, and how
+# far apart on held-out public text (docs/RELEASES.md).
+"$ctl" release export rel-0001 "$work/release" --anchor "$anchor" \
+  --held-out "$data/public/heldout.jsonl" --held-out-sequences 16 --held-out-seq-len 256
 echo
 echo "A sample from the merged model (greedy, every expert):"
 "$ctl" generate "$work/release" --prompt "def read_config(path):" --max-new-tokens 80 --threads "$threads"

@@ -73,6 +73,17 @@ inline int64_t ResidentBytes() {
   return -1;
 }
 
+// This process's peak resident memory (VmHWM) since the last ResetPeakResident().
+inline int64_t PeakResidentBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+inline void ResetPeakResident() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
 // The path of a binary that ctest passes in an environment variable.
 inline std::string BinaryFromEnv(const char* variable) {
   const char* path = std::getenv(variable);

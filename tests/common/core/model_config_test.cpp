@@ -88,6 +88,27 @@ TEST_CASE("olmo2 configs are the one-expert case", "[config]") {
   CHECK(c.ToJson()["architectures"] == json::array({"Olmo2ForCausalLM"}));
 }
 
+TEST_CASE("an OLMo-2 7B config.json as published reads as it is, and matches the 7b preset's shape", "[config]") {
+  const json j = json::parse(R"({
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": null, "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+    "model_type": "olmo2", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "pad_token_id": 100277, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 500000,
+    "tie_word_embeddings": false, "torch_dtype": "float32", "transformers_version": "4.47.0.dev0",
+    "use_cache": true, "vocab_size": 100352})");
+  ModelConfig c = ValueOrDie(ModelConfig::FromJson(j, "config.json"));
+  ModelConfig preset = ValueOrDie(ModelConfig::Preset("7b"));
+  CHECK(c.hidden_size == preset.hidden_size);
+  CHECK(c.intermediate_size == preset.intermediate_size);
+  CHECK(c.num_hidden_layers == preset.num_hidden_layers);
+  CHECK(c.vocab_size == preset.vocab_size);
+  CHECK(c.eos_token_ids == preset.eos_token_ids);
+  CHECK(c.pad_token_id == preset.pad_token_id);
+  CHECK(c.torch_dtype == "float32");
+  CHECK_FALSE(c.bos_token_id.has_value());
+}
+
 TEST_CASE("architectures follows the model type, as vLLM picks the class by it", "[config]") {
   json j = FlexOlmo7x7B();
   j["model_type"] = "olmo2";
