@@ -63,25 +63,18 @@ inline Measured RunMeasured(const std::string& command, std::string* output = nu
   return m;
 }
 
-// This process's resident memory now, from /proc/self/status (VmRSS).
-inline int64_t ResidentBytes() {
+// A "Vm...:" field of /proc/self/status in bytes, or -1.
+inline int64_t ProcStatusBytes(const std::string& field) {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+    if (line.rfind(field, 0) == 0) return std::stoll(line.substr(field.size())) * 1024;
   }
   return -1;
 }
-
-// This process's peak resident memory (VmHWM) since the last ResetPeakResident().
-inline int64_t PeakResidentBytes() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return -1;
-}
+// This process's resident memory now (VmRSS), and its peak (VmHWM) since ResetPeakResident().
+inline int64_t ResidentBytes() { return ProcStatusBytes("VmRSS:"); }
+inline int64_t PeakResidentBytes() { return ProcStatusBytes("VmHWM:"); }
 inline void ResetPeakResident() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 // The path of a binary that ctest passes in an environment variable.
