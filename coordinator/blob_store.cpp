@@ -225,8 +225,9 @@ bool BlobStore::HasChunk(const std::string& session, uint64_t index) const {
 }
 
 std::vector<uint64_t> BlobStore::MissingChunks(const std::string& session, const ChunkLayout& layout) const {
+  // Every chunk, even of a blob already stored: a session proves it holds the bytes by sending
+  // them (an owner who only knew another owner's module hash could otherwise claim the module).
   std::vector<uint64_t> missing;
-  if (Has(layout.sha256)) return missing;  // the blob is already stored whole
   for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
     if (!HasChunk(session, i)) missing.push_back(i);
   }
@@ -242,7 +243,6 @@ uint64_t BlobStore::ReceivedBytes(const std::string& session, const ChunkLayout&
 }
 
 absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& layout) {
-  if (Has(layout.sha256)) return absl::OkStatus();
   if (absl::Status s = layout.Validate(); !s.ok()) return s;
   std::vector<uint64_t> missing = MissingChunks(session, layout);
   if (!missing.empty()) return absl::FailedPreconditionError(absl::StrCat("chunk ", missing[0], " has not been received"));
@@ -278,6 +278,7 @@ absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& 
     return absl::DataLossError(dropped > 0 ? absl::StrCat(dropped, " stored chunk(s) were damaged and dropped; send them again")
                                            : "the chunks do not add up to the manifest's SHA-256 (the manifest is wrong)");
   }
+  if (Has(layout.sha256)) return absl::OkStatus();  // verified the same bytes; the session's copy goes with it
   int fd = ::open(data.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd >= 0) {
     ::fsync(fd);

@@ -215,10 +215,14 @@ absl::StatusOr<v1::EnrollResponse> Coordinator::Enroll(const v1::EnrollRequest& 
   absl::StatusOr<IssuedCertificate> cert =
       SignCsr(options_.ca_key_pem, options_.ca_cert_pem, r.csr_pem(), r.owner_id(), "owner", options_.certificate_days);
   if (!cert.ok()) return refuse(std::string(cert.status().message()));
-  owner->token_sha256.clear();  // one-time
-  owner->certificate_sha256 = cert->fingerprint_sha256;
-  owner->certificate_expires_unix = cert->not_after_unix;
-  if (absl::Status s = store_->UpdateOwner(*owner); !s.ok()) return s;
+  // One-time: consumed by a conditional update, so of concurrent enrollments with one token exactly
+  // one gets its certificate recorded (the others' certificates are never valid: not recorded).
+  if (absl::Status s = store_->ConsumeEnrollmentToken(r.owner_id(), owner->token_sha256, cert->fingerprint_sha256,
+                                                      cert->not_after_unix);
+      !s.ok()) {
+    if (absl::IsFailedPrecondition(s)) return refuse(std::string(s.message()));
+    return s;
+  }
   who.fingerprint_sha256 = cert->fingerprint_sha256;
   Audit(who, "owner.enroll", {{"owner", r.owner_id()}, {"certificate", cert->fingerprint_sha256}}, "ok");
   v1::EnrollResponse out;
@@ -538,10 +542,17 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
   return QueryMissing(who, session);
 }
 
+// A session belongs to a caller by identity *and* role: an operator's blob session (no expert) to an
+// admin of that id, an expert's to the owner of that id. An owner whose id equals an operator's
+// (owner ids are chosen by operators and may be "admin") cannot reach the operator's sessions.
+static bool SessionBelongsTo(const UploadRecord& u, const PeerIdentity& who) {
+  return u.owner_id == who.id && who.role == (u.expert_id.empty() ? "admin" : "owner");
+}
+
 absl::StatusOr<v1::UploadStatus> Coordinator::QueryMissing(const PeerIdentity& who, const std::string& session) {
   absl::StatusOr<UploadRecord> u = store_->GetUpload(session);
   if (!u.ok()) return u.status();
-  if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
+  if (!SessionBelongsTo(*u, who)) return Denied("this upload session belongs to another caller");
   absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
   if (!layout.ok()) return layout.status();
   v1::UploadStatus out;
@@ -558,7 +569,7 @@ absl::StatusOr<v1::UploadStatus> Coordinator::QueryMissing(const PeerIdentity& w
 absl::StatusOr<v1::UploadStatus> Coordinator::PutChunk(const PeerIdentity& who, const v1::UploadChunk& c) {
   absl::StatusOr<UploadRecord> u = store_->GetUpload(c.session_id());
   if (!u.ok()) return u.status();
-  if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
+  if (!SessionBelongsTo(*u, who)) return Denied("this upload session belongs to another caller");
   if (u->state != "open") return QueryMissing(who, c.session_id());  // already done: nothing to add
   absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
   if (!layout.ok()) return layout.status();
@@ -583,7 +594,7 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIde
   std::lock_guard<std::mutex> session_lock(SessionLock(session));
   absl::StatusOr<UploadRecord> u = store_->GetUpload(session);
   if (!u.ok()) return u.status();
-  if (u->owner_id != who.id) return Denied("this upload session belongs to another caller");
+  if (!SessionBelongsTo(*u, who)) return Denied("this upload session belongs to another caller");
   // Idempotent: a retry after a lost reply gets the recorded outcome.
   v1::CommitUploadResponse out;
   out.mutable_blob()->set_sha256(u->blob_sha256);
@@ -703,16 +714,17 @@ absl::StatusOr<v1::Manifest> Coordinator::GetManifest(const PeerIdentity& who, c
 
 absl::StatusOr<std::string> Coordinator::ReadBlob(const PeerIdentity& who, const std::string& sha256, uint64_t offset,
                                                   uint64_t length) {
-  if (!blobs_->Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256));
   if (who.role != "admin") {
-    // Owners read anchors only (never another owner's module).
+    // Owners read anchor files only, and learn nothing else: not whether any other blob exists
+    // (the same answer for another owner's module and for no blob at all).
     absl::StatusOr<std::vector<AnchorRecord>> anchors = store_->ListAnchors();
     if (!anchors.ok()) return anchors.status();
-    const bool anchor_file = std::any_of(anchors->begin(), anchors->end(), [&](const AnchorRecord& a) {
-      return a.files_json.find(sha256) != std::string::npos;
+    const bool anchor_file = IsValidSha256(sha256) && std::any_of(anchors->begin(), anchors->end(), [&](const AnchorRecord& a) {
+      return a.files_json.find("\"" + sha256 + "\"") != std::string::npos;
     });
-    if (!anchor_file) return Denied("owners may download anchor files only");
+    if (!anchor_file) return absl::NotFoundError(absl::StrCat("no anchor file ", sha256.substr(0, 64), "; owners download anchor files only"));
   }
+  if (!blobs_->Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256.substr(0, 64)));
   absl::StatusOr<std::string> data = blobs_->Read(sha256, offset, length);
   if (data.ok()) {
     std::lock_guard<std::mutex> lock(mu_);

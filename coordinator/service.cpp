@@ -1,9 +1,11 @@
 #include "coordinator/service.h"
 
+#include <cstdio>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "flexfed/v1/flexfed.grpc.pb.h"
+#include <nlohmann/json.hpp>
 
 namespace flexfed {
 namespace {
@@ -12,7 +14,9 @@ using grpc::CallbackServerContext;
 using grpc::ServerUnaryReactor;
 
 // Caller's version and identity. `role` "" = any authenticated caller; "admin" = operators only.
-absl::StatusOr<PeerIdentity> Authorize(Coordinator* c, CallbackServerContext* ctx, const std::string& role) {
+// `pem_out` receives the caller's certificate, for streams that check it again on every message.
+absl::StatusOr<PeerIdentity> Authorize(Coordinator* c, CallbackServerContext* ctx, const std::string& role,
+                                       std::string* pem_out = nullptr) {
   auto it = ctx->client_metadata().find(kProtocolHeader);
   const std::string version = it == ctx->client_metadata().end() ? "" : std::string(it->second.data(), it->second.size());
   if (absl::Status s = CheckProtocolVersion(version); !s.ok()) return s;
@@ -22,18 +26,35 @@ absl::StatusOr<PeerIdentity> Authorize(Coordinator* c, CallbackServerContext* ct
   }
   absl::StatusOr<PeerIdentity> who = c->Authenticate(pem);
   if (!who.ok()) return who.status();
+  if (pem_out != nullptr) *pem_out = pem;
   if (role == "admin" && who->role != "admin") {
     return absl::PermissionDeniedError("this call is for operators (an admin certificate from `flexfedctl ca init`)");
   }
   return who;
 }
 
+// An exception that reached a handler's boundary: logged (one JSON line on stderr, bytes that are
+// not UTF-8 replaced) and answered INTERNAL with a short message, never gRPC's UNIMPLEMENTED "".
+absl::Status HandlerFailed(CallbackServerContext* ctx, const char* what) {
+  const nlohmann::json line = {{"level", "error"}, {"event", "handler_exception"}, {"peer", ctx->peer()}, {"what", what}};
+  std::fprintf(stderr, "%s\n", line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  return absl::InternalError("the coordinator failed to handle this call (logged); retry later or tell the operator");
+}
+
 // Runs `body` for an authorized caller and finishes the unary call with its status.
 template <typename Body>
 ServerUnaryReactor* Unary(Coordinator* c, CallbackServerContext* ctx, const std::string& role, Body body) {
   ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role);
-  reactor->Finish(ToGrpc(who.ok() ? body(*who) : who.status()));
+  absl::Status status;
+  try {
+    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role);
+    status = who.ok() ? body(*who) : who.status();
+  } catch (const std::exception& e) {
+    status = HandlerFailed(ctx, e.what());
+  } catch (...) {
+    status = HandlerFailed(ctx, "an exception of unknown type");
+  }
+  reactor->Finish(ToGrpc(status));
   return reactor;
 }
 
@@ -50,9 +71,10 @@ absl::Status Fill(absl::StatusOr<T> result, T* response) {
 // transfer runs at about the slower of network and disk rather than their sum.
 class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
  public:
-  UploadReactor(Coordinator* c, CallbackServerContext* ctx, v1::UploadStatus* response)
-      : coordinator_(c), response_(response) {
-    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, "");
+  // `role` as Authorize's: the Admin service's uploads are for operators only.
+  UploadReactor(Coordinator* c, CallbackServerContext* ctx, v1::UploadStatus* response, const std::string& role)
+      : coordinator_(c), ctx_(ctx), response_(response) {
+    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role, &pem_);
     if (!who.ok()) {
       Finish(ToGrpc(who.status()));
       return;
@@ -81,7 +103,7 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
     }
     const bool failed_already = !error_.ok();
     lock.unlock();
-    absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(error_) : coordinator_->PutChunk(who_, mine);
+    absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(error_) : Store(mine);
     lock.lock();
     --in_flight_;
     if (!put.ok() && error_.ok()) error_ = put.status();
@@ -98,6 +120,18 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
 
  private:
   static constexpr int kInFlight = 2;
+
+  // Every chunk is authorized again: a revocation (or a certificate replaced by re-enrollment)
+  // takes effect in the middle of an open stream, not at its next call.
+  absl::StatusOr<v1::UploadStatus> Store(const v1::UploadChunk& chunk) {
+    try {
+      absl::StatusOr<PeerIdentity> again = coordinator_->Authenticate(pem_);
+      if (!again.ok()) return again.status();
+      return coordinator_->PutChunk(who_, chunk);
+    } catch (const std::exception& e) {
+      return HandlerFailed(ctx_, e.what());
+    }
+  }
 
   // Called with mu_ held: finishes the call once reading ended and no chunk is being stored.
   void MaybeFinish(std::unique_lock<std::mutex>& lock) {
@@ -118,8 +152,10 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
   }
 
   Coordinator* coordinator_;
+  CallbackServerContext* ctx_;
   v1::UploadStatus* response_;
   PeerIdentity who_;
+  std::string pem_;
   v1::UploadChunk chunk_;  // the read buffer gRPC fills
   std::mutex mu_;
   std::string session_;
@@ -133,12 +169,17 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
  public:
   DownloadReactor(Coordinator* c, CallbackServerContext* ctx, const v1::DownloadRequest* request)
       : coordinator_(c), sha256_(request->sha256()), offset_(request->offset()) {
-    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, "");
+    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, "", &pem_);
     if (!who.ok()) {
       Finish(ToGrpc(who.status()));
       return;
     }
     who_ = *who;
+    // May the caller read it? Asked first, so that the answer says nothing about other blobs.
+    if (absl::StatusOr<std::string> probe = c->ReadBlob(who_, sha256_, 0, 0); !probe.ok()) {
+      Finish(ToGrpc(probe.status()));
+      return;
+    }
     absl::StatusOr<uint64_t> size = c->blobs().Size(sha256_);
     if (!size.ok()) {
       Finish(ToGrpc(size.status()));
@@ -163,6 +204,11 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
       return;
     }
     const uint64_t n = std::min<uint64_t>(kDefaultChunkSize, end_ - offset_);
+    absl::StatusOr<PeerIdentity> again = coordinator_->Authenticate(pem_);  // every message, as uploads
+    if (!again.ok()) {
+      Finish(ToGrpc(again.status()));
+      return;
+    }
     absl::StatusOr<std::string> data = coordinator_->ReadBlob(who_, sha256_, offset_, n);
     if (!data.ok() || data->empty()) {
       Finish(ToGrpc(data.ok() ? absl::DataLossError("blob ended early") : data.status()));
@@ -175,6 +221,7 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
   }
   Coordinator* coordinator_;
   PeerIdentity who_;
+  std::string pem_;
   std::string sha256_;
   uint64_t offset_, end_ = 0;
   v1::DataChunk chunk_;
@@ -187,7 +234,11 @@ class EnrollmentService final : public v1::Enrollment::CallbackService {
     ServerUnaryReactor* reactor = ctx->DefaultReactor();
     auto it = ctx->client_metadata().find(kProtocolHeader);
     absl::Status s = CheckProtocolVersion(it == ctx->client_metadata().end() ? "" : std::string(it->second.data(), it->second.size()));
-    if (s.ok()) s = Fill(c_->Enroll(*r), out);
+    try {
+      if (s.ok()) s = Fill(c_->Enroll(*r), out);
+    } catch (const std::exception& e) {
+      s = HandlerFailed(ctx, e.what());
+    }
     reactor->Finish(ToGrpc(s));
     return reactor;
   }
@@ -215,7 +266,7 @@ class OwnerService final : public v1::Owner::CallbackService {
     });
   }
   grpc::ServerReadReactor<v1::UploadChunk>* UploadChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
-    return new UploadReactor(c_, ctx, out);
+    return new UploadReactor(c_, ctx, out, "");
   }
   ServerUnaryReactor* QueryMissing(CallbackServerContext* ctx, const v1::QueryMissingRequest* r, v1::UploadStatus* out) override {
     return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->QueryMissing(who, r->session_id()), out); });
@@ -286,7 +337,7 @@ class AdminService final : public v1::Admin::CallbackService {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->BeginUpload(who, "", *r), out); });
   }
   grpc::ServerReadReactor<v1::UploadChunk>* UploadBlobChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
-    return new UploadReactor(c_, ctx, out);  // the session says whose upload it is
+    return new UploadReactor(c_, ctx, out, "admin");  // operators only; the session says whose upload it is
   }
   ServerUnaryReactor* CommitBlob(CallbackServerContext* ctx, const v1::CommitUploadRequest* r, v1::BlobRef* out) override {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) -> absl::Status {

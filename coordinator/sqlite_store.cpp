@@ -318,6 +318,20 @@ absl::Status SqliteStore::UpdateOwner(const OwnerRecord& o) {
   return absl::OkStatus();
 }
 
+absl::Status SqliteStore::ConsumeEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
+                                                 const std::string& certificate_sha256, int64_t certificate_expires_unix) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "UPDATE owners SET token_sha256 = '', certificate_sha256 = ?, certificate_expires_unix = ? "
+              "WHERE owner_id = ? AND token_sha256 = ? AND token_sha256 != '' AND revoked = 0");
+  s.Bind(certificate_sha256).Bind(certificate_expires_unix).Bind(owner_id).Bind(token_sha256);
+  if (absl::Status st = s.Run(absl::StrCat("enrolling owner '", owner_id, "'")); !st.ok()) return st;
+  if (sqlite3_changes(db_) == 0) {
+    return absl::FailedPreconditionError("the token was already used; ask the operator for a new one");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status SqliteStore::AddExpert(const ExpertRecord& e) {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_, absl::StrCat("INSERT INTO experts (", kExpertColumns, ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").c_str());

@@ -26,6 +26,8 @@ class SqliteStore final : public Store {
   absl::StatusOr<OwnerRecord> GetOwner(const std::string& owner_id) override;
   absl::StatusOr<std::vector<OwnerRecord>> ListOwners() override;
   absl::Status UpdateOwner(const OwnerRecord& owner) override;
+  absl::Status ConsumeEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
+                                      const std::string& certificate_sha256, int64_t certificate_expires_unix) override;
   absl::Status AddExpert(const ExpertRecord& expert) override;
   absl::StatusOr<ExpertRecord> GetExpert(const std::string& expert_id) override;
   absl::StatusOr<std::vector<ExpertRecord>> ListExperts() override;

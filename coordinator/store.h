@@ -89,6 +89,11 @@ class Store {
   virtual absl::StatusOr<OwnerRecord> GetOwner(const std::string& owner_id) = 0;
   virtual absl::StatusOr<std::vector<OwnerRecord>> ListOwners() = 0;
   virtual absl::Status UpdateOwner(const OwnerRecord& owner) = 0;
+  // Enrollment as one conditional update: consumes the token whose hash is `token_sha256` and
+  // records the certificate, only while that token is still the owner's and the owner is not
+  // revoked; FailedPrecondition otherwise (a concurrent enrollment used it first).
+  virtual absl::Status ConsumeEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
+                                              const std::string& certificate_sha256, int64_t certificate_expires_unix) = 0;
 
   virtual absl::Status AddExpert(const ExpertRecord& expert) = 0;  // AlreadyExists if the id is taken
   virtual absl::StatusOr<ExpertRecord> GetExpert(const std::string& expert_id) = 0;

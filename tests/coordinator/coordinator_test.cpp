@@ -2,6 +2,8 @@
 // anchors, uploads, validation and authorization. The gRPC transport is tested separately.
 #include <catch2/catch.hpp>
 
+#include <thread>
+
 #include <sqlite3.h>
 
 #include <filesystem>
@@ -192,7 +194,7 @@ TEST_CASE("identity and authorization", "[coordinator_logic]") {
     CHECK(absl::IsPermissionDenied(site.coordinator->BeginUpload(acme, "", ManifestOf(site.Module("m"))).status()));
     const std::string module = site.Module("m2");
     REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, acme_expert, module)).rejection().empty());
-    CHECK(absl::IsPermissionDenied(site.coordinator->ReadBlob(beta, ValueOrDie(Sha256File(module)), 0, 10).status()));
+    CHECK(absl::IsNotFound(site.coordinator->ReadBlob(beta, ValueOrDie(Sha256File(module)), 0, 10).status()));
     // Anchor files are readable by every owner.
     v1::Anchor a = ValueOrDie(site.coordinator->GetAnchor(""));
     CHECK(site.coordinator->ReadBlob(beta, a.files(0).blob().sha256(), 0, 10).ok());
@@ -246,6 +248,86 @@ TEST_CASE("identity and authorization", "[coordinator_logic]") {
     retire.set_state(v1::EXPERT_STATE_ACTIVE);
     CHECK(absl::IsFailedPrecondition(site.coordinator->SetExpertState(site.admin, retire).status()));
   }
+}
+
+// Issue #13, row 1: owner B declared owner A's module hash for its own expert with no data, was told
+// nothing was missing, and committing gave B's expert A's module.
+TEST_CASE("an owner cannot claim another owner's module by its hash, nor learn that it exists", "[coordinator_logic]") {
+  Site site;
+  auto [acme, acme_cert] = site.Enroll("acme");
+  auto [beta, beta_cert] = site.Enroll("beta");
+  const std::string acme_expert = site.Register("acme", "math"), beta_expert = site.Register("beta", "code");
+  const std::string module = site.Module("m");
+  REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, acme_expert, module)).rejection().empty());
+  const v1::Manifest manifest = ManifestOf(module);
+  v1::UploadStatus claim = ValueOrDie(site.coordinator->BeginUpload(beta, beta_expert, manifest));
+  CHECK(claim.missing_size() == manifest.chunks_size());  // the bytes must come through this session
+  absl::Status commit = site.coordinator->CommitUpload(beta, claim.session_id()).status();
+  CHECK(absl::IsFailedPrecondition(commit));
+  CHECK(ValueOrDie(site.coordinator->GetExpert(beta, beta_expert)).module().sha256().empty());
+  // No existence oracle: another owner's module and no blob at all get the same answer.
+  const absl::Status theirs = site.coordinator->GetManifest(beta, manifest.blob().sha256()).status();
+  const absl::Status none = site.coordinator->GetManifest(beta, std::string(64, '0')).status();
+  CHECK(absl::IsNotFound(theirs));
+  CHECK(theirs.code() == none.code());
+  CHECK(std::string(theirs.message()).substr(0, 14) == std::string(none.message()).substr(0, 14));
+}
+
+// Issue #13, row 4: 12 concurrent enrollments with one token gave 2 certificates.
+TEST_CASE("a one-time token enrolls once, however many enrollments race for it", "[coordinator_logic]") {
+  Site site;
+  v1::AddOwnerRequest add;
+  add.set_owner_id("gamma");
+  const std::string token = ValueOrDie(site.coordinator->AddOwner(site.admin, add)).token();
+  constexpr int kTries = 12;
+  std::vector<v1::EnrollRequest> requests(kTries);
+  for (v1::EnrollRequest& e : requests) {
+    e.set_owner_id("gamma");
+    e.set_token(token);
+    e.set_csr_pem(ValueOrDie(MakeKeyAndCsr("gamma")).csr_pem);
+  }
+  std::vector<absl::StatusOr<v1::EnrollResponse>> results(kTries, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kTries; ++i) threads.emplace_back([&, i] { results[i] = site.coordinator->Enroll(requests[i]); });
+  for (std::thread& t : threads) t.join();
+  int enrolled = 0;
+  for (const auto& r : results) {
+    if (r.ok()) {
+      ++enrolled;
+      CHECK(site.coordinator->Authenticate(r->certificate_pem()).ok());
+    } else {
+      CHECK_THAT(std::string(r.status().message()), Catch::Contains("already used"));
+    }
+  }
+  CHECK(enrolled == 1);
+  std::string audit;
+  const v1::TailAuditResponse tail = ValueOrDie(site.coordinator->TailAudit(100));
+  for (const std::string& line : tail.events()) audit += line + "\n";
+  size_t ok_events = 0;
+  for (size_t at = audit.find("\"owner.enroll\""); at != std::string::npos; at = audit.find("\"owner.enroll\"", at + 1)) {
+    const size_t end = audit.find('\n', at);
+    ok_events += audit.substr(at, end - at).find("\"ok\"") != std::string::npos ? 1 : 0;
+  }
+  CHECK(ok_events == 1);
+}
+
+// Issue #13, row 2: sessions were owned by id alone, and owner ids are chosen by operators.
+TEST_CASE("an owner whose id is an operator's cannot reach the operator's upload sessions", "[coordinator_logic]") {
+  Site site;
+  auto [impostor, cert] = site.Enroll(site.admin.id);
+  REQUIRE(impostor.role == "owner");
+  const std::string blob = site.dir / "operator.bin";
+  REQUIRE(WriteFileAtomically(blob, std::string(200000, 'x')).ok());
+  v1::UploadStatus s = ValueOrDie(site.coordinator->BeginUpload(site.admin, "", ManifestOf(blob)));
+  CHECK(absl::IsPermissionDenied(site.coordinator->QueryMissing(impostor, s.session_id()).status()));
+  v1::UploadChunk chunk;
+  chunk.set_session_id(s.session_id());
+  chunk.set_index(0);
+  chunk.set_data(std::string(kChunk, 'x'));
+  chunk.set_sha256(ManifestOf(blob).chunks(0).sha256());
+  CHECK(absl::IsPermissionDenied(site.coordinator->PutChunk(impostor, chunk).status()));
+  CHECK(absl::IsPermissionDenied(site.coordinator->CommitUpload(impostor, s.session_id()).status()));
+  CHECK(site.coordinator->PutChunk(site.admin, chunk).ok());  // the operator still can
 }
 
 TEST_CASE("releases: active experts in registration order; immutable; disabling changes only later releases", "[coordinator_logic]") {

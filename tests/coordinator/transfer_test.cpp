@@ -5,9 +5,12 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <thread>
 
 #include "common/client/coordinator_client.h"
+#include "common/core/file_util.h"
 #include "coordinator/service.h"
 #include "tests/coordinator/site.h"
 
@@ -58,6 +61,67 @@ TEST_CASE("eight owners upload at once: every module is committed with the right
     CHECK(results[i]->expert().module().sha256() == ValueOrDie(Sha256File(modules[i])));
     CHECK(s.site.coordinator->blobs().Has(results[i]->expert().module().sha256()));
   }
+}
+
+// One chunk of `path` for a session, as the client sends it.
+v1::UploadChunk ChunkOf(const std::string& path, const std::string& session, uint64_t index) {
+  const std::string bytes = ValueOrDie(ReadFile(path));
+  const v1::Manifest m = testing::ManifestOf(path);
+  v1::UploadChunk c;
+  c.set_session_id(session);
+  c.set_index(index);
+  c.set_data(bytes.substr(index * testing::kChunk, m.chunks(static_cast<int>(index)).size()));
+  c.set_sha256(m.chunks(static_cast<int>(index)).sha256());
+  return c;
+}
+
+// Issue #13, row 3: Admin.UploadBlobChunks authorized any authenticated caller.
+TEST_CASE("the operators' blob stream refuses an owner certificate, whatever the owner's id", "[transfer]") {
+  Served s;
+  auto [impostor, cert] = s.site.Enroll(s.site.admin.id);  // an owner named like the operator
+  const std::string blob = s.site.dir / "operator.bin";
+  REQUIRE(WriteFileAtomically(blob, std::string(3 * testing::kChunk, 'x')).ok());
+  const std::string session = ValueOrDie(s.site.coordinator->BeginUpload(s.site.admin, "", testing::ManifestOf(blob))).session_id();
+  auto client = s.ClientFor(cert, s.site.keys[s.site.admin.id]);
+  auto ctx = client->NewContext();
+  v1::UploadStatus reply;
+  auto writer = client->admin().UploadBlobChunks(ctx.get(), &reply);
+  writer->Write(ChunkOf(blob, session, 0));
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
+  CHECK(ValueOrDie(s.site.coordinator->QueryMissing(s.site.admin, session)).missing_size() == 3);
+}
+
+// Issue #13, row 5: an upload stream opened before `owner revoke` kept storing chunks afterwards.
+TEST_CASE("revoking an owner stops its open upload stream at the next chunk", "[transfer]") {
+  Served s;
+  auto [acme, cert] = s.site.Enroll("acme");
+  const std::string expert = s.site.Register("acme", "x");
+  const std::string module = s.site.Module("m");
+  const v1::Manifest manifest = testing::ManifestOf(module);
+  REQUIRE(manifest.chunks_size() >= 2);
+  const std::string session = ValueOrDie(s.site.coordinator->BeginUpload(acme, expert, manifest)).session_id();
+  auto client = s.ClientFor(cert, s.site.keys["acme"]);
+  auto ctx = client->NewContext();
+  v1::UploadStatus reply;
+  auto writer = client->owner().UploadChunks(ctx.get(), &reply);
+  REQUIRE(writer->Write(ChunkOf(module, session, 0)));
+  // Until chunk 0 is stored (bounded wait; the assertion is on what is stored, not on time).
+  for (int i = 0; i < 2000 && ValueOrDie(s.site.coordinator->QueryMissing(acme, session)).missing(0) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(ValueOrDie(s.site.coordinator->QueryMissing(acme, session)).missing(0) != 0);
+  v1::RevokeOwnerRequest revoke;
+  revoke.set_owner_id("acme");
+  revoke.set_reason("key leaked");
+  REQUIRE(s.site.coordinator->RevokeOwner(s.site.admin, revoke).ok());
+  writer->Write(ChunkOf(module, session, 1));  // may fail once the server has ended the call
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
+  const v1::UploadStatus after = ValueOrDie(s.site.coordinator->QueryMissing(acme, session));
+  CHECK(std::find(after.missing().begin(), after.missing().end(), 1u) != after.missing().end());
 }
 
 TEST_CASE("a blob larger than 4 GiB crosses the 2 and 4 GiB boundaries intact", "[transfer][slow]") {
