@@ -40,7 +40,8 @@ absl::StatusOr<std::string> AuditLog::Append(const AuditEvent& e) {
                       {"action", e.action},
                       {"objects", e.objects},
                       {"result", e.result}};
-  const std::string line = j.dump() + "\n";
+  // Bytes that are not UTF-8 (a certificate's CN, a module's metadata) are replaced, never thrown on.
+  const std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
   if (::write(fd_, line.data(), line.size()) != static_cast<ssize_t>(line.size()) || ::fdatasync(fd_) != 0) {
     return absl::InternalError(absl::StrCat(path_, ": cannot append to the audit log"));
   }

@@ -49,7 +49,8 @@ absl::Status ChunkLayout::Validate() const {
   if (chunk_size < (64u << 10) || chunk_size > kMaxChunkSize) {
     return absl::InvalidArgumentError(absl::StrCat("manifest: chunk_size ", chunk_size, " is outside [64 KiB, 8 MiB]"));
   }
-  const uint64_t want = size == 0 ? 0 : (size + chunk_size - 1) / chunk_size;
+  // Ceiling division that cannot wrap (size + chunk_size - 1 overflows for sizes near 2^64).
+  const uint64_t want = size / chunk_size + (size % chunk_size != 0 ? 1 : 0);
   if (chunk_sha256.size() != want) {
     return absl::InvalidArgumentError(absl::StrCat("manifest: ", chunk_sha256.size(), " chunks listed, a blob of ", size,
                                                    " bytes in chunks of ", chunk_size, " has ", want));

@@ -201,6 +201,17 @@ absl::StatusOr<PeerIdentity> Coordinator::Authenticate(const std::string& pem) {
 }
 
 absl::StatusOr<v1::EnrollResponse> Coordinator::Enroll(const v1::EnrollRequest& r) {
+  // Unauthenticated input: validated before anything is audited or logged, so a caller cannot
+  // flood the audit log with megabyte ids (a refusal records only the id's length).
+  if (!IsValidName(r.owner_id())) {
+    Audit({"-", "owner", "", 0}, "owner.enroll", {{"owner_id_bytes", std::to_string(r.owner_id().size())}},
+          "refused: not a valid owner id");
+    return Denied("enrollment refused: not a valid owner id (1-64 of a-z 0-9 - _ .)");
+  }
+  if (r.token().size() > 256 || r.csr_pem().size() > (64 << 10)) {
+    Audit({r.owner_id(), "owner", "", 0}, "owner.enroll", {{"owner", r.owner_id()}}, "refused: oversized token or CSR");
+    return Denied("enrollment refused: the token or the CSR is too large");
+  }
   PeerIdentity who{r.owner_id(), "owner", "", 0};
   auto refuse = [&](const std::string& why) {
     Audit(who, "owner.enroll", {{"owner", r.owner_id()}}, why);

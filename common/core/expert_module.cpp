@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
 #include "common/core/sha256.h"
@@ -119,11 +120,12 @@ absl::StatusOr<ExpertModuleMetadata> ValidateExpertModule(const std::string& pat
   m.domain = get("domain");
   m.router_init = get("router_init");
   const std::string tokens = get("tokens_trained");
+  // tokens_trained: decimal digits that fit an int64 (parsed without exceptions: 20 nines is bad
+  // input, not an internal error).
   if (m.anchor_sha256.size() != 64 || m.config_hash.size() != 64 || tokens.empty() ||
-      tokens.find_first_not_of("0123456789") != std::string::npos) {
+      tokens.find_first_not_of("0123456789") != std::string::npos || !absl::SimpleAtoi(tokens, &m.tokens_trained)) {
     return Reject("metadata", absl::StrCat(path, ": metadata lacks a valid anchor_sha256, config_hash or tokens_trained"));
   }
-  m.tokens_trained = std::stoll(tokens);
   if (!expected_anchor.empty() && m.anchor_sha256 != expected_anchor) {
     return Reject("anchor_mismatch", absl::StrCat(path, ": trained against anchor ", m.anchor_sha256.substr(0, 12),
                                                   "…, not ", expected_anchor.substr(0, 12),

@@ -55,6 +55,17 @@ TEST_CASE("a chunked upload assembles into a content-addressed blob", "[blob_sto
   CHECK(store->MissingChunks("ffffffffffffffffffffffffffffffff", layout).size() == layout.chunk_sha256.size());
 }
 
+// Issue #13, row 12: a manifest of 2^64 - 1 bytes and no chunks passed (the ceiling division wrapped).
+TEST_CASE("manifest validation does not wrap on sizes near 2^64", "[blob_store]") {
+  ChunkLayout l;
+  l.sha256 = std::string(64, 'a');
+  l.chunk_size = 64 << 10;
+  l.size = UINT64_MAX;
+  absl::Status s = l.Validate();
+  CHECK(absl::IsInvalidArgument(s));
+  CHECK_THAT(std::string(s.message()), Catch::Contains("0 chunks listed"));
+}
+
 TEST_CASE("corrupted chunks are refused and never stored", "[blob_store]") {
   TempDir dir;
   auto store = *BlobStore::Open(dir.path());

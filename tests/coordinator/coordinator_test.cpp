@@ -4,6 +4,8 @@
 
 #include <thread>
 
+#include "common/model/checkpoint.h"
+
 #include <sqlite3.h>
 
 #include <filesystem>
@@ -147,6 +149,16 @@ TEST_CASE("every kind of bad module is rejected with its own reason and nothing 
   CHECK(reject(site.Module("wrong_anchor", [](ExpertTensors&, ExpertModuleMetadata& m) { m.anchor_sha256 = std::string(64, 'f'); })) == "anchor_mismatch");
   CHECK(reject(site.Module("shape", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[1].up_proj = at::zeros({3, 3}); })) == "shape");
   CHECK(reject(site.Module("nan", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].down_proj[2][3] = NAN; })) == "non_finite");
+  {  // issue #13, row 8: a tokens_trained past int64 threw in std::stoll and left the upload open for good
+    auto good = ValueOrDie(SafetensorsFile::Open(site.Module("huge_tokens")));
+    std::vector<NamedTensor> tensors;
+    for (const std::string& name : good->Names()) tensors.push_back({name, ValueOrDie(good->Get(name))});
+    std::map<std::string, std::string> meta = good->metadata();
+    meta["tokens_trained"] = "99999999999999999999";
+    const std::string path = site.dir / "huge_tokens2.safetensors";
+    REQUIRE(WriteSafetensors(path, tensors, meta).ok());
+    CHECK(reject(path) == "metadata");
+  }
   CHECK(reject(site.Module("dtype", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].gate_proj = t.ffn[0].gate_proj.to(at::kBFloat16); })) == "dtype");
   {
     // An extra tensor: the file is written by hand, as a malicious owner would.
@@ -309,6 +321,34 @@ TEST_CASE("a one-time token enrolls once, however many enrollments race for it",
     ok_events += audit.substr(at, end - at).find("\"ok\"") != std::string::npos ? 1 : 0;
   }
   CHECK(ok_events == 1);
+}
+
+// Issue #13, rows 6 and 7: unauthenticated enrollments audited megabyte ids; a CSR whose CN is not
+// UTF-8 made the audit write throw.
+TEST_CASE("enrollment input is bounded and validated before it is audited", "[coordinator_logic]") {
+  Site site;
+  v1::EnrollRequest flood;
+  flood.set_owner_id(std::string(2 << 20, 'a'));
+  flood.set_token("t");
+  CHECK(absl::IsPermissionDenied(site.coordinator->Enroll(flood).status()));
+  {
+    const v1::TailAuditResponse tail = ValueOrDie(site.coordinator->TailAudit(1));
+    REQUIRE(tail.events_size() == 1);
+    CHECK(tail.events(0).size() < 400);
+    CHECK_THAT(tail.events(0), Catch::Contains("not a valid owner id"));
+  }
+  v1::AddOwnerRequest add;
+  add.set_owner_id("gamma");
+  const std::string token = ValueOrDie(site.coordinator->AddOwner(site.admin, add)).token();
+  v1::EnrollRequest bad_cn;
+  bad_cn.set_owner_id("gamma");
+  bad_cn.set_token(token);
+  bad_cn.set_csr_pem(ValueOrDie(MakeKeyAndCsr("\xff\xfe gamma")).csr_pem);
+  absl::StatusOr<v1::EnrollResponse> r = absl::UnknownError("not run");
+  CHECK_NOTHROW(r = site.coordinator->Enroll(bad_cn));
+  const v1::TailAuditResponse tail = ValueOrDie(site.coordinator->TailAudit(1));
+  REQUIRE(tail.events_size() == 1);
+  CHECK_THAT(tail.events(0), Catch::Contains("owner.enroll"));
 }
 
 // Issue #13, row 2: sessions were owned by id alone, and owner ids are chosen by operators.
