@@ -249,7 +249,8 @@ absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& 
   if (!missing.empty()) return absl::FailedPreconditionError(absl::StrCat("chunk ", missing[0], " has not been received"));
   const fs::path data = fs::path(SessionDir(session)) / "data";
   std::error_code ec;
-  if (layout.size == 0) {
+  if (layout.size == 0) {  // no chunk ever made the session's folder
+    fs::create_directories(data.parent_path(), ec);
     absl::Status s = WriteFileAtomically(data.string(), "");
     if (!s.ok()) return s;
   }

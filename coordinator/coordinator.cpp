@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "common/core/anchor_manifest.h"
 #include "common/core/expert_module.h"
 #include "common/core/model_config.h"
@@ -661,7 +662,8 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
     if (reason.empty()) reason = "invalid";
     u.state = "rejected";
     u.rejection = reason;
-    u.message = std::string(verdict.message());
+    // The owner sees its module named by hash, never the server's path to the blob.
+    u.message = absl::StrReplaceAll(verdict.message(), {{blobs_->PathOf(u.blob_sha256), absl::StrCat("module ", u.blob_sha256.substr(0, 12))}});
     if (absl::Status s = store_->UpdateUpload(u); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);

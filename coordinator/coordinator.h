@@ -84,6 +84,7 @@ class Coordinator {
 
   CoordinatorCounters counters();
   int64_t Now() const { return options_.clock(); }
+  const std::string& data_dir() const { return options_.data_dir; }
   BlobStore& blobs() { return *blobs_; }
 
  private:

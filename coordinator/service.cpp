@@ -1,9 +1,13 @@
 #include "coordinator/service.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <mutex>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "flexfed/v1/flexfed.grpc.pb.h"
 #include <nlohmann/json.hpp>
 
@@ -354,9 +358,29 @@ class AdminService final : public v1::Admin::CallbackService {
 
 }  // namespace
 
+namespace {
+
+// The served data directory, as given and absolute: replaced by "DATA" in every message a caller
+// sees (an owner has no business learning the server's file layout).
+std::mutex& HiddenMutex() {
+  static std::mutex m;
+  return m;
+}
+std::vector<std::string>& HiddenPaths() {
+  static std::vector<std::string> paths;
+  return paths;
+}
+
+}  // namespace
+
 grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+  std::string message(s.message());
+  {
+    std::lock_guard<std::mutex> lock(HiddenMutex());
+    for (const std::string& path : HiddenPaths()) message = absl::StrReplaceAll(message, {{path, "DATA"}});
+  }
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), message);
 }
 
 absl::Status FromGrpc(const grpc::Status& s) {
@@ -381,6 +405,16 @@ absl::Status CheckProtocolVersion(const std::string& v) {
 
 absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Coordinator* c, const ServerOptions& o) {
   std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
+  if (!c->data_dir().empty()) {
+    std::lock_guard<std::mutex> lock(HiddenMutex());
+    std::error_code ec;
+    const std::string absolute = std::filesystem::absolute(c->data_dir(), ec).lexically_normal().string();
+    // Longest first, so a relative path inside the absolute one is not half-replaced.
+    for (const std::string& p : {absolute, c->data_dir()}) {
+      if (!p.empty() && std::find(HiddenPaths().begin(), HiddenPaths().end(), p) == HiddenPaths().end()) HiddenPaths().push_back(p);
+    }
+    std::sort(HiddenPaths().begin(), HiddenPaths().end(), [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+  }
   server->enrollment_ = std::make_unique<EnrollmentService>(c);
   server->owner_ = std::make_unique<OwnerService>(c);
   server->admin_ = std::make_unique<AdminService>(c);

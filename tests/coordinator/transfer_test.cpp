@@ -75,6 +75,35 @@ v1::UploadChunk ChunkOf(const std::string& path, const std::string& session, uin
   return c;
 }
 
+// Issue #13, row 11: a zero-byte module left its session open with NOT_FOUND naming a server path;
+// rejections showed owners the server's absolute paths.
+TEST_CASE("an empty or bad module is rejected with a reason and no server path", "[transfer]") {
+  Served s;
+  auto [acme, cert] = s.site.Enroll("acme");
+  const std::string expert = s.site.Register("acme", "x");
+  auto client = s.ClientFor(cert, s.site.keys["acme"]);
+  const std::string empty = s.site.dir / "empty.safetensors";
+  REQUIRE(WriteFileAtomically(empty, "").ok());
+  absl::StatusOr<v1::CommitUploadResponse> r = client->UploadFile(empty, expert, nullptr);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->rejection().empty());
+  CHECK(r->message().find(s.site.dir.path()) == std::string::npos);
+  const std::string nan = s.site.Module("nan", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].down_proj[0][0] = NAN; });
+  r = client->UploadFile(nan, expert, nullptr);
+  REQUIRE(r.ok());
+  CHECK(r->rejection() == "non_finite");
+  INFO(r->message());
+  CHECK(r->message().find(s.site.dir.path()) == std::string::npos);
+  // A failed call's message is scrubbed too: a session id that does not exist.
+  auto ctx = client->NewContext();
+  v1::QueryMissingRequest q;
+  q.set_session_id("0123456789abcdef0123456789abcdef");
+  v1::UploadStatus out;
+  const grpc::Status missing = client->owner().QueryMissing(ctx.get(), q, &out);
+  CHECK_FALSE(missing.ok());
+  CHECK(missing.error_message().find(s.site.dir.path()) == std::string::npos);
+}
+
 // Issue #13, row 3: Admin.UploadBlobChunks authorized any authenticated caller.
 TEST_CASE("the operators' blob stream refuses an owner certificate, whatever the owner's id", "[transfer]") {
   Served s;
