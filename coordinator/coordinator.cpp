@@ -174,10 +174,10 @@ void Coordinator::Audit(const PeerIdentity& who, const std::string& action, std:
   }
 }
 
-std::mutex& Coordinator::SessionLock(const std::string& session_id) {
+std::shared_mutex& Coordinator::SessionLock(const std::string& session_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto& m = session_locks_[session_id];
-  if (!m) m = std::make_unique<std::mutex>();
+  if (!m) m = std::make_unique<std::shared_mutex>();
   return *m;
 }
 
@@ -579,6 +579,9 @@ absl::StatusOr<v1::UploadStatus> Coordinator::QueryMissing(const PeerIdentity& w
 }
 
 absl::StatusOr<v1::UploadStatus> Coordinator::PutChunk(const PeerIdentity& who, const v1::UploadChunk& c) {
+  // The state is read and the chunk written under the session's lock (shared with other chunks,
+  // exclusive with commit): a chunk racing a commit either lands before it or sees it committed.
+  std::shared_lock<std::shared_mutex> session_lock(SessionLock(c.session_id()));
   absl::StatusOr<UploadRecord> u = store_->GetUpload(c.session_id());
   if (!u.ok()) return u.status();
   if (!SessionBelongsTo(*u, who)) return Denied("this upload session belongs to another caller");
@@ -603,7 +606,7 @@ absl::StatusOr<v1::UploadStatus> Coordinator::PutChunk(const PeerIdentity& who, 
 }
 
 absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIdentity& who, const std::string& session) {
-  std::lock_guard<std::mutex> session_lock(SessionLock(session));
+  std::unique_lock<std::shared_mutex> session_lock(SessionLock(session));
   absl::StatusOr<UploadRecord> u = store_->GetUpload(session);
   if (!u.ok()) return u.status();
   if (!SessionBelongsTo(*u, who)) return Denied("this upload session belongs to another caller");

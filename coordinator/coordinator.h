@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -91,7 +92,9 @@ class Coordinator {
   Coordinator() = default;
   void Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
              const std::string& result);
-  std::mutex& SessionLock(const std::string& session_id);
+  // Per upload session: chunk writes hold it shared, commit exclusive, so no chunk lands in (and
+  // re-creates) a session folder that a commit has assembled and dropped.
+  std::shared_mutex& SessionLock(const std::string& session_id);
   absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
   // An anchor's config.json, read from its blob and parsed: the one way the coordinator reads it
   // (publishing checks a new anchor's; uploads are sized and modules validated against an expert's).
@@ -105,7 +108,7 @@ class Coordinator {
   std::mutex mu_;  // guards counters_ and session_locks_
   std::mutex release_mu_;  // serialises BuildRelease (release numbering)
   CoordinatorCounters counters_;
-  std::map<std::string, std::unique_ptr<std::mutex>> session_locks_;
+  std::map<std::string, std::unique_ptr<std::shared_mutex>> session_locks_;
   int64_t started_unix_ = 0;
 };
 

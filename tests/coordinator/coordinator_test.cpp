@@ -351,6 +351,39 @@ TEST_CASE("enrollment input is bounded and validated before it is audited", "[co
   CHECK_THAT(tail.events(0), Catch::Contains("owner.enroll"));
 }
 
+// Issue #13, row 10: chunk writes racing a commit re-created the session folder after the commit
+// dropped it (3 of 12 tries), and the folder survived restarts.
+TEST_CASE("chunks racing a commit never leave a session folder behind", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "x");
+  for (int attempt = 0; attempt < 12; ++attempt) {
+    INFO("attempt " << attempt);
+    const std::string module = site.Module("race" + std::to_string(attempt));
+    const std::string bytes = ValueOrDie(ReadFile(module));
+    const v1::Manifest m = ManifestOf(module);
+    const std::string session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m)).session_id();
+    auto chunk = [&](int i) {
+      v1::UploadChunk c;
+      c.set_session_id(session);
+      c.set_index(static_cast<uint64_t>(i));
+      c.set_data(bytes.substr(static_cast<size_t>(i) * kChunk, m.chunks(i).size()));
+      c.set_sha256(m.chunks(i).sha256());
+      return c;
+    };
+    for (int i = 0; i < m.chunks_size(); ++i) REQUIRE(site.coordinator->PutChunk(acme, chunk(i)).ok());
+    std::vector<std::thread> threads;
+    threads.emplace_back([&] { CHECK(site.coordinator->CommitUpload(acme, session).ok()); });
+    for (int t = 0; t < 3; ++t) {
+      threads.emplace_back([&, t] {
+        for (int k = 0; k < 20; ++k) site.coordinator->PutChunk(acme, chunk((t + k) % m.chunks_size())).IgnoreError();
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    CHECK_FALSE(fs::exists(fs::path(site.coordinator->blobs().root()) / "uploads" / session));
+  }
+}
+
 // Issue #13, row 2: sessions were owned by id alone, and owner ids are chosen by operators.
 TEST_CASE("an owner whose id is an operator's cannot reach the operator's upload sessions", "[coordinator_logic]") {
   Site site;
