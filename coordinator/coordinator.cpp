@@ -325,14 +325,14 @@ absl::StatusOr<v1::ListOwnersResponse> Coordinator::ListOwners() {
 }
 
 absl::StatusOr<v1::OwnerInfo> Coordinator::RevokeOwner(const PeerIdentity& who, const v1::RevokeOwnerRequest& r) {
+  if (!IsValidName(r.owner_id())) return absl::InvalidArgumentError("not a valid owner id");
+  const std::string reason = r.reason().empty() ? "revoked by an operator" : r.reason().substr(0, 500);
+  absl::Status s = store_->RevokeOwner(r.owner_id(), reason);  // only these fields: nothing else is lost
   absl::StatusOr<OwnerRecord> o = store_->GetOwner(r.owner_id());
-  if (!o.ok()) return o.status();
-  o->revoked = true;
-  o->revoked_reason = r.reason().empty() ? "revoked by an operator" : r.reason();
-  o->token_sha256.clear();
-  absl::Status s = store_->UpdateOwner(*o);
-  Audit(who, "owner.revoke", {{"owner", o->owner_id}, {"certificate", o->certificate_sha256}}, s.ok() ? "ok" : std::string(s.message()));
+  Audit(who, "owner.revoke", {{"owner", r.owner_id()}, {"certificate", o.ok() ? o->certificate_sha256 : ""}},
+        s.ok() ? "ok" : std::string(s.message()));
   if (!s.ok()) return s;
+  if (!o.ok()) return o.status();
   return OwnerToProto(*o);
 }
 
@@ -371,13 +371,23 @@ absl::StatusOr<v1::Expert> Coordinator::SetExpertState(const PeerIdentity& who, 
     case v1::EXPERT_STATE_RETIRED: next = "retired"; break;
     default: return absl::InvalidArgumentError("an expert can be set active (enable), disabled or retired");
   }
-  if (e->state == "retired") return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' is retired for good"));
-  if (next == "active" && e->module_sha256.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' has no uploaded module yet; it cannot be enabled"));
+  // Compare-and-set on the state alone (a commit racing this call changes only module fields), retried
+  // when another state change came in between.
+  absl::Status s;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    if (attempt > 0) {
+      e = store_->GetExpert(r.expert_id());
+      if (!e.ok()) return e.status();
+    }
+    if (e->state == "retired") return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' is retired for good"));
+    if (next == "active" && e->module_sha256.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' has no uploaded module yet; it cannot be enabled"));
+    }
+    s = store_->SetExpertState(e->expert_id, e->state, next, Now());
+    if (!absl::IsFailedPrecondition(s)) break;
   }
   e->state = next;
   e->updated_unix = Now();
-  absl::Status s = store_->UpdateExpert(*e);
   Audit(who, "expert." + next, {{"expert", e->expert_id}, {"module", e->module_sha256}}, s.ok() ? "ok" : std::string(s.message()));
   if (!s.ok()) return s;
   return ToProto(*e);
@@ -687,13 +697,24 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
   e->module_size = u.blob_size;
   if (e->state == "registered") e->state = "uploaded";
   e->updated_unix = u.updated_unix;
-  if (absl::Status s = store_->CommitModule(u, *e); !s.ok()) return s;
-  {
+  if (absl::Status s = store_->CommitModule(u, *e); !s.ok()) {
+    if (!absl::IsFailedPrecondition(s)) return s;
+    // Retired while the module was in flight: the upload is refused, the expert untouched.
+    u.state = "rejected";
+    u.rejection = "retired";
+    u.message = std::string(s.message());
+    if (absl::Status st = store_->UpdateUpload(u); !st.ok()) return st;
+    Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "rejected: retired");
+    out.set_rejection(u.rejection);
+    out.set_message(u.message);
+  } else {
     std::lock_guard<std::mutex> lock(mu_);
     ++counters_.committed_uploads;
   }
-  Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "ok");
-  *out.mutable_expert() = ToProto(*e);
+  if (u.state == "committed") Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "ok");
+  // What the expert is now (a state change may have come in while the module was validated).
+  absl::StatusOr<ExpertRecord> now = store_->GetExpert(u.expert_id);
+  *out.mutable_expert() = ToProto(now.ok() ? *now : *e);
   return out;
 }
 
@@ -751,10 +772,7 @@ absl::StatusOr<std::string> Coordinator::ReadBlob(const PeerIdentity& who, const
 
 absl::Status Coordinator::Heartbeat(const PeerIdentity& who, const v1::HeartbeatRequest&) {
   if (who.role != "owner") return absl::OkStatus();
-  absl::StatusOr<OwnerRecord> o = store_->GetOwner(who.id);
-  if (!o.ok()) return o.status();
-  o->last_seen_unix = Now();
-  return store_->UpdateOwner(*o);
+  return store_->TouchOwner(who.id, Now());  // last_seen only: a heartbeat never rewrites the owner
 }
 
 }  // namespace flexfed

@@ -318,6 +318,34 @@ absl::Status SqliteStore::UpdateOwner(const OwnerRecord& o) {
   return absl::OkStatus();
 }
 
+absl::Status SqliteStore::RevokeOwner(const std::string& owner_id, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "UPDATE owners SET revoked = 1, revoked_reason = ?, token_sha256 = '' WHERE owner_id = ?");
+  s.Bind(reason).Bind(owner_id);
+  if (absl::Status st = s.Run(absl::StrCat("revoking owner '", owner_id, "'")); !st.ok()) return st;
+  if (sqlite3_changes(db_) == 0) return absl::NotFoundError(absl::StrCat("no owner '", owner_id, "'"));
+  return absl::OkStatus();
+}
+
+absl::Status SqliteStore::TouchOwner(const std::string& owner_id, int64_t now_unix) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "UPDATE owners SET last_seen_unix = ? WHERE owner_id = ?");
+  s.Bind(now_unix).Bind(owner_id);
+  return s.Run(absl::StrCat("recording owner '", owner_id, "' as seen"));
+}
+
+absl::Status SqliteStore::SetExpertState(const std::string& expert_id, const std::string& from, const std::string& to,
+                                         int64_t now_unix) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "UPDATE experts SET state = ?, updated_unix = ? WHERE expert_id = ? AND state = ?");
+  s.Bind(to).Bind(now_unix).Bind(expert_id).Bind(from);
+  if (absl::Status st = s.Run(absl::StrCat("setting expert '", expert_id, "' ", to)); !st.ok()) return st;
+  if (sqlite3_changes(db_) == 0) {
+    return absl::FailedPreconditionError(absl::StrCat("expert '", expert_id, "' is no longer ", from));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status SqliteStore::ConsumeEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
                                                  const std::string& certificate_sha256, int64_t certificate_expires_unix) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -407,11 +435,15 @@ absl::Status SqliteStore::CommitModule(const UploadRecord& u, const ExpertRecord
     BindUpload(su, u);
     su.Bind(u.session_id);
     if (absl::Status s = su.Run("committing the upload"); !s.ok()) return s;
-    Statement se(db_, kUpdateExpertSql);
-    BindExpert(se, e);
-    se.Bind(e.expert_id);
+    Statement se(db_,
+                 "UPDATE experts SET module_sha256 = ?, module_size = ?, tokens_trained = ?, updated_unix = ?, "
+                 "state = CASE WHEN state = 'registered' THEN 'uploaded' ELSE state END "
+                 "WHERE expert_id = ? AND state != 'retired'");
+    se.Bind(e.module_sha256).Bind(e.module_size).Bind(e.tokens_trained).Bind(e.updated_unix).Bind(e.expert_id);
     if (absl::Status s = se.Run("attaching the module"); !s.ok()) return s;
-    if (sqlite3_changes(db_) == 0) return absl::NotFoundError(absl::StrCat("no expert '", e.expert_id, "'"));
+    if (sqlite3_changes(db_) == 0) {
+      return absl::FailedPreconditionError(absl::StrCat("expert '", e.expert_id, "' was retired (or removed) meanwhile"));
+    }
     return absl::OkStatus();
   }();
   if (!result.ok()) {

@@ -32,6 +32,10 @@ class SqliteStore final : public Store {
   absl::StatusOr<ExpertRecord> GetExpert(const std::string& expert_id) override;
   absl::StatusOr<std::vector<ExpertRecord>> ListExperts() override;
   absl::Status UpdateExpert(const ExpertRecord& expert) override;
+  absl::Status RevokeOwner(const std::string& owner_id, const std::string& reason) override;
+  absl::Status TouchOwner(const std::string& owner_id, int64_t now_unix) override;
+  absl::Status SetExpertState(const std::string& expert_id, const std::string& from, const std::string& to,
+                              int64_t now_unix) override;
   absl::Status AddUpload(const UploadRecord& upload) override;
   absl::StatusOr<UploadRecord> GetUpload(const std::string& session_id) override;
   absl::StatusOr<std::vector<UploadRecord>> ListUploads(int limit) override;

@@ -100,12 +100,23 @@ class Store {
   virtual absl::StatusOr<std::vector<ExpertRecord>> ListExperts() = 0;
   virtual absl::Status UpdateExpert(const ExpertRecord& expert) = 0;
 
+  // Field-wise, conditional updates: each changes only its fields, so concurrent changes to other
+  // fields are never lost (a heartbeat cannot un-revoke, a commit cannot undo a disable).
+  virtual absl::Status RevokeOwner(const std::string& owner_id, const std::string& reason) = 0;
+  virtual absl::Status TouchOwner(const std::string& owner_id, int64_t now_unix) = 0;
+  // `from` -> `to`, only if the expert is still in `from`: FailedPrecondition otherwise.
+  virtual absl::Status SetExpertState(const std::string& expert_id, const std::string& from, const std::string& to,
+                                      int64_t now_unix) = 0;
+
   virtual absl::Status AddUpload(const UploadRecord& upload) = 0;
   virtual absl::StatusOr<UploadRecord> GetUpload(const std::string& session_id) = 0;
   virtual absl::StatusOr<std::vector<UploadRecord>> ListUploads(int limit) = 0;
   virtual absl::Status UpdateUpload(const UploadRecord& upload) = 0;
   // Marks the upload committed and attaches its blob to the expert, in one transaction: a crash
   // leaves both as they were or both updated, never an expert pointing at an uncommitted module.
+  // In one transaction: the upload's row, and the expert's module fields (module_sha256,
+  // module_size, tokens_trained, updated_unix; registered -> uploaded) — unless the expert was
+  // retired meanwhile (FailedPrecondition, nothing written). The expert's state is otherwise kept.
   virtual absl::Status CommitModule(const UploadRecord& upload, const ExpertRecord& expert) = 0;
 
   virtual absl::Status AddRelease(const ReleaseRecord& release) = 0;  // AlreadyExists if the id is taken

@@ -351,6 +351,22 @@ TEST_CASE("enrollment input is bounded and validated before it is audited", "[co
   CHECK_THAT(tail.events(0), Catch::Contains("owner.enroll"));
 }
 
+// Chunk `i` of the file `bytes` (manifest `m`) for `session`, as a client sends it.
+v1::UploadChunk ChunkOf(const std::string& bytes, const v1::Manifest& m, const std::string& session, int i) {
+  v1::UploadChunk c;
+  c.set_session_id(session);
+  c.set_index(static_cast<uint64_t>(i));
+  c.set_data(bytes.substr(static_cast<size_t>(i) * kChunk, m.chunks(i).size()));
+  c.set_sha256(m.chunks(i).sha256());
+  return c;
+}
+
+void PutAllChunks(Coordinator& c, const PeerIdentity& who, const std::string& path, const std::string& session) {
+  const std::string bytes = ValueOrDie(ReadFile(path));
+  const v1::Manifest m = ManifestOf(path);
+  for (int i = 0; i < m.chunks_size(); ++i) REQUIRE(c.PutChunk(who, ChunkOf(bytes, m, session, i)).ok());
+}
+
 // Issue #13, row 10: chunk writes racing a commit re-created the session folder after the commit
 // dropped it (3 of 12 tries), and the folder survived restarts.
 TEST_CASE("chunks racing a commit never leave a session folder behind", "[coordinator_logic]") {
@@ -363,15 +379,8 @@ TEST_CASE("chunks racing a commit never leave a session folder behind", "[coordi
     const std::string bytes = ValueOrDie(ReadFile(module));
     const v1::Manifest m = ManifestOf(module);
     const std::string session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m)).session_id();
-    auto chunk = [&](int i) {
-      v1::UploadChunk c;
-      c.set_session_id(session);
-      c.set_index(static_cast<uint64_t>(i));
-      c.set_data(bytes.substr(static_cast<size_t>(i) * kChunk, m.chunks(i).size()));
-      c.set_sha256(m.chunks(i).sha256());
-      return c;
-    };
-    for (int i = 0; i < m.chunks_size(); ++i) REQUIRE(site.coordinator->PutChunk(acme, chunk(i)).ok());
+    auto chunk = [&](int i) { return ChunkOf(bytes, m, session, i); };
+    PutAllChunks(*site.coordinator, acme, module, session);
     std::vector<std::thread> threads;
     threads.emplace_back([&] { CHECK(site.coordinator->CommitUpload(acme, session).ok()); });
     for (int t = 0; t < 3; ++t) {
@@ -381,6 +390,64 @@ TEST_CASE("chunks racing a commit never leave a session folder behind", "[coordi
     }
     for (std::thread& t : threads) t.join();
     CHECK_FALSE(fs::exists(fs::path(site.coordinator->blobs().root()) / "uploads" / session));
+  }
+}
+
+// Issue #13, row 9: whole-row read-modify-writes lost operator decisions: a commit racing `expert
+// disable` left the expert active, a retired expert accepted a module begun before the retire, and
+// a heartbeat could rewrite a revoked owner as not revoked.
+TEST_CASE("operator decisions survive commits and heartbeats racing them", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "x");
+  REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, expert, site.Module("first"))).rejection().empty());
+  auto set_state = [&](v1::ExpertState state) {
+    v1::SetExpertStateRequest r;
+    r.set_expert_id(expert);
+    r.set_state(state);
+    return site.coordinator->SetExpertState(site.admin, r);
+  };
+  for (int attempt = 0; attempt < 24; ++attempt) {
+    INFO("attempt " << attempt);
+    REQUIRE(set_state(v1::EXPERT_STATE_ACTIVE).ok());
+    const std::string module = site.Module("m" + std::to_string(attempt));
+    const v1::Manifest m = ManifestOf(module);
+    const std::string session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m)).session_id();
+    PutAllChunks(*site.coordinator, acme, module, session);
+    absl::Status disabled;
+    std::thread commit([&] { CHECK(site.coordinator->CommitUpload(acme, session).ok()); });
+    std::thread disable([&] { disabled = set_state(v1::EXPERT_STATE_DISABLED).status(); });
+    commit.join();
+    disable.join();
+    REQUIRE(disabled.ok());
+    const v1::Expert e = ValueOrDie(site.coordinator->GetExpert(site.admin, expert));
+    CHECK(e.state() == v1::EXPERT_STATE_DISABLED);  // the disable returned OK: it holds
+    CHECK(e.module().sha256() == m.blob().sha256());
+  }
+  // Retired while a module was in flight: the module is refused, the expert keeps its last one.
+  const std::string last = ValueOrDie(site.coordinator->GetExpert(site.admin, expert)).module().sha256();
+  const std::string late = site.Module("late");
+  const v1::Manifest lm = ManifestOf(late);
+  const std::string session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, lm)).session_id();
+  PutAllChunks(*site.coordinator, acme, late, session);
+  REQUIRE(set_state(v1::EXPERT_STATE_RETIRED).ok());
+  const v1::CommitUploadResponse r = ValueOrDie(site.coordinator->CommitUpload(acme, session));
+  CHECK(r.rejection() == "retired");
+  const v1::Expert e = ValueOrDie(site.coordinator->GetExpert(site.admin, expert));
+  CHECK(e.state() == v1::EXPERT_STATE_RETIRED);
+  CHECK(e.module().sha256() == last);
+  // A heartbeat racing a revocation never un-revokes.
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    const std::string id = "h" + std::to_string(attempt);
+    auto [owner, owner_cert] = site.Enroll(id);
+    std::thread beat([&] {
+      for (int k = 0; k < 20; ++k) site.coordinator->Heartbeat(owner, v1::HeartbeatRequest()).IgnoreError();
+    });
+    v1::RevokeOwnerRequest revoke;
+    revoke.set_owner_id(id);
+    CHECK(site.coordinator->RevokeOwner(site.admin, revoke).ok());
+    beat.join();
+    CHECK_FALSE(site.coordinator->Authenticate(owner_cert).ok());
   }
 }
 
