@@ -111,7 +111,10 @@ absl::StatusOr<MetricsServer> StartMetrics(Coordinator* coordinator, const std::
   MetricsServer s;
   const std::string listen = ResolvePortZero(requested);
   try {
-    s.exposer = std::make_unique<prometheus::Exposer>(listen, 1);
+    // Several workers, and a short wait for a request's bytes: a client that connects and sends
+    // nothing holds one worker for 2 s, not the only worker for civetweb's default 30 s.
+    s.exposer = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+        "listening_ports", listen, "num_threads", "4", "request_timeout_ms", "2000"});
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", listen, ": ", e.what()));
   }

@@ -2,9 +2,13 @@
 // flexfedctl as the operator, flexfed-owner as two owners (docs/ARCHITECTURE.md §3; issue #4 tests).
 #include <catch2/catch.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -63,7 +67,7 @@ class CoordinatorProcess {
   std::string Http(const std::string& path) const {
     std::string body;
     RunCommand(absl::StrCat("/usr/bin/python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:",
-                            metrics_port_, path, "').read().decode())\""), &body);
+                            metrics_port_, path, "', timeout=10).read().decode())\""), &body);
     return body;
   }
   void Kill() {
@@ -74,6 +78,7 @@ class CoordinatorProcess {
     }
   }
   std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
+  int metrics_port() const { return metrics_port_; }
 
  private:
   std::string ca_dir_, data_dir_, port_file_;
@@ -234,6 +239,28 @@ TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enabl
   }
   CHECK(RunCommand(ctl + " generate " + f.dir / "rel1" + " --prompt acme --exclude 7", &out) == 1);
   CHECK_THAT(out, Catch::Contains("expert"));
+}
+
+// Issue #13, row 13: one idle TCP connection blocked the metrics endpoint for 30 s (one worker).
+TEST_CASE("idle connections do not block the metrics and health endpoints", "[federation]") {
+  TempDir dir;
+  std::string out;
+  REQUIRE(RunCommand(BinaryFromEnv("FLEXFED_CTL") + " ca init --dir " + dir / "ca", &out) == 0);
+  CoordinatorProcess coordinator(dir / "ca", dir / "data", dir / "port");
+  std::vector<int> idle;
+  for (int i = 0; i < 2; ++i) {  // connected, sending nothing
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(coordinator.metrics_port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    idle.push_back(fd);
+  }
+  // Answered while they sit there (Http gives up after 10 s; civetweb's default wait was 30 s).
+  CHECK_THAT(coordinator.Http("/health"), Catch::Contains("flexfed_up 1"));
+  CHECK_THAT(coordinator.Http("/metrics"), Catch::Contains("flexfed_"));
+  for (int fd : idle) ::close(fd);
 }
 
 TEST_CASE("an owner trains, evaluates, exports and pushes against an OLMo-2-shaped anchor with a tokenizer.json", "[federation]") {
