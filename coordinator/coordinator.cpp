@@ -316,6 +316,23 @@ absl::StatusOr<v1::AddOwnerResponse> Coordinator::AddOwner(const PeerIdentity& w
   return out;
 }
 
+absl::StatusOr<v1::AddOwnerResponse> Coordinator::ReenrollOwner(const PeerIdentity& who, const v1::AddOwnerRequest& r) {
+  if (!IsValidName(r.owner_id())) return absl::InvalidArgumentError("not a valid owner id");
+  const std::string token = RandomHex(24);
+  const int64_t ttl = r.token_ttl_seconds() > 0 ? r.token_ttl_seconds() : options_.default_token_ttl_seconds;
+  const int64_t expires = Now() + ttl;
+  absl::Status s = store_->ReissueEnrollmentToken(r.owner_id(), Sha256Hex(token), expires);
+  Audit(who, "owner.reenroll", {{"owner", r.owner_id()}}, s.ok() ? "ok" : std::string(s.message()));
+  if (!s.ok()) return s;
+  absl::StatusOr<OwnerRecord> o = store_->GetOwner(r.owner_id());
+  if (!o.ok()) return o.status();
+  v1::AddOwnerResponse out;
+  *out.mutable_owner() = OwnerToProto(*o);
+  out.set_token(token);
+  out.set_token_expires_unix(expires);
+  return out;
+}
+
 absl::StatusOr<v1::ListOwnersResponse> Coordinator::ListOwners() {
   absl::StatusOr<std::vector<OwnerRecord>> all = store_->ListOwners();
   if (!all.ok()) return all.status();

@@ -54,6 +54,8 @@ class Coordinator {
   absl::StatusOr<v1::Anchor> PublishAnchor(const PeerIdentity& who, const v1::PublishAnchorRequest& request);
   absl::StatusOr<v1::ListAnchorsResponse> ListAnchors();
   absl::StatusOr<v1::AddOwnerResponse> AddOwner(const PeerIdentity& who, const v1::AddOwnerRequest& request);
+  // A revoked owner's fresh one-time token; its old certificate stays refused.
+  absl::StatusOr<v1::AddOwnerResponse> ReenrollOwner(const PeerIdentity& who, const v1::AddOwnerRequest& request);
   absl::StatusOr<v1::ListOwnersResponse> ListOwners();
   absl::StatusOr<v1::OwnerInfo> RevokeOwner(const PeerIdentity& who, const v1::RevokeOwnerRequest& request);
   absl::StatusOr<v1::Expert> RegisterExpert(const PeerIdentity& who, const v1::RegisterExpertRequest& request);

@@ -304,6 +304,9 @@ class AdminService final : public v1::Admin::CallbackService {
   ServerUnaryReactor* AddOwner(CallbackServerContext* ctx, const v1::AddOwnerRequest* r, v1::AddOwnerResponse* out) override {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->AddOwner(who, *r), out); });
   }
+  ServerUnaryReactor* ReenrollOwner(CallbackServerContext* ctx, const v1::AddOwnerRequest* r, v1::AddOwnerResponse* out) override {
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->ReenrollOwner(who, *r), out); });
+  }
   ServerUnaryReactor* ListOwners(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListOwnersResponse* out) override {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListOwners(), out); });
   }

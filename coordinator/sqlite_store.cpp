@@ -334,6 +334,20 @@ absl::Status SqliteStore::TouchOwner(const std::string& owner_id, int64_t now_un
   return s.Run(absl::StrCat("recording owner '", owner_id, "' as seen"));
 }
 
+absl::Status SqliteStore::ReissueEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
+                                                 int64_t token_expires_unix) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "UPDATE owners SET token_sha256 = ?, token_expires_unix = ?, revoked = 0, revoked_reason = '', "
+              "certificate_sha256 = '', certificate_expires_unix = 0 WHERE owner_id = ? AND revoked = 1");
+  s.Bind(token_sha256).Bind(token_expires_unix).Bind(owner_id);
+  if (absl::Status st = s.Run(absl::StrCat("re-enrolling owner '", owner_id, "'")); !st.ok()) return st;
+  if (sqlite3_changes(db_) == 0) {
+    return absl::FailedPreconditionError(absl::StrCat("owner '", owner_id, "' is not revoked (or does not exist); revoke it first"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status SqliteStore::SetExpertState(const std::string& expert_id, const std::string& from, const std::string& to,
                                          int64_t now_unix) {
   std::lock_guard<std::mutex> lock(mu_);

@@ -34,6 +34,8 @@ class SqliteStore final : public Store {
   absl::Status UpdateExpert(const ExpertRecord& expert) override;
   absl::Status RevokeOwner(const std::string& owner_id, const std::string& reason) override;
   absl::Status TouchOwner(const std::string& owner_id, int64_t now_unix) override;
+  absl::Status ReissueEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
+                                      int64_t token_expires_unix) override;
   absl::Status SetExpertState(const std::string& expert_id, const std::string& from, const std::string& to,
                               int64_t now_unix) override;
   absl::Status AddUpload(const UploadRecord& upload) override;

@@ -104,6 +104,10 @@ class Store {
   // fields are never lost (a heartbeat cannot un-revoke, a commit cannot undo a disable).
   virtual absl::Status RevokeOwner(const std::string& owner_id, const std::string& reason) = 0;
   virtual absl::Status TouchOwner(const std::string& owner_id, int64_t now_unix) = 0;
+  // A revoked owner gets a new token (its certificate is forgotten, so the old one stays refused);
+  // FailedPrecondition unless the owner is revoked.
+  virtual absl::Status ReissueEnrollmentToken(const std::string& owner_id, const std::string& token_sha256,
+                                              int64_t token_expires_unix) = 0;
   // `from` -> `to`, only if the expert is still in `from`: FailedPrecondition otherwise.
   virtual absl::Status SetExpertState(const std::string& expert_id, const std::string& from, const std::string& to,
                                       int64_t now_unix) = 0;

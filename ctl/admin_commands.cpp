@@ -122,6 +122,28 @@ void AddAdminCommands(CLI::App& app) {
     });
   }
   {
+    struct O { Remote r; std::string id; int64_t ttl = 7 * 86400; };
+    auto o = std::make_shared<O>();
+    CLI::App* cmd = owner->add_subcommand("reenroll", "Give a revoked owner a new one-time enrollment token (its old certificate stays refused)");
+    cmd->add_option("owner", o->id, "Owner id")->required();
+    cmd->add_option("--token-ttl", o->ttl, "Token lifetime in seconds");
+    o->r.AddOptions(cmd, true);
+    cmd->callback([o] {
+      auto client = o->r.Connect("owner reenroll");
+      v1::AddOwnerRequest req;
+      req.set_owner_id(o->id);
+      req.set_token_ttl_seconds(o->ttl);
+      auto resp = Call<v1::AddOwnerRequest, v1::AddOwnerResponse>("owner reenroll", *client, &v1::Admin::Stub::ReenrollOwner, req);
+      if (o->r.json) {
+        std::cout << json({{"owner", o->id}, {"token", resp.token()}, {"token_expires_unix", resp.token_expires_unix()}}).dump() << "\n";
+      } else {
+        std::cout << "owner " << o->id << " may enroll again. One-time enrollment token (shown once, expires "
+                  << When(resp.token_expires_unix()) << " UTC):\n" << resp.token()
+                  << "\nThe owner runs `flexfed-owner enroll` with it, into a new identity folder.\n";
+      }
+    });
+  }
+  {
     auto r = std::make_shared<Remote>();
     CLI::App* cmd = owner->add_subcommand("list", "List owners");
     r->AddOptions(cmd, true);

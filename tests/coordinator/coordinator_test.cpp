@@ -451,6 +451,30 @@ TEST_CASE("operator decisions survive commits and heartbeats racing them", "[coo
   }
 }
 
+// Issue #13, row 14: the threat model promised re-enrollment after revocation; AddOwner answered
+// ALREADY_EXISTS and no RPC re-enrolled.
+TEST_CASE("a revoked owner is re-enrolled by a new token; the old certificate stays refused", "[coordinator_logic]") {
+  Site site;
+  auto [acme, old_cert] = site.Enroll("acme");
+  v1::AddOwnerRequest again;
+  again.set_owner_id("acme");
+  CHECK(absl::IsFailedPrecondition(site.coordinator->ReenrollOwner(site.admin, again).status()));  // not revoked
+  v1::RevokeOwnerRequest revoke;
+  revoke.set_owner_id("acme");
+  REQUIRE(site.coordinator->RevokeOwner(site.admin, revoke).ok());
+  CHECK(absl::IsAlreadyExists(site.coordinator->AddOwner(site.admin, again).status()));
+  const std::string token = ValueOrDie(site.coordinator->ReenrollOwner(site.admin, again)).token();
+  CHECK_FALSE(site.coordinator->Authenticate(old_cert).ok());
+  v1::EnrollRequest e;
+  e.set_owner_id("acme");
+  e.set_token(token);
+  e.set_csr_pem(ValueOrDie(MakeKeyAndCsr("acme")).csr_pem);
+  const std::string new_cert = ValueOrDie(site.coordinator->Enroll(e)).certificate_pem();
+  CHECK(site.coordinator->Authenticate(new_cert).ok());
+  CHECK_FALSE(site.coordinator->Authenticate(old_cert).ok());
+  CHECK_THAT(std::string(site.coordinator->Enroll(e).status().message()), Catch::Contains("already used"));
+}
+
 // Issue #13, row 2: sessions were owned by id alone, and owner ids are chosen by operators.
 TEST_CASE("an owner whose id is an operator's cannot reach the operator's upload sessions", "[coordinator_logic]") {
   Site site;
