@@ -98,48 +98,40 @@ void AddAdminCommands(CLI::App& app) {
   // owner add | list | revoke
   CLI::App* owner = app.add_subcommand("owner", "Data owners: add (with a one-time enrollment token), list, revoke");
   owner->require_subcommand(1);
-  {
+  // `owner add` and `owner reenroll`: both issue a one-time enrollment token and print it once.
+  struct TokenCommand {
+    const char* name;
+    const char* help;
+    decltype(&v1::Admin::Stub::AddOwner) rpc;
+    const char* printed;  // after "owner ID "
+    const char* next;     // what to do with the token
+  };
+  for (const TokenCommand& t :
+       {TokenCommand{"add", "Add an owner and print its one-time enrollment token", &v1::Admin::Stub::AddOwner, "added",
+                     "Give it to the owner with ca.crt and its fingerprint over a separate channel."},
+        TokenCommand{"reenroll", "Give a revoked owner a new one-time enrollment token (its old certificate stays refused)",
+                     &v1::Admin::Stub::ReenrollOwner, "may enroll again",
+                     "The owner runs `flexfed-owner enroll` with it, into a new identity folder."}}) {
     struct O { Remote r; std::string id, name; int64_t ttl = 7 * 86400; };
     auto o = std::make_shared<O>();
-    CLI::App* cmd = owner->add_subcommand("add", "Add an owner and print its one-time enrollment token");
+    CLI::App* cmd = owner->add_subcommand(t.name, t.help);
     cmd->add_option("owner", o->id, "Owner id (a-z 0-9 - _ .)")->required();
-    cmd->add_option("--name", o->name, "Display name");
+    if (std::string(t.name) == "add") cmd->add_option("--name", o->name, "Display name");
     cmd->add_option("--token-ttl", o->ttl, "Token lifetime in seconds");
     o->r.AddOptions(cmd, true);
-    cmd->callback([o] {
-      auto client = o->r.Connect("owner add");
+    cmd->callback([o, t] {
+      const std::string what = std::string("owner ") + t.name;
+      auto client = o->r.Connect(what);
       v1::AddOwnerRequest req;
       req.set_owner_id(o->id);
       req.set_display_name(o->name);
       req.set_token_ttl_seconds(o->ttl);
-      auto resp = Call<v1::AddOwnerRequest, v1::AddOwnerResponse>("owner add", *client, &v1::Admin::Stub::AddOwner, req);
+      auto resp = Call<v1::AddOwnerRequest, v1::AddOwnerResponse>(what, *client, t.rpc, req);
       if (o->r.json) {
         std::cout << json({{"owner", o->id}, {"token", resp.token()}, {"token_expires_unix", resp.token_expires_unix()}}).dump() << "\n";
       } else {
-        std::cout << "owner " << o->id << " added. One-time enrollment token (shown once, expires " << When(resp.token_expires_unix())
-                  << " UTC):\n" << resp.token() << "\nGive it to the owner with ca.crt and its fingerprint over a separate channel.\n";
-      }
-    });
-  }
-  {
-    struct O { Remote r; std::string id; int64_t ttl = 7 * 86400; };
-    auto o = std::make_shared<O>();
-    CLI::App* cmd = owner->add_subcommand("reenroll", "Give a revoked owner a new one-time enrollment token (its old certificate stays refused)");
-    cmd->add_option("owner", o->id, "Owner id")->required();
-    cmd->add_option("--token-ttl", o->ttl, "Token lifetime in seconds");
-    o->r.AddOptions(cmd, true);
-    cmd->callback([o] {
-      auto client = o->r.Connect("owner reenroll");
-      v1::AddOwnerRequest req;
-      req.set_owner_id(o->id);
-      req.set_token_ttl_seconds(o->ttl);
-      auto resp = Call<v1::AddOwnerRequest, v1::AddOwnerResponse>("owner reenroll", *client, &v1::Admin::Stub::ReenrollOwner, req);
-      if (o->r.json) {
-        std::cout << json({{"owner", o->id}, {"token", resp.token()}, {"token_expires_unix", resp.token_expires_unix()}}).dump() << "\n";
-      } else {
-        std::cout << "owner " << o->id << " may enroll again. One-time enrollment token (shown once, expires "
-                  << When(resp.token_expires_unix()) << " UTC):\n" << resp.token()
-                  << "\nThe owner runs `flexfed-owner enroll` with it, into a new identity folder.\n";
+        std::cout << "owner " << o->id << " " << t.printed << ". One-time enrollment token (shown once, expires "
+                  << When(resp.token_expires_unix()) << " UTC):\n" << resp.token() << "\n" << t.next << "\n";
       }
     });
   }

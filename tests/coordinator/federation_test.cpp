@@ -344,6 +344,14 @@ TEST_CASE("the coordinator refuses callers it cannot trust", "[federation]") {
     CHECK(f.Owner("acme", "status --expert acme/x") == 1);
     CHECK_THAT(f.out, Catch::Contains("revoked"));
     CHECK(f.Owner("beta", "status --expert beta/x") == 0);
+    // Re-enrolled by the operator: a new token, a new identity; the old one stays refused.
+    REQUIRE(f.Admin("owner reenroll acme --json") == 0);
+    const std::string token = nlohmann::json::parse(f.out)["token"];
+    REQUIRE(RunCommand(absl::StrCat(f.owner, " enroll --owner acme --token ", token, " --ca-cert ", f.dir / "ca/ca.crt",
+                                    " --ca-fingerprint ", f.fingerprint, " --coordinator ", f.coordinator->address(),
+                                    " --identity ", f.dir / "acme2"), &f.out) == 0);
+    CHECK(f.Owner("acme2", "status --expert acme/x") == 0);
+    CHECK(f.Owner("acme", "status --expert acme/x") == 1);
   }
   {  // a reused enrollment token
     REQUIRE(f.Admin("owner add gamma --json") == 0);
