@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <fstream>
@@ -48,16 +49,36 @@ absl::StatusOr<std::string> AuditLog::Append(const AuditEvent& e) {
   return id;
 }
 
-absl::StatusOr<std::vector<std::string>> AuditLog::Tail(size_t n) {
+absl::StatusOr<std::vector<std::string>> AuditLog::Tail(size_t n, size_t skip, bool* more) {
   std::lock_guard<std::mutex> lock(mu_);
   std::ifstream in(path_);
   if (!in) return absl::InternalError(absl::StrCat(path_, ": cannot read the audit log"));
-  std::deque<std::string> last;
+  auto cut = [](std::string line) {
+    if (line.size() > kMaxEventBytes) {
+      const size_t dropped = line.size() - kMaxEventBytes;
+      line.resize(kMaxEventBytes);
+      line += absl::StrCat("...(", dropped, " more bytes cut)");
+    }
+    return line;
+  };
+  std::deque<std::string> last;  // the newest n + skip, each already cut
+  size_t total = 0;
   for (std::string line; std::getline(in, line);) {
-    last.push_back(line);
-    if (last.size() > n) last.pop_front();
+    last.push_back(cut(std::move(line)));
+    ++total;
+    if (last.size() > n + skip) last.pop_front();
   }
-  return std::vector<std::string>(last.begin(), last.end());
+  for (size_t i = 0; i < skip && !last.empty(); ++i) last.pop_back();
+  // Within the page budget, newest first.
+  std::vector<std::string> page;
+  size_t bytes = 0;
+  for (auto it = last.rbegin(); it != last.rend() && bytes + it->size() <= kMaxPageBytes; ++it) {
+    bytes += it->size();
+    page.push_back(*it);
+  }
+  std::reverse(page.begin(), page.end());
+  if (more != nullptr) *more = total > skip + page.size();
+  return page;
 }
 
 }  // namespace flexfed

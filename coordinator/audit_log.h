@@ -27,7 +27,10 @@ class AuditLog {
   // Appends the event with an id and time; returns the id.
   absl::StatusOr<std::string> Append(const AuditEvent& event);
   // The last `n` lines, oldest first.
-  absl::StatusOr<std::vector<std::string>> Tail(size_t n);
+  // Up to `n` events, newest last, after skipping the `skip` newest; each cut to kMaxEventBytes
+  // (marked) and all together within kMaxPageBytes (the oldest left out). `more`: older ones exist.
+  static constexpr size_t kMaxEventBytes = 64 << 10, kMaxPageBytes = 4 << 20;
+  absl::StatusOr<std::vector<std::string>> Tail(size_t n, size_t skip = 0, bool* more = nullptr);
 
  private:
   AuditLog(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}

@@ -432,11 +432,15 @@ absl::StatusOr<v1::ListUploadsResponse> Coordinator::ListUploads(int limit) {
   return out;
 }
 
-absl::StatusOr<v1::TailAuditResponse> Coordinator::TailAudit(int limit) {
-  absl::StatusOr<std::vector<std::string>> lines = audit_->Tail(limit > 0 ? static_cast<size_t>(limit) : 50);
+absl::StatusOr<v1::TailAuditResponse> Coordinator::TailAudit(int limit, int64_t skip) {
+  bool more = false;
+  absl::StatusOr<std::vector<std::string>> lines =
+      audit_->Tail(limit > 0 ? std::min<size_t>(static_cast<size_t>(limit), 100000) : 50,
+                   skip > 0 ? static_cast<size_t>(std::min<int64_t>(skip, 1'000'000'000)) : 0, &more);
   if (!lines.ok()) return lines.status();
   v1::TailAuditResponse out;
   for (const std::string& l : *lines) out.add_events(l);
+  out.set_more(more);
   return out;
 }
 

@@ -62,7 +62,7 @@ class Coordinator {
   absl::StatusOr<v1::ListExpertsResponse> ListExperts();
   absl::StatusOr<v1::Expert> SetExpertState(const PeerIdentity& who, const v1::SetExpertStateRequest& request);
   absl::StatusOr<v1::ListUploadsResponse> ListUploads(int limit);
-  absl::StatusOr<v1::TailAuditResponse> TailAudit(int limit);
+  absl::StatusOr<v1::TailAuditResponse> TailAudit(int limit, int64_t skip = 0);
   absl::StatusOr<v1::StatusResponse> Status();
   // A new release of the current anchor's active experts (in registration order) minus those in
   // request.exclude. Existing releases never change; disabling an expert affects later ones only.

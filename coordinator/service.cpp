@@ -335,7 +335,7 @@ class AdminService final : public v1::Admin::CallbackService {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListUploads(r->limit()), out); });
   }
   ServerUnaryReactor* TailAudit(CallbackServerContext* ctx, const v1::TailAuditRequest* r, v1::TailAuditResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->TailAudit(r->limit()), out); });
+    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->TailAudit(r->limit(), r->skip()), out); });
   }
   ServerUnaryReactor* GetStatus(CallbackServerContext* ctx, const v1::GetStatusRequest*, v1::StatusResponse* out) override {
     return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->Status(), out); });

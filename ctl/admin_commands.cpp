@@ -357,17 +357,22 @@ void AddAdminCommands(CLI::App& app) {
   {
     CLI::App* audit = app.add_subcommand("audit", "The audit log");
     audit->require_subcommand(1);
-    struct O { Remote r; int n = 50; };
+    struct O { Remote r; int n = 50; int64_t skip = 0; };
     auto o = std::make_shared<O>();
-    CLI::App* cmd = audit->add_subcommand("tail", "The last audit events (JSON lines)");
+    CLI::App* cmd = audit->add_subcommand("tail", "The last audit events (JSON lines), a page at a time");
     cmd->add_option("-n", o->n, "How many");
+    cmd->add_option("--skip", o->skip, "Skip this many of the newest first (page back)")->check(CLI::NonNegativeNumber);
     o->r.AddOptions(cmd, false);
     cmd->callback([o] {
       auto client = o->r.Connect("audit tail");
       v1::TailAuditRequest req;
       req.set_limit(o->n);
+      req.set_skip(o->skip);
       auto resp = Call<v1::TailAuditRequest, v1::TailAuditResponse>("audit tail", *client, &v1::Admin::Stub::TailAudit, req);
       for (const auto& line : resp.events()) std::cout << line << "\n";
+      if (resp.more()) {
+        std::cerr << "(older events: audit tail -n " << o->n << " --skip " << o->skip + resp.events_size() << ")\n";
+      }
     });
   }
   {

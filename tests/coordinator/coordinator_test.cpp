@@ -2,6 +2,7 @@
 // anchors, uploads, validation and authorization. The gRPC transport is tested separately.
 #include <catch2/catch.hpp>
 
+#include <fstream>
 #include <thread>
 
 #include "common/model/checkpoint.h"
@@ -473,6 +474,35 @@ TEST_CASE("a revoked owner is re-enrolled by a new token; the old certificate st
   CHECK(site.coordinator->Authenticate(new_cert).ok());
   CHECK_FALSE(site.coordinator->Authenticate(old_cert).ok());
   CHECK_THAT(std::string(site.coordinator->Enroll(e).status().message()), Catch::Contains("already used"));
+}
+
+// Issue #13, row 6 (second half): after huge events, Admin.TailAudit failed with RESOURCE_EXHAUSTED
+// and `flexfedctl audit tail` exited 1.
+TEST_CASE("the audit tail always fits a message, and pages back", "[coordinator_logic]") {
+  Site site;
+  {
+    std::ofstream f(site.dir / "coordinator/audit.jsonl", std::ios::app);
+    f << "{\"action\":\"huge\",\"x\":\"" << std::string(20 << 20, 'x') << "\"}\n";
+  }
+  for (int i = 0; i < 3; ++i) site.Enroll("o" + std::to_string(i));
+  const v1::TailAuditResponse all = ValueOrDie(site.coordinator->TailAudit(1000));
+  size_t bytes = 0;
+  bool cut = false;
+  for (const std::string& e : all.events()) {
+    bytes += e.size();
+    CHECK(e.size() < (64 << 10) + 64);
+    cut = cut || e.find("more bytes cut") != std::string::npos;
+  }
+  CHECK(cut);
+  CHECK(bytes <= (4u << 20));
+  const v1::TailAuditResponse newest = ValueOrDie(site.coordinator->TailAudit(2));
+  const v1::TailAuditResponse older = ValueOrDie(site.coordinator->TailAudit(2, 2));
+  REQUIRE(newest.events_size() == 2);
+  REQUIRE(older.events_size() == 2);
+  CHECK(newest.more());
+  CHECK(newest.events(0) != older.events(1));
+  CHECK(newest.events(0) == all.events(all.events_size() - 2));
+  CHECK(older.events(1) == all.events(all.events_size() - 3));
 }
 
 // Issue #13, row 2: sessions were owned by id alone, and owner ids are chosen by operators.
