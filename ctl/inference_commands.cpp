@@ -20,15 +20,16 @@
 #include <nlohmann/json.hpp>
 
 namespace flexfed::cli {
-namespace {
-
-using nlohmann::json;
 
 void ExitOnError(const std::string& command, const absl::Status& s) {
   if (s.ok()) return;
   std::cerr << "flexfedctl " << command << ": error: " << s.message() << "\n";
   std::exit(1);
 }
+
+namespace {
+
+using nlohmann::json;
 
 // A model and its tokenizer, with the routing a command's --allow/--exclude asked for.
 struct LoadedModel {

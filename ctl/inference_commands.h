@@ -5,7 +5,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include <string>
+
+#include "absl/status/status.h"
+
 namespace flexfed::cli {
+
+// A local command's end: with an error, "flexfedctl COMMAND: error: MESSAGE" on stderr and exit 1.
+void ExitOnError(const std::string& command, const absl::Status& status);
 
 void AddInferenceCommands(CLI::App& app);
 

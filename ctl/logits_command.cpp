@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "ctl/inference_commands.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model/checkpoint.h"
@@ -209,13 +210,7 @@ void AddLogitsCommand(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "float32", "bfloat16"}));
   cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   cmd->add_flag("--json", o->json, "Print a JSON summary instead of a sentence");
-  cmd->callback([o] {
-    absl::Status s = RunLogits(*o);
-    if (!s.ok()) {
-      std::cerr << "flexfedctl logits: error: " << s.message() << "\n";
-      std::exit(1);
-    }
-  });
+  cmd->callback([o] { ExitOnError("logits", RunLogits(*o)); });
 }
 
 }  // namespace flexfed::cli

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "ctl/inference_commands.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/core/file_util.h"
@@ -91,13 +92,7 @@ void AddRandomCheckpointCommand(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "Seed of the weights");
   cmd->add_option("--max-shard-mib", o->max_shard_mib, "Shard the safetensors past this size")->check(CLI::PositiveNumber);
   cmd->add_flag("--json", o->json, "Print JSON: out, size, dtype, bytes, seconds");
-  cmd->callback([o] {
-    absl::Status s = Run(*o);
-    if (!s.ok()) {
-      std::cerr << "flexfedctl random-checkpoint: error: " << s.message() << "\n";
-      std::exit(1);
-    }
-  });
+  cmd->callback([o] { ExitOnError("random-checkpoint", Run(*o)); });
 }
 
 }  // namespace flexfed::cli

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "ctl/inference_commands.h"
 #include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
 #include "common/core/model_config.h"
@@ -103,13 +104,7 @@ void AddTokenizeCommand(CLI::App& app) {
   cmd->add_option("--text", o->texts, "Text to tokenize (repeat for several)");
   cmd->add_option("--file", o->file, "Tokenize this file's contents")->check(CLI::ExistingFile);
   cmd->add_flag("--json", o->json, "Print JSON: ids, pieces, decoded text, whether it round-trips");
-  cmd->callback([o] {
-    absl::Status s = Run(*o);
-    if (!s.ok()) {
-      std::cerr << "flexfedctl tokenize: error: " << s.message() << "\n";
-      std::exit(1);
-    }
-  });
+  cmd->callback([o] { ExitOnError("tokenize", Run(*o)); });
 }
 
 }  // namespace flexfed::cli
