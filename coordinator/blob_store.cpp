@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -25,6 +26,14 @@ static absl::Status WriteDurably(const std::string& final_path, const std::strin
   fs::create_directories(fs::path(final_path).parent_path(), ec);
   if (ec) return absl::InternalError(absl::StrCat(final_path, ": cannot create folder: ", ec.message()));
   return WriteFileAtomically(final_path, data);
+}
+
+static void SyncDirectory(const std::string& dir) {
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
 }
 
 static bool IsTemporary(const fs::path& p) { return p.filename().string().find(".tmp.") != std::string::npos; }
@@ -195,7 +204,16 @@ absl::Status BlobStore::PutChunk(const std::string& session, const ChunkLayout& 
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir.string(), ": cannot create: ", ec.message()));
   const std::string path = (dir / "data").string();
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT) {
+    // The session's first chunk: its folder and data file are made durable once, here, so that
+    // the markers below (which get no fsync) never outlive the file they vouch for.
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+      SyncDirectory(dir.string());
+      SyncDirectory(dir.parent_path().string());
+    }
+  }
   if (fd < 0) return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
   const char* p = data.data();
   uint64_t left = data.size(), offset = index * layout.chunk_size;
@@ -215,9 +233,14 @@ absl::Status BlobStore::PutChunk(const std::string& session, const ChunkLayout& 
   const bool durable = ::fdatasync(fd) == 0;
   ::close(fd);
   if (!durable) return absl::InternalError(absl::StrCat(path, ": fdatasync failed"));
-  // The marker is written only after the data is durable: a crash in between loses the chunk's
-  // mark, never marks bytes that are not there.
-  return WriteFileAtomically((dir / MarkerName(index)).string(), "");
+  // The marker is created only after the data is durable: a crash in between loses the chunk's
+  // mark, never marks bytes that are not there. It is empty, so it needs no fsync of its own (a
+  // marker lost in a crash only means the chunk is sent again), nor a rename.
+  const std::string marker = (dir / MarkerName(index)).string();
+  int mfd = ::open(marker.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  if (mfd < 0) return absl::InternalError(absl::StrCat(marker, ": cannot create: ", std::strerror(errno)));
+  ::close(mfd);
+  return absl::OkStatus();
 }
 
 bool BlobStore::HasChunk(const std::string& session, uint64_t index) const {
@@ -289,11 +312,7 @@ absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& 
   fs::create_directories(fs::path(PathOf(layout.sha256)).parent_path(), ec);
   fs::rename(data, PathOf(layout.sha256), ec);
   if (ec) return absl::InternalError(absl::StrCat(PathOf(layout.sha256), ": cannot move into place: ", ec.message()));
-  int dfd = ::open(fs::path(PathOf(layout.sha256)).parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  SyncDirectory(fs::path(PathOf(layout.sha256)).parent_path().string());
   // The upload's own layout serves downloads: no second pass over the blob to describe it.
   nlohmann::json j = {{"sha256", layout.sha256}, {"size", layout.size}, {"chunk_size", layout.chunk_size}, {"chunks", layout.chunk_sha256}};
   WriteFileAtomically((fs::path(root_) / "manifests" / (layout.sha256 + ".json")).string(), j.dump()).IgnoreError();
@@ -306,18 +325,79 @@ void BlobStore::DropSession(const std::string& session) {
   fs::remove_all(SessionDir(session), ec);
 }
 
-int64_t BlobStore::CollectUnreferenced(const std::function<bool(const std::string&)>& referenced) {
-  int64_t removed = 0;
+std::vector<std::string> BlobStore::SessionFolders() const {
+  std::vector<std::string> out;
   std::error_code ec;
-  std::vector<fs::path> doomed;
-  for (auto it = fs::recursive_directory_iterator(fs::path(root_) / "blobs", ec); !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
-    if (it->is_regular_file() && !referenced(it->path().filename().string())) doomed.push_back(it->path());
+  for (const auto& entry : fs::directory_iterator(fs::path(root_) / "uploads", ec)) out.push_back(entry.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::string> BlobStore::BlobNames(std::vector<std::string>* stray) const {
+  std::vector<std::string> out;
+  std::error_code ec;
+  const fs::path blobs = fs::path(root_) / "blobs";
+  for (auto it = fs::recursive_directory_iterator(blobs, ec); !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (it->is_directory()) continue;  // ab/ and ab/cd/ (empty ones are harmless)
+    const std::string name = it->path().filename().string();
+    if (it->is_regular_file() && !it->is_symlink() && IsValidSha256(name) && it->path() == fs::path(PathOf(name))) {
+      out.push_back(name);
+    } else if (stray != nullptr) {
+      stray->push_back(fs::relative(it->path(), root_, ec).string());
+    }
   }
-  for (const fs::path& p : doomed) {
-    removed += fs::remove(p, ec) ? 1 : 0;
-    fs::remove(fs::path(root_) / "manifests" / (p.filename().string() + ".json"), ec);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::string> BlobStore::ManifestFiles() const {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(fs::path(root_) / "manifests", ec)) out.push_back(entry.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+absl::StatusOr<std::string> BlobStore::HashBlob(const std::string& sha256, const std::atomic<bool>* stop) const {
+  if (!Has(sha256)) return absl::NotFoundError(absl::StrCat("no blob ", sha256));
+  std::ifstream in(PathOf(sha256), std::ios::binary);
+  if (!in) return absl::InternalError(absl::StrCat(PathOf(sha256), ": cannot open"));
+  Sha256 h;
+  std::string buf(1 << 20, '\0');
+  while (in) {
+    if (stop != nullptr && stop->load()) return absl::CancelledError("the store check was stopped");
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (in.gcount() > 0) h.Update(buf.data(), static_cast<size_t>(in.gcount()));
   }
-  return removed;
+  if (in.bad()) return absl::DataLossError(absl::StrCat(PathOf(sha256), ": read failed"));
+  return h.HexDigest();
+}
+
+void BlobStore::RemoveBlob(const std::string& sha256) {
+  if (!IsValidSha256(sha256)) return;
+  std::error_code ec;
+  fs::remove(PathOf(sha256), ec);
+  fs::remove(fs::path(root_) / "manifests" / (sha256 + ".json"), ec);
+}
+
+absl::Status BlobStore::RemoveStray(const std::string& relative_path) {
+  // Only something strictly inside blobs/, uploads/ or manifests/: at least two components, the
+  // first of them one of those, none of them "..", and relative (an absolute path replaces the root).
+  std::vector<std::string> parts;
+  const fs::path rel = fs::path(relative_path).lexically_normal();
+  for (const fs::path& part : rel) {
+    if (!part.empty()) parts.push_back(part.string());
+  }
+  const bool inside = !relative_path.empty() && rel.is_relative() && parts.size() >= 2 &&
+                      (parts[0] == "blobs" || parts[0] == "uploads" || parts[0] == "manifests") &&
+                      std::none_of(parts.begin(), parts.end(), [](const std::string& p) { return p == ".." || p == "."; });
+  if (!inside) {
+    return absl::InvalidArgumentError(absl::StrCat(relative_path, ": not a path inside the store's blobs/, uploads/ or manifests/"));
+  }
+  std::error_code ec;
+  fs::remove_all(fs::path(root_) / rel, ec);
+  if (ec) return absl::InternalError(absl::StrCat((fs::path(root_) / rel).string(), ": cannot remove: ", ec.message()));
+  return absl::OkStatus();
 }
 
 }  // namespace flexfed

@@ -10,8 +10,8 @@
 // concurrent writers of one chunk race harmlessly (same bytes at the same offset).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -65,9 +65,18 @@ class BlobStore {
   absl::Status Assemble(const std::string& session, const ChunkLayout& layout);
   void DropSession(const std::string& session);
 
-  // Removes complete blobs for which `referenced` is false (after a crash between storing a blob
-  // and recording it). Returns how many went.
-  int64_t CollectUnreferenced(const std::function<bool(const std::string& sha256)>& referenced);
+  // What the store holds, for the invariant check (Coordinator::CheckStore): upload folder names;
+  // blob names at their place (`stray` gets paths under blobs/ that are not: wrong name or place,
+  // not a regular file); chunk-manifest file names.
+  std::vector<std::string> SessionFolders() const;
+  std::vector<std::string> BlobNames(std::vector<std::string>* stray) const;
+  std::vector<std::string> ManifestFiles() const;
+  // The SHA-256 of a stored blob's bytes, read 1 MiB at a time; Cancelled once `stop` is set.
+  absl::StatusOr<std::string> HashBlob(const std::string& sha256, const std::atomic<bool>* stop = nullptr) const;
+  // Removals for the check: a blob with its chunk manifest; a path under blobs/ or uploads/ or
+  // manifests/ (relative to the store's root, checked to stay inside it).
+  void RemoveBlob(const std::string& sha256);
+  absl::Status RemoveStray(const std::string& relative_path);
   int64_t orphans_removed_at_open() const { return orphans_at_open_; }
   const std::string& root() const { return root_; }
 

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <limits>
+#include <set>
 #include <tuple>
 
 #include "absl/status/status.h"
@@ -157,11 +159,15 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const Coordinator
   absl::StatusOr<std::unique_ptr<AuditLog>> audit = AuditLog::Open((fs::path(options.data_dir) / "audit.jsonl").string());
   if (!audit.ok()) return audit.status();
   c->audit_ = *std::move(audit);
-  // A crash between storing a blob and recording it leaves an unreferenced blob: collect it.
-  c->blobs_->CollectUnreferenced([&](const std::string& sha) {
-    absl::StatusOr<bool> r = c->store_->IsBlobReferenced(sha);
-    return !r.ok() || *r;  // keep on doubt
-  });
+  // A crash can leave upload folders of finished sessions, blobs stored but never recorded, chunk
+  // manifests without their blob: the check repairs those and reports the rest. Hashing every blob
+  // is left to a check in the background (coordinator_main) or on demand.
+  v1::CheckStoreRequest startup;
+  startup.set_repair(true);
+  startup.set_skip_hashes(true);
+  absl::StatusOr<v1::CheckStoreResponse> check = c->CheckStore({"coordinator", "server", "", 0}, startup);
+  if (!check.ok()) return check.status();
+  c->startup_check_ = *std::move(check);
   return c;
 }
 
@@ -175,10 +181,7 @@ void Coordinator::Audit(const PeerIdentity& who, const std::string& action, std:
 }
 
 std::shared_mutex& Coordinator::SessionLock(const std::string& session_id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto& m = session_locks_[session_id];
-  if (!m) m = std::make_unique<std::shared_mutex>();
-  return *m;
+  return session_locks_[std::hash<std::string>{}(session_id) % session_locks_.size()];
 }
 
 CoordinatorCounters Coordinator::counters() {
@@ -460,6 +463,178 @@ absl::StatusOr<v1::StatusResponse> Coordinator::Status() {
   return out;
 }
 
+absl::StatusOr<v1::CheckStoreResponse> Coordinator::CheckStore(const PeerIdentity& who, const v1::CheckStoreRequest& r) {
+  std::lock_guard<std::mutex> check_lock(check_mu_);
+  v1::CheckStoreResponse out;
+  auto add = [&](const std::string& kind, const std::string& object, const std::string& detail, bool repaired) {
+    v1::StoreFinding* f = out.add_findings();
+    f->set_kind(kind);
+    f->set_object(object);
+    f->set_detail(detail);
+    f->set_repaired(repaired);
+    if (!repaired) out.set_unrepaired(out.unrepaired() + 1);
+  };
+  if (absl::Status s = store_->CheckIntegrity(); !s.ok()) {
+    add("database", "metadata.db", absl::StrCat(s.message(), "; stop the coordinator and restore metadata.db from a backup"), false);
+  }
+
+  // 1. Upload folders: each belongs to an open upload, or nothing will ever read it. Checked under
+  // the session's lock, so neither a chunk nor a commit is half-way through it.
+  for (const std::string& name : blobs_->SessionFolders()) {
+    out.set_sessions(out.sessions() + 1);
+    if (!IsValidSessionId(name)) {
+      const bool removed = r.repair() && blobs_->RemoveStray("uploads/" + name).ok();
+      add("stray_session", name, "not an upload session's name", removed);
+      continue;
+    }
+    std::unique_lock<std::shared_mutex> session_lock(SessionLock(name));
+    absl::StatusOr<UploadRecord> u = store_->GetUpload(name);
+    if (u.ok() && u->state == "open") continue;
+    if (!u.ok() && !absl::IsNotFound(u.status())) return u.status();
+    if (r.repair()) blobs_->DropSession(name);
+    add("stray_session", name, u.ok() ? absl::StrCat("its upload is ", u->state, "; the folder is left from before") : "no upload has this id", r.repair());
+  }
+
+  // 2. What the records name: every expert's module, every anchor file, every release member.
+  absl::StatusOr<std::vector<ExpertRecord>> experts = store_->ListExperts();
+  if (!experts.ok()) return experts.status();
+  absl::StatusOr<std::vector<AnchorRecord>> anchors = store_->ListAnchors();
+  if (!anchors.ok()) return anchors.status();
+  absl::StatusOr<std::vector<ReleaseRecord>> releases = store_->ListReleases();
+  if (!releases.ok()) return releases.status();
+  struct Named {
+    int64_t size = -1;
+    std::vector<std::string> by;
+  };
+  std::map<std::string, Named> named;
+  auto name = [&](const std::string& sha, int64_t size, std::string by) {
+    if (!IsValidSha256(sha)) {
+      add("database", by, absl::StrCat("names a blob by '", sha.substr(0, 64), "', not a SHA-256; restore metadata.db from a backup"), false);
+      return;
+    }
+    Named& n = named[sha];
+    if (n.size >= 0 && n.size != size) add("database", sha, absl::StrCat(by, " gives it ", size, " bytes, ", n.by[0], " ", n.size), false);
+    n.size = size;
+    n.by.push_back(std::move(by));
+  };
+  for (const ExpertRecord& e : *experts) {
+    if (!e.module_sha256.empty()) name(e.module_sha256, e.module_size, absl::StrCat("expert ", e.expert_id));
+  }
+  for (const AnchorRecord& a : *anchors) {
+    json files = json::parse(a.files_json, nullptr, false);
+    if (!files.is_array()) {
+      add("database", a.anchor_id, "the anchor's file list is not a JSON list; restore metadata.db from a backup", false);
+      continue;
+    }
+    for (const json& f : files) {
+      if (!f.is_object()) continue;
+      name(f.value("sha256", ""), f.value("size", int64_t{0}), absl::StrCat("anchor ", a.anchor_id.substr(0, 12), " file ", f.value("name", "")));
+    }
+  }
+  for (const ReleaseRecord& rel : *releases) {
+    absl::StatusOr<ReleaseManifest> m = ReleaseManifest::FromJson(rel.manifest_json, rel.release_id);
+    if (!m.ok()) {
+      add("database", rel.release_id, absl::StrCat(m.status().message(), "; restore metadata.db from a backup"), false);
+      continue;
+    }
+    for (const ReleaseExpert& x : m->experts) name(x.module_sha256, x.module_size, absl::StrCat("release ", rel.release_id, " (", x.expert_id, ")"));
+  }
+  auto who_names = [&](const std::string& sha) {
+    const std::vector<std::string>& by = named[sha].by;
+    return absl::StrCat(by[0], by.size() > 1 ? absl::StrCat(" and ", by.size() - 1, " more") : "");
+  };
+
+  // 3. The blobs on disk: each referenced (else garbage), of its recorded size, hashing to its name.
+  std::vector<std::string> stray;
+  std::set<std::string> present;
+  const std::vector<std::string> blobs = blobs_->BlobNames(&stray);
+  for (const std::string& path : stray) {
+    add("stray_file", path, "not a blob's name or place; nothing can read it", r.repair() && blobs_->RemoveStray(path).ok());
+  }
+  for (const std::string& sha : blobs) {
+    out.set_blobs(out.blobs() + 1);
+    if (!named.count(sha)) {
+      absl::StatusOr<bool> referenced = store_->IsBlobReferenced(sha);  // uploads: open, and committed (history)
+      if (!referenced.ok()) return referenced.status();
+      if (!*referenced) {
+        bool removed = false;
+        if (r.repair()) {
+          // Again, exclusive with commits: one may have begun on these same bytes since.
+          std::unique_lock<std::shared_mutex> gc_lock(blob_gc_mu_);
+          absl::StatusOr<bool> again = store_->IsBlobReferenced(sha);
+          if (again.ok() && !*again) {
+            blobs_->RemoveBlob(sha);
+            removed = true;
+          }
+        }
+        if (removed || !r.repair()) add("unreferenced_blob", sha, "no expert, anchor, release or upload refers to it", removed);
+        continue;
+      }
+    }
+    present.insert(sha);
+    absl::StatusOr<uint64_t> size = blobs_->Size(sha);
+    if (named.count(sha) && (!size.ok() || static_cast<int64_t>(*size) != named[sha].size)) {
+      add("damaged_blob", sha, absl::StrCat("holds ", size.ok() ? *size : 0, " bytes where ", who_names(sha), " says ", named[sha].size,
+                                            "; restore it from a backup"), false);
+      continue;
+    }
+    if (r.skip_hashes()) continue;
+    absl::StatusOr<std::string> hash = blobs_->HashBlob(sha, &stopping_);
+    if (!hash.ok()) {
+      if (absl::IsCancelled(hash.status())) return hash.status();
+      add("damaged_blob", sha, absl::StrCat(hash.status().message(), "; restore it from a backup"), false);
+      continue;
+    }
+    out.set_bytes_hashed(out.bytes_hashed() + static_cast<int64_t>(size.ok() ? *size : 0));
+    if (*hash != sha) {
+      add("damaged_blob", sha, absl::StrCat("its bytes hash to ", hash->substr(0, 12), "…; restore it from a backup",
+                                            named.count(sha) ? absl::StrCat(" (", who_names(sha), ")") : ""), false);
+    }
+  }
+  for (const auto& [sha, n] : named) {
+    if (present.count(sha)) continue;
+    const bool module = n.by[0].rfind("expert ", 0) == 0 || n.by[0].rfind("release ", 0) == 0;
+    add("missing_blob", sha, absl::StrCat(who_names(sha), " names it, the store does not hold it; restore it from a backup",
+                                          module ? " (or its owner pushes the expert again)" : " (or publish the anchor again)"), false);
+  }
+
+  // 4. Chunk manifests: each beside its blob (a lost one is recomputed; a stray one is garbage).
+  for (const std::string& file : blobs_->ManifestFiles()) {
+    const std::string sha = file.size() > 5 && file.substr(file.size() - 5) == ".json" ? file.substr(0, file.size() - 5) : "";
+    if (IsValidSha256(sha) && blobs_->Has(sha)) continue;
+    add("stray_manifest", file, "a chunk manifest without its blob", r.repair() && blobs_->RemoveStray("manifests/" + file).ok());
+  }
+
+  // 5. Experts agree with their uploads: a module only after a committed upload of it; the state
+  // says whether there is one.
+  absl::StatusOr<std::vector<UploadRecord>> uploads = store_->ListUploads(std::numeric_limits<int>::max());
+  if (!uploads.ok()) return uploads.status();
+  std::set<std::pair<std::string, std::string>> committed;
+  for (const UploadRecord& u : *uploads) {
+    if (u.state == "committed" && !u.expert_id.empty()) committed.insert({u.expert_id, u.blob_sha256});
+  }
+  for (const ExpertRecord& e : *experts) {
+    const bool has_module = !e.module_sha256.empty();
+    if (e.state == "registered" && has_module) add("expert_inconsistent", e.expert_id, "registered, yet it has a module", false);
+    if ((e.state == "uploaded" || e.state == "active" || e.state == "disabled") && !has_module) {
+      add("expert_inconsistent", e.expert_id, absl::StrCat(e.state, ", yet it has no module"), false);
+    }
+    if (has_module && !committed.count({e.expert_id, e.module_sha256})) {
+      add("expert_inconsistent", e.expert_id, absl::StrCat("its module ", e.module_sha256.substr(0, 12), " has no committed upload"), false);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.store_problems = out.unrepaired();
+  }
+  if (who.role == "admin" || out.findings_size() > 0) {
+    int64_t repaired = out.findings_size() - out.unrepaired();
+    Audit(who, "store.check", {{"repair", r.repair() ? "yes" : "no"}, {"hashes", r.skip_hashes() ? "no" : "yes"}},
+          absl::StrCat("ok: ", out.findings_size(), " finding(s), ", repaired, " repaired"));
+  }
+  return out;
+}
+
 namespace {
 
 v1::Release ReleaseToProto(const ReleaseRecord& r) {
@@ -660,6 +835,8 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIde
   if (!missing.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(missing.size(), " chunk(s) still missing (first: ", missing[0], "); send them, then commit"));
   }
+  // From here until the blob is recorded, the store check must not take it for unreferenced.
+  std::shared_lock<std::shared_mutex> gc_lock(blob_gc_mu_);
   if (absl::Status s = blobs_->Assemble(session, *layout); !s.ok()) return s;
   blobs_->DropSession(session);
   if (u->expert_id.empty()) {  // an operator's blob

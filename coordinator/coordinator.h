@@ -4,6 +4,8 @@
 // Protocol: proto/flexfed/v1/flexfed.proto, docs/PROTOCOL.md. Thread-safe.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -37,6 +39,7 @@ struct CoordinatorCounters {
   int64_t bytes_in = 0;
   int64_t bytes_out = 0;
   int64_t committed_uploads = 0;
+  int64_t store_problems = 0;  // findings the last store check left unrepaired
 };
 
 class Coordinator {
@@ -85,6 +88,15 @@ class Coordinator {
                                        uint64_t length);
   absl::Status Heartbeat(const PeerIdentity& who, const v1::HeartbeatRequest& request);
 
+  // The store's invariants (proto CheckStoreRequest): reports what is wrong and, with
+  // request.repair, removes what nothing can need. Safe while serving. Open() runs it without hashes
+  // and repairing; `flexfedctl status --check` runs it on demand. Cancelled by Stop().
+  absl::StatusOr<v1::CheckStoreResponse> CheckStore(const PeerIdentity& who, const v1::CheckStoreRequest& request);
+  // Cancels long work in progress (store checks), ahead of a shutdown.
+  void Stop() { stopping_ = true; }
+  // What Open()'s check found and repaired.
+  const v1::CheckStoreResponse& startup_check() const { return startup_check_; }
+
   CoordinatorCounters counters();
   int64_t Now() const { return options_.clock(); }
   const std::string& data_dir() const { return options_.data_dir; }
@@ -94,8 +106,9 @@ class Coordinator {
   Coordinator() = default;
   void Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
              const std::string& result);
-  // Per upload session: chunk writes hold it shared, commit exclusive, so no chunk lands in (and
-  // re-creates) a session folder that a commit has assembled and dropped.
+  // Per upload session: chunk writes hold it shared, commit (and the store check) exclusive, so no
+  // chunk lands in (and re-creates) a session folder that a commit has assembled and dropped. Locks
+  // are striped by the session id's hash: a fixed set, however many sessions come and go.
   std::shared_mutex& SessionLock(const std::string& session_id);
   absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
   // An anchor's config.json, read from its blob and parsed: the one way the coordinator reads it
@@ -107,10 +120,17 @@ class Coordinator {
   std::unique_ptr<Store> store_;
   std::unique_ptr<BlobStore> blobs_;
   std::unique_ptr<AuditLog> audit_;
-  std::mutex mu_;  // guards counters_ and session_locks_
+  std::mutex mu_;  // guards counters_
   std::mutex release_mu_;  // serialises BuildRelease (release numbering)
+  std::mutex check_mu_;    // one store check at a time
+  // Commits hold it shared from assembling a blob to recording it; the store check holds it
+  // exclusive while it re-checks and removes an unreferenced blob, so it never removes a blob a
+  // commit has just found in place and is about to attach.
+  std::shared_mutex blob_gc_mu_;
   CoordinatorCounters counters_;
-  std::map<std::string, std::unique_ptr<std::shared_mutex>> session_locks_;
+  std::array<std::shared_mutex, 512> session_locks_;
+  v1::CheckStoreResponse startup_check_;
+  std::atomic<bool> stopping_{false};
   int64_t started_unix_ = 0;
 };
 

@@ -3,9 +3,11 @@
 
 #include <malloc.h>
 
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <iostream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
@@ -30,6 +32,7 @@ struct Options {
   std::string metrics_listen = "127.0.0.1:9464";
   int idle_timeout = 300;
   int certificate_days = 365;
+  bool verify_blobs = true;
 };
 
 // Structured log line on stderr (journald and collectors parse it): time, level, event, fields.
@@ -41,6 +44,11 @@ void Log(const std::string& level, const std::string& event, nlohmann::json fiel
   fields["level"] = level;
   fields["event"] = event;
   std::cerr << fields.dump() << std::endl;
+}
+
+void LogFinding(const v1::StoreFinding& f) {
+  Log(f.repaired() ? "warning" : "error", "store_finding",
+      {{"kind", f.kind()}, {"object", f.object()}, {"detail", f.detail()}, {"repaired", f.repaired()}});
 }
 
 [[noreturn]] void Fail(const std::string& message) {
@@ -91,6 +99,7 @@ int main(int argc, char** argv) {
   auto* metrics = app.add_option("--metrics-listen", o.metrics_listen, "host:port for /metrics and /health (empty: off)");
   auto* idle = app.add_option("--idle-timeout", o.idle_timeout, "Seconds without progress before a peer is dropped");
   auto* days = app.add_option("--certificate-days", o.certificate_days, "Validity of certificates issued at enrollment");
+  auto* verify = app.add_flag("!--no-verify-blobs", o.verify_blobs, "Skip hashing every stored blob in the background after start-up");
   app.footer("Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a start-up error, 2 bad usage.");
   try {
     app.parse(argc, argv);
@@ -109,8 +118,9 @@ int main(int argc, char** argv) {
         else if (k == "idle-timeout" && idle->count() == 0) o.idle_timeout = v.get<int>();
         else if (k == "certificate-days" && days->count() == 0) o.certificate_days = v.get<int>();
         else if (k == "metrics-listen" && metrics->count() == 0) o.metrics_listen = v.get<std::string>();
+        else if (k == "verify-blobs" && verify->count() == 0) o.verify_blobs = v.get<bool>();
         else if (k != "data-dir" && k != "listen" && k != "ca-dir" && k != "hostname" && k != "idle-timeout" &&
-                 k != "certificate-days" && k != "metrics-listen") {
+                 k != "certificate-days" && k != "metrics-listen" && k != "verify-blobs") {
           Fail(absl::StrCat(o.config, ": unknown setting '", k, "'"));
         }
       } catch (const nlohmann::json::exception&) {
@@ -145,7 +155,27 @@ int main(int argc, char** argv) {
     metrics_server = *std::move(m);
   }
   Log("info", "serving", {{"port", (*server)->port()}, {"metrics_port", metrics_server.port}, {"data_dir", o.data_dir},
-                          {"hostnames", o.hostnames}, {"orphans_removed", (*coordinator)->blobs().orphans_removed_at_open()}});
+                          {"hostnames", o.hostnames}, {"orphans_removed", (*coordinator)->blobs().orphans_removed_at_open()},
+                          {"store_repairs", (*coordinator)->startup_check().findings_size() - (*coordinator)->startup_check().unrepaired()},
+                          {"store_problems", (*coordinator)->startup_check().unrepaired()}});
+  for (const v1::StoreFinding& f : (*coordinator)->startup_check().findings()) LogFinding(f);
+  // Every blob's bytes hashed against its name, while serving (a large store takes minutes);
+  // findings are logged and counted in flexfed_store_problems. Stopped at shutdown.
+  std::thread verifier;
+  if (o.verify_blobs) {
+    verifier = std::thread([c = coordinator->get()] {
+      const auto t0 = std::chrono::steady_clock::now();
+      absl::StatusOr<v1::CheckStoreResponse> r = c->CheckStore({"coordinator", "server", "", 0}, v1::CheckStoreRequest());
+      if (!r.ok()) {
+        if (!absl::IsCancelled(r.status())) Log("error", "store_check_failed", {{"message", std::string(r.status().message())}});
+        return;
+      }
+      for (const v1::StoreFinding& f : r->findings()) LogFinding(f);
+      Log(r->unrepaired() > 0 ? "error" : "info", "store_checked",
+          {{"blobs", r->blobs()}, {"bytes_hashed", r->bytes_hashed()}, {"problems", r->unrepaired()},
+           {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+    });
+  }
   if (!o.port_file.empty()) {
     // Line 1: the gRPC port; line 2: the metrics port (0 when off).
     if (absl::Status s = WriteFileAtomically(o.port_file, absl::StrCat((*server)->port(), "\n", metrics_server.port, "\n")); !s.ok()) {
@@ -155,7 +185,9 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&stop_signals, &sig);
   Log("info", "stopping", {{"signal", sig}});
+  (*coordinator)->Stop();  // a store check in progress ends, on its own thread or a call's
   (*server)->Shutdown();
+  if (verifier.joinable()) verifier.join();
   Log("info", "stopped");
   return 0;
 }

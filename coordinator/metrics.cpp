@@ -49,7 +49,10 @@ std::vector<prometheus::MetricFamily> CoordinatorMetrics::Collect() const {
   Add(committed, static_cast<double>(c.committed_uploads));
   auto rejected = Family("flexfed_uploads_rejected_total", "Uploads refused, by reason", MetricType::Counter);
   for (const auto& [reason, n] : c.rejected_uploads) Add(rejected, static_cast<double>(n), {{"reason", reason}});
-  out = {bytes_in, bytes_out, committed, rejected};
+  auto problems = Family("flexfed_store_problems", "Findings the last store check could not repair (flexfedctl status --check)",
+                         MetricType::Gauge);
+  Add(problems, static_cast<double>(c.store_problems));
+  out = {bytes_in, bytes_out, committed, rejected, problems};
 
   auto sessions = Family("flexfed_upload_sessions_open", "Upload sessions not yet committed", MetricType::Gauge);
   absl::StatusOr<v1::StatusResponse> status = coordinator_->Status();

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -45,20 +46,24 @@ absl::Status HandlerFailed(CallbackServerContext* ctx, const char* what) {
   return absl::InternalError("the coordinator failed to handle this call (logged); retry later or tell the operator");
 }
 
-// Runs `body` for an authorized caller and finishes the unary call with its status.
+// Runs `body` for an authorized caller on the work queue and finishes the unary call with its
+// status there. `body` captures by value: the handler has returned by the time it runs (the request
+// and response stay valid until Finish).
 template <typename Body>
-ServerUnaryReactor* Unary(Coordinator* c, CallbackServerContext* ctx, const std::string& role, Body body) {
+ServerUnaryReactor* Unary(Coordinator* c, WorkQueue* work, CallbackServerContext* ctx, const std::string& role, Body body) {
   ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  absl::Status status;
-  try {
-    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role);
-    status = who.ok() ? body(*who) : who.status();
-  } catch (const std::exception& e) {
-    status = HandlerFailed(ctx, e.what());
-  } catch (...) {
-    status = HandlerFailed(ctx, "an exception of unknown type");
-  }
-  reactor->Finish(ToGrpc(status));
+  work->Post([c, ctx, role, reactor, body = std::move(body)]() mutable {
+    absl::Status status;
+    try {
+      absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role);
+      status = who.ok() ? body(*who) : who.status();
+    } catch (const std::exception& e) {
+      status = HandlerFailed(ctx, e.what());
+    } catch (...) {
+      status = HandlerFailed(ctx, "an exception of unknown type");
+    }
+    reactor->Finish(ToGrpc(status));
+  });
   return reactor;
 }
 
@@ -70,34 +75,37 @@ absl::Status Fill(absl::StatusOr<T> result, T* response) {
   return absl::OkStatus();
 }
 
-// Client-streaming chunk upload: each chunk is verified and stored as it arrives. Receiving the
-// next chunk overlaps with storing the last one (at most kInFlight chunks held per stream), so a
-// transfer runs at about the slower of network and disk rather than their sum.
+// Client-streaming chunk upload: each chunk is verified and stored as it arrives, on the work
+// queue; the reactions only hand chunks over and start the next read. Receiving the next chunk
+// overlaps with storing the last (at most kInFlight chunks held per stream), so a transfer runs at
+// about the slower of network and disk rather than their sum.
 class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
  public:
   // `role` as Authorize's: the Admin service's uploads are for operators only.
-  UploadReactor(Coordinator* c, CallbackServerContext* ctx, v1::UploadStatus* response, const std::string& role)
-      : coordinator_(c), ctx_(ctx), response_(response) {
-    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, role, &pem_);
-    if (!who.ok()) {
-      Finish(ToGrpc(who.status()));
-      return;
-    }
-    who_ = *who;
-    StartRead(&chunk_);
+  UploadReactor(Coordinator* c, WorkQueue* work, CallbackServerContext* ctx, v1::UploadStatus* response, const std::string& role)
+      : coordinator_(c), work_(work), ctx_(ctx), response_(response) {
+    work_->Post([this, role] {
+      absl::StatusOr<PeerIdentity> who = Authorize(coordinator_, ctx_, role, &pem_);
+      if (!who.ok()) {
+        Finish(ToGrpc(who.status()));
+        return;
+      }
+      who_ = *who;
+      StartRead(&chunk_);
+    });
   }
 
   void OnReadDone(bool ok) override {
     std::unique_lock<std::mutex> lock(mu_);
-    if (!ok) {  // the client finished sending
+    if (!ok) {  // the client finished sending (or went away)
       reading_done_ = true;
       MaybeFinish(lock);
       return;
     }
     if (!chunk_.session_id().empty()) session_ = chunk_.session_id();
     chunk_.set_session_id(session_);
-    v1::UploadChunk mine;
-    mine.Swap(&chunk_);
+    auto mine = std::make_shared<v1::UploadChunk>();
+    mine->Swap(&chunk_);
     ++in_flight_;
     // With room for another chunk, receive it while this one is stored.
     bool read_started = false;
@@ -105,10 +113,23 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
       StartRead(&chunk_);
       read_started = true;
     }
-    const bool failed_already = !error_.ok();
     lock.unlock();
-    absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(error_) : Store(mine);
-    lock.lock();
+    work_->Post([this, mine, read_started] { Stored(*mine, read_started); });
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  static constexpr int kInFlight = 2;
+
+  // On the work queue: stores one chunk, then reads the next one or finishes.
+  void Stored(const v1::UploadChunk& mine, bool read_started) {
+    bool failed_already;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failed_already = !error_.ok();
+    }
+    absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(absl::AbortedError("")) : Store(mine);
+    std::unique_lock<std::mutex> lock(mu_);
     --in_flight_;
     if (!put.ok() && error_.ok()) error_ = put.status();
     if (!error_.ok()) {
@@ -120,10 +141,6 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
     if (!read_started) StartRead(&chunk_);
     else MaybeFinish(lock);
   }
-  void OnDone() override { delete this; }
-
- private:
-  static constexpr int kInFlight = 2;
 
   // Every chunk is authorized again: a revocation (or a certificate replaced by re-enrollment)
   // takes effect in the middle of an open stream, not at its next call.
@@ -156,6 +173,7 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
   }
 
   Coordinator* coordinator_;
+  WorkQueue* work_;
   CallbackServerContext* ctx_;
   v1::UploadStatus* response_;
   PeerIdentity who_;
@@ -168,40 +186,45 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
   absl::Status error_;
 };
 
-// Server-streaming download of [offset, offset + length) in chunks of at most 4 MiB.
+// Server-streaming download of [offset, offset + length) in chunks of at most 4 MiB. Each chunk
+// is read on the work queue; the write reaction only asks for the next one.
 class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
  public:
-  DownloadReactor(Coordinator* c, CallbackServerContext* ctx, const v1::DownloadRequest* request)
-      : coordinator_(c), sha256_(request->sha256()), offset_(request->offset()) {
-    absl::StatusOr<PeerIdentity> who = Authorize(c, ctx, "", &pem_);
-    if (!who.ok()) {
-      Finish(ToGrpc(who.status()));
-      return;
-    }
-    who_ = *who;
-    // May the caller read it? Asked first, so that the answer says nothing about other blobs.
-    if (absl::StatusOr<std::string> probe = c->ReadBlob(who_, sha256_, 0, 0); !probe.ok()) {
-      Finish(ToGrpc(probe.status()));
-      return;
-    }
-    absl::StatusOr<uint64_t> size = c->blobs().Size(sha256_);
-    if (!size.ok()) {
-      Finish(ToGrpc(size.status()));
-      return;
-    }
-    end_ = request->length() == 0 ? *size : std::min(*size, offset_ + request->length());
-    Next();
+  DownloadReactor(Coordinator* c, WorkQueue* work, CallbackServerContext* ctx, const v1::DownloadRequest* request)
+      : coordinator_(c), work_(work), sha256_(request->sha256()), offset_(request->offset()) {
+    const uint64_t length = request->length();
+    work_->Post([this, ctx, length] { Start(ctx, length); });
   }
   void OnWriteDone(bool ok) override {
     if (!ok) {
       Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the client went away"));
       return;
     }
-    Next();
+    work_->Post([this] { Next(); });
   }
   void OnDone() override { delete this; }
 
  private:
+  void Start(CallbackServerContext* ctx, uint64_t length) {
+    absl::StatusOr<PeerIdentity> who = Authorize(coordinator_, ctx, "", &pem_);
+    if (!who.ok()) {
+      Finish(ToGrpc(who.status()));
+      return;
+    }
+    who_ = *who;
+    // May the caller read it? Asked first, so that the answer says nothing about other blobs.
+    if (absl::StatusOr<std::string> probe = coordinator_->ReadBlob(who_, sha256_, 0, 0); !probe.ok()) {
+      Finish(ToGrpc(probe.status()));
+      return;
+    }
+    absl::StatusOr<uint64_t> size = coordinator_->blobs().Size(sha256_);
+    if (!size.ok()) {
+      Finish(ToGrpc(size.status()));
+      return;
+    }
+    end_ = length == 0 ? *size : std::min(*size, offset_ + length);
+    Next();
+  }
   void Next() {
     if (offset_ >= end_) {
       Finish(grpc::Status::OK);
@@ -224,6 +247,7 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
     StartWrite(&chunk_);
   }
   Coordinator* coordinator_;
+  WorkQueue* work_;
   PeerIdentity who_;
   std::string pem_;
   std::string sha256_;
@@ -233,121 +257,128 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
 
 class EnrollmentService final : public v1::Enrollment::CallbackService {
  public:
-  explicit EnrollmentService(Coordinator* c) : c_(c) {}
+  EnrollmentService(Coordinator* c, WorkQueue* work) : c_(c), work_(work) {}
   ServerUnaryReactor* Enroll(CallbackServerContext* ctx, const v1::EnrollRequest* r, v1::EnrollResponse* out) override {
     ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    auto it = ctx->client_metadata().find(kProtocolHeader);
-    absl::Status s = CheckProtocolVersion(it == ctx->client_metadata().end() ? "" : std::string(it->second.data(), it->second.size()));
-    try {
-      if (s.ok()) s = Fill(c_->Enroll(*r), out);
-    } catch (const std::exception& e) {
-      s = HandlerFailed(ctx, e.what());
-    }
-    reactor->Finish(ToGrpc(s));
+    work_->Post([this, ctx, r, out, reactor] {
+      auto it = ctx->client_metadata().find(kProtocolHeader);
+      absl::Status s = CheckProtocolVersion(it == ctx->client_metadata().end() ? "" : std::string(it->second.data(), it->second.size()));
+      try {
+        if (s.ok()) s = Fill(c_->Enroll(*r), out);
+      } catch (const std::exception& e) {
+        s = HandlerFailed(ctx, e.what());
+      }
+      reactor->Finish(ToGrpc(s));
+    });
     return reactor;
   }
 
  private:
   Coordinator* c_;
+  WorkQueue* work_;
 };
 
 class OwnerService final : public v1::Owner::CallbackService {
  public:
-  explicit OwnerService(Coordinator* c) : c_(c) {}
+  OwnerService(Coordinator* c, WorkQueue* work) : c_(c), work_(work) {}
   ServerUnaryReactor* GetAnchor(CallbackServerContext* ctx, const v1::GetAnchorRequest* r, v1::Anchor* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity&) { return Fill(c_->GetAnchor(r->anchor_id()), out); });
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity&) { return Fill(c_->GetAnchor(r->anchor_id()), out); });
   }
   ServerUnaryReactor* GetManifest(CallbackServerContext* ctx, const v1::GetManifestRequest* r, v1::Manifest* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->GetManifest(who, r->sha256()), out); });
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) { return Fill(c_->GetManifest(who, r->sha256()), out); });
   }
   grpc::ServerWriteReactor<v1::DataChunk>* Download(CallbackServerContext* ctx, const v1::DownloadRequest* r) override {
-    return new DownloadReactor(c_, ctx, r);
+    return new DownloadReactor(c_, work_, ctx, r);
   }
   ServerUnaryReactor* BeginUpload(CallbackServerContext* ctx, const v1::BeginUploadRequest* r, v1::UploadStatus* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity& who) {
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) {
       if (r->expert_id().empty()) return absl::InvalidArgumentError("name the expert the module is for");
       return Fill(c_->BeginUpload(who, r->expert_id(), r->manifest()), out);
     });
   }
   grpc::ServerReadReactor<v1::UploadChunk>* UploadChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
-    return new UploadReactor(c_, ctx, out, "");
+    return new UploadReactor(c_, work_, ctx, out, "");
   }
   ServerUnaryReactor* QueryMissing(CallbackServerContext* ctx, const v1::QueryMissingRequest* r, v1::UploadStatus* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->QueryMissing(who, r->session_id()), out); });
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) { return Fill(c_->QueryMissing(who, r->session_id()), out); });
   }
   ServerUnaryReactor* CommitUpload(CallbackServerContext* ctx, const v1::CommitUploadRequest* r, v1::CommitUploadResponse* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->CommitUpload(who, r->session_id()), out); });
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) { return Fill(c_->CommitUpload(who, r->session_id()), out); });
   }
   ServerUnaryReactor* Heartbeat(CallbackServerContext* ctx, const v1::HeartbeatRequest* r, v1::HeartbeatResponse* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity& who) {
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) {
       out->set_server_unix(c_->Now());
       return c_->Heartbeat(who, *r);
     });
   }
   ServerUnaryReactor* GetExpert(CallbackServerContext* ctx, const v1::GetExpertRequest* r, v1::Expert* out) override {
-    return Unary(c_, ctx, "", [&](const PeerIdentity& who) { return Fill(c_->GetExpert(who, r->expert_id()), out); });
+    return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) { return Fill(c_->GetExpert(who, r->expert_id()), out); });
   }
 
  private:
   Coordinator* c_;
+  WorkQueue* work_;
 };
 
 class AdminService final : public v1::Admin::CallbackService {
  public:
-  explicit AdminService(Coordinator* c) : c_(c) {}
+  AdminService(Coordinator* c, WorkQueue* work) : c_(c), work_(work) {}
   ServerUnaryReactor* PublishAnchor(CallbackServerContext* ctx, const v1::PublishAnchorRequest* r, v1::Anchor* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->PublishAnchor(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->PublishAnchor(who, *r), out); });
   }
   ServerUnaryReactor* ListAnchors(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListAnchorsResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListAnchors(), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->ListAnchors(), out); });
   }
   ServerUnaryReactor* AddOwner(CallbackServerContext* ctx, const v1::AddOwnerRequest* r, v1::AddOwnerResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->AddOwner(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->AddOwner(who, *r), out); });
   }
   ServerUnaryReactor* ReenrollOwner(CallbackServerContext* ctx, const v1::AddOwnerRequest* r, v1::AddOwnerResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->ReenrollOwner(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->ReenrollOwner(who, *r), out); });
   }
   ServerUnaryReactor* ListOwners(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListOwnersResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListOwners(), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->ListOwners(), out); });
   }
   ServerUnaryReactor* RevokeOwner(CallbackServerContext* ctx, const v1::RevokeOwnerRequest* r, v1::OwnerInfo* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->RevokeOwner(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->RevokeOwner(who, *r), out); });
   }
   ServerUnaryReactor* RegisterExpert(CallbackServerContext* ctx, const v1::RegisterExpertRequest* r, v1::Expert* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->RegisterExpert(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->RegisterExpert(who, *r), out); });
   }
   ServerUnaryReactor* ListExperts(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListExpertsResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListExperts(), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->ListExperts(), out); });
   }
   ServerUnaryReactor* BuildRelease(CallbackServerContext* ctx, const v1::BuildReleaseRequest* r, v1::Release* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->BuildRelease(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->BuildRelease(who, *r), out); });
   }
   ServerUnaryReactor* GetRelease(CallbackServerContext* ctx, const v1::GetReleaseRequest* r, v1::Release* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->GetRelease(r->release_id()), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->GetRelease(r->release_id()), out); });
   }
   ServerUnaryReactor* ListReleases(CallbackServerContext* ctx, const v1::ListRequest*, v1::ListReleasesResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListReleases(), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->ListReleases(), out); });
   }
   ServerUnaryReactor* SetExpertState(CallbackServerContext* ctx, const v1::SetExpertStateRequest* r, v1::Expert* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->SetExpertState(who, *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->SetExpertState(who, *r), out); });
   }
   ServerUnaryReactor* ListUploads(CallbackServerContext* ctx, const v1::ListRequest* r, v1::ListUploadsResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->ListUploads(r->limit()), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->ListUploads(r->limit()), out); });
   }
   ServerUnaryReactor* TailAudit(CallbackServerContext* ctx, const v1::TailAuditRequest* r, v1::TailAuditResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->TailAudit(r->limit(), r->skip()), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->TailAudit(r->limit(), r->skip()), out); });
   }
   ServerUnaryReactor* GetStatus(CallbackServerContext* ctx, const v1::GetStatusRequest*, v1::StatusResponse* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity&) { return Fill(c_->Status(), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity&) { return Fill(c_->Status(), out); });
+  }
+  ServerUnaryReactor* CheckStore(CallbackServerContext* ctx, const v1::CheckStoreRequest* r, v1::CheckStoreResponse* out) override {
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->CheckStore(who, *r), out); });
   }
   ServerUnaryReactor* BeginBlobUpload(CallbackServerContext* ctx, const v1::Manifest* r, v1::UploadStatus* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) { return Fill(c_->BeginUpload(who, "", *r), out); });
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->BeginUpload(who, "", *r), out); });
   }
   grpc::ServerReadReactor<v1::UploadChunk>* UploadBlobChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
-    return new UploadReactor(c_, ctx, out, "admin");  // operators only; the session says whose upload it is
+    return new UploadReactor(c_, work_, ctx, out, "admin");  // operators only; the session says whose upload it is
   }
   ServerUnaryReactor* CommitBlob(CallbackServerContext* ctx, const v1::CommitUploadRequest* r, v1::BlobRef* out) override {
-    return Unary(c_, ctx, "admin", [&](const PeerIdentity& who) -> absl::Status {
+    return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) -> absl::Status {
       absl::StatusOr<v1::CommitUploadResponse> committed = c_->CommitUpload(who, r->session_id());
       if (!committed.ok()) return committed.status();
       *out = committed->blob();
@@ -357,6 +388,7 @@ class AdminService final : public v1::Admin::CallbackService {
 
  private:
   Coordinator* c_;
+  WorkQueue* work_;
 };
 
 }  // namespace
@@ -418,9 +450,13 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Coor
     }
     std::sort(HiddenPaths().begin(), HiddenPaths().end(), [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
   }
-  server->enrollment_ = std::make_unique<EnrollmentService>(c);
-  server->owner_ = std::make_unique<OwnerService>(c);
-  server->admin_ = std::make_unique<AdminService>(c);
+  // Blocking work runs here, not on gRPC's threads: chunk hashing and fdatasync, blob reads, commit
+  // hashing passes and database transactions. Enough threads that disk waits overlap.
+  const int threads = o.work_threads > 0 ? o.work_threads : std::max(8, 2 * static_cast<int>(std::thread::hardware_concurrency()));
+  server->work_ = std::make_unique<WorkQueue>(threads);
+  server->enrollment_ = std::make_unique<EnrollmentService>(c, server->work_.get());
+  server->owner_ = std::make_unique<OwnerService>(c, server->work_.get());
+  server->admin_ = std::make_unique<AdminService>(c, server->work_.get());
   grpc::SslServerCredentialsOptions tls(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);  // enrollment comes without one
   tls.pem_root_certs = o.ca_cert_pem;
   tls.pem_key_cert_pairs.push_back({o.server_key_pem, o.server_cert_pem});

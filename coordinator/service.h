@@ -1,6 +1,6 @@
 // The coordinator's gRPC surface (callback API): Enrollment, Owner and Admin services over one
 // mTLS port. Every handler first checks the caller's protocol version and identity (Authorize),
-// then calls Coordinator. The version check lives there rather than in a server interceptor
+// then calls Coordinator — on a work queue, so that gRPC's callback threads never block. The version check lives there rather than in a server interceptor
 // because a gRPC C++ interceptor cannot end a call with a readable status, only cancel it.
 #pragma once
 
@@ -10,6 +10,7 @@
 #include <string>
 
 #include "coordinator/coordinator.h"
+#include "coordinator/work_queue.h"
 #include "flexfed/v1/version.h"
 
 namespace flexfed {
@@ -22,6 +23,7 @@ struct ServerOptions {
   std::string server_cert_pem;
   std::string server_key_pem;
   int idle_timeout_seconds = 300;  // a stream with no progress for this long is dropped
+  int work_threads = 0;            // threads for blocking work (coordinator/work_queue.h); 0: max(8, 2 × cores)
 };
 
 class CoordinatorServer {
@@ -35,6 +37,7 @@ class CoordinatorServer {
 
  private:
   CoordinatorServer() = default;
+  std::unique_ptr<WorkQueue> work_;  // declared first: outlives the server and its calls
   std::unique_ptr<grpc::Service> enrollment_, owner_, admin_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -227,6 +227,20 @@ int SqliteStore::schema_version() {
   return s.Step() == SQLITE_ROW ? static_cast<int>(s.Int(0)) : -1;
 }
 
+absl::Status SqliteStore::CheckIntegrity() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "PRAGMA quick_check(5)");
+  std::string problems;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    const std::string line = s.Text(0);
+    if (line != "ok") problems += (problems.empty() ? "" : "; ") + line;
+  }
+  if (rc != SQLITE_DONE) return s.Error("checking the database");
+  if (!problems.empty()) return absl::DataLossError(absl::StrCat(path_, ": ", problems));
+  return absl::OkStatus();
+}
+
 absl::Status SqliteStore::Migrate() {
   int version;
   {

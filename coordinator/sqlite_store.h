@@ -19,6 +19,7 @@ class SqliteStore final : public Store {
   ~SqliteStore() override;
 
   int schema_version() override;
+  absl::Status CheckIntegrity() override;
   absl::Status AddAnchor(const AnchorRecord& anchor, bool make_current) override;
   absl::StatusOr<AnchorRecord> GetAnchor(const std::string& anchor_id) override;
   absl::StatusOr<std::vector<AnchorRecord>> ListAnchors() override;

@@ -78,6 +78,9 @@ class Store {
   virtual ~Store() = default;
 
   virtual int schema_version() = 0;
+  // The database's own consistency check (for SQLite, PRAGMA quick_check): DataLoss naming the
+  // first problems when it fails.
+  virtual absl::Status CheckIntegrity() = 0;
 
   // Adds an anchor; with `make_current`, it becomes the one owners train against.
   virtual absl::Status AddAnchor(const AnchorRecord& anchor, bool make_current) = 0;

@@ -2,6 +2,7 @@
 // docs/OPERATOR_GUIDE.md describes the workflow; docs/CLI.md the exit codes.
 #include "ctl/admin_commands.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
@@ -376,10 +377,53 @@ void AddAdminCommands(CLI::App& app) {
     });
   }
   {
-    auto r = std::make_shared<Remote>();
-    CLI::App* cmd = app.add_subcommand("status", "The coordinator's state at a glance");
-    r->AddOptions(cmd, true);
-    cmd->callback([r] {
+    struct O { Remote r; bool check = false, no_repair = false, skip_hashes = false; };
+    auto o = std::make_shared<O>();
+    CLI::App* cmd = app.add_subcommand("status", "The coordinator's state at a glance; --check: its store's invariants");
+    o->r.AddOptions(cmd, true);
+    cmd->add_flag("--check", o->check,
+                  "Check the store: no upload folder without an open upload, no unreferenced blob, every module and anchor "
+                  "file present and hashing to its name, experts agreeing with their uploads; repair what is safe "
+                  "(exit 1 when problems remain)");
+    cmd->add_flag("--no-repair", o->no_repair, "With --check: report only");
+    cmd->add_flag("--skip-hashes", o->skip_hashes, "With --check: presence and sizes only, no reading of every blob");
+    cmd->footer("Exit codes: 0 ok, 1 error or (with --check) problems left, 2 bad usage.");
+    cmd->callback([o] {
+      const Remote* r = &o->r;
+      if (!o->check && (o->no_repair || o->skip_hashes)) {
+        Fail("status", absl::InvalidArgumentError("--no-repair and --skip-hashes go with --check"));
+      }
+      if (o->check) {
+        auto client = r->Connect("status --check");
+        v1::CheckStoreRequest req;
+        req.set_repair(!o->no_repair);
+        req.set_skip_hashes(o->skip_hashes);
+        v1::CheckStoreResponse resp;
+        std::unique_ptr<grpc::ClientContext> ctx = client->NewContext();
+        ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::hours(24));  // hashing a large store takes long
+        absl::Status st = ToStatus(client->admin().CheckStore(ctx.get(), req, &resp));
+        if (absl::IsUnimplemented(st)) {
+          st = absl::UnimplementedError("this coordinator predates store checks (protocol 1.2); upgrade it, or run it once: it checks at start-up");
+        }
+        if (!st.ok()) Fail("status --check", st);
+        if (r->json) {
+          json findings = json::array();
+          for (const v1::StoreFinding& f : resp.findings()) {
+            findings.push_back({{"kind", f.kind()}, {"object", f.object()}, {"detail", f.detail()}, {"repaired", f.repaired()}});
+          }
+          std::cout << json({{"findings", findings}, {"blobs", resp.blobs()}, {"bytes_hashed", resp.bytes_hashed()},
+                             {"sessions", resp.sessions()}, {"unrepaired", resp.unrepaired()}}).dump() << "\n";
+        } else {
+          for (const v1::StoreFinding& f : resp.findings()) {
+            std::cout << (f.repaired() ? "repaired  " : "PROBLEM   ") << f.kind() << " " << f.object() << ": " << f.detail() << "\n";
+          }
+          std::cout << "store: " << resp.blobs() << " blob(s), " << resp.bytes_hashed() / 1e9 << " GB hashed, " << resp.sessions()
+                    << " upload folder(s); " << resp.findings_size() - resp.unrepaired() << " repaired, " << resp.unrepaired()
+                    << " problem(s) left\n";
+        }
+        if (resp.unrepaired() > 0) std::exit(1);
+        return;
+      }
       auto client = r->Connect("status");
       auto s = Call<v1::GetStatusRequest, v1::StatusResponse>("status", *client, &v1::Admin::Stub::GetStatus, v1::GetStatusRequest());
       json j = {{"version", s.version()}, {"protocol", s.protocol()}, {"current_anchor_id", s.current_anchor_id()},

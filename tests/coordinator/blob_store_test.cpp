@@ -1,6 +1,8 @@
 // Specification of the content-addressed blob store (coordinator/blob_store.h).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -133,15 +135,42 @@ TEST_CASE("orphans of a crash are collected at open", "[blob_store]") {
   CHECK_FALSE(store->HasChunk("00000000000000000000000000000003", 7));
 }
 
-TEST_CASE("unreferenced blobs can be collected", "[blob_store]") {
+TEST_CASE("the store lists its blobs, strays and manifests for the check, and removes only inside itself", "[blob_store]") {
   TempDir dir;
   auto store = *BlobStore::Open(dir.path());
   REQUIRE(WriteFileAtomically(dir / "a", "aaa").ok());
   REQUIRE(WriteFileAtomically(dir / "b", "bbb").ok());
   const std::string a = *store->PutFile(dir / "a"), b = *store->PutFile(dir / "b");
-  CHECK(store->CollectUnreferenced([&](const std::string& sha) { return sha == a; }) == 1);
-  CHECK(store->Has(a));
-  CHECK_FALSE(store->Has(b));
+  REQUIRE(store->Manifest(a).ok());
+  // A blob in the wrong place and a file with no blob's name: neither can ever be served.
+  fs::create_directories(dir / "blobs/00/00");
+  REQUIRE(WriteFileAtomically(dir.path() + "/blobs/00/00/" + a, "aaa").ok());
+  REQUIRE(WriteFileAtomically(dir / "blobs/notes.txt", "x").ok());
+  std::vector<std::string> stray;
+  std::vector<std::string> blobs = store->BlobNames(&stray);
+  std::vector<std::string> want = {a, b};
+  std::sort(want.begin(), want.end());
+  CHECK(blobs == want);
+  std::sort(stray.begin(), stray.end());
+  CHECK(stray == std::vector<std::string>{"blobs/00/00/" + a, "blobs/notes.txt"});
+  CHECK(store->ManifestFiles() == std::vector<std::string>{a + ".json"});
+  CHECK(*store->HashBlob(a) == a);
+  std::atomic<bool> stop{true};
+  CHECK(absl::IsCancelled(store->HashBlob(a, &stop).status()));
+  // Damaged on disk: the hash says so.
+  REQUIRE(WriteFileAtomically(store->PathOf(b), "bbX").ok());
+  CHECK(*store->HashBlob(b) == Sha256Hex("bbX"));
+
+  for (const char* outside : {"../a", "blobs/../../a", "blobs", "uploads/", "tmp/x", "/etc/passwd", ""}) {
+    INFO(outside);
+    CHECK(absl::IsInvalidArgument(store->RemoveStray(outside)));
+  }
+  CHECK(fs::exists(dir / "a"));
+  REQUIRE(store->RemoveStray("blobs/notes.txt").ok());
+  CHECK_FALSE(fs::exists(dir / "blobs/notes.txt"));
+  store->RemoveBlob(a);
+  CHECK_FALSE(store->Has(a));
+  CHECK(store->ManifestFiles().empty());  // its manifest went with it
 }
 
 TEST_CASE("manifests are checked before use", "[blob_store]") {

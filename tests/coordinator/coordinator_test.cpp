@@ -2,7 +2,9 @@
 // anchors, uploads, validation and authorization. The gRPC transport is tested separately.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "common/model/checkpoint.h"
@@ -616,6 +618,152 @@ TEST_CASE("release manifests: parsing checks every field", "[coordinator_logic]"
   CHECK_THAT(broken("rel-0012", "rel-x"), Catch::Contains("release id"));
   CHECK_THAT(broken("flexfed-release/1", "flexfed-release/9"), Catch::Contains("format"));
   CHECK_THAT(std::string(ReleaseManifest::FromJson("[]", "m").status().message()), Catch::Contains("m: not a valid release manifest"));
+}
+
+
+
+namespace check {
+
+// Findings of one kind, by object.
+std::map<std::string, v1::StoreFinding> Of(const v1::CheckStoreResponse& r, const std::string& kind) {
+  std::map<std::string, v1::StoreFinding> out;
+  for (const v1::StoreFinding& f : r.findings()) {
+    if (f.kind() == kind) out[f.object()] = f;
+  }
+  return out;
+}
+
+// Writes a file where a crash would have left it (folders made as needed).
+void Plant(const std::string& path, const std::string& bytes) {
+  fs::create_directories(fs::path(path).parent_path());
+  REQUIRE(WriteFileAtomically(path, bytes).ok());
+}
+
+v1::CheckStoreRequest Request(bool repair, bool skip_hashes) {
+  v1::CheckStoreRequest r;
+  r.set_repair(repair);
+  r.set_skip_hashes(skip_hashes);
+  return r;
+}
+
+}  // namespace check
+
+// Issue #13: what a crash leaves in the store (folders of finished sessions, blobs never recorded,
+// manifests without blobs, files nothing can serve) is found, reported and — at start-up or when
+// asked — removed; damaged or missing modules and anchor files are reported, never "repaired".
+TEST_CASE("the store check repairs what a crash leaves and reports damage", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  const std::string module = site.Module("good");
+  v1::CommitUploadResponse committed = ValueOrDie(Upload(*site.coordinator, acme, expert, module));
+  REQUIRE(committed.rejection().empty());
+  const std::string module_sha = committed.expert().module().sha256();
+  // An upload in progress: its folder is no stray.
+  const std::string other = site.Module("other");
+  const std::string open_session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, ManifestOf(other))).session_id();
+  REQUIRE(site.coordinator->PutChunk(acme, testing::ChunkOf(other, open_session, 0)).ok());
+
+  const v1::CheckStoreResponse clean = ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(false, false)));
+  CHECK(clean.findings_size() == 0);
+  CHECK(clean.unrepaired() == 0);
+  CHECK(clean.blobs() == 4);  // three anchor files and the module
+  CHECK(clean.bytes_hashed() > 0);
+  CHECK(clean.sessions() == 1);
+
+  // What a crash can leave.
+  const fs::path store = site.dir / "coordinator/store";
+  const std::string committed_session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, ManifestOf(module))).session_id();
+  fs::create_directories(store / "uploads" / committed_session);  // a finished session's folder
+  REQUIRE(WriteFileAtomically(store / "uploads" / committed_session / "0.ok", "").ok());
+  const std::string unknown_session(32, 'e');
+  fs::create_directories(store / "uploads" / unknown_session);
+  fs::create_directories(store / "uploads/not-a-session");
+  const std::string garbage = "bytes stored but never recorded";
+  const std::string garbage_sha = Sha256Hex(garbage);
+  check::Plant(site.coordinator->blobs().PathOf(garbage_sha), garbage);
+  const std::string lost_sha(64, 'c');
+  REQUIRE(WriteFileAtomically(store / "manifests" / (lost_sha + ".json"), "{}").ok());
+  REQUIRE(WriteFileAtomically(store / "blobs/readme.txt", "not a blob").ok());
+
+  const v1::CheckStoreResponse found = ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(false, true)));
+  CHECK(check::Of(found, "stray_session").size() == 3);
+  CHECK(check::Of(found, "stray_session").count(committed_session) == 1);
+  CHECK(check::Of(found, "stray_session").count(unknown_session) == 1);
+  CHECK(check::Of(found, "stray_session").count(open_session) == 0);
+  CHECK(check::Of(found, "unreferenced_blob").count(garbage_sha) == 1);
+  CHECK(check::Of(found, "stray_manifest").count(lost_sha + ".json") == 1);
+  CHECK(check::Of(found, "stray_file").count("blobs/readme.txt") == 1);
+  CHECK(found.findings_size() == 6);
+  CHECK(found.unrepaired() == 6);  // reported, nothing touched
+  CHECK(fs::exists(site.coordinator->blobs().PathOf(garbage_sha)));
+  CHECK(site.coordinator->counters().store_problems == 6);
+
+  // A restart repairs all of it; the open upload and its chunk survive.
+  site.Reopen();
+  const v1::CheckStoreResponse& startup = site.coordinator->startup_check();
+  CHECK(startup.findings_size() == 6);
+  CHECK(startup.unrepaired() == 0);
+  CHECK_FALSE(fs::exists(store / "uploads" / committed_session));
+  CHECK_FALSE(fs::exists(store / "uploads" / unknown_session));
+  CHECK_FALSE(fs::exists(store / "uploads/not-a-session"));
+  CHECK_FALSE(fs::exists(site.coordinator->blobs().PathOf(garbage_sha)));
+  CHECK_FALSE(fs::exists(store / "manifests" / (lost_sha + ".json")));
+  CHECK_FALSE(fs::exists(store / "blobs/readme.txt"));
+  CHECK(ValueOrDie(site.coordinator->QueryMissing(acme, open_session)).received_bytes() > 0);
+  CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(false, false))).findings_size() == 0);
+
+  // The module damaged in place (same size): only hashing finds it; it is reported, not removed.
+  std::string bytes = ValueOrDie(ReadFile(module));
+  bytes[bytes.size() / 2] ^= 1;
+  REQUIRE(WriteFileAtomically(site.coordinator->blobs().PathOf(module_sha), bytes).ok());
+  CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(true, true))).findings_size() == 0);
+  v1::CheckStoreResponse damaged = ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(true, false)));
+  REQUIRE(check::Of(damaged, "damaged_blob").count(module_sha) == 1);
+  CHECK_THAT(check::Of(damaged, "damaged_blob")[module_sha].detail(), Catch::Contains("expert " + expert));
+  CHECK_FALSE(check::Of(damaged, "damaged_blob")[module_sha].repaired());
+  CHECK(site.coordinator->blobs().Has(module_sha));
+  // Truncated: the size says so without hashing.
+  REQUIRE(WriteFileAtomically(site.coordinator->blobs().PathOf(module_sha), bytes.substr(0, 100)).ok());
+  CHECK(check::Of(ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(true, true))), "damaged_blob").count(module_sha) == 1);
+  // Gone: missing, with what to do.
+  fs::remove(site.coordinator->blobs().PathOf(module_sha));
+  damaged = ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(true, true)));
+  REQUIRE(check::Of(damaged, "missing_blob").count(module_sha) == 1);
+  CHECK_THAT(check::Of(damaged, "missing_blob")[module_sha].detail(), Catch::Contains("pushes the expert again"));
+  CHECK(damaged.unrepaired() == 1);
+  CHECK(site.coordinator->counters().store_problems == 1);
+  // An anchor file gone is reported with its name.
+  const v1::Anchor anchor = ValueOrDie(site.coordinator->GetAnchor(""));
+  fs::remove(site.coordinator->blobs().PathOf(anchor.files(0).blob().sha256()));
+  damaged = ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(true, true)));
+  CHECK_THAT(check::Of(damaged, "missing_blob")[anchor.files(0).blob().sha256()].detail(), Catch::Contains(anchor.files(0).name()));
+}
+
+// Repairing checks run while owners upload the very bytes a crash left unreferenced: the blob
+// becomes referenced when the upload begins, and a commit holds it from assembly to record (the
+// check re-checks under an exclusive lock before removing), so no module is ever lost.
+TEST_CASE("store checks racing uploads of a blob left unreferenced never lose the module", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  for (int round = 0; round < 8; ++round) {
+    INFO("round " << round);
+    const std::string expert = site.Register("acme", "e" + std::to_string(round));
+    const std::string module = site.Module("m" + std::to_string(round));
+    const std::string sha = ValueOrDie(Sha256File(module));
+    // The module's bytes already in the store, unreferenced (a crash after assembly, before the record).
+    check::Plant(site.coordinator->blobs().PathOf(sha), ValueOrDie(ReadFile(module)));
+    std::atomic<bool> done{false};
+    std::thread checker([&] {
+      while (!done) REQUIRE(site.coordinator->CheckStore(site.admin, check::Request(true, true)).ok());
+    });
+    v1::CommitUploadResponse r = ValueOrDie(Upload(*site.coordinator, acme, expert, module));
+    done = true;
+    checker.join();
+    REQUIRE(r.rejection().empty());
+    CHECK(site.coordinator->blobs().Has(sha));
+    CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, check::Request(false, false))).findings_size() == 0);
+  }
 }
 
 }  // namespace

@@ -34,6 +34,18 @@ inline v1::Manifest ManifestOf(const std::string& path) {
   return m;
 }
 
+// One chunk of `path` for a session, as the client sends it.
+inline v1::UploadChunk ChunkOf(const std::string& path, const std::string& session, uint64_t index) {
+  const std::string bytes = ValueOrDie(ReadFile(path));
+  const v1::Manifest m = ManifestOf(path);
+  v1::UploadChunk c;
+  c.set_session_id(session);
+  c.set_index(index);
+  c.set_data(bytes.substr(index * kChunk, m.chunks(static_cast<int>(index)).size()));
+  c.set_sha256(m.chunks(static_cast<int>(index)).sha256());
+  return c;
+}
+
 // Uploads a file chunk by chunk (only the missing ones) and commits.
 inline absl::StatusOr<v1::CommitUploadResponse> Upload(Coordinator& c, const PeerIdentity& who, const std::string& expert_id,
                                                 const std::string& path) {
@@ -82,6 +94,12 @@ struct Site {
       f->mutable_blob()->set_size(fs::file_size(entry.path()));
     }
     anchor_id = ValueOrDie(coordinator->PublishAnchor(admin, publish)).anchor_id();
+  }
+
+  // A restart: the coordinator closed and opened again on the same data directory.
+  void Reopen() {
+    coordinator.reset();
+    coordinator = ValueOrDie(Coordinator::Open({dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }}));
   }
 
   // Adds and enrolls an owner; returns its authenticated identity and certificate (its private

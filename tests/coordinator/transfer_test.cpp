@@ -63,18 +63,6 @@ TEST_CASE("eight owners upload at once: every module is committed with the right
   }
 }
 
-// One chunk of `path` for a session, as the client sends it.
-v1::UploadChunk ChunkOf(const std::string& path, const std::string& session, uint64_t index) {
-  const std::string bytes = ValueOrDie(ReadFile(path));
-  const v1::Manifest m = testing::ManifestOf(path);
-  v1::UploadChunk c;
-  c.set_session_id(session);
-  c.set_index(index);
-  c.set_data(bytes.substr(index * testing::kChunk, m.chunks(static_cast<int>(index)).size()));
-  c.set_sha256(m.chunks(static_cast<int>(index)).sha256());
-  return c;
-}
-
 // Issue #13, row 11: a zero-byte module left its session open with NOT_FOUND naming a server path;
 // rejections showed owners the server's absolute paths.
 TEST_CASE("an empty or bad module is rejected with a reason and no server path", "[transfer]") {
@@ -115,7 +103,7 @@ TEST_CASE("the operators' blob stream refuses an owner certificate, whatever the
   auto ctx = client->NewContext();
   v1::UploadStatus reply;
   auto writer = client->admin().UploadBlobChunks(ctx.get(), &reply);
-  writer->Write(ChunkOf(blob, session, 0));
+  writer->Write(testing::ChunkOf(blob, session, 0));
   writer->WritesDone();
   const grpc::Status status = writer->Finish();
   CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
@@ -135,7 +123,7 @@ TEST_CASE("revoking an owner stops its open upload stream at the next chunk", "[
   auto ctx = client->NewContext();
   v1::UploadStatus reply;
   auto writer = client->owner().UploadChunks(ctx.get(), &reply);
-  REQUIRE(writer->Write(ChunkOf(module, session, 0)));
+  REQUIRE(writer->Write(testing::ChunkOf(module, session, 0)));
   // Until chunk 0 is stored (bounded wait; the assertion is on what is stored, not on time).
   for (int i = 0; i < 2000 && ValueOrDie(s.site.coordinator->QueryMissing(acme, session)).missing(0) == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -145,7 +133,7 @@ TEST_CASE("revoking an owner stops its open upload stream at the next chunk", "[
   revoke.set_owner_id("acme");
   revoke.set_reason("key leaked");
   REQUIRE(s.site.coordinator->RevokeOwner(s.site.admin, revoke).ok());
-  writer->Write(ChunkOf(module, session, 1));  // may fail once the server has ended the call
+  writer->Write(testing::ChunkOf(module, session, 1));  // may fail once the server has ended the call
   writer->WritesDone();
   const grpc::Status status = writer->Finish();
   CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);

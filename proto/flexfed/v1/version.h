@@ -6,7 +6,9 @@ namespace flexfed {
 
 inline constexpr char kProtocolHeader[] = "flexfed-protocol";
 inline constexpr int kProtocolMajor = 1;
-inline constexpr int kProtocolMinor = 1;  // 1.1: releases (BuildRelease, GetRelease, ListReleases)
-inline constexpr char kProtocolVersion[] = "1.1";
+// 1.1: releases (BuildRelease, GetRelease, ListReleases); 1.2: ReenrollOwner, TailAudit pages
+// (skip, more), CheckStore.
+inline constexpr int kProtocolMinor = 2;
+inline constexpr char kProtocolVersion[] = "1.2";
 
 }  // namespace flexfed
