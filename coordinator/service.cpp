@@ -77,13 +77,15 @@ absl::Status Fill(absl::StatusOr<T> result, T* response) {
 
 // Client-streaming chunk upload: each chunk is verified and stored as it arrives, on the work
 // queue; the reactions only hand chunks over and start the next read. Receiving the next chunk
-// overlaps with storing the last (at most kInFlight chunks held per stream), so a transfer runs at
-// about the slower of network and disk rather than their sum.
+// overlaps with storing the last (at most kInFlight chunks per stream), so a transfer runs at about
+// the slower of network and disk rather than their sum. Every chunk received and not yet stored
+// holds one of the server's chunk slots, so memory stays bounded however many streams are open.
 class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
  public:
   // `role` as Authorize's: the Admin service's uploads are for operators only.
-  UploadReactor(Coordinator* c, WorkQueue* work, CallbackServerContext* ctx, v1::UploadStatus* response, const std::string& role)
-      : coordinator_(c), work_(work), ctx_(ctx), response_(response) {
+  UploadReactor(Coordinator* c, WorkQueue* work, ChunkSlots* slots, CallbackServerContext* ctx, v1::UploadStatus* response,
+                const std::string& role)
+      : coordinator_(c), work_(work), slots_(slots), ctx_(ctx), response_(response) {
     work_->Post([this, role] {
       absl::StatusOr<PeerIdentity> who = Authorize(coordinator_, ctx_, role, &pem_);
       if (!who.ok()) {
@@ -91,13 +93,19 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
         return;
       }
       who_ = *who;
-      StartRead(&chunk_);
+      caller_ = who_.role + "/" + who_.id;
+      read_pending_ = true;
+      slots_->Acquire(caller_, [this] { ReadNext(); });
     });
   }
 
   void OnReadDone(bool ok) override {
     std::unique_lock<std::mutex> lock(mu_);
-    if (!ok) {  // the client finished sending (or went away)
+    read_pending_ = false;
+    if (!ok) {  // the client finished sending (or went away): the read's slot goes back
+      lock.unlock();
+      slots_->Release(caller_);
+      lock.lock();
       reading_done_ = true;
       MaybeFinish(lock);
       return;
@@ -106,40 +114,59 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
     chunk_.set_session_id(session_);
     auto mine = std::make_shared<v1::UploadChunk>();
     mine->Swap(&chunk_);
-    ++in_flight_;
+    ++in_flight_;  // holds the read's slot until stored
     // With room for another chunk, receive it while this one is stored.
-    bool read_started = false;
-    if (in_flight_ < kInFlight && error_.ok()) {
-      StartRead(&chunk_);
-      read_started = true;
-    }
+    const bool more = in_flight_ < kInFlight && error_.ok();
+    if (more) read_pending_ = true;
     lock.unlock();
-    work_->Post([this, mine, read_started] { Stored(*mine, read_started); });
+    work_->Post([this, mine] { Stored(*mine); });
+    if (more) slots_->Acquire(caller_, [this] { ReadNext(); });
   }
   void OnDone() override { delete this; }
 
  private:
-  static constexpr int kInFlight = 2;
+  static constexpr int kInFlight = 4;
 
-  // On the work queue: stores one chunk, then reads the next one or finishes.
-  void Stored(const v1::UploadChunk& mine, bool read_started) {
+  // On the work queue, holding a slot: asks for the next chunk, unless the call is failing.
+  void ReadNext() {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (error_.ok()) {
+      StartRead(&chunk_);
+      return;
+    }
+    read_pending_ = false;
+    lock.unlock();
+    slots_->Release(caller_);
+    lock.lock();
+    reading_done_ = true;
+    MaybeFinish(lock);
+  }
+
+  // On the work queue: stores one chunk, gives its slot back, then reads the next one or finishes.
+  void Stored(const v1::UploadChunk& mine) {
     bool failed_already;
     {
       std::lock_guard<std::mutex> lock(mu_);
       failed_already = !error_.ok();
     }
     absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(absl::AbortedError("")) : Store(mine);
+    slots_->Release(caller_);
     std::unique_lock<std::mutex> lock(mu_);
     --in_flight_;
     if (!put.ok() && error_.ok()) error_ = put.status();
     if (!error_.ok()) {
-      // Stop asking for chunks; finish once nothing is in flight.
-      reading_done_ = reading_done_ || !read_started;
+      // Stop asking for chunks; finish once nothing is in flight and no read is outstanding.
+      if (!read_pending_) reading_done_ = true;
       MaybeFinish(lock);
       return;
     }
-    if (!read_started) StartRead(&chunk_);
-    else MaybeFinish(lock);
+    if (!read_pending_ && !reading_done_) {
+      read_pending_ = true;
+      lock.unlock();
+      slots_->Acquire(caller_, [this] { ReadNext(); });
+      return;
+    }
+    MaybeFinish(lock);
   }
 
   // Every chunk is authorized again: a revocation (or a certificate replaced by re-enrollment)
@@ -174,33 +201,43 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
 
   Coordinator* coordinator_;
   WorkQueue* work_;
+  ChunkSlots* slots_;
   CallbackServerContext* ctx_;
   v1::UploadStatus* response_;
   PeerIdentity who_;
+  std::string caller_;  // role/id: whose share of the chunk slots this stream uses
   std::string pem_;
   v1::UploadChunk chunk_;  // the read buffer gRPC fills
   std::mutex mu_;
   std::string session_;
   int in_flight_ = 0;
+  bool read_pending_ = false;  // a read is outstanding, or waiting for its slot
   bool reading_done_ = false, finished_ = false;
   absl::Status error_;
 };
 
-// Server-streaming download of [offset, offset + length) in chunks of at most 4 MiB. Each chunk
-// is read on the work queue; the write reaction only asks for the next one.
+// Server-streaming download of [offset, offset + length) in messages of 1 MiB (clients verify whole
+// chunks of the manifest as the bytes add up). Each message is read on the work queue, holding a
+// chunk slot until gRPC has taken it; the write reaction only gives the slot back and asks for the
+// next one. gRPC keeps its own copy of a message until the socket has taken it: small messages keep
+// that copy small with many downloads at once, at no cost in speed (measured, docs/PERFORMANCE.md).
+constexpr uint64_t kDownloadMessageBytes = 1 << 20;
+
 class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
  public:
-  DownloadReactor(Coordinator* c, WorkQueue* work, CallbackServerContext* ctx, const v1::DownloadRequest* request)
-      : coordinator_(c), work_(work), sha256_(request->sha256()), offset_(request->offset()) {
+  DownloadReactor(Coordinator* c, WorkQueue* work, ChunkSlots* slots, CallbackServerContext* ctx, const v1::DownloadRequest* request)
+      : coordinator_(c), work_(work), slots_(slots), sha256_(request->sha256()), offset_(request->offset()) {
     const uint64_t length = request->length();
     work_->Post([this, ctx, length] { Start(ctx, length); });
   }
   void OnWriteDone(bool ok) override {
+    std::string().swap(*chunk_.mutable_data());  // sent: its memory goes back with its slot
+    slots_->Release(caller_);
     if (!ok) {
       Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the client went away"));
       return;
     }
-    work_->Post([this] { Next(); });
+    slots_->Acquire(caller_, [this] { Next(); });
   }
   void OnDone() override { delete this; }
 
@@ -212,6 +249,7 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
       return;
     }
     who_ = *who;
+    caller_ = who_.role + "/" + who_.id;
     // May the caller read it? Asked first, so that the answer says nothing about other blobs.
     if (absl::StatusOr<std::string> probe = coordinator_->ReadBlob(who_, sha256_, 0, 0); !probe.ok()) {
       Finish(ToGrpc(probe.status()));
@@ -223,32 +261,33 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
       return;
     }
     end_ = length == 0 ? *size : std::min(*size, offset_ + length);
-    Next();
+    slots_->Acquire(caller_, [this] { Next(); });
   }
+  // On the work queue, holding a slot: reads the next chunk and sends it, or finishes.
   void Next() {
-    if (offset_ >= end_) {
-      Finish(grpc::Status::OK);
-      return;
+    absl::Status failed;
+    if (offset_ < end_) {
+      const uint64_t n = std::min<uint64_t>(kDownloadMessageBytes, end_ - offset_);
+      absl::StatusOr<PeerIdentity> again = coordinator_->Authenticate(pem_);  // every message, as uploads
+      absl::StatusOr<std::string> data = again.ok() ? coordinator_->ReadBlob(who_, sha256_, offset_, n)
+                                                    : absl::StatusOr<std::string>(again.status());
+      if (data.ok() && !data->empty()) {
+        chunk_.set_offset(offset_);
+        chunk_.set_data(*std::move(data));
+        offset_ += chunk_.data().size();
+        StartWrite(&chunk_);
+        return;
+      }
+      failed = data.ok() ? absl::DataLossError("blob ended early") : data.status();
     }
-    const uint64_t n = std::min<uint64_t>(kDefaultChunkSize, end_ - offset_);
-    absl::StatusOr<PeerIdentity> again = coordinator_->Authenticate(pem_);  // every message, as uploads
-    if (!again.ok()) {
-      Finish(ToGrpc(again.status()));
-      return;
-    }
-    absl::StatusOr<std::string> data = coordinator_->ReadBlob(who_, sha256_, offset_, n);
-    if (!data.ok() || data->empty()) {
-      Finish(ToGrpc(data.ok() ? absl::DataLossError("blob ended early") : data.status()));
-      return;
-    }
-    chunk_.set_offset(offset_);
-    chunk_.set_data(*std::move(data));
-    offset_ += chunk_.data().size();
-    StartWrite(&chunk_);
+    slots_->Release(caller_);
+    Finish(ToGrpc(failed));
   }
   Coordinator* coordinator_;
   WorkQueue* work_;
+  ChunkSlots* slots_;
   PeerIdentity who_;
+  std::string caller_;
   std::string pem_;
   std::string sha256_;
   uint64_t offset_, end_ = 0;
@@ -280,7 +319,7 @@ class EnrollmentService final : public v1::Enrollment::CallbackService {
 
 class OwnerService final : public v1::Owner::CallbackService {
  public:
-  OwnerService(Coordinator* c, WorkQueue* work) : c_(c), work_(work) {}
+  OwnerService(Coordinator* c, WorkQueue* work, ChunkSlots* slots) : c_(c), work_(work), slots_(slots) {}
   ServerUnaryReactor* GetAnchor(CallbackServerContext* ctx, const v1::GetAnchorRequest* r, v1::Anchor* out) override {
     return Unary(c_, work_, ctx, "", [=](const PeerIdentity&) { return Fill(c_->GetAnchor(r->anchor_id()), out); });
   }
@@ -288,7 +327,7 @@ class OwnerService final : public v1::Owner::CallbackService {
     return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) { return Fill(c_->GetManifest(who, r->sha256()), out); });
   }
   grpc::ServerWriteReactor<v1::DataChunk>* Download(CallbackServerContext* ctx, const v1::DownloadRequest* r) override {
-    return new DownloadReactor(c_, work_, ctx, r);
+    return new DownloadReactor(c_, work_, slots_, ctx, r);
   }
   ServerUnaryReactor* BeginUpload(CallbackServerContext* ctx, const v1::BeginUploadRequest* r, v1::UploadStatus* out) override {
     return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) {
@@ -297,7 +336,7 @@ class OwnerService final : public v1::Owner::CallbackService {
     });
   }
   grpc::ServerReadReactor<v1::UploadChunk>* UploadChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
-    return new UploadReactor(c_, work_, ctx, out, "");
+    return new UploadReactor(c_, work_, slots_, ctx, out, "");
   }
   ServerUnaryReactor* QueryMissing(CallbackServerContext* ctx, const v1::QueryMissingRequest* r, v1::UploadStatus* out) override {
     return Unary(c_, work_, ctx, "", [=](const PeerIdentity& who) { return Fill(c_->QueryMissing(who, r->session_id()), out); });
@@ -318,11 +357,12 @@ class OwnerService final : public v1::Owner::CallbackService {
  private:
   Coordinator* c_;
   WorkQueue* work_;
+  ChunkSlots* slots_;
 };
 
 class AdminService final : public v1::Admin::CallbackService {
  public:
-  AdminService(Coordinator* c, WorkQueue* work) : c_(c), work_(work) {}
+  AdminService(Coordinator* c, WorkQueue* work, ChunkSlots* slots) : c_(c), work_(work), slots_(slots) {}
   ServerUnaryReactor* PublishAnchor(CallbackServerContext* ctx, const v1::PublishAnchorRequest* r, v1::Anchor* out) override {
     return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->PublishAnchor(who, *r), out); });
   }
@@ -375,7 +415,7 @@ class AdminService final : public v1::Admin::CallbackService {
     return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) { return Fill(c_->BeginUpload(who, "", *r), out); });
   }
   grpc::ServerReadReactor<v1::UploadChunk>* UploadBlobChunks(CallbackServerContext* ctx, v1::UploadStatus* out) override {
-    return new UploadReactor(c_, work_, ctx, out, "admin");  // operators only; the session says whose upload it is
+    return new UploadReactor(c_, work_, slots_, ctx, out, "admin");  // operators only; the session says whose upload it is
   }
   ServerUnaryReactor* CommitBlob(CallbackServerContext* ctx, const v1::CommitUploadRequest* r, v1::BlobRef* out) override {
     return Unary(c_, work_, ctx, "admin", [=](const PeerIdentity& who) -> absl::Status {
@@ -389,6 +429,7 @@ class AdminService final : public v1::Admin::CallbackService {
  private:
   Coordinator* c_;
   WorkQueue* work_;
+  ChunkSlots* slots_;
 };
 
 }  // namespace
@@ -454,9 +495,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Coor
   // hashing passes and database transactions. Enough threads that disk waits overlap.
   const int threads = o.work_threads > 0 ? o.work_threads : std::max(8, 2 * static_cast<int>(std::thread::hardware_concurrency()));
   server->work_ = std::make_unique<WorkQueue>(threads);
+  server->slots_ = std::make_unique<ChunkSlots>(o.chunk_slots, o.chunk_slots_per_caller, server->work_.get());
   server->enrollment_ = std::make_unique<EnrollmentService>(c, server->work_.get());
-  server->owner_ = std::make_unique<OwnerService>(c, server->work_.get());
-  server->admin_ = std::make_unique<AdminService>(c, server->work_.get());
+  server->owner_ = std::make_unique<OwnerService>(c, server->work_.get(), server->slots_.get());
+  server->admin_ = std::make_unique<AdminService>(c, server->work_.get(), server->slots_.get());
   grpc::SslServerCredentialsOptions tls(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);  // enrollment comes without one
   tls.pem_root_certs = o.ca_cert_pem;
   tls.pem_key_cert_pairs.push_back({o.server_key_pem, o.server_cert_pem});
@@ -464,6 +506,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Coor
   builder.AddListeningPort(o.listen, grpc::SslServerCredentials(tls), &server->port_);
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Each stream may have at most this much received and not yet read: a fixed flow-control window
+  // instead of one gRPC grows by bandwidth-delay probing (to tens of MiB a stream on a fast link,
+  // 350 MiB with 8 uploads measured). A memory quota was tried instead: gRPC then resets streams
+  // (RESOURCE_EXHAUSTED) when it runs out, which fails transfers rather than slowing them.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, o.stream_window_mib << 20);
   // Idle timeouts only: keepalive pings detect a dead peer; no call has a total deadline.
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, o.idle_timeout_seconds * 1000 / 2);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);

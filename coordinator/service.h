@@ -24,6 +24,12 @@ struct ServerOptions {
   std::string server_key_pem;
   int idle_timeout_seconds = 300;  // a stream with no progress for this long is dropped
   int work_threads = 0;            // threads for blocking work (coordinator/work_queue.h); 0: max(8, 2 × cores)
+  // Chunks (≤ 8 MiB, 4 MiB from FlexFed clients) all transfers together hold in memory, and how many
+  // of them one caller's streams may hold (coordinator/work_queue.h ChunkSlots).
+  int chunk_slots = 12;
+  int chunk_slots_per_caller = 4;
+  // Bytes a stream may have in flight unread (its HTTP/2 window): 8 MiB covers 640 Mbit/s at 100 ms.
+  int stream_window_mib = 16;
 };
 
 class CoordinatorServer {
@@ -38,6 +44,7 @@ class CoordinatorServer {
  private:
   CoordinatorServer() = default;
   std::unique_ptr<WorkQueue> work_;  // declared first: outlives the server and its calls
+  std::unique_ptr<ChunkSlots> slots_;
   std::unique_ptr<grpc::Service> enrollment_, owner_, admin_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

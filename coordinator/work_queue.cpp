@@ -37,4 +37,43 @@ void WorkQueue::Run() {
   }
 }
 
+void ChunkSlots::Acquire(const std::string& caller, std::function<void()> then) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    int& held = held_[caller];
+    if (free_ == 0 || held >= per_caller_) {
+      waiting_.push_back({caller, std::move(then)});
+      return;
+    }
+    --free_;
+    ++held;
+  }
+  work_->Post(std::move(then));
+}
+
+void ChunkSlots::Release(const std::string& caller) {
+  std::function<void()> next;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++free_;
+    if (auto it = held_.find(caller); it != held_.end() && --it->second <= 0) held_.erase(it);
+    // The oldest waiter whose caller is under its share gets the slot.
+    for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+      int& held = held_[it->caller];
+      if (held >= per_caller_) continue;
+      --free_;
+      ++held;
+      next = std::move(it->then);
+      waiting_.erase(it);
+      break;
+    }
+  }
+  if (next) work_->Post(std::move(next));
+}
+
+int ChunkSlots::free_slots() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return free_;
+}
+
 }  // namespace flexfed

@@ -7,6 +7,8 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <map>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -21,6 +23,7 @@ class WorkQueue {
   WorkQueue(const WorkQueue&) = delete;
   WorkQueue& operator=(const WorkQueue&) = delete;
 
+  // Tasks must not throw.
   void Post(std::function<void()> task);
   int threads() const { return static_cast<int>(threads_.size()); }
 
@@ -31,6 +34,31 @@ class WorkQueue {
   std::deque<std::function<void()>> tasks_;
   bool stopping_ = false;
   std::vector<std::thread> threads_;
+};
+
+// A bound on the chunks transfers hold in memory, whoever asks and however many streams they open:
+// a stream takes a slot before it receives (or reads from disk) its next chunk and gives it back
+// once the chunk is stored (or sent). A caller holds at most `per_caller` slots, so one owner's many
+// streams cannot take all of them. Waiters are served in order; `then` runs on the work queue, so
+// nothing ever blocks waiting for a slot.
+class ChunkSlots {
+ public:
+  ChunkSlots(int slots, int per_caller, WorkQueue* work) : free_(slots), per_caller_(per_caller), work_(work) {}
+  void Acquire(const std::string& caller, std::function<void()> then);
+  void Release(const std::string& caller);
+  int free_slots();
+
+ private:
+  struct Waiter {
+    std::string caller;
+    std::function<void()> then;
+  };
+  std::mutex mu_;
+  int free_;
+  const int per_caller_;
+  WorkQueue* work_;
+  std::map<std::string, int> held_;
+  std::deque<Waiter> waiting_;
 };
 
 }  // namespace flexfed

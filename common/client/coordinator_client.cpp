@@ -6,6 +6,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <random>
 #include <thread>
 
@@ -48,6 +49,34 @@ auto WithRetries(const RetryPolicy& p, ProgressReporter* progress, Call call) ->
     Backoff(attempt, p);
   }
 }
+
+// A blob's chunks are hashed twice — each chunk alone (to check it against the manifest) and all of
+// them in order (the blob's name) — with the running whole-blob hash on a second thread, so a
+// transfer waits for one pass of SHA-256, not two. The bytes given to Add must stay unchanged until
+// the next Add or Finish returns (callers alternate two buffers).
+class TwoWayHasher {
+ public:
+  TwoWayHasher() = default;
+  TwoWayHasher(const TwoWayHasher&) = delete;
+  TwoWayHasher& operator=(const TwoWayHasher&) = delete;
+  ~TwoWayHasher() {
+    if (pending_.valid()) pending_.wait();
+  }
+  // Returns the chunk's SHA-256; the whole-blob hash takes the chunk in on the other thread.
+  std::string Add(std::string_view chunk) {
+    if (pending_.valid()) pending_.get();
+    pending_ = std::async(std::launch::async, [this, chunk] { whole_.Update(chunk); });
+    return Sha256Hex(chunk);
+  }
+  std::string Finish() {
+    if (pending_.valid()) pending_.get();
+    return whole_.HexDigest();
+  }
+
+ private:
+  Sha256 whole_;
+  std::future<void> pending_;
+};
 
 }  // namespace
 
@@ -122,21 +151,21 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   v1::Manifest manifest;
   manifest.set_chunk_size(kChunkSize);
-  Sha256 whole;
-  std::string buf(kChunkSize, '\0');
+  std::string bufs[2] = {std::string(kChunkSize, '\0'), std::string(kChunkSize, '\0')};
+  TwoWayHasher hasher;  // after the buffers: destroyed (waiting for its thread) before them
   uint64_t size = 0;
   for (uint64_t i = 0;; ++i) {
+    std::string& buf = bufs[i % 2];  // the other one may still be in the whole-blob hash
     in.read(buf.data(), static_cast<std::streamsize>(kChunkSize));
     const std::streamsize n = in.gcount();
     if (n <= 0) break;
-    whole.Update(buf.data(), static_cast<size_t>(n));
     v1::ChunkInfo* c = manifest.add_chunks();
     c->set_index(i);
     c->set_size(static_cast<uint64_t>(n));
-    c->set_sha256(Sha256Hex(std::string_view(buf.data(), static_cast<size_t>(n))));
+    c->set_sha256(hasher.Add(std::string_view(buf.data(), static_cast<size_t>(n))));
     size += static_cast<uint64_t>(n);
   }
-  manifest.mutable_blob()->set_sha256(whole.HexDigest());
+  manifest.mutable_blob()->set_sha256(hasher.Finish());
   manifest.mutable_blob()->set_size(size);
 
   auto begin = [&]() -> absl::StatusOr<v1::UploadStatus> {
@@ -253,17 +282,19 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
   const std::string part = path + ".part";
   // Keep the verified whole chunks of an earlier attempt; the whole-blob hash runs along.
   uint64_t have = 0;
-  Sha256 whole;
+  std::string bufs[2];  // chunk i is in bufs[i % 2] while the whole-blob hash takes it in
+  TwoWayHasher hasher;  // after the buffers: destroyed (waiting for its thread) before them
   {
     std::error_code ec;
     uint64_t existing = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
     std::ifstream in(part, std::ios::binary);
-    std::string buf;
     for (int i = 0; i < manifest->chunks_size() && have + manifest->chunks(i).size() <= existing; ++i) {
+      std::string& buf = bufs[i % 2];
       buf.resize(manifest->chunks(i).size());
       in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+      // Checked before it joins the whole-blob hash (resuming is rare: the chunk is hashed twice).
       if (Sha256Hex(buf) != manifest->chunks(i).sha256()) break;
-      whole.Update(buf);
+      hasher.Add(buf);
       have += buf.size();
     }
     fs::resize_file(part, have, ec);
@@ -280,17 +311,24 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
     v1::DataChunk data;
     std::string pending;  // bytes of the chunk being assembled, verified before they are kept
     while (reader->Read(&data)) {
-      pending += data.data();
+      if (pending.empty()) pending.swap(*data.mutable_data());  // the usual case: one message, one chunk
+      else pending += data.data();
       while (have < size) {
         const uint64_t index = have / chunk;
         const uint64_t need = manifest->chunks(static_cast<int>(index)).size();
         if (pending.size() < need) break;
-        if (Sha256Hex(std::string_view(pending.data(), need)) != manifest->chunks(static_cast<int>(index)).sha256()) {
+        std::string& buf = bufs[index % 2];
+        if (pending.size() == need) {
+          buf.swap(pending);
+          pending.clear();
+        } else {
+          buf.assign(pending, 0, need);
+          pending.erase(0, need);
+        }
+        if (hasher.Add(buf) != manifest->chunks(static_cast<int>(index)).sha256()) {
           return absl::DataLossError(absl::StrCat("chunk ", index, " of ", sha256, " arrived corrupted; run the command again"));
         }
-        whole.Update(pending.data(), need);
-        out.write(pending.data(), static_cast<std::streamsize>(need));
-        pending.erase(0, need);
+        out.write(buf.data(), static_cast<std::streamsize>(need));
         have += need;
       }
       if (progress != nullptr) {
@@ -305,7 +343,7 @@ absl::Status CoordinatorClient::DownloadBlob(const std::string& sha256, const st
     }
   }
   if (progress != nullptr) progress->Finish();
-  if (whole.HexDigest() != sha256) return absl::DataLossError(absl::StrCat(path, ": downloaded bytes do not match ", sha256));
+  if (hasher.Finish() != sha256) return absl::DataLossError(absl::StrCat(path, ": downloaded bytes do not match ", sha256));
   std::error_code ec;
   fs::rename(part, path, ec);
   if (ec) return absl::InternalError(absl::StrCat(path, ": cannot move into place: ", ec.message()));

@@ -6,12 +6,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <map>
+#include <mutex>
 #include <chrono>
 #include <thread>
 
 #include "common/client/coordinator_client.h"
 #include "common/core/file_util.h"
 #include "coordinator/service.h"
+#include "coordinator/work_queue.h"
 #include "tests/coordinator/site.h"
 
 namespace flexfed {
@@ -164,6 +168,72 @@ TEST_CASE("a blob larger than 4 GiB crosses the 2 and 4 GiB boundaries intact", 
   CHECK(up->blob().size() == size);
   CHECK(ValueOrDie(Sha256File(s.site.coordinator->blobs().PathOf(want))) == want);
   std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// The bound on chunks held in memory by all transfers: never more than the slots, never more than
+// a caller's share for one caller, waiters served oldest first, nothing blocks.
+TEST_CASE("chunk slots bound transfers' memory, and one caller cannot take them all", "[transfer]") {
+  WorkQueue work(4);
+  ChunkSlots slots(3, 2, &work);
+  std::mutex mu;
+  std::map<std::string, int> held;
+  int total = 0, most = 0;
+  std::vector<std::string> order;
+  std::atomic<int> granted{0};
+  auto take = [&](const std::string& caller) {
+    slots.Acquire(caller, [&, caller] {
+      std::lock_guard<std::mutex> lock(mu);
+      ++held[caller];
+      most = std::max(most, ++total);
+      CHECK(held[caller] <= 2);
+      order.push_back(caller);
+      ++granted;
+    });
+  };
+  auto give = [&](const std::string& caller) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      --held[caller];
+      --total;
+    }
+    slots.Release(caller);
+  };
+  auto wait_for = [&](int n) {
+    for (int i = 0; i < 2000 && granted < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    REQUIRE(granted == n);
+  };
+  // A greedy caller asks for 5: it gets its share (2); b and c queue behind its third request.
+  for (int i = 0; i < 5; ++i) take("greedy");
+  take("b");
+  take("c");
+  wait_for(3);  // greedy, greedy, and b (greedy's 3rd waits for its share; b is next in line)
+  CHECK(slots.free_slots() == 0);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    CHECK(order == std::vector<std::string>{"greedy", "greedy", "b"});
+  }
+  give("greedy");  // greedy is under its share again: its 3rd request (older than c's) gets the slot
+  wait_for(4);
+  give("b");  // greedy is at its share: c gets it
+  wait_for(5);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    CHECK(order.back() == "c");
+  }
+  give("greedy");
+  give("greedy");
+  wait_for(7);  // greedy's 4th and 5th
+  give("c");
+  give("greedy");
+  give("greedy");
+  CHECK(slots.free_slots() == 3);
+  CHECK(most == 3);
 }
 
 }  // namespace
