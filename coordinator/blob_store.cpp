@@ -102,6 +102,12 @@ absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& ro
     fs::remove_all(entry.path(), ec);
     ++store->orphans_at_open_;
   }
+  for (const auto& entry : fs::directory_iterator(fs::path(root) / "manifests", ec)) {
+    if (entry.is_regular_file() && IsTemporary(entry.path())) {
+      fs::remove(entry.path(), ec);
+      ++store->orphans_at_open_;
+    }
+  }
   for (auto it = fs::recursive_directory_iterator(fs::path(root) / "uploads", ec);
        !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
     if (it->is_regular_file() && IsTemporary(it->path())) {
@@ -333,6 +339,11 @@ std::vector<std::string> BlobStore::SessionFolders() const {
   return out;
 }
 
+bool BlobStore::HasSessionFolder(const std::string& session) const {
+  std::error_code ec;
+  return IsValidSessionId(session) && fs::exists(SessionDir(session), ec);
+}
+
 std::vector<std::string> BlobStore::BlobNames(std::vector<std::string>* stray) const {
   std::vector<std::string> out;
   std::error_code ec;
@@ -353,7 +364,9 @@ std::vector<std::string> BlobStore::BlobNames(std::vector<std::string>* stray) c
 std::vector<std::string> BlobStore::ManifestFiles() const {
   std::vector<std::string> out;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(fs::path(root_) / "manifests", ec)) out.push_back(entry.path().filename().string());
+  for (const auto& entry : fs::directory_iterator(fs::path(root_) / "manifests", ec)) {
+    if (!IsTemporary(entry.path())) out.push_back(entry.path().filename().string());  // one being written
+  }
   std::sort(out.begin(), out.end());
   return out;
 }

@@ -40,7 +40,8 @@ inline constexpr uint64_t kMaxChunkSize = 8ull << 20;
 
 class BlobStore {
  public:
-  // Opens (creating) the store at `root` and removes orphans in tmp/.
+  // Opens (creating) the store at `root` and removes orphans: tmp/, and temporaries beside chunk
+  // manifests and in upload folders.
   static absl::StatusOr<std::unique_ptr<BlobStore>> Open(const std::string& root);
 
   bool Has(const std::string& sha256) const;
@@ -67,8 +68,9 @@ class BlobStore {
 
   // What the store holds, for the invariant check (Coordinator::CheckStore): upload folder names;
   // blob names at their place (`stray` gets paths under blobs/ that are not: wrong name or place,
-  // not a regular file); chunk-manifest file names.
+  // not a regular file); chunk-manifest file names (not those being written).
   std::vector<std::string> SessionFolders() const;
+  bool HasSessionFolder(const std::string& session) const;
   std::vector<std::string> BlobNames(std::vector<std::string>* stray) const;
   std::vector<std::string> ManifestFiles() const;
   // The SHA-256 of a stored blob's bytes, read 1 MiB at a time; Cancelled once `stop` is set.

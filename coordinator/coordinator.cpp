@@ -400,8 +400,10 @@ absl::StatusOr<v1::Expert> Coordinator::SetExpertState(const PeerIdentity& who, 
       if (!e.ok()) return e.status();
     }
     if (e->state == "retired") return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' is retired for good"));
-    if (next == "active" && e->module_sha256.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' has no uploaded module yet; it cannot be enabled"));
+    // Only an expert with a module is enabled or disabled (registered -> uploaded -> active <-> disabled).
+    if (next != "retired" && e->module_sha256.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("expert '", e->expert_id, "' has no uploaded module yet; it cannot be ",
+                                                        next == "active" ? "enabled" : "disabled (it joins no release before it is enabled)"));
     }
     s = store_->SetExpertState(e->expert_id, e->state, next, Now());
     if (!absl::IsFailedPrecondition(s)) break;
@@ -488,6 +490,8 @@ absl::StatusOr<v1::CheckStoreResponse> Coordinator::CheckStore(const PeerIdentit
       continue;
     }
     std::unique_lock<std::shared_mutex> session_lock(SessionLock(name));
+    // Listed before the lock was taken: a commit may have assembled and dropped it since.
+    if (!blobs_->HasSessionFolder(name)) continue;
     absl::StatusOr<UploadRecord> u = store_->GetUpload(name);
     if (u.ok() && u->state == "open") continue;
     if (!u.ok() && !absl::IsNotFound(u.status())) return u.status();
@@ -881,10 +885,7 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
       ++counters_.rejected_uploads[reason];
     }
     Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "rejected: " + reason);
-    // A rejected module is not kept: nothing refers to it any more.
-    absl::StatusOr<bool> referenced = store_->IsBlobReferenced(u.blob_sha256);
-    std::error_code ec;
-    if (referenced.ok() && !*referenced) fs::remove(blobs_->PathOf(u.blob_sha256), ec);
+    DropIfUnreferenced(u.blob_sha256);  // a rejected module is not kept
     *out.mutable_expert() = ToProto(*e);
     out.set_rejection(reason);
     out.set_message(u.message);
@@ -902,6 +903,7 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
     u.rejection = "retired";
     u.message = std::string(s.message());
     if (absl::Status st = store_->UpdateUpload(u); !st.ok()) return st;
+    DropIfUnreferenced(u.blob_sha256);
     Audit(who, "upload.commit", {{"expert", u.expert_id}, {"blob", u.blob_sha256}}, "rejected: retired");
     out.set_rejection(u.rejection);
     out.set_message(u.message);
@@ -914,6 +916,11 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
   absl::StatusOr<ExpertRecord> now = store_->GetExpert(u.expert_id);
   *out.mutable_expert() = ToProto(now.ok() ? *now : *e);
   return out;
+}
+
+void Coordinator::DropIfUnreferenced(const std::string& sha256) {
+  absl::StatusOr<bool> referenced = store_->IsBlobReferenced(sha256);
+  if (referenced.ok() && !*referenced) blobs_->RemoveBlob(sha256);
 }
 
 absl::StatusOr<ModelConfig> Coordinator::ConfigFromBlob(const v1::BlobRef& blob) {

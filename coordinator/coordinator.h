@@ -111,6 +111,9 @@ class Coordinator {
   // are striped by the session id's hash: a fixed set, however many sessions come and go.
   std::shared_mutex& SessionLock(const std::string& session_id);
   absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
+  // A refused module's blob goes, unless something else refers to the same bytes. Called with
+  // blob_gc_mu_ held shared (by the commit).
+  void DropIfUnreferenced(const std::string& sha256);
   // An anchor's config.json, read from its blob and parsed: the one way the coordinator reads it
   // (publishing checks a new anchor's; uploads are sized and modules validated against an expert's).
   absl::StatusOr<ModelConfig> ConfigFromBlob(const v1::BlobRef& blob);

@@ -768,3 +768,31 @@ TEST_CASE("store checks racing uploads of a blob left unreferenced never lose th
 
 }  // namespace
 }  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Found by the mixed concurrency test (issue #13): a registered expert could be disabled, leaving
+// a "disabled" expert with no module; only an expert with a module is enabled or disabled.
+TEST_CASE("an expert without a module can be neither enabled nor disabled, only retired", "[coordinator_logic]") {
+  Site site;
+  site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  for (v1::ExpertState state : {v1::EXPERT_STATE_ACTIVE, v1::EXPERT_STATE_DISABLED}) {
+    v1::SetExpertStateRequest r;
+    r.set_expert_id(expert);
+    r.set_state(state);
+    absl::StatusOr<v1::Expert> set = site.coordinator->SetExpertState(site.admin, r);
+    CHECK(absl::IsFailedPrecondition(set.status()));
+    CHECK_THAT(std::string(set.status().message()), Catch::Contains("no uploaded module yet"));
+  }
+  CHECK(ValueOrDie(site.coordinator->GetExpert(site.admin, expert)).state() == v1::EXPERT_STATE_REGISTERED);
+  v1::SetExpertStateRequest retire;
+  retire.set_expert_id(expert);
+  retire.set_state(v1::EXPERT_STATE_RETIRED);
+  CHECK(ValueOrDie(site.coordinator->SetExpertState(site.admin, retire)).state() == v1::EXPERT_STATE_RETIRED);
+  CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest())).findings_size() == 0);
+}
+
+}  // namespace
+}  // namespace flexfed

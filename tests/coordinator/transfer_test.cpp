@@ -14,6 +14,7 @@
 
 #include "common/client/coordinator_client.h"
 #include "common/core/file_util.h"
+#include "common/core/release.h"
 #include "coordinator/service.h"
 #include "coordinator/work_queue.h"
 #include "tests/coordinator/site.h"
@@ -234,6 +235,131 @@ TEST_CASE("chunk slots bound transfers' memory, and one caller cannot take them 
   give("greedy");
   CHECK(slots.free_slots() == 3);
   CHECK(most == 3);
+}
+
+}  // namespace
+}  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Issue #13: owners and operators at once, over the real server — owners pushing modules while the
+// operator enables, disables and retires experts, revokes an owner, builds releases and runs
+// repairing store checks — and afterwards the store's invariants hold: the check finds nothing,
+// a retired expert kept the module it had when retired, every expert's state agrees with its module.
+TEST_CASE("mixed owner and operator calls at once leave the store's invariants intact", "[transfer]") {
+  Served s;
+  constexpr int kOwners = 4, kExperts = 2, kRounds = 3;
+  std::vector<std::string> certs;
+  std::vector<std::vector<std::string>> modules(kOwners);
+  std::vector<std::string> experts;
+  for (int o = 0; o < kOwners; ++o) {
+    const std::string id = "owner" + std::to_string(o);
+    certs.push_back(s.site.Enroll(id).second);
+    for (int e = 0; e < kExperts; ++e) experts.push_back(s.site.Register(id, "e" + std::to_string(e)));
+    for (int r = 0; r < kRounds; ++r) modules[o].push_back(s.site.Module(id + "-" + std::to_string(r)));
+  }
+  KeyAndCsr admin_key = ValueOrDie(MakeKeyAndCsr("ops"));
+  const std::string admin_cert = ValueOrDie(SignCsr(s.site.ca_key, s.site.ca_cert, admin_key.csr_pem, "ops", "admin", 10)).certificate_pem;
+  auto admin = s.ClientFor(admin_cert, admin_key.key_pem);
+  auto admin_call = [&](auto method, const auto& request, auto* response) {
+    auto ctx = admin->NewContext();
+    return ((admin->admin()).*method)(ctx.get(), request, response);
+  };
+
+  std::atomic<int> owners_running{kOwners};
+  std::atomic<int> committed{0};
+  std::vector<std::thread> threads;
+  for (int o = 0; o < kOwners; ++o) {
+    threads.emplace_back([&, o] {
+      const std::string id = "owner" + std::to_string(o);
+      auto client = s.ClientFor(certs[o], s.site.keys[id]);
+      for (int r = 0; r < kRounds; ++r) {
+        for (int e = 0; e < kExperts; ++e) {
+          absl::StatusOr<v1::CommitUploadResponse> up = client->UploadFile(modules[o][r], id + "/e" + std::to_string(e), nullptr, {1});
+          if (up.ok() && up->rejection().empty()) ++committed;
+          // Refusals allowed here: the owner revoked, the expert retired; nothing else.
+          if (!up.ok()) CHECK((absl::IsPermissionDenied(up.status()) || absl::IsFailedPrecondition(up.status())));
+          if (up.ok() && !up->rejection().empty()) CHECK(up->rejection() == "retired");
+        }
+      }
+      --owners_running;
+    });
+  }
+  // The operator: state changes on every expert, one retire, one revocation.
+  const std::string retired = "owner1/e0";
+  std::string module_when_retired;
+  bool retired_ok = false;
+  threads.emplace_back([&] {
+    for (int i = 0; owners_running > 0 && i < 400; ++i) {
+      for (const std::string& expert : experts) {
+        v1::SetExpertStateRequest r;
+        r.set_expert_id(expert);
+        r.set_state(i % 2 == 0 ? v1::EXPERT_STATE_ACTIVE : v1::EXPERT_STATE_DISABLED);
+        v1::Expert out;
+        admin_call(&v1::Admin::Stub::SetExpertState, r, &out);  // refused while registered or retired
+      }
+      if (i == 3) {
+        v1::SetExpertStateRequest r;
+        r.set_expert_id(retired);
+        r.set_state(v1::EXPERT_STATE_RETIRED);
+        v1::Expert out;
+        if (admin_call(&v1::Admin::Stub::SetExpertState, r, &out).ok()) {
+          retired_ok = true;
+          module_when_retired = out.module().sha256();
+        }
+      }
+      if (i == 5) {
+        v1::RevokeOwnerRequest r;
+        r.set_owner_id("owner3");
+        r.set_reason("test");
+        v1::OwnerInfo out;
+        CHECK(admin_call(&v1::Admin::Stub::RevokeOwner, r, &out).ok());
+      }
+    }
+  });
+  // Releases and repairing store checks, all the while.
+  threads.emplace_back([&] {
+    while (owners_running > 0) {
+      v1::Release release;
+      const grpc::Status built = admin_call(&v1::Admin::Stub::BuildRelease, v1::BuildReleaseRequest(), &release);
+      CHECK((built.ok() || built.error_code() == grpc::StatusCode::FAILED_PRECONDITION));
+      v1::CheckStoreRequest check;
+      check.set_repair(true);
+      check.set_skip_hashes(true);
+      v1::CheckStoreResponse found;
+      const grpc::Status checked = admin_call(&v1::Admin::Stub::CheckStore, check, &found);
+      CHECK(checked.ok());  // no REQUIRE off the test's thread
+      INFO(checked.error_message());
+      CHECK(found.unrepaired() == 0);
+      for (const v1::StoreFinding& f : found.findings()) FAIL_CHECK(f.kind() << " " << f.object() << ": " << f.detail());
+    }
+  });
+  for (std::thread& t : threads) t.join();
+
+  CHECK(committed > 0);
+  v1::CheckStoreRequest check;  // hashes too
+  v1::CheckStoreResponse found;
+  REQUIRE(admin_call(&v1::Admin::Stub::CheckStore, check, &found).ok());
+  for (const v1::StoreFinding& f : found.findings()) FAIL_CHECK(f.kind() << " " << f.object() << ": " << f.detail());
+  CHECK(found.findings_size() == 0);
+  REQUIRE(retired_ok);
+  const v1::ListExpertsResponse all = ValueOrDie(s.site.coordinator->ListExperts());
+  for (const v1::Expert& e : all.experts()) {
+    INFO(e.expert_id());
+    if (e.expert_id() == retired) {
+      CHECK(e.state() == v1::EXPERT_STATE_RETIRED);
+      CHECK(e.module().sha256() == module_when_retired);
+    }
+    if (!e.module().sha256().empty()) CHECK(s.site.coordinator->blobs().Has(e.module().sha256()));
+    if (e.state() == v1::EXPERT_STATE_ACTIVE || e.state() == v1::EXPERT_STATE_DISABLED) CHECK_FALSE(e.module().sha256().empty());
+  }
+  // Every release names experts with stored modules, in the order they were registered.
+  const v1::ListReleasesResponse releases = ValueOrDie(s.site.coordinator->ListReleases());
+  for (const v1::Release& r : releases.releases()) {
+    ReleaseManifest m = ValueOrDie(ReleaseManifest::FromJson(r.manifest_json(), r.release_id()));
+    for (const ReleaseExpert& x : m.experts) CHECK(s.site.coordinator->blobs().Has(x.module_sha256));
+  }
 }
 
 }  // namespace
