@@ -391,7 +391,8 @@ void AddAdminCommands(CLI::App& app) {
     cmd->callback([o] {
       const Remote* r = &o->r;
       if (!o->check && (o->no_repair || o->skip_hashes)) {
-        Fail("status", absl::InvalidArgumentError("--no-repair and --skip-hashes go with --check"));
+        std::cerr << "flexfedctl status: error: --no-repair and --skip-hashes go with --check\n";
+        std::exit(2);  // bad usage
       }
       if (o->check) {
         auto client = r->Connect("status --check");

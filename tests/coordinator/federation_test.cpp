@@ -185,6 +185,30 @@ TEST_CASE("two owners enroll over mTLS, pull, push; the operator lists and enabl
   CHECK_THAT(metrics, Catch::Contains("flexfed_experts{state=\"active\"} 1"));
   CHECK_THAT(metrics, Catch::Contains("flexfed_certificate_expiry_seconds{subject=\"owner/beta\"}"));
   CHECK_THAT(f.coordinator->Http("/health"), Catch::Contains("flexfed_up 1"));
+  // The store check on demand (issue #13), against the running coordinator: clean; then with what a
+  // crash leaves planted in its data directory, reported (exit 1) and, when asked, repaired.
+  REQUIRE(f.Admin("status --check --json") == 0);
+  nlohmann::json check = nlohmann::json::parse(f.out);
+  CHECK(check["unrepaired"] == 0);
+  CHECK(check["findings"].empty());
+  CHECK(check["blobs"].get<int>() >= 5);  // the anchor's files and two modules
+  CHECK(check["bytes_hashed"].get<int64_t>() > 0);
+  const fs::path store = fs::path(f.dir / "data") / "store";
+  fs::create_directories(store / "uploads" / std::string(32, 'a'));
+  const std::string garbage = "a blob nothing refers to";
+  const std::string garbage_sha = Sha256Hex(garbage);  // stored under its own name, never recorded
+  fs::create_directories(store / "blobs" / garbage_sha.substr(0, 2) / garbage_sha.substr(2, 2));
+  REQUIRE(WriteFileAtomically((store / "blobs" / garbage_sha.substr(0, 2) / garbage_sha.substr(2, 2) / garbage_sha).string(), garbage).ok());
+  CHECK(f.Admin("status --check --no-repair") == 1);
+  CHECK_THAT(f.out, Catch::Contains("PROBLEM   stray_session " + std::string(32, 'a')));
+  CHECK_THAT(f.out, Catch::Contains("2 problem(s) left"));
+  CHECK_THAT(f.coordinator->Http("/metrics"), Catch::Contains("flexfed_store_problems 2"));
+  REQUIRE(f.Admin("status --check") == 0);
+  CHECK_THAT(f.out, Catch::Contains("repaired  unreferenced_blob " + garbage_sha));
+  CHECK_FALSE(fs::exists(store / "uploads" / std::string(32, 'a')));
+  REQUIRE(f.Admin("status --check --skip-hashes --json") == 0);
+  CHECK(nlohmann::json::parse(f.out)["findings"].empty());
+  CHECK(f.Admin("status --no-repair") == 2);  // goes with --check
 
   // Releases from the operator's CLI: build, list, show, export; then local inference on the export.
   REQUIRE(f.Admin("expert enable beta/x") == 0);
