@@ -10,9 +10,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -24,6 +26,7 @@
 #include "common/client/coordinator_client.h"
 #include "coordinator/blob_store.h"
 #include "common/core/file_util.h"
+#include "common/core/identity.h"
 #include "common/core/sha256.h"
 #include "tests/test_util.h"
 #include <nlohmann/json.hpp>
@@ -395,6 +398,140 @@ TEST_CASE("the coordinator refuses callers it cannot trust", "[federation]") {
     CHECK_THAT(f.out, Catch::Contains("do not enroll"));
     CHECK_FALSE(fs::exists(f.dir / "delta/client.key"));
   }
+}
+
+// Issue #13 as it was found: an enrolled owner's own gRPC client sending raw calls to the
+// coordinator process on loopback (rows 1, 2, 3, 4, 6 and 12; the in-process tests reproduce the
+// races deterministically). Each block failed on the code before the fix.
+TEST_CASE("a hostile owner's raw calls against the coordinator process are refused", "[federation]") {
+  Federation f;
+  f.Join("acme");
+  const std::string module = f.Module("acme");
+  REQUIRE(f.Owner("acme", absl::StrCat("push ", module, " --expert acme/x --anchor ", f.dir / "acme_anchor")) == 0);
+  const std::string admin_id = ValueOrDie(ReadIdentity(ValueOrDie(ReadFile(f.dir / "ca/admin/client.crt")))).id;
+  f.Join(admin_id);  // an owner named like the operator (owner ids are the operator's choice)
+  auto mallory = ValueOrDie(CoordinatorClient::Connect(f.coordinator->address(), ValueOrDie(ClientIdentity::Load(f.dir / admin_id))));
+  auto operator_client = ValueOrDie(CoordinatorClient::Connect(f.coordinator->address(), ValueOrDie(ClientIdentity::Load(f.dir / "ca/admin"))));
+  auto status_of = [](const grpc::Status& s) { return ToStatus(s); };
+
+  {  // row 1: claiming acme's module by its hash, without its bytes
+    ChunkLayout layout = ValueOrDie(LayoutOfFile(module, kDefaultChunkSize));
+    v1::BeginUploadRequest begin;
+    begin.set_expert_id(admin_id + "/x");
+    begin.mutable_manifest()->mutable_blob()->set_sha256(layout.sha256);
+    begin.mutable_manifest()->mutable_blob()->set_size(layout.size);
+    begin.mutable_manifest()->set_chunk_size(layout.chunk_size);
+    for (uint64_t i = 0; i < layout.chunk_sha256.size(); ++i) {
+      v1::ChunkInfo* c = begin.mutable_manifest()->add_chunks();
+      c->set_index(i);
+      c->set_sha256(layout.chunk_sha256[i]);
+      c->set_size(layout.ChunkBytes(i));
+    }
+    v1::UploadStatus st;
+    auto ctx = mallory->NewContext();
+    REQUIRE(mallory->owner().BeginUpload(ctx.get(), begin, &st).ok());
+    CHECK(st.missing_size() == static_cast<int>(layout.chunk_sha256.size()));  // every chunk, though the blob is stored
+    v1::CommitUploadRequest commit;
+    commit.set_session_id(st.session_id());
+    v1::CommitUploadResponse committed;
+    ctx = mallory->NewContext();
+    CHECK(absl::IsFailedPrecondition(status_of(mallory->owner().CommitUpload(ctx.get(), commit, &committed))));
+    REQUIRE(f.Admin("expert list --json") == 0);
+    for (const auto& e : nlohmann::json::parse(f.out)) {
+      if (e["expert_id"] == admin_id + "/x") CHECK(e["state"] == "registered");
+    }
+    // ... nor learn that it exists: the same answer as for no blob at all.
+    v1::GetManifestRequest get;
+    v1::Manifest m;
+    get.set_sha256(layout.sha256);
+    ctx = mallory->NewContext();
+    const absl::Status theirs = status_of(mallory->owner().GetManifest(ctx.get(), get, &m));
+    get.set_sha256(std::string(64, 'd'));
+    ctx = mallory->NewContext();
+    const absl::Status none = status_of(mallory->owner().GetManifest(ctx.get(), get, &m));
+    CHECK(absl::IsNotFound(theirs));
+    CHECK(theirs.code() == none.code());
+  }
+  {  // rows 2 and 3: the operator's blob sessions and blob stream, by an owner with the operator's id
+    const std::string config_sha = ValueOrDie(Sha256File(f.dir / "anchor/config.json"));
+    const std::string session = Sha256Hex(absl::StrCat("admin\n", admin_id, "\n\n", config_sha)).substr(0, 32);
+    v1::QueryMissingRequest q;
+    q.set_session_id(session);
+    v1::UploadStatus st;
+    auto ctx = operator_client->NewContext();
+    REQUIRE(operator_client->owner().QueryMissing(ctx.get(), q, &st).ok());  // the session is real
+    ctx = mallory->NewContext();
+    CHECK(absl::IsPermissionDenied(status_of(mallory->owner().QueryMissing(ctx.get(), q, &st))));
+    v1::CommitUploadRequest commit;
+    commit.set_session_id(session);
+    v1::CommitUploadResponse committed;
+    ctx = mallory->NewContext();
+    CHECK(absl::IsPermissionDenied(status_of(mallory->owner().CommitUpload(ctx.get(), commit, &committed))));
+    ctx = mallory->NewContext();
+    auto writer = mallory->admin().UploadBlobChunks(ctx.get(), &st);
+    v1::UploadChunk chunk;
+    chunk.set_session_id(session);
+    chunk.set_data("{}");
+    writer->Write(chunk);
+    writer->WritesDone();
+    CHECK(absl::IsPermissionDenied(status_of(writer->Finish())));
+  }
+  {  // row 4: one token, twelve enrollments at once: one certificate
+    REQUIRE(f.Admin("owner add gamma --json") == 0);
+    const std::string token = nlohmann::json::parse(f.out)["token"];
+    std::atomic<int> enrolled{0};
+    std::vector<std::thread> racers;
+    for (int i = 0; i < 12; ++i) {
+      racers.emplace_back([&] {
+        KeyAndCsr key = ValueOrDie(MakeKeyAndCsr("gamma"));
+        v1::EnrollRequest r;
+        r.set_owner_id("gamma");
+        r.set_token(token);
+        r.set_csr_pem(key.csr_pem);
+        v1::EnrollResponse out;
+        auto ctx = mallory->NewContext();
+        if (mallory->enrollment().Enroll(ctx.get(), r, &out).ok()) ++enrolled;
+      });
+    }
+    for (std::thread& t : racers) t.join();
+    CHECK(enrolled == 1);
+    REQUIRE(f.Admin("audit tail -n 100") == 0);
+    int ok_events = 0;
+    std::istringstream lines(f.out);
+    for (std::string line; std::getline(lines, line);) {
+      const nlohmann::json event = nlohmann::json::parse(line, nullptr, false);
+      if (event.is_object() && event.value("action", "") == "owner.enroll" && event.value("result", "") == "ok" &&
+          event["objects"].value("owner", "") == "gamma") {
+        ++ok_events;
+      }
+    }
+    CHECK(ok_events == 1);
+  }
+  {  // row 6: a 2 MiB owner id is refused before it reaches the audit log, which stays readable
+    const uintmax_t audit_before = fs::file_size(f.dir / "data/audit.jsonl");
+    for (int i = 0; i < 9; ++i) {
+      v1::EnrollRequest r;
+      r.set_owner_id(std::string(2 << 20, 'x'));
+      r.set_token("t");
+      r.set_csr_pem("c");
+      v1::EnrollResponse out;
+      auto ctx = mallory->NewContext();
+      CHECK(absl::IsPermissionDenied(status_of(mallory->enrollment().Enroll(ctx.get(), r, &out))));
+    }
+    CHECK(fs::file_size(f.dir / "data/audit.jsonl") - audit_before < 9 * 1024);
+    CHECK(f.Admin("audit tail -n 1000") == 0);
+  }
+  {  // row 12: a blob of 2^64 - 1 bytes in no chunks
+    v1::Manifest m;
+    m.mutable_blob()->set_sha256(std::string(64, 'e'));
+    m.mutable_blob()->set_size(~0ull);
+    m.set_chunk_size(kDefaultChunkSize);
+    v1::UploadStatus st;
+    auto ctx = operator_client->NewContext();
+    CHECK(absl::IsInvalidArgument(status_of(operator_client->admin().BeginBlobUpload(ctx.get(), m, &st))));
+  }
+  REQUIRE(f.Admin("status --check --json") == 0);  // and the store is as it should be
+  CHECK(nlohmann::json::parse(f.out)["findings"].empty());
 }
 
 TEST_CASE("kill -9 of the coordinator mid-upload: the upload resumes with only the missing chunks", "[federation]") {
