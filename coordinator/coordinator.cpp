@@ -754,6 +754,36 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
   // restart of either side finds the same session and the chunks already received.
   const std::string session = Sha256Hex(absl::StrCat(who.role, "\n", who.id, "\n", expert_id, "\n", layout.sha256)).substr(0, 32);
   absl::StatusOr<UploadRecord> existing = store_->GetUpload(session);
+  // A module pushed again after a newer one superseded it starts over.
+  const bool reopening = existing.ok() && existing->state == "rejected" && existing->rejection == "superseded";
+  if ((!existing.ok() || reopening) && !expert_id.empty()) {
+    // One open upload per expert: a new module replaces an unfinished push of an older one, so an
+    // owner's partial uploads take at most one module's room per expert on the coordinator's disk.
+    absl::StatusOr<std::vector<UploadRecord>> uploads = store_->ListUploads(std::numeric_limits<int>::max());
+    if (!uploads.ok()) return uploads.status();
+    for (const UploadRecord& old : *uploads) {
+      if (old.state != "open" || old.expert_id != expert_id || old.session_id == session) continue;
+      std::unique_lock<std::shared_mutex> old_lock(SessionLock(old.session_id));
+      absl::StatusOr<UploadRecord> again = store_->GetUpload(old.session_id);
+      if (!again.ok() || again->state != "open") continue;  // committed meanwhile
+      again->state = "rejected";
+      again->rejection = "superseded";
+      again->message = absl::StrCat("a newer module (", layout.sha256.substr(0, 12), ") was pushed for this expert before this one was committed");
+      again->updated_unix = Now();
+      if (absl::Status st = store_->UpdateUpload(*again); !st.ok()) return st;
+      blobs_->DropSession(old.session_id);
+      Audit(who, "upload.superseded", {{"expert", expert_id}, {"blob", old.blob_sha256}, {"session", old.session_id}}, "ok");
+    }
+  }
+  if (reopening) {
+    std::unique_lock<std::shared_mutex> lock(SessionLock(session));
+    existing->state = "open";
+    existing->rejection.clear();
+    existing->message.clear();
+    existing->updated_unix = Now();
+    if (absl::Status st = store_->UpdateUpload(*existing); !st.ok()) return st;
+    Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}, {"session", session}}, "ok: again");
+  }
   if (!existing.ok()) {
     const int64_t now = Now();
     UploadRecord u{session, expert_id, who.id, ManifestJson(layout), layout.sha256, static_cast<int64_t>(layout.size),

@@ -796,3 +796,40 @@ TEST_CASE("an expert without a module can be neither enabled nor disabled, only 
 
 }  // namespace
 }  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Issue #13 (limits): an owner's unfinished uploads hold at most one module's room per expert — a
+// new module pushed for the expert supersedes the older unfinished one (its folder goes), and the
+// older one can be pushed again later.
+TEST_CASE("one open upload per expert: a newer module supersedes an unfinished push", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  const std::string first = site.Module("first"), second = site.Module("second");
+  const std::string old_session = ValueOrDie(site.coordinator->BeginUpload(acme, expert, ManifestOf(first))).session_id();
+  REQUIRE(site.coordinator->PutChunk(acme, testing::ChunkOf(first, old_session, 0)).ok());
+  const fs::path uploads = site.dir / "coordinator/store/uploads";
+  REQUIRE(fs::exists(uploads / old_session));
+  v1::CommitUploadResponse r = ValueOrDie(Upload(*site.coordinator, acme, expert, second));
+  CHECK(r.rejection().empty());
+  CHECK_FALSE(fs::exists(uploads / old_session));
+  v1::CommitUploadResponse old = ValueOrDie(site.coordinator->CommitUpload(acme, old_session));
+  CHECK(old.rejection() == "superseded");
+  // Another owner's upload for its own expert is untouched by acme's.
+  auto [beta, beta_cert] = site.Enroll("beta");
+  const std::string beta_expert = site.Register("beta", "math");
+  const std::string beta_session = ValueOrDie(site.coordinator->BeginUpload(beta, beta_expert, ManifestOf(first))).session_id();
+  REQUIRE(site.coordinator->PutChunk(beta, testing::ChunkOf(first, beta_session, 0)).ok());
+  ValueOrDie(site.coordinator->BeginUpload(acme, expert, ManifestOf(site.Module("third"))));
+  CHECK(fs::exists(uploads / beta_session));
+  // The first module again: a fresh start, and it commits.
+  r = ValueOrDie(Upload(*site.coordinator, acme, expert, first));
+  CHECK(r.rejection().empty());
+  CHECK(r.expert().module().sha256() == ValueOrDie(Sha256File(first)));
+  CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest())).findings_size() == 0);
+}
+
+}  // namespace
+}  // namespace flexfed
