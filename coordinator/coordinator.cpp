@@ -561,18 +561,17 @@ absl::StatusOr<v1::CheckStoreResponse> Coordinator::CheckStore(const PeerIdentit
       absl::StatusOr<bool> referenced = store_->IsBlobReferenced(sha);  // uploads: open, and committed (history)
       if (!referenced.ok()) return referenced.status();
       if (!*referenced) {
-        bool removed = false;
-        if (r.repair()) {
-          // Again, exclusive with commits: one may have begun on these same bytes since.
-          std::unique_lock<std::shared_mutex> gc_lock(blob_gc_mu_);
-          absl::StatusOr<bool> again = store_->IsBlobReferenced(sha);
-          if (again.ok() && !*again) {
-            blobs_->RemoveBlob(sha);
-            removed = true;
-          }
+        // Again, exclusive with commits: one may have begun on these same bytes since, or be
+        // dropping a module it refused (not a finding).
+        std::unique_lock<std::shared_mutex> gc_lock(blob_gc_mu_);
+        absl::StatusOr<bool> again = store_->IsBlobReferenced(sha);
+        if (!again.ok()) return again.status();
+        if (!blobs_->Has(sha)) continue;
+        if (!*again) {
+          if (r.repair()) blobs_->RemoveBlob(sha);
+          add("unreferenced_blob", sha, "no expert, anchor, release or upload refers to it", r.repair());
+          continue;
         }
-        if (removed || !r.repair()) add("unreferenced_blob", sha, "no expert, anchor, release or upload refers to it", removed);
-        continue;
       }
     }
     present.insert(sha);
@@ -606,6 +605,8 @@ absl::StatusOr<v1::CheckStoreResponse> Coordinator::CheckStore(const PeerIdentit
   for (const std::string& file : blobs_->ManifestFiles()) {
     const std::string sha = file.size() > 5 && file.substr(file.size() - 5) == ".json" ? file.substr(0, file.size() - 5) : "";
     if (IsValidSha256(sha) && blobs_->Has(sha)) continue;
+    std::unique_lock<std::shared_mutex> gc_lock(blob_gc_mu_);  // a commit may be dropping blob and manifest
+    if (!fs::exists(fs::path(blobs_->root()) / "manifests" / file) || (IsValidSha256(sha) && blobs_->Has(sha))) continue;
     add("stray_manifest", file, "a chunk manifest without its blob", r.repair() && blobs_->RemoveStray("manifests/" + file).ok());
   }
 

@@ -87,7 +87,12 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
                 const std::string& role)
       : coordinator_(c), work_(work), slots_(slots), ctx_(ctx), response_(response) {
     work_->Post([this, role] {
-      absl::StatusOr<PeerIdentity> who = Authorize(coordinator_, ctx_, role, &pem_);
+      absl::StatusOr<PeerIdentity> who;
+      try {
+        who = Authorize(coordinator_, ctx_, role, &pem_);
+      } catch (const std::exception& e) {
+        who = HandlerFailed(ctx_, e.what());
+      }
       if (!who.ok()) {
         Finish(ToGrpc(who.status()));
         return;
@@ -228,7 +233,13 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
   DownloadReactor(Coordinator* c, WorkQueue* work, ChunkSlots* slots, CallbackServerContext* ctx, const v1::DownloadRequest* request)
       : coordinator_(c), work_(work), slots_(slots), sha256_(request->sha256()), offset_(request->offset()) {
     const uint64_t length = request->length();
-    work_->Post([this, ctx, length] { Start(ctx, length); });
+    work_->Post([this, ctx, length] {
+      try {
+        Start(ctx, length);
+      } catch (const std::exception& e) {
+        Finish(ToGrpc(HandlerFailed(ctx, e.what())));
+      }
+    });
   }
   void OnWriteDone(bool ok) override {
     std::string().swap(*chunk_.mutable_data());  // sent: its memory goes back with its slot
@@ -268,9 +279,13 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
     absl::Status failed;
     if (offset_ < end_) {
       const uint64_t n = std::min<uint64_t>(kDownloadMessageBytes, end_ - offset_);
-      absl::StatusOr<PeerIdentity> again = coordinator_->Authenticate(pem_);  // every message, as uploads
-      absl::StatusOr<std::string> data = again.ok() ? coordinator_->ReadBlob(who_, sha256_, offset_, n)
-                                                    : absl::StatusOr<std::string>(again.status());
+      absl::StatusOr<std::string> data;
+      try {
+        absl::StatusOr<PeerIdentity> again = coordinator_->Authenticate(pem_);  // every message, as uploads
+        data = again.ok() ? coordinator_->ReadBlob(who_, sha256_, offset_, n) : absl::StatusOr<std::string>(again.status());
+      } catch (const std::exception& e) {
+        data = absl::InternalError(std::string("reading the blob failed: ") + e.what());
+      }
       if (data.ok() && !data->empty()) {
         chunk_.set_offset(offset_);
         chunk_.set_data(*std::move(data));

@@ -1,5 +1,10 @@
 #include "coordinator/work_queue.h"
 
+#include <cstdio>
+#include <exception>
+
+#include <nlohmann/json.hpp>
+
 namespace flexfed {
 
 WorkQueue::WorkQueue(int threads) {
@@ -33,7 +38,16 @@ void WorkQueue::Run() {
       task = std::move(tasks_.front());
       tasks_.pop_front();
     }
-    task();
+    // Tasks catch their own exceptions (handlers answer INTERNAL and log); one that escapes is
+    // logged here rather than ending the process.
+    try {
+      task();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "{\"level\":\"error\",\"event\":\"task_exception\",\"what\":%s}\n",
+                   nlohmann::json(std::string(e.what())).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } catch (...) {
+      std::fprintf(stderr, "{\"level\":\"error\",\"event\":\"task_exception\",\"what\":\"unknown\"}\n");
+    }
   }
 }
 
