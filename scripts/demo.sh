@@ -75,7 +75,7 @@ data=$cache/data
 end
 
 begin "public anchor (tiny, pretrained on the public text)"
-anchor_key=$( (sha256sum "$data/public/train.jsonl" | cut -d' ' -f1; echo "tiny steps=$anchor_steps lr=3e-3 recipe=2") | sha256sum | cut -c1-16)
+anchor_key=$( (sha256sum "$data/public/train.jsonl" | cut -d' ' -f1; echo "tiny steps=$anchor_steps lr=3e-3 recipe=3") | sha256sum | cut -c1-16)
 anchor=$cache/anchor-$anchor_key
 if [[ -f $anchor/router_pub.safetensors ]]; then
   echo "reusing $anchor"

@@ -83,7 +83,13 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
       const double bias = -v.dot(center + o.boundary * step).item<double>();
       e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, bias)), at::kFloat));
     } else {
-      e.rows.push_back(mean / mean.norm().clamp_min(1e-12));
+      // r_pub = 0: the public expert's logit is 0 for every token, and an owner's row is only its
+      // v. Routing depends on logit differences alone (softmax and top-k do not change when the
+      // same vector is added to every row), so this routes exactly as any shared r_pub would —
+      // without a shared offset h·r_pub in every logit (|c|, 20–26 in the demo's anchor), which
+      // made the router z-loss a third of the training loss and its gradient push the same
+      // direction into the expert on every token (issue #14, D1).
+      e.rows.push_back(at::zeros_like(mean));
       e.centers.push_back(mean);
     }
   }

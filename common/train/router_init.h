@@ -27,9 +27,11 @@ struct RouterInitOptions {
 //   (Before 2026-11-25 it averaged the stream entering the layer, before attention: in layer 0
 //   that is the bare embedding, far smaller than what the router is given, so rows made from it
 //   saturated there.)
-//   - For r_pub itself (public data, `router_pub` null): r_pub = m / |m|, and m is kept as the
-//     layer's center c. Unit length because raw means (norm 20–26 in the demo's anchor) give
-//     logits large enough for the z-loss to drive training the wrong way.
+//   - For r_pub itself (public data, `router_pub` null): r_pub = 0, and m is kept as the layer's
+//     center c. Zero, not a direction: routing depends only on differences of logits, and any
+//     shared r_pub adds the same offset h·r_pub to every expert's logit (|c| = 20–26 in the demo's
+//     anchor with the earlier unit r_pub = m/|m|), which only feeds the router z-loss
+//     (docs/METHOD.md). Anchors published with a unit r_pub keep working: owner rows add to it.
 //   - For an owner: r_i = r_pub + v with v = 2D (m − c) / (|m − c| · max(|m − c|, |c| / 4)), and an
 //     initial bias b = −v·(c + f (m − c)) (kept only if ≤ 0). Then logit(i) − logit(pub) = h·v + b
 //     is 0 at the fraction f (`boundary`) of the way from c to m and 2D(1 − f) at m (less where the

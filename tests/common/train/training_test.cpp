@@ -3,11 +3,13 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <limits>
 #include <numeric>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "common/model/anchor.h"
+#include "common/model/moe.h"
 #include "common/merge/expert_export.h"
 #include "common/core/file_util.h"
 #include "common/train/router_init.h"
@@ -91,9 +93,9 @@ struct World {
     // The math data's own mean, as a center: what the owner's row is measured against.
     const RouterEmbedding math_mean = ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr));
     for (int l = 0; l < 2; ++l) {
-      // r_pub is a unit vector; the owner's row adds v with v·(m − c) = 2D, and the bias puts
-      // the boundary half-way (as far as a bias ≤ 0 can).
-      CHECK(std::abs(pub_row.rows[l].norm().item<double>() - 1.0) < 1e-5);
+      // r_pub is zero (no shared offset); the owner's row is v with v·(m − c) = 2D, and the bias
+      // puts the boundary half-way (as far as a bias ≤ 0 can).
+      CHECK(pub_row.rows[l].abs().max().item<double>() == 0.0);
       const at::Tensor m = math_mean.centers[l].to(at::kDouble), c = pub_row.centers[l].to(at::kDouble);
       const at::Tensor v = (math_row.rows[l] - pub_row.rows[l]).to(at::kDouble);
       const double d = (m - c).norm().item<double>();
@@ -401,6 +403,60 @@ TEST_CASE("router-init: vectors from other embedders must fit the hidden size", 
   o.vectors = w.dir / "vec_bad.safetensors";
   absl::Status s = InitRouterEmbedding(a.model, nullptr, o, nullptr).status();
   CHECK_THAT(std::string(s.message()), Catch::Contains("[4096]") && Catch::Contains("[64]"));
+}
+
+}  // namespace
+}  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Issue #14, D1: r_pub was the unit mean direction of the public router inputs, so every expert's
+// logit carried the offset h·r_pub (≈ |c|) and the router z-loss (1e-3 · Σ lse²) was dominated by
+// it. Now r_pub = 0: on public text the router's logsumexp stays small, and the routing — weights
+// and choices for every k, with and without an expert opted out, with one or two owners — is the
+// one a shared offset gives.
+TEST_CASE("router rows carry no shared offset; routing is the same as with one", "[training]") {
+  World& w = TheWorld();
+  Anchor a = ValueOrDie(LoadAnchor(w.anchor));
+  const int64_t layers = a.model.config().num_hidden_layers, hidden = a.model.config().hidden_size;
+  const RouterEmbedding pub = ValueOrDie(ReadRouterEmbedding(w.anchor + "/router_pub.safetensors", layers, hidden));
+  const RouterEmbedding math = ValueOrDie(ReadRouterEmbedding(w.math_router, layers, hidden));
+  TokenCorpus pub_corpus = ValueOrDie(TokenCorpus::Build({w.pub}, ByteTokenizer(), {}, w.cache));
+  std::vector<int64_t> ids(pub_corpus.tokens(), pub_corpus.tokens() + std::min<int64_t>(256, pub_corpus.num_tokens()));
+  ForwardTrace trace;
+  trace.want_router_inputs = true;
+  a.model.Forward(at::tensor(ids, at::kLong).view({1, -1}), {}, nullptr, &trace);
+  for (size_t l = 0; l < trace.router_inputs.size(); ++l) {
+    INFO("layer " << l);
+    const at::Tensor h = trace.router_inputs[l][0].to(at::kFloat);  // [N, H]
+    // A second owner's row for the merges (near the first, so that they compete).
+    const at::Tensor v1 = math.rows[l], v2 = math.rows[l] * 0.7;
+    const at::Tensor bias = at::stack({at::zeros({1}), math.biases[l], math.biases[l] - 0.5}).view({3});
+    const at::Tensor rows = at::stack({pub.rows[l], v1, v2});
+    // The same rows with the earlier shared offset: every row plus the unit public direction.
+    const at::Tensor u = pub.centers[l] / pub.centers[l].norm();
+    const at::Tensor offset_rows = rows + u;
+    // On public text: a small logsumexp now (the z-loss term), |c|-sized before.
+    const at::Tensor lse = at::logsumexp(RouterLogits(h, rows.slice(0, 0, 2)) + bias.slice(0, 0, 2), -1);
+    const at::Tensor lse_before = at::logsumexp(RouterLogits(h, offset_rows.slice(0, 0, 2)) + bias.slice(0, 0, 2), -1);
+    CHECK(lse.mean().item<double>() < 1.0);
+    CHECK(lse_before.mean().item<double>() > lse.mean().item<double>() + 0.5 * pub.centers[l].norm().item<double>());
+    for (int64_t experts : {2, 3}) {  // one owner; two owners merged
+      for (int64_t k = 1; k <= experts; ++k) {
+        for (int64_t opted_out = 0; opted_out < experts; ++opted_out) {  // 0: none opted out
+          INFO("experts " << experts << " k " << k << " opted out " << opted_out);
+          at::Tensor mask = at::zeros({experts});
+          if (opted_out > 0) mask[opted_out] = -std::numeric_limits<float>::infinity();
+          const int64_t kk = std::min<int64_t>(k, experts - (opted_out > 0 ? 1 : 0));
+          const RouterOutput now = Route(h, rows.slice(0, 0, experts), bias.slice(0, 0, experts), mask, kk, false);
+          const RouterOutput before = Route(h, offset_rows.slice(0, 0, experts), bias.slice(0, 0, experts), mask, kk, false);
+          CHECK(at::equal(now.indices, before.indices));
+          CHECK((now.weights - before.weights).abs().max().item<double>() < 1e-5);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
