@@ -11,7 +11,7 @@ namespace {
 
 struct Options {
   std::string anchor, out, cache_dir = DefaultTokenCacheDir(), text_field = "text";
-  std::vector<std::string> data;
+  std::vector<std::string> data, public_data;
   RouterInitOptions init;
   int threads = 0;
   bool public_row = false;
@@ -22,7 +22,11 @@ absl::Status Run(const Options& o) {
   // r_pub itself is made with this command before the anchor has one: do not require it.
   absl::StatusOr<Anchor> anchor = LoadAnchor(o.anchor, /*require_router_pub=*/false);
   if (!anchor.ok()) return anchor.status();
-  std::optional<TokenCorpus> corpus;
+  std::optional<TokenCorpus> corpus, public_corpus;
+  RouterInitOptions init = o.init;
+  if (!o.public_data.empty() && (o.init.mode != "anchor" || o.public_row)) {
+    return absl::InvalidArgumentError("--public-data calibrates an owner's anchor-mode bias; leave it out with --public or another --mode");
+  }
   if (o.init.mode == "anchor") {
     if (o.data.empty()) return absl::InvalidArgumentError("anchor mode samples your documents: pass --data FILE_OR_FOLDER");
     absl::StatusOr<std::unique_ptr<Tokenizer>> tok = TokenizerForModel(o.anchor, anchor->model.config().vocab_size);
@@ -32,6 +36,12 @@ absl::Status Run(const Options& o) {
     absl::StatusOr<TokenCorpus> c = TokenCorpus::Build(o.data, **tok, copts, o.cache_dir);
     if (!c.ok()) return c.status();
     corpus = *std::move(c);
+    if (!o.public_data.empty()) {
+      absl::StatusOr<TokenCorpus> p = TokenCorpus::Build(o.public_data, **tok, copts, o.cache_dir);
+      if (!p.ok()) return p.status();
+      public_corpus = *std::move(p);
+      init.public_corpus = &*public_corpus;
+    }
   }
   const RouterEmbedding* router_pub = nullptr;
   if (o.init.mode == "anchor" && !o.public_row) {
@@ -43,7 +53,7 @@ absl::Status Run(const Options& o) {
     router_pub = &anchor->router_pub;
   }
   ProgressReporter progress;
-  absl::StatusOr<RouterEmbedding> e = InitRouterEmbedding(anchor->model, corpus ? &*corpus : nullptr, o.init, &progress, router_pub);
+  absl::StatusOr<RouterEmbedding> e = InitRouterEmbedding(anchor->model, corpus ? &*corpus : nullptr, init, &progress, router_pub);
   if (!e.ok()) return e.status();
   e->metadata["anchor_sha256"] = anchor->id;
   if (absl::Status s = WriteRouterEmbedding(o.out, *e); !s.ok()) return s;
@@ -73,6 +83,11 @@ void AddRouterInitCommand(CLI::App& app) {
   cmd->add_option("--text-field", o->text_field, "JSONL field holding the text");
   cmd->add_option("--cache-dir", o->cache_dir, "Token cache folder");
   cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--public-data", o->public_data,
+                  "anchor mode: public text (files, .jsonl or folders) to calibrate the negative bias on: a --public-share "
+                  "of its tokens go to your expert at the start (instead of --boundary)");
+  cmd->add_option("--public-share", o->init.public_share, "With --public-data: the share of public tokens routed to your expert")
+      ->check(CLI::Range(1e-4, 0.5));
   cmd->add_flag("--public", o->public_row, "Operators: make the anchor's own r_pub (and centers) from the public data");
   cmd->callback([o] { ExitOnError("router-init", Run(*o)); });
 }

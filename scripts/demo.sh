@@ -62,7 +62,7 @@ threads=$(nproc)
 anchor_steps=${FLEXFED_DEMO_ANCHOR_STEPS:-200}
 expert_steps=${FLEXFED_DEMO_EXPERT_STEPS:-40}
 expert_lr=${FLEXFED_DEMO_EXPERT_LR:-1e-3}
-boundary=${FLEXFED_DEMO_BOUNDARY:-0.5}  # router-init --boundary
+public_share=${FLEXFED_DEMO_PUBLIC_SHARE:-0.05}  # router-init --public-share: biases calibrated on the public text
 train_args=(--seq-len 256 --batch-size 16 --val-every 0 --log-every 10 --checkpoint-every 1000 --plain)
 owners=(code math scripture)
 declare -A org=([code]=pyorg [math]=mathlab [scripture]=abbey)
@@ -122,8 +122,8 @@ owner_side() {
   "$owner" enroll --owner "$id" --token "$(cat "$work/logs/$id.token")" --ca-cert "$work/ca/ca.crt" \
     --ca-fingerprint "$fingerprint" "${net[@]}"
   "$owner" pull --to "$home/anchor" "${net[@]}"
-  "$owner" router-init --anchor "$home/anchor" --data "$data/$d/train.jsonl" --samples 200 --boundary "$boundary" \
-    --out "$home/router.safetensors" --threads 1
+  "$owner" router-init --anchor "$home/anchor" --data "$data/$d/train.jsonl" --samples 200 \
+    --public-data "$data/public/train.jsonl" --public-share "$public_share" --out "$home/router.safetensors" --threads 1
   "$owner" train --anchor "$home/anchor" --router-init "$home/router.safetensors" --run "$home/run" \
     --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   "$owner" export --run "$home/run" --anchor "$home/anchor" --out "$home/$d.expert.safetensors" \
@@ -141,8 +141,8 @@ ablation_side() {
     "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" \
       --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   else
-    "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 --boundary "$boundary" \
-      --out "$home/router.safetensors" --threads 1
+    "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 \
+      --public-data "$data/public/train.jsonl" --public-share "$public_share" --out "$home/router.safetensors" --threads 1
     "$owner" train --dense --anchor "$anchor_copy" --run "$home/run" \
       --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   fi

@@ -65,6 +65,11 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   if (progress != nullptr) progress->Finish();
   if (used == 0) return absl::InvalidArgumentError("every sampled document is empty");
   const bool relative = router_pub != nullptr && !router_pub->centers.empty();
+  std::vector<at::Tensor> owner_v;  // per layer, the owner's v (relative mode)
+  if (o.public_corpus != nullptr && (!relative || o.public_share <= 0 || o.public_share >= 1)) {
+    return absl::InvalidArgumentError(relative ? "--public-share must be in (0, 1)"
+                                               : "calibrating on public text is for owners' rows (an anchor with r_pub centers)");
+  }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const at::Tensor mean = (sums[l] / static_cast<double>(used)).to(at::kFloat);
     if (relative) {
@@ -82,6 +87,7 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
       e.rows.push_back(router_pub->rows[l] + v);
       const double bias = -v.dot(center + o.boundary * step).item<double>();
       e.biases.push_back(at::full({1}, static_cast<float>(std::min(0.0, bias)), at::kFloat));
+      owner_v.push_back(v);
     } else {
       // r_pub = 0: the public expert's logit is 0 for every token, and an owner's row is only its
       // v. Routing depends on logit differences alone (softmax and top-k do not change when the
@@ -92,6 +98,36 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
       e.rows.push_back(at::zeros_like(mean));
       e.centers.push_back(mean);
     }
+  }
+  if (o.public_corpus != nullptr) {
+    // The logit gap h·v on public tokens, per layer; the bias puts a public_share of them above 0.
+    std::vector<std::vector<at::Tensor>> gaps(c.num_hidden_layers);
+    std::vector<int64_t> public_order = Permutation(o.public_corpus->num_documents(), o.seed + 1);
+    int64_t public_used = 0;
+    for (int64_t d : public_order) {
+      if (public_used == o.samples) break;
+      const int64_t len = std::min(o.public_corpus->document_length(d), limit);
+      if (len == 0) continue;
+      const int32_t* begin = o.public_corpus->tokens() + o.public_corpus->doc_offsets()[d];
+      std::vector<int64_t> ids(begin, begin + len);
+      ForwardTrace trace;
+      trace.want_router_inputs = true;
+      anchor.Forward(at::tensor(ids, at::kLong).view({1, len}).to(anchor.device()), {}, nullptr, &trace);
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        gaps[l].push_back(at::mv(trace.router_inputs[l][0].to(at::kFloat).to(at::kCPU), owner_v[l]));
+      }
+      ++public_used;
+    }
+    if (public_used == 0) return absl::InvalidArgumentError("every sampled public document is empty");
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const at::Tensor g = at::cat(gaps[l]).to(at::kDouble);
+      const double above = at::quantile(g, 1.0 - o.public_share).item<double>();
+      e.biases[l] = at::full({1}, static_cast<float>(std::min(0.0, -above)), at::kFloat);
+      e.metadata[absl::StrCat("public_share_layer", l)] =
+          absl::StrFormat("%.4f", (g + e.biases[l].item<double>() > 0).to(at::kDouble).mean().item<double>());
+    }
+    e.metadata["bias"] = absl::StrFormat("calibrated on %d public documents: %.3f of their tokens to this expert", public_used,
+                                         o.public_share);
   }
   e.metadata["relative_to"] = relative ? "router_pub" : "none (this is r_pub; centers kept)";
   e.metadata["documents"] = std::to_string(used);

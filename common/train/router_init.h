@@ -20,6 +20,13 @@ struct RouterInitOptions {
   double margin = 3.0;          // anchor mode: router logit margin D at the owner's mean
   double boundary = 0.5;        // anchor mode: where routing flips, 0 = the public mean, 1 = the owner's
   std::string vectors;          // vectors mode: .npy or safetensors, [H] or [L, H]
+  // anchor mode, owners: public text to calibrate the negative bias on (issue #14, D2). Each
+  // layer's bias is set so that a fraction `public_share` of the public tokens sampled (as many
+  // documents and tokens as for the owner's mean) would go to this expert at initialisation —
+  // a selective "mine vs not mine" decision measured on public data rather than put half-way
+  // between two means. Without it, the bias comes from `boundary`.
+  const TokenCorpus* public_corpus = nullptr;
+  double public_share = 0.05;
 };
 
 // anchor: per layer, m = the mean over sampled documents of the mean of what that layer's router

@@ -461,3 +461,46 @@ TEST_CASE("router rows carry no shared offset; routing is the same as with one",
 
 }  // namespace
 }  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Issue #14, D2: the negative bias calibrated on public text — at initialisation, the chosen share
+// of public tokens (sampled like the owner's) routes to the owner's expert, in every layer, and
+// the owner's own tokens mostly do.
+TEST_CASE("router-init calibrates each layer's bias on public text to the share asked for", "[training]") {
+  World& w = TheWorld();
+  Anchor a = ValueOrDie(LoadAnchor(w.anchor));
+  TokenCorpus pub_corpus = ValueOrDie(TokenCorpus::Build({w.pub}, ByteTokenizer(), {}, w.cache));
+  TokenCorpus math_corpus = ValueOrDie(TokenCorpus::Build({w.math}, ByteTokenizer(), {}, w.cache));
+  RouterInitOptions ro;
+  ro.samples = 20;
+  ro.public_corpus = &pub_corpus;
+  ro.public_share = 0.1;
+  const RouterEmbedding row = ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, &a.router_pub));
+  auto share = [&](const TokenCorpus& corpus, int64_t l) {  // of the corpus' first tokens, routed to the owner
+    std::vector<int64_t> ids(corpus.tokens(), corpus.tokens() + std::min<int64_t>(2048, corpus.num_tokens()));
+    ForwardTrace trace;
+    trace.want_router_inputs = true;
+    a.model.Forward(at::tensor(ids, at::kLong).view({1, -1}), {}, nullptr, &trace);
+    const at::Tensor h = trace.router_inputs[l][0].to(at::kFloat);
+    const at::Tensor gap = at::mv(h, row.rows[l] - a.router_pub.rows[l]) + row.biases[l];
+    return (gap > 0).to(at::kDouble).mean().item<double>();
+  };
+  for (int64_t l = 0; l < a.model.config().num_hidden_layers; ++l) {
+    INFO("layer " << l);
+    CHECK(row.biases[l].item<double>() <= 0);
+    const double calibrated = std::stod(row.metadata.at(absl::StrCat("public_share_layer", l)));
+    if (row.biases[l].item<double>() < 0) CHECK(std::abs(calibrated - 0.1) < 0.01);  // on the sample it was set on
+    CHECK(share(pub_corpus, l) < 0.25);   // public text at large: few
+    CHECK(share(math_corpus, l) > 0.5);   // the owner's own: most
+  }
+  // Bad use: outside (0, 1), or for r_pub itself.
+  ro.public_share = 1.5;
+  CHECK(absl::IsInvalidArgument(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, &a.router_pub).status()));
+  ro.public_share = 0.1;
+  CHECK(absl::IsInvalidArgument(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, nullptr).status()));
+}
+
+}  // namespace
+}  // namespace flexfed
