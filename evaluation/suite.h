@@ -24,6 +24,7 @@ struct SuiteOwner {
   std::string module;  // the expert module the owner pushed
   std::string random_init_module;  // optional: the same training with a random router init
   std::string dense_module;        // optional: `train --dense` (no coordination)
+  std::string no_bias_module;      // optional: the same training without the negative bias (`train --router-bias false`)
 };
 
 struct SuiteSpec {

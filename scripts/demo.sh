@@ -140,6 +140,11 @@ ablation_side() {
     "$owner" router-init --mode random --seed 7 --anchor "$anchor_copy" --out "$home/router.safetensors"
     "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" \
       --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
+  elif [[ $kind == nobias ]]; then  # the paper's ablation: trained without the bias, not just without it at inference
+    "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 \
+      --out "$home/router.safetensors" --threads 1
+    "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" --router-bias false \
+      --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   else
     "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 \
       --public-data "$data/public/train.jsonl" --public-share "$public_share" --out "$home/router.safetensors" --threads 1
@@ -185,8 +190,8 @@ echo "A sample from the merged model (greedy, every expert):"
 "$ctl" generate "$work/release" --prompt "def read_config(path):" --max-new-tokens 80 --threads "$threads"
 end
 
-begin "ablation experts: random router init and dense (no coordination)"
-for kind in random dense; do in_parallel ablation_side "$kind" "${owners[@]}"; done
+begin "ablation experts: random router init, no negative bias, dense (no coordination)"
+for kind in random nobias dense; do in_parallel ablation_side "$kind" "${owners[@]}"; done
 end
 
 begin "evaluation suite"
@@ -201,7 +206,8 @@ spec = {
     "owners": [{"name": d, "domain": d,
                 "module": f"{work}/owners/{o}/{d}.expert.safetensors",
                 "random_init_module": f"{work}/ablations/random-{d}/expert.safetensors",
-                "dense_module": f"{work}/ablations/dense-{d}/expert.safetensors"} for d, o in orgs.items()],
+                "dense_module": f"{work}/ablations/dense-{d}/expert.safetensors",
+                "no_bias_module": f"{work}/ablations/nobias-{d}/expert.safetensors"} for d, o in orgs.items()],
     "top_k": [0, 2],
     "seq_len": 256, "max_sequences": 32, "batch_size": 8, "btm_prefix": 32, "btm_tau": 1.0,
 }

@@ -208,7 +208,8 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
   const nlohmann::json spec_json = {
       {"anchor", f.anchor_dir},
       {"domains", {{{"name", "public"}, {"heldout", f.dir / "a.txt"}}, {{"name", "b"}, {"heldout", f.dir / "b.txt"}}}},
-      {"owners", {{{"name", "bee"}, {"domain", "b"}, {"module", f.Module("bee", 1)}, {"dense_module", f.Module("bee_dense", 2)}}}},
+      {"owners", {{{"name", "bee"}, {"domain", "b"}, {"module", f.Module("bee", 1)}, {"dense_module", f.Module("bee_dense", 2)},
+                   {"no_bias_module", f.Module("bee_nobias", 3, /*with_bias=*/false)}}}},
       {"top_k", {0, 1}}, {"seq_len", 32}, {"max_sequences", 4}, {"btm_prefix", 8}, {"cache_dir", f.dir / "cache"}};
   SuiteSpec spec = ValueOrDie(SuiteSpec::FromJson(spec_json, "spec"));
   std::vector<std::string> lines;
@@ -218,6 +219,7 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
   CHECK(names == std::vector<std::string>{"Public anchor", "Two-expert model: bee", "Model soup (mean of the experts' FFNs)",
                                           "BTM (ensemble of the two-expert models, prefix 8, tau 1)",
                                           "FlexOlmo merged (2 experts, k = 2)", "FlexOlmo without the negative bias",
+                                          "FlexOlmo trained without the negative bias",
                                           "No coordination (dense experts merged)", "FlexOlmo, bee opted out",
                                           "FlexOlmo merged (2 experts, k = 1)"});
   CHECK(lines.size() == names.size() - 1);  // BTM is computed from the two-expert scores, not run
@@ -225,7 +227,7 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
   auto bpb = [&](size_t row, const char* d) { return r["rows"][row]["bits_per_byte"][d].get<double>(); };
   CHECK(bpb(4, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
   CHECK(bpb(3, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
-  CHECK(bpb(7, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
+  CHECK(bpb(8, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
   CHECK(r["routing"]["b"].size() == 2);  // [layer][expert] shares of the merged model
   CHECK(r["routing"]["b"][0][0].get<double>() + r["routing"]["b"][0][1].get<double>() == Approx(1.0));
   CHECK(r["checks"].size() == 7);  // 2 per owner, public, soup, BTM, 2 per opt-out
