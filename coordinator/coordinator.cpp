@@ -760,10 +760,10 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
   if ((!existing.ok() || reopening) && !expert_id.empty()) {
     // One open upload per expert: a new module replaces an unfinished push of an older one, so an
     // owner's partial uploads take at most one module's room per expert on the coordinator's disk.
-    absl::StatusOr<std::vector<UploadRecord>> uploads = store_->ListUploads(std::numeric_limits<int>::max());
+    absl::StatusOr<std::vector<UploadRecord>> uploads = store_->OpenUploadsOf(expert_id);
     if (!uploads.ok()) return uploads.status();
     for (const UploadRecord& old : *uploads) {
-      if (old.state != "open" || old.expert_id != expert_id || old.session_id == session) continue;
+      if (old.session_id == session) continue;
       std::unique_lock<std::shared_mutex> old_lock(SessionLock(old.session_id));
       absl::StatusOr<UploadRecord> again = store_->GetUpload(old.session_id);
       if (!again.ok() || again->state != "open") continue;  // committed meanwhile

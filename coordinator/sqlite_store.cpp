@@ -168,9 +168,10 @@ constexpr char kReleaseColumns[] = "release_id, anchor_id, manifest_json, manife
 ReleaseRecord ReadRelease(const Statement& s) { return {s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Int(4)}; }
 
 template <typename Record, typename Reader>
-absl::StatusOr<std::vector<Record>> Query(sqlite3* db, const std::string& sql, Reader read) {
+absl::StatusOr<std::vector<Record>> Query(sqlite3* db, const std::string& sql, Reader read, const std::vector<std::string>& binds = {}) {
   Statement s(db, sql.c_str());
   if (!s.ok()) return s.Error(sql);
+  for (const std::string& b : binds) s.Bind(b);
   std::vector<Record> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) out.push_back(read(s));
@@ -439,6 +440,12 @@ absl::StatusOr<std::vector<UploadRecord>> SqliteStore::ListUploads(int limit) {
   return Query<UploadRecord>(db_, absl::StrCat("SELECT ", kUploadColumns, " FROM uploads ORDER BY started_unix DESC, session_id LIMIT ",
                                                limit > 0 ? limit : 1000),
                              ReadUpload);
+}
+
+absl::StatusOr<std::vector<UploadRecord>> SqliteStore::OpenUploadsOf(const std::string& expert_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Query<UploadRecord>(db_, absl::StrCat("SELECT ", kUploadColumns, " FROM uploads WHERE expert_id = ? AND state = 'open'"),
+                             ReadUpload, {expert_id});
 }
 
 static const char kUpdateUploadSql[] =

@@ -42,6 +42,7 @@ class SqliteStore final : public Store {
   absl::Status AddUpload(const UploadRecord& upload) override;
   absl::StatusOr<UploadRecord> GetUpload(const std::string& session_id) override;
   absl::StatusOr<std::vector<UploadRecord>> ListUploads(int limit) override;
+  absl::StatusOr<std::vector<UploadRecord>> OpenUploadsOf(const std::string& expert_id) override;
   absl::Status UpdateUpload(const UploadRecord& upload) override;
   absl::Status CommitModule(const UploadRecord& upload, const ExpertRecord& expert) override;
   absl::Status AddRelease(const ReleaseRecord& release) override;

@@ -118,6 +118,8 @@ class Store {
   virtual absl::Status AddUpload(const UploadRecord& upload) = 0;
   virtual absl::StatusOr<UploadRecord> GetUpload(const std::string& session_id) = 0;
   virtual absl::StatusOr<std::vector<UploadRecord>> ListUploads(int limit) = 0;
+  // The open uploads of one expert (at most one once BeginUpload supersedes older ones).
+  virtual absl::StatusOr<std::vector<UploadRecord>> OpenUploadsOf(const std::string& expert_id) = 0;
   virtual absl::Status UpdateUpload(const UploadRecord& upload) = 0;
   // Marks the upload committed and attaches its blob to the expert, in one transaction: a crash
   // leaves both as they were or both updated, never an expert pointing at an uncommitted module.

@@ -3,12 +3,50 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
+#include <functional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace flexfed {
+
+namespace {
+
+// Runs the anchor on up to o.samples documents of `corpus` (in an order drawn from `seed`, each cut
+// to o.max_tokens) and hands `each` what every layer's router sees ([T, H] per layer). Returns how
+// many documents it used.
+int64_t ForSampledDocuments(const FlexOlmoModel& anchor, const TokenCorpus& corpus, const RouterInitOptions& o, uint64_t seed,
+                            ProgressReporter* progress, const std::function<void(const std::vector<at::Tensor>&)>& each) {
+  const ModelConfig& c = anchor.config();
+  const int64_t limit = std::min<int64_t>(o.max_tokens, c.max_position_embeddings);
+  const int64_t target = std::min<int64_t>(o.samples, corpus.num_documents());
+  const auto start = std::chrono::steady_clock::now();
+  int64_t used = 0;
+  for (int64_t d : Permutation(corpus.num_documents(), seed)) {
+    if (used == o.samples) break;
+    const int64_t len = std::min(corpus.document_length(d), limit);
+    if (len == 0) continue;
+    const int32_t* begin = corpus.tokens() + corpus.doc_offsets()[d];
+    std::vector<int64_t> ids(begin, begin + len);
+    ForwardTrace trace;
+    trace.want_router_inputs = true;
+    anchor.Forward(at::tensor(ids, at::kLong).view({1, len}).to(anchor.device()), {}, nullptr, &trace);
+    std::vector<at::Tensor> inputs;
+    for (const at::Tensor& t : trace.router_inputs) inputs.push_back(t[0]);
+    each(inputs);
+    ++used;
+    if (progress != nullptr && (used % 50 == 0 || used == o.samples)) {
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      progress->Update(used, target, absl::StrFormat("%.1f docs/s", used / std::max(elapsed, 1e-9)), elapsed / used * (target - used));
+    }
+  }
+  if (progress != nullptr) progress->Finish();
+  return used;
+}
+
+}  // namespace
 
 absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor, const TokenCorpus* corpus,
                                                     const RouterInitOptions& o, ProgressReporter* progress,
@@ -36,40 +74,19 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
     return absl::InvalidArgumentError("anchor mode needs documents (--data)");
   }
   if (o.samples < 1 || o.max_tokens < 1) return absl::InvalidArgumentError("--samples and --max-tokens must be positive");
-  c10::InferenceMode inference;
-  std::vector<int64_t> order = Permutation(corpus->num_documents(), o.seed);
-  std::vector<at::Tensor> sums(c.num_hidden_layers);
-  for (at::Tensor& s : sums) s = at::zeros({c.hidden_size}, at::kDouble);
-  int64_t used = 0;
-  const int64_t limit = std::min<int64_t>(o.max_tokens, c.max_position_embeddings);
-  const auto start = std::chrono::steady_clock::now();
-  for (int64_t d : order) {
-    if (used == o.samples) break;
-    const int64_t len = std::min(corpus->document_length(d), limit);
-    if (len == 0) continue;
-    std::vector<int64_t> ids(corpus->tokens() + corpus->doc_offsets()[d], corpus->tokens() + corpus->doc_offsets()[d] + len);
-    ForwardTrace trace;
-    trace.want_router_inputs = true;
-    anchor.Forward(at::tensor(ids, at::kLong).view({1, len}).to(anchor.device()), {}, nullptr, &trace);
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      sums[l] += trace.router_inputs[l][0].to(at::kDouble).mean(0).to(at::kCPU);  // what the router sees
-    }
-    ++used;
-    if (progress != nullptr && (used % 50 == 0 || used == o.samples)) {
-      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      const int64_t target = std::min<int64_t>(o.samples, corpus->num_documents());
-      progress->Update(used, target, absl::StrFormat("%.1f docs/s", used / std::max(elapsed, 1e-9)),
-                       elapsed / used * (target - used));
-    }
-  }
-  if (progress != nullptr) progress->Finish();
-  if (used == 0) return absl::InvalidArgumentError("every sampled document is empty");
   const bool relative = router_pub != nullptr && !router_pub->centers.empty();
-  std::vector<at::Tensor> owner_v;  // per layer, the owner's v (relative mode)
   if (o.public_corpus != nullptr && (!relative || o.public_share <= 0 || o.public_share >= 1)) {
     return absl::InvalidArgumentError(relative ? "--public-share must be in (0, 1)"
                                                : "calibrating on public text is for owners' rows (an anchor with r_pub centers)");
   }
+  c10::InferenceMode inference;
+  std::vector<at::Tensor> sums(c.num_hidden_layers);
+  for (at::Tensor& s : sums) s = at::zeros({c.hidden_size}, at::kDouble);
+  const int64_t used = ForSampledDocuments(anchor, *corpus, o, o.seed, progress, [&](const std::vector<at::Tensor>& inputs) {
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) sums[l] += inputs[l].to(at::kDouble).mean(0).to(at::kCPU);
+  });
+  if (used == 0) return absl::InvalidArgumentError("every sampled document is empty");
+  std::vector<at::Tensor> owner_v;  // per layer, the owner's v (relative mode)
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const at::Tensor mean = (sums[l] / static_cast<double>(used)).to(at::kFloat);
     if (relative) {
@@ -102,22 +119,9 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   if (o.public_corpus != nullptr) {
     // The logit gap h·v on public tokens, per layer; the bias puts a public_share of them above 0.
     std::vector<std::vector<at::Tensor>> gaps(c.num_hidden_layers);
-    std::vector<int64_t> public_order = Permutation(o.public_corpus->num_documents(), o.seed + 1);
-    int64_t public_used = 0;
-    for (int64_t d : public_order) {
-      if (public_used == o.samples) break;
-      const int64_t len = std::min(o.public_corpus->document_length(d), limit);
-      if (len == 0) continue;
-      const int32_t* begin = o.public_corpus->tokens() + o.public_corpus->doc_offsets()[d];
-      std::vector<int64_t> ids(begin, begin + len);
-      ForwardTrace trace;
-      trace.want_router_inputs = true;
-      anchor.Forward(at::tensor(ids, at::kLong).view({1, len}).to(anchor.device()), {}, nullptr, &trace);
-      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-        gaps[l].push_back(at::mv(trace.router_inputs[l][0].to(at::kFloat).to(at::kCPU), owner_v[l]));
-      }
-      ++public_used;
-    }
+    const int64_t public_used = ForSampledDocuments(anchor, *o.public_corpus, o, o.seed + 1, nullptr, [&](const std::vector<at::Tensor>& inputs) {
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) gaps[l].push_back(at::mv(inputs[l].to(at::kFloat).to(at::kCPU), owner_v[l]));
+    });
     if (public_used == 0) return absl::InvalidArgumentError("every sampled public document is empty");
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const at::Tensor g = at::cat(gaps[l]).to(at::kDouble);
@@ -131,7 +135,7 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   }
   e.metadata["relative_to"] = relative ? "router_pub" : "none (this is r_pub; centers kept)";
   e.metadata["documents"] = std::to_string(used);
-  e.metadata["max_tokens"] = std::to_string(limit);
+  e.metadata["max_tokens"] = std::to_string(std::min<int64_t>(o.max_tokens, c.max_position_embeddings));
   return e;
 }
 

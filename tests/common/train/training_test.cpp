@@ -109,6 +109,17 @@ struct World {
   std::string Run(const std::string& run) const { return dir / ("runs/" + run); }
 };
 
+// What each layer's router sees on the first `n` tokens of `corpus`: [n, H] fp32 per layer.
+std::vector<at::Tensor> RouterInputs(const FlexOlmoModel& model, const TokenCorpus& corpus, int64_t n) {
+  std::vector<int64_t> ids(corpus.tokens(), corpus.tokens() + std::min<int64_t>(n, corpus.num_tokens()));
+  ForwardTrace trace;
+  trace.want_router_inputs = true;
+  model.Forward(at::tensor(ids, at::kLong).view({1, -1}), {}, nullptr, &trace);
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : trace.router_inputs) out.push_back(t[0].to(at::kFloat));
+  return out;
+}
+
 World& TheWorld() {
   static World world;
   return world;
@@ -422,14 +433,11 @@ TEST_CASE("router rows carry no shared offset; routing is the same as with one",
   const int64_t layers = a.model.config().num_hidden_layers, hidden = a.model.config().hidden_size;
   const RouterEmbedding pub = ValueOrDie(ReadRouterEmbedding(w.anchor + "/router_pub.safetensors", layers, hidden));
   const RouterEmbedding math = ValueOrDie(ReadRouterEmbedding(w.math_router, layers, hidden));
-  TokenCorpus pub_corpus = ValueOrDie(TokenCorpus::Build({w.pub}, ByteTokenizer(), {}, w.cache));
-  std::vector<int64_t> ids(pub_corpus.tokens(), pub_corpus.tokens() + std::min<int64_t>(256, pub_corpus.num_tokens()));
-  ForwardTrace trace;
-  trace.want_router_inputs = true;
-  a.model.Forward(at::tensor(ids, at::kLong).view({1, -1}), {}, nullptr, &trace);
-  for (size_t l = 0; l < trace.router_inputs.size(); ++l) {
+  const std::vector<at::Tensor> inputs =
+      RouterInputs(a.model, ValueOrDie(TokenCorpus::Build({w.pub}, ByteTokenizer(), {}, w.cache)), 256);
+  for (size_t l = 0; l < inputs.size(); ++l) {
     INFO("layer " << l);
-    const at::Tensor h = trace.router_inputs[l][0].to(at::kFloat);  // [N, H]
+    const at::Tensor& h = inputs[l];  // [N, H]
     // A second owner's row for the merges (near the first, so that they compete).
     const at::Tensor v1 = math.rows[l], v2 = math.rows[l] * 0.7;
     const at::Tensor bias = at::stack({at::zeros({1}), math.biases[l], math.biases[l] - 0.5}).view({3});
@@ -478,13 +486,10 @@ TEST_CASE("router-init calibrates each layer's bias on public text to the share 
   ro.public_corpus = &pub_corpus;
   ro.public_share = 0.1;
   const RouterEmbedding row = ValueOrDie(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, &a.router_pub));
-  auto share = [&](const TokenCorpus& corpus, int64_t l) {  // of the corpus' first tokens, routed to the owner
-    std::vector<int64_t> ids(corpus.tokens(), corpus.tokens() + std::min<int64_t>(2048, corpus.num_tokens()));
-    ForwardTrace trace;
-    trace.want_router_inputs = true;
-    a.model.Forward(at::tensor(ids, at::kLong).view({1, -1}), {}, nullptr, &trace);
-    const at::Tensor h = trace.router_inputs[l][0].to(at::kFloat);
-    const at::Tensor gap = at::mv(h, row.rows[l] - a.router_pub.rows[l]) + row.biases[l];
+  const std::vector<at::Tensor> pub_inputs = RouterInputs(a.model, pub_corpus, 2048);
+  const std::vector<at::Tensor> math_inputs = RouterInputs(a.model, math_corpus, 2048);
+  auto share = [&](const std::vector<at::Tensor>& inputs, int64_t l) {  // of those tokens, routed to the owner
+    const at::Tensor gap = at::mv(inputs[l], row.rows[l] - a.router_pub.rows[l]) + row.biases[l];
     return (gap > 0).to(at::kDouble).mean().item<double>();
   };
   for (int64_t l = 0; l < a.model.config().num_hidden_layers; ++l) {
@@ -492,8 +497,8 @@ TEST_CASE("router-init calibrates each layer's bias on public text to the share 
     CHECK(row.biases[l].item<double>() <= 0);
     const double calibrated = std::stod(row.metadata.at(absl::StrCat("public_share_layer", l)));
     if (row.biases[l].item<double>() < 0) CHECK(std::abs(calibrated - 0.1) < 0.01);  // on the sample it was set on
-    CHECK(share(pub_corpus, l) < 0.25);   // public text at large: few
-    CHECK(share(math_corpus, l) > 0.5);   // the owner's own: most
+    CHECK(share(pub_inputs, l) < 0.25);   // public text at large: few
+    CHECK(share(math_inputs, l) > 0.5);   // the owner's own: most
   }
   // Bad use: outside (0, 1), or for r_pub itself.
   ro.public_share = 1.5;
