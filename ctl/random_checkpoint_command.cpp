@@ -82,7 +82,7 @@ void AddRandomCheckpointCommand(CLI::App& app) {
       "random-checkpoint", "Write an OLMo-2-shaped checkpoint of a preset size with random weights (for trials at real size)");
   cmd->footer("Example (a 1B-shaped anchor with a real tokenizer; add r_pub with `flexfed-owner router-init --public`):\n"
               "  flexfedctl random-checkpoint --size 1b --tokenizer olmo2-tokenizer/ --out anchor-1b/");
-  cmd->add_option("--size", o->size, "test, tiny, small, 1b (hidden 2048, 16 layers) or 7b (hidden 4096, 32 layers)")->required();
+  cmd->add_option("--size", o->size, "test, mini, tiny, small, 1b (hidden 2048, 16 layers) or 7b (hidden 4096, 32 layers)")->required();
   cmd->add_option("--out,-o", o->out, "Output directory (must not exist)")->required();
   cmd->add_option("--tokenizer", o->tokenizer, "A folder with tokenizer.json (and tokenizer_config.json ...) to copy beside it")
       ->check(CLI::ExistingDirectory);

@@ -2,7 +2,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <algorithm>
 #include <map>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,10 +22,38 @@ using nlohmann::json;
 
 struct Row {
   std::string name;
-  std::string kind;  // anchor | two_expert | soup | btm | merged | ablation | opt_out
+  std::string kind;  // anchor | two_expert | dense_expert | soup | btm | merged | ablation | opt_out
   std::map<std::string, double> bpb;
-  double average = 0;
+  std::map<std::string, SequenceTotals> totals;  // per domain, per sequence: what the intervals resample
+  double average = 0;                            // over the single-domain domains
 };
+
+SequenceTotals Totals(const TokenScores& s) {
+  const at::Tensor nll = s.nll.sum(1).contiguous(), bytes = s.bytes.sum(1).to(at::kDouble).contiguous();
+  return {std::vector<double>(nll.data_ptr<double>(), nll.data_ptr<double>() + nll.numel()),
+          std::vector<double>(bytes.data_ptr<double>(), bytes.data_ptr<double>() + bytes.numel())};
+}
+
+// A markdown table's first two lines.
+std::string Header(const std::string& first, const std::vector<std::string>& columns) {
+  std::string names = absl::StrCat("| ", first, " |"), rule = "|---|";
+  for (const std::string& c : columns) {
+    names += absl::StrCat(" ", c, " |");
+    rule += "---:|";
+  }
+  return absl::StrCat(names, "\n", rule, "\n");
+}
+
+// The interval of |x| from that of x (0 at the low end when the interval holds 0).
+Interval Magnitude(const Interval& i) {
+  const bool spans_zero = i.low <= 0 && i.high >= 0;
+  return {std::abs(i.estimate), spans_zero ? 0.0 : std::min(std::abs(i.low), std::abs(i.high)),
+          std::max(std::abs(i.low), std::abs(i.high))};
+}
+
+std::string Percent(const Interval& i) {
+  return absl::StrFormat("%+.1f%% [%+.1f, %+.1f]", 100 * i.estimate, 100 * i.low, 100 * i.high);
+}
 
 class Suite {
  public:
@@ -42,7 +72,7 @@ class Suite {
       texts_.emplace(d.name, *std::move(text));
     }
 
-    Score("Public anchor", "anchor", anchor_->model);
+    const std::map<std::string, TokenScores> anchor_scores = Score("Public anchor", "anchor", anchor_->model);
     // Each module set is hashed, validated and mapped once; every row below reuses it.
     std::vector<std::string> paths;
     for (const SuiteOwner& o : spec_.owners) paths.push_back(o.module);
@@ -56,16 +86,32 @@ class Suite {
       std::map<std::string, TokenScores> scores = Score(absl::StrCat("Two-expert model: ", o.name), "two_expert", two->model);
       for (auto& [domain, s] : scores) two_expert_scores[domain].push_back(std::move(s));
     }
+    // Each owner's dense expert (`train --dense`: the anchor continued on the owner's data, its FFN
+    // trained alone) — the paper's individual experts, and the members of its BTM.
+    std::map<std::string, std::vector<TokenScores>> dense_scores;  // domain → public, then per owner
+    bool all_dense = true;
+    for (const SuiteOwner& o : spec_.owners) all_dense = all_dense && !o.dense_module.empty();
+    if (all_dense) {
+      for (const SuiteDomain& d : spec_.domains) dense_scores[d.name].push_back(anchor_scores.at(d.name));
+      for (const SuiteOwner& o : spec_.owners) {
+        absl::StatusOr<std::vector<LoadedExpert>> dense = LoadExperts(*anchor_, {o.dense_module});
+        if (!dense.ok()) return dense.status();
+        absl::StatusOr<FlexOlmoModel> model = SoupModel(*anchor_, *dense);  // one expert: its FFN, dense
+        if (!model.ok()) return model.status();
+        for (auto& [domain, s] : Score(absl::StrCat("Dense expert: ", o.name), "dense_expert", *model)) {
+          dense_scores[domain].push_back(std::move(s));
+        }
+      }
+    }
     absl::StatusOr<FlexOlmoModel> soup = SoupModel(*anchor_, *modules);
     if (!soup.ok()) return soup.status();
     Score("Model soup (mean of the experts' FFNs)", "soup", *soup);
-    {
-      Row btm{absl::StrFormat("BTM (ensemble of the two-expert models, prefix %d, tau %g)", spec_.btm_prefix, spec_.btm_tau), "btm", {}};
-      for (const SuiteDomain& d : spec_.domains) {
-        btm.bpb[d.name] = Summarize(EnsembleScores(two_expert_scores[d.name], spec_.btm_prefix, spec_.btm_tau)).bits_per_byte;
-      }
-      AddRow(std::move(btm));
+    if (all_dense) {
+      Ensemble(absl::StrFormat("BTM (public + dense experts, top-%d, prefix %d)", spec_.btm_top_k, spec_.btm_prefix),
+               dense_scores, spec_.btm_top_k);
     }
+    Ensemble(absl::StrFormat("BTM of the two-expert models (prefix %d, tau %g)", spec_.btm_prefix, spec_.btm_tau),
+             two_expert_scores, 0);
 
     std::string main_row;
     for (size_t i = 0; i < spec_.top_k.size(); ++i) {
@@ -114,10 +160,21 @@ class Suite {
     return o;
   }
 
+  // A BTM row: per domain, the members' token scores mixed by their prefix likelihood (causal).
+  void Ensemble(const std::string& name, const std::map<std::string, std::vector<TokenScores>>& members, int64_t top_k) {
+    Row row{name, "btm", {}, {}};
+    for (const SuiteDomain& d : spec_.domains) {
+      const TokenScores mixed = EnsembleScores(members.at(d.name), spec_.btm_prefix, spec_.btm_tau, top_k);
+      row.bpb[d.name] = Summarize(mixed).bits_per_byte;
+      row.totals[d.name] = Totals(mixed);
+    }
+    AddRow(std::move(row));
+  }
+
   std::map<std::string, TokenScores> Score(const std::string& name, const std::string& kind, const FlexOlmoModel& model,
                                            const Routing& routing = {}, json* routing_out = nullptr) {
     const auto start = std::chrono::steady_clock::now();
-    Row row{name, kind, {}};
+    Row row{name, kind, {}, {}};
     std::map<std::string, TokenScores> scores;
     for (const SuiteDomain& d : spec_.domains) {
       const EvalText& text = texts_.at(d.name);
@@ -125,6 +182,7 @@ class Suite {
       TokenScores s = ScoreTokens(model, *text.packed, text.indices, spec_.batch_size, *tokenizer_, routing,
                                   routing_out != nullptr ? &stats : nullptr);
       row.bpb[d.name] = Summarize(s).bits_per_byte;
+      row.totals[d.name] = Totals(s);
       if (routing_out != nullptr) {
         json layers = json::array();
         for (const auto& per_expert : stats.top1) {
@@ -147,9 +205,30 @@ class Suite {
 
   void AddRow(Row row) {
     double sum = 0;
-    for (const SuiteDomain& d : spec_.domains) sum += row.bpb[d.name];
-    row.average = sum / static_cast<double>(spec_.domains.size());
+    for (const std::string& d : Single()) sum += row.bpb[d];
+    row.average = sum / static_cast<double>(Single().size());
     rows_.push_back(std::move(row));
+  }
+
+  // The single-domain domains (what the average is over) and the mixed ones.
+  std::vector<std::string> Single() const { return Names(false); }
+  std::vector<std::string> Mixed() const { return Names(true); }
+  std::vector<std::string> Names(bool mixed) const {
+    std::vector<std::string> out;
+    for (const SuiteDomain& d : spec_.domains) {
+      if (d.mixed == mixed) out.push_back(d.name);
+    }
+    return out;
+  }
+
+  // A / B − 1 on these domains' mean bits per byte, with its paired bootstrap interval.
+  Interval Compare(const Row& a, const Row& b, const std::vector<std::string>& domains) const {
+    std::vector<SequenceTotals> ta, tb;
+    for (const std::string& d : domains) {
+      ta.push_back(a.totals.at(d));
+      tb.push_back(b.totals.at(d));
+    }
+    return PairedBootstrap(ta, tb, spec_.bootstrap, spec_.bootstrap_seed);
   }
 
   const Row& Find(const std::string& name) const {
@@ -164,6 +243,7 @@ class Suite {
     json domains = json::array();
     for (const SuiteDomain& d : spec_.domains) domains.push_back(d.name);
     out["domains"] = domains;
+    out["mixed_domains"] = Mixed();
     json rows = json::array();
     for (const Row& r : rows_) rows.push_back({{"name", r.name}, {"kind", r.kind}, {"bits_per_byte", r.bpb}, {"average", r.average}});
     out["rows"] = rows;
@@ -172,68 +252,95 @@ class Suite {
     for (const SuiteOwner& o : spec_.owners) experts.push_back(o.name);
     out["experts"] = experts;
     out["settings"] = {{"seq_len", spec_.seq_len}, {"max_sequences", spec_.max_sequences}, {"btm_prefix", spec_.btm_prefix},
-                       {"btm_tau", spec_.btm_tau}, {"top_k", spec_.top_k}};
+                       {"btm_tau", spec_.btm_tau}, {"btm_top_k", spec_.btm_top_k}, {"top_k", spec_.top_k},
+                       {"bootstrap", spec_.bootstrap}, {"bootstrap_seed", spec_.bootstrap_seed}};
 
-    // The expected results (issue #5), each with its numbers.
+    // The paper's claims (issue #14), each with the relative difference it rests on and that
+    // difference's 95% interval: "holds" on the point estimate, "confident" when the whole
+    // interval is on the claimed side.
     json checks = json::array();
-    auto check = [&](const std::string& claim, bool ok, const std::string& detail) {
-      checks.push_back({{"claim", claim}, {"holds", ok}, {"detail", detail}});
+    auto check = [&](const std::string& claim, const Interval& i, double limit, bool below, const std::string& detail) {
+      const bool holds = below ? i.estimate < limit : i.estimate > limit;
+      const bool confident = below ? i.high < limit : i.low > limit;
+      checks.push_back({{"claim", claim}, {"holds", holds}, {"confident", confident}, {"estimate", i.estimate},
+                        {"low", i.low}, {"high", i.high}, {"detail", absl::StrCat(detail, ": ", Percent(i))}});
     };
     const Row& anchor = Find("Public anchor");
     const Row& merged = Find(main_row);
     const std::string& pub = spec_.public_domain;
+    auto bpb = [](const Row& r, const std::string& d) { return absl::StrFormat("%.4f", r.bpb.at(d)); };
     for (const SuiteOwner& o : spec_.owners) {
-      const Row& two = Find(absl::StrCat("Two-expert model: ", o.name));
-      const double m = merged.bpb.at(o.domain), a = anchor.bpb.at(o.domain), t = two.bpb.at(o.domain);
-      check(absl::StrFormat("merged beats the anchor on %s", o.domain), m < a, absl::StrFormat("%.4f vs %.4f bits/byte", m, a));
-      check(absl::StrFormat("merged within 5%% of the %s two-expert model on %s", o.name, o.domain), m <= 1.05 * t,
-            absl::StrFormat("%.4f vs %.4f (%+.1f%%)", m, t, 100.0 * (m / t - 1)));
+      check(absl::StrFormat("merged beats the public model on %s", o.domain), Compare(merged, anchor, {o.domain}), 0, true,
+            absl::StrCat(bpb(merged, o.domain), " vs ", bpb(anchor, o.domain)));
+    }
+    for (const std::string& d : Mixed()) {
+      check(absl::StrFormat("merged beats the public model on %s", d), Compare(merged, anchor, {d}), 0, true,
+            absl::StrCat(bpb(merged, d), " vs ", bpb(anchor, d)));
     }
     if (merged.bpb.count(pub)) {
-      const double m = merged.bpb.at(pub), a = anchor.bpb.at(pub);
-      check("merged loses at most 2% on the public domain", m <= 1.02 * a, absl::StrFormat("%.4f vs anchor %.4f (%+.1f%%)", m, a, 100.0 * (m / a - 1)));
+      check("merged stays within 3% of the public model on public text", Compare(merged, anchor, {pub}), 0.03, true,
+            absl::StrCat(bpb(merged, pub), " vs ", bpb(anchor, pub)));
     }
-    for (const char* kind : {"soup", "btm"}) {
-      for (const Row& r : rows_) {
-        if (r.kind != kind) continue;
-        check(absl::StrFormat("merged beats %s on the average over domains", kind == std::string("soup") ? "model soup" : "BTM"),
-              merged.average < r.average, absl::StrFormat("%.4f vs %.4f", merged.average, r.average));
-      }
+    // Against soup and against the paper's BTM when the dense experts are there (else ours).
+    const Row* btm = nullptr;
+    for (const Row& r : rows_) {
+      if (r.kind == "btm" && btm == nullptr) btm = &r;
+    }
+    for (const Row* r : {&Find("Model soup (mean of the experts' FFNs)"), btm}) {
+      if (r == nullptr) continue;
+      check(absl::StrCat("merged beats ", r->kind == "soup" ? "model soup" : r->name, " on average"), Compare(merged, *r, Single()),
+            0, true, absl::StrFormat("%.4f vs %.4f", merged.average, r->average));
     }
     for (const SuiteOwner& o : spec_.owners) {
-      const Row& out_j = Find(absl::StrFormat("FlexOlmo, %s opted out", o.name));
-      const double gap = anchor.bpb.at(o.domain) - merged.bpb.at(o.domain);
-      const double left = anchor.bpb.at(o.domain) - out_j.bpb.at(o.domain);  // of the gap, what the opt-out keeps
-      check(absl::StrFormat("opting out %s brings %s back to within 10%% of the gap to the anchor", o.name, o.domain),
-            gap > 0 && std::abs(left) <= 0.1 * gap,
-            absl::StrFormat("anchor %.4f, merged %.4f, opted out %.4f: keeps %.0f%% of the gap", anchor.bpb.at(o.domain),
-                            merged.bpb.at(o.domain), out_j.bpb.at(o.domain), gap > 0 ? 100.0 * left / gap : 0.0));
-      double worst = 0;
+      const Row& opted = Find(absl::StrFormat("FlexOlmo, %s opted out", o.name));
+      check(absl::StrFormat("opting out %s returns %s to the public model's level (within 3%%)", o.name, o.domain),
+            Magnitude(Compare(opted, anchor, {o.domain})), 0.03,
+            true, absl::StrFormat("opted out %s, public model %s, merged %s; |difference| from the public model", bpb(opted, o.domain),
+                                  bpb(anchor, o.domain), bpb(merged, o.domain)));
+      // The other single domains: the one that moves most.
+      Interval worst{-1, 0, 0};
       std::string worst_domain;
-      for (const SuiteDomain& d : spec_.domains) {
-        if (d.name == o.domain) continue;
-        const double change = std::abs(out_j.bpb.at(d.name) / merged.bpb.at(d.name) - 1);
-        if (change >= worst) {
-          worst = change;
-          worst_domain = d.name;
+      for (const std::string& d : Single()) {
+        if (d == o.domain) continue;
+        const Interval a = Magnitude(Compare(opted, merged, {d}));
+        if (a.estimate > worst.estimate) {
+          worst = a;
+          worst_domain = d;
         }
       }
-      check(absl::StrFormat("opting out %s moves every other domain by less than 2%%", o.name), worst < 0.02,
-            absl::StrFormat("largest change %.2f%% (%s)", 100.0 * worst, worst_domain));
+      if (!worst_domain.empty()) {
+        check(absl::StrFormat("opting out %s moves every other domain by at most 3%%", o.name), worst, 0.03, true,
+              absl::StrFormat("largest: %s, %s → %s; |change|", worst_domain, bpb(merged, worst_domain), bpb(opted, worst_domain)));
+      }
     }
     out["checks"] = checks;
 
-    std::string table = "| model |";
-    std::string rule = "|---|";
-    for (const SuiteDomain& d : spec_.domains) {
-      table += absl::StrCat(" ", d.name, " |");
-      rule += "---:|";
+    // Every row against the merged model: per domain and on average.
+    json differences = json::array();
+    std::vector<std::string> columns = Single();
+    columns.push_back("average");
+    for (const std::string& d : Mixed()) columns.push_back(d);
+    std::string diff_table = Header(absl::StrCat(main_row, " vs"), columns);
+    for (const Row& r : rows_) {
+      if (&r == &merged) continue;
+      json per = json::object();
+      diff_table += absl::StrCat("| ", r.name, " |");
+      for (const std::string& c : columns) {
+        const Interval i = c == "average" ? Compare(merged, r, Single()) : Compare(merged, r, {c});
+        per[c] = {{"estimate", i.estimate}, {"low", i.low}, {"high", i.high}};
+        diff_table += absl::StrCat(" ", Percent(i), " |");
+      }
+      diff_table += "\n";
+      differences.push_back({{"row", r.name}, {"merged_vs_row", per}});
     }
-    table += " average |\n" + rule + "---:|\n";
+    out["differences"] = differences;
+    out["differences_table"] = diff_table;
+
+    std::string table = Header("model", columns);
     for (const Row& r : rows_) {
       table += absl::StrCat("| ", r.name, " |");
-      for (const SuiteDomain& d : spec_.domains) table += absl::StrFormat(" %.4f |", r.bpb.at(d.name));
-      table += absl::StrFormat(" %.4f |\n", r.average);
+      for (const std::string& c : columns) table += absl::StrFormat(" %.4f |", c == "average" ? r.average : r.bpb.at(c));
+      table += "\n";
     }
     out["table"] = table;
     return out;
@@ -250,11 +357,55 @@ class Suite {
 
 }  // namespace
 
+Interval PairedBootstrap(const std::vector<SequenceTotals>& a, const std::vector<SequenceTotals>& b, int64_t resamples,
+                         uint64_t seed) {
+  // Mean over domains of bits per byte, for sequence counts drawn `counts[d][s]` times each.
+  auto mean_bpb = [](const std::vector<SequenceTotals>& t, const std::vector<std::vector<int>>* counts) {
+    double sum = 0;
+    for (size_t d = 0; d < t.size(); ++d) {
+      double nll = 0, bytes = 0;
+      for (size_t s = 0; s < t[d].nll.size(); ++s) {
+        const double c = counts == nullptr ? 1.0 : (*counts)[d][s];
+        nll += c * t[d].nll[s];
+        bytes += c * t[d].bytes[s];
+      }
+      sum += bytes > 0 ? nll / bytes / std::log(2.0) : 0;
+    }
+    return sum / static_cast<double>(t.size());
+  };
+  Interval out;
+  out.estimate = mean_bpb(a, nullptr) / mean_bpb(b, nullptr) - 1;
+  if (resamples <= 0) {
+    out.low = out.high = out.estimate;
+    return out;
+  }
+  std::mt19937_64 rng(seed);
+  std::vector<double> draws;
+  draws.reserve(resamples);
+  std::vector<std::vector<int>> counts(a.size());
+  for (int64_t r = 0; r < resamples; ++r) {
+    for (size_t d = 0; d < a.size(); ++d) {
+      const size_t n = a[d].nll.size();
+      counts[d].assign(n, 0);
+      std::uniform_int_distribution<size_t> pick(0, n == 0 ? 0 : n - 1);
+      for (size_t s = 0; s < n; ++s) ++counts[d][pick(rng)];
+    }
+    draws.push_back(mean_bpb(a, &counts) / mean_bpb(b, &counts) - 1);
+  }
+  std::sort(draws.begin(), draws.end());
+  auto at = [&](double q) { return draws[std::min<size_t>(draws.size() - 1, static_cast<size_t>(q * (draws.size() - 1) + 0.5))]; };
+  out.low = at(0.025);
+  out.high = at(0.975);
+  return out;
+}
+
 absl::StatusOr<SuiteSpec> SuiteSpec::FromJson(const json& j, const std::string& source) {
   SuiteSpec s;
   try {
     s.anchor = j.at("anchor").get<std::string>();
-    for (const json& d : j.at("domains")) s.domains.push_back({d.at("name").get<std::string>(), d.at("heldout").get<std::string>()});
+    for (const json& d : j.at("domains")) {
+      s.domains.push_back({d.at("name").get<std::string>(), d.at("heldout").get<std::string>(), d.value("mixed", false)});
+    }
     s.public_domain = j.value("public_domain", s.public_domain);
     for (const json& o : j.at("owners")) {
       s.owners.push_back({o.at("name").get<std::string>(), o.at("domain").get<std::string>(), o.at("module").get<std::string>(),
@@ -266,6 +417,9 @@ absl::StatusOr<SuiteSpec> SuiteSpec::FromJson(const json& j, const std::string& 
     s.batch_size = j.value("batch_size", s.batch_size);
     s.btm_prefix = j.value("btm_prefix", s.btm_prefix);
     s.btm_tau = j.value("btm_tau", s.btm_tau);
+    s.btm_top_k = j.value("btm_top_k", s.btm_top_k);
+    s.bootstrap = j.value("bootstrap", s.bootstrap);
+    s.bootstrap_seed = j.value("bootstrap_seed", s.bootstrap_seed);
     s.cache_dir = j.value("cache_dir", DefaultTokenCacheDir());
     s.threads = j.value("threads", s.threads);
   } catch (const json::exception& e) {
@@ -279,7 +433,17 @@ absl::StatusOr<SuiteSpec> SuiteSpec::FromJson(const json& j, const std::string& 
     for (const SuiteDomain& d : s.domains) found = found || d.name == o.domain;
     if (!found) return absl::InvalidArgumentError(absl::StrCat(source, ": owner ", o.name, " names domain '", o.domain, "', which is not listed"));
   }
-  if (s.btm_tau <= 0 || s.btm_prefix < 0) return absl::InvalidArgumentError(absl::StrCat(source, ": btm_tau must be > 0, btm_prefix ≥ 0"));
+  if (s.btm_tau <= 0 || s.btm_prefix < 0 || s.btm_top_k < 0 || s.bootstrap < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": btm_tau must be > 0; btm_prefix, btm_top_k and bootstrap ≥ 0"));
+  }
+  bool single = false;
+  for (const SuiteDomain& d : s.domains) single = single || !d.mixed;
+  if (!single) return absl::InvalidArgumentError(absl::StrCat(source, ": needs at least one domain that is not mixed"));
+  for (const SuiteOwner& o : s.owners) {
+    for (const SuiteDomain& d : s.domains) {
+      if (d.name == o.domain && d.mixed) return absl::InvalidArgumentError(absl::StrCat(source, ": owner ", o.name, "'s domain '", d.name, "' is mixed; an owner's domain is a single one"));
+    }
+  }
   return s;
 }
 

@@ -108,7 +108,7 @@ void AddTrainCommand(CLI::App& app) {
   cmd->add_option("--cache-dir", o->inputs.cache_dir, "Token cache folder");
   cmd->add_flag("--resume", o->resume, "Continue the run in --run from its latest checkpoint");
   cmd->add_flag("--dense", o->dense, "Ablation 'no coordination': train a dense copy of the anchor's FFNs, no public expert");
-  cmd->add_option("--pretrain", o->pretrain, "Pretrain a fresh model of this size (test, tiny, small, 1b, 7b) from scratch");
+  cmd->add_option("--pretrain", o->pretrain, "Pretrain a fresh model of this size (test, mini, tiny, small, 1b, 7b) from scratch");
   cmd->add_flag("--plain", o->plain, "Plain log lines even on a terminal");
 
   auto bind = [&](const std::string& name, auto member, const std::string& help) {
@@ -146,6 +146,10 @@ void AddTrainCommand(CLI::App& app) {
        "auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (autocast; master weights stay fp32)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   bind("--threads", &TrainConfig::threads, "CPU threads (default: all cores)");
+  bind("--tokenizer", &TrainConfig::tokenizer,
+       "With --pretrain: a folder holding the tokenizer.json (and tokenizer_config.json) to train with; the model "
+       "takes its vocabulary (padded to a multiple of 64) and carries the files (default: bytes)")
+      ->check(CLI::ExistingDirectory);
   cmd->callback([o] { ExitOnError("train", Run(*o)); });
 }
 

@@ -63,6 +63,13 @@ anchor_steps=${FLEXFED_DEMO_ANCHOR_STEPS:-200}
 expert_steps=${FLEXFED_DEMO_EXPERT_STEPS:-40}
 expert_lr=${FLEXFED_DEMO_EXPERT_LR:-1e-3}
 public_share=${FLEXFED_DEMO_PUBLIC_SHARE:-0.05}  # router-init --public-share: biases calibrated on the public text
+# The anchor: auto (the reproduction run's when bench/reproduce.sh has cached one, else the tiny byte
+# model pretrained here), tiny, or an anchor folder. The data: the demo's, or large (public text of
+# tens of MB, as bench/reproduce.sh uses).
+anchor_choice=${FLEXFED_DEMO_ANCHOR:-auto}
+eval_sequences=${FLEXFED_DEMO_EVAL_SEQUENCES:-32}  # held-out sequences per domain in the evaluation
+data_size=${FLEXFED_DEMO_DATA:-}
+[[ -z $data_size || $data_size == large ]] || { echo "FLEXFED_DEMO_DATA must be large or unset" >&2; exit 2; }
 train_args=(--seq-len 256 --batch-size 16 --val-every 0 --log-every 10 --checkpoint-every 1000 --plain)
 owners=(code math scripture)
 declare -A org=([code]=pyorg [math]=mathlab [scripture]=abbey)
@@ -70,14 +77,24 @@ declare -A describe=([code]="Python standard library source" [math]="Metamath se
                      [scripture]="King James Bible")
 
 begin "domain text from Debian packages"
-bash scripts/demo/fetch_data.sh "$cache"
-data=$cache/data
+bash scripts/demo/fetch_data.sh "$cache" $data_size
+data=$cache/data${data_size:+-$data_size}
 end
 
-begin "public anchor (tiny, pretrained on the public text)"
+begin "public anchor"
 anchor_key=$( (sha256sum "$data/public/train.jsonl" | cut -d' ' -f1; echo "tiny steps=$anchor_steps lr=3e-3 recipe=3") | sha256sum | cut -c1-16)
 anchor=$cache/anchor-$anchor_key
-if [[ -f $anchor/router_pub.safetensors ]]; then
+if [[ $anchor_choice == auto && -f $cache/reproduction-anchor/router_pub.safetensors ]]; then
+  anchor=$(readlink -f "$cache/reproduction-anchor")
+  echo "using the reproduction run's anchor (bench/reproduce.sh; FLEXFED_DEMO_ANCHOR=tiny for the demo's own): $anchor"
+elif [[ $anchor_choice != auto && $anchor_choice != tiny ]]; then
+  anchor=$(readlink -f "$anchor_choice")
+  [[ -f $anchor/router_pub.safetensors ]] || {
+    echo "FLEXFED_DEMO_ANCHOR=$anchor_choice: not an anchor folder with router_pub.safetensors (flexfed-owner router-init --public)" >&2
+    exit 2
+  }
+  echo "using $anchor"
+elif [[ -f $anchor/router_pub.safetensors ]]; then
   echo "reusing $anchor"
 else
   rm -rf "$cache/anchor-run-$anchor_key" "$anchor.tmp"
@@ -104,7 +121,7 @@ address=127.0.0.1:$(sed -n 1p "$work/coordinator.port")
 metrics=127.0.0.1:$(sed -n 2p "$work/coordinator.port")
 export FLEXFED_COORDINATOR=$address FLEXFED_IDENTITY=$work/ca/admin
 echo "coordinator at $address (metrics at http://$metrics/metrics), CA fingerprint ${fingerprint:0:16}…"
-"$ctl" anchor publish "$anchor" --note "tiny anchor, public text (fortunes)"
+"$ctl" anchor publish "$anchor" --note "public anchor $(basename "$anchor")"
 for d in "${owners[@]}"; do
   token=$("$ctl" owner add "${org[$d]}" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
   echo "$token" >"$work/logs/${org[$d]}.token"
@@ -195,13 +212,14 @@ for kind in random nobias dense; do in_parallel ablation_side "$kind" "${owners[
 end
 
 begin "evaluation suite"
-/usr/bin/python3 - "$work" "$anchor" "$data" <<'PY'
+/usr/bin/python3 - "$work" "$anchor" "$data" "$eval_sequences" <<'PY'
 import json, sys
-work, anchor, data = sys.argv[1:]
+work, anchor, data, sequences = sys.argv[1:]
 orgs = {"code": "pyorg", "math": "mathlab", "scripture": "abbey"}
 spec = {
     "anchor": anchor,
-    "domains": [{"name": d, "heldout": f"{data}/{d}/heldout.jsonl"} for d in ["public", "code", "math", "scripture"]],
+    "domains": [{"name": d, "heldout": f"{data}/{d}/heldout.jsonl"} for d in ["public", "code", "math", "scripture"]]
+               + [{"name": "mixed", "heldout": f"{data}/mixed/heldout.jsonl", "mixed": True}],
     "public_domain": "public",
     "owners": [{"name": d, "domain": d,
                 "module": f"{work}/owners/{o}/{d}.expert.safetensors",
@@ -209,7 +227,7 @@ spec = {
                 "dense_module": f"{work}/ablations/dense-{d}/expert.safetensors",
                 "no_bias_module": f"{work}/ablations/nobias-{d}/expert.safetensors"} for d, o in orgs.items()],
     "top_k": [0, 2],
-    "seq_len": 256, "max_sequences": 32, "batch_size": 8, "btm_prefix": 32, "btm_tau": 1.0,
+    "seq_len": 256, "max_sequences": int(sequences), "batch_size": 8, "btm_prefix": 32, "btm_tau": 1.0,
 }
 json.dump(spec, open(f"{work}/suite.json", "w"), indent=2)
 PY

@@ -299,7 +299,7 @@ json ModelConfig::ToJson() const {
 absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name, int64_t num_experts, int64_t top_k) {
   struct Size { const char* name; int64_t layers, hidden, heads, ffn, vocab; };
   static constexpr Size kSizes[] = {
-      {"test", 2, 64, 4, 176, 259},        {"tiny", 4, 256, 4, 688, 259},
+      {"test", 2, 64, 4, 176, 259},        {"mini", 4, 128, 4, 344, 259},       {"tiny", 4, 256, 4, 688, 259},
       {"small", 8, 512, 8, 1376, 259},     {"1b", 16, 2048, 16, 8192, 100352},
       {"7b", 32, 4096, 32, 11008, 100352},
   };
@@ -328,7 +328,7 @@ absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name, int64_t
     return c;
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown model size '", name, "'; choose test, tiny, small, 1b or 7b"));
+      absl::StrCat("unknown model size '", name, "'; choose test, mini, tiny, small, 1b or 7b"));
 }
 
 absl::StatusOr<ModelConfig> ReadModelConfig(const std::string& path) {

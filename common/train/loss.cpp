@@ -1,6 +1,7 @@
 #include "common/train/loss.h"
 
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_format.h"
 
@@ -64,8 +65,8 @@ EvalResult Evaluate(const FlexOlmoModel& model, const PackedSequences& data, con
   return Summarize(ScoreTokens(model, data, indices, batch_size, tokenizer, routing));
 }
 
-TokenScores EnsembleScores(const std::vector<TokenScores>& members, int64_t prefix, double tau) {
-  TORCH_CHECK(!members.empty() && tau > 0 && prefix >= 0, "EnsembleScores: members, tau > 0, prefix >= 0");
+TokenScores EnsembleScores(const std::vector<TokenScores>& members, int64_t prefix, double tau, int64_t top_k) {
+  TORCH_CHECK(!members.empty() && tau > 0 && prefix >= 0 && top_k >= 0, "EnsembleScores: members, tau > 0, prefix >= 0, top_k >= 0");
   at::Tensor nll = at::stack([&] {
     std::vector<at::Tensor> v;
     for (const TokenScores& m : members) v.push_back(m.nll);
@@ -76,6 +77,12 @@ TokenScores EnsembleScores(const std::vector<TokenScores>& members, int64_t pref
   at::Tensor before = nll.cumsum(2) - nll;
   if (prefix < t) before.narrow(2, prefix, t - prefix).copy_(before.narrow(2, prefix, 1).expand({-1, -1, t - prefix}));
   at::Tensor log_w = at::log_softmax(-before / tau, 0);
+  if (top_k > 0 && top_k < static_cast<int64_t>(members.size())) {
+    // Keep the k best members (ties broken by order), then renormalise their weights.
+    const at::Tensor kept = at::full_like(log_w, -std::numeric_limits<double>::infinity())
+                                .scatter(0, std::get<1>(log_w.topk(top_k, 0)), 0.0);
+    log_w = at::log_softmax(log_w + kept, 0);
+  }
   return {-at::logsumexp(log_w - nll, 0), members.front().bytes};
 }
 

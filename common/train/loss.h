@@ -50,8 +50,10 @@ EvalResult Evaluate(const FlexOlmoModel& model, const PackedSequences& data, con
 
 // BTM (Li et al. 2022; docs/METHOD.md §5): an ensemble whose output probability is Σ_m w_m p_m, with
 // per-sequence weights w = softmax(−NLL_prefix / tau) over the members. Causal: token t is mixed
-// with weights from the tokens before it, up to the first `prefix` (uniform at t = 0).
-TokenScores EnsembleScores(const std::vector<TokenScores>& members, int64_t prefix, double tau);
+// with weights from the tokens before it, up to the first `prefix` (uniform at t = 0). With
+// `top_k` > 0, only the k highest-weighted members are mixed at each token, their weights
+// renormalised (the FlexOlmo paper's BTM baseline uses top-2).
+TokenScores EnsembleScores(const std::vector<TokenScores>& members, int64_t prefix, double tau, int64_t top_k = 0);
 
 // Text files for evaluation, tokenized (through the token cache) and packed into sequences of
 // `seq_len`: every document, in order, at most `max_sequences` sequences (0 = all).

@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "common/model/anchor.h"
 #include "common/model/autocast.h"
+#include "common/model/hf_tokenizer.h"
 #include "common/core/file_util.h"
 #include "common/model/moe_dispatch.h"
 #include "common/model/router_embedding.h"
@@ -123,6 +124,9 @@ absl::Status TrainConfig::Validate() const {
     return Bad("val_every, val_batches, checkpoint_every must be ≥ 0, log_every and keep_checkpoints ≥ 1");
   }
   if (device != "auto" && device != "cpu" && device != "cuda") return Bad("device must be auto, cpu or cuda");
+  if (!tokenizer.empty() && mode != "pretrain") {
+    return Bad("--tokenizer is for --pretrain only; experts use the anchor's tokenizer");
+  }
   if (precision != "auto" && precision != "fp32" && precision != "bf16") return Bad("precision must be auto, fp32 or bf16");
   return absl::OkStatus();
 }
@@ -132,7 +136,7 @@ json TrainConfig::IdentityJson() const {
           {"seq_len", seq_len}, {"batch_size", batch_size}, {"grad_accum", grad_accum}, {"max_steps", max_steps},
           {"token_budget", token_budget}, {"lr", lr}, {"min_lr_ratio", min_lr_ratio}, {"warmup_steps", warmup_steps},
           {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}, {"grad_clip", grad_clip},
-          {"z_loss", z_loss}, {"router_bias", router_bias}, {"top_k", top_k}, {"seed", seed}, {"preset", preset}};
+          {"z_loss", z_loss}, {"router_bias", router_bias}, {"top_k", top_k}, {"seed", seed}, {"preset", preset}, {"tokenizer", tokenizer}};
 }
 
 json TrainConfig::ToJson() const {
@@ -169,6 +173,7 @@ absl::StatusOr<TrainConfig> TrainConfig::FromJson(const json& j, const std::stri
   get("val_every", c.val_every); get("val_batches", c.val_batches); get("checkpoint_every", c.checkpoint_every);
   get("keep_checkpoints", c.keep_checkpoints); get("log_every", c.log_every); get("seed", c.seed);
   get("device", c.device); get("precision", c.precision); get("threads", c.threads); get("preset", c.preset);
+  get("tokenizer", c.tokenizer);
   if (absl::Status s = c.Validate(); !s.ok()) return Bad(absl::StrCat(source, ": ", s.message()));
   return c;
 }
@@ -223,6 +228,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
   if (config.mode == "pretrain") {
     absl::StatusOr<ModelConfig> mc = ModelConfig::Preset(config.preset);
     if (!mc.ok()) return mc.status();
+    if (!config.tokenizer.empty()) {
+      // The preset's shape with the tokenizer's vocabulary (rows padded to a multiple of 64) and ids.
+      absl::StatusOr<std::unique_ptr<Tokenizer>> hf = LoadHfTokenizer(config.tokenizer);
+      if (!hf.ok()) return hf.status();
+      mc->vocab_size = ((*hf)->vocab_size() + 63) / 64 * 64;
+      mc->bos_token_id = (*hf)->bos_id();
+      mc->eos_token_ids = {(*hf)->eos_id()};
+      mc->pad_token_id = (*hf)->pad_id();
+      if (absl::Status s = mc->Validate(); !s.ok()) return s;
+    }
     absl::StatusOr<FlexOlmoModel> m = FlexOlmoModel::Create(*mc, at::kFloat, config.seed);
     if (!m.ok()) return m.status();
     t->model_ = *std::move(m);
@@ -301,7 +316,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
 
   // Data.
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok =
-      TokenizerForModel(config.mode == "pretrain" ? "" : inputs.anchor_dir, t->model_->config().vocab_size);
+      TokenizerForModel(config.mode == "pretrain" ? config.tokenizer : inputs.anchor_dir, t->model_->config().vocab_size);
   if (!tok.ok()) return tok.status();
   t->tokenizer_ = *std::move(tok);
   CorpusOptions copts;
@@ -533,6 +548,16 @@ absl::Status Trainer::WriteModel() {
   Compose();
   const fs::path dir = fs::path(inputs_.run_dir) / "model";
   if (absl::Status s = model_->Save(dir.string()); !s.ok()) return s;
+  if (config_.mode == "pretrain" && !config_.tokenizer.empty()) {  // the model carries the tokenizer it was trained with
+    for (const char* name : {kHfTokenizerFile, kHfTokenizerConfigFile}) {
+      const fs::path from = fs::path(config_.tokenizer) / name;
+      if (!fs::exists(from)) continue;
+      absl::StatusOr<std::string> bytes = ReadFile(from.string());
+      if (!bytes.ok()) return bytes.status();
+      if (absl::Status s = WriteFileAtomically((dir / name).string(), *bytes); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
   return WriteFileAtomically((dir / "flexfed_tokenizer.json").string(), "{\"type\": \"bytes\"}\n");
 }
 

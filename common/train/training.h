@@ -54,6 +54,7 @@ struct TrainConfig {
   std::string precision = "auto";  // auto | fp32 | bf16 (bf16 autocast; auto: bf16 on a GPU, fp32 on the CPU)
   int threads = 0;              // 0 = all cores
   std::string preset = "tiny";  // pretrain: the model size (docs/ARCHITECTURE.md §8)
+  std::string tokenizer;        // pretrain: a folder with tokenizer.json (and tokenizer_config.json); "" = bytes
 
   absl::Status Validate() const;
   nlohmann::json ToJson() const;

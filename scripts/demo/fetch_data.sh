@@ -6,11 +6,15 @@
 #   math      metamath-databases       set.mm, formal mathematics
 #   scripture bible-kjv-text           the King James Bible (decompressed with bible-kjv's own
 #                                      `bible` program, extracted from its package, not installed)
+# With `large` (bench/reproduce.sh) into CACHE/data-large, public also holds dict-gcide's dictionary
+# (tens of MB of English).
 set -euo pipefail
-cache=${1:?usage: fetch_data.sh CACHE_DIR}
+cache=${1:?usage: fetch_data.sh CACHE_DIR [large]}
+size=${2:-}
+[[ -z $size || $size == large ]] || { echo "fetch_data.sh: the second argument is 'large' or nothing" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
-data=$cache/data
-version=1  # bump when the preparation changes
+data=$cache/data${size:+-$size}
+version=2  # bump when the preparation changes
 if [[ -f $data/domains.json && "$(cat "$data/.version" 2>/dev/null)" == "$version" ]]; then
   echo "domain text cached in $data"
   exit 0
@@ -18,6 +22,7 @@ fi
 debs=$cache/debs
 mkdir -p "$debs"
 packages=(fortunes libpython3.11-stdlib metamath-databases bible-kjv-text bible-kjv)
+[[ -z $size ]] || packages+=(dict-gcide)
 missing=()
 for p in "${packages[@]}"; do
   compgen -G "$debs/${p}_*.deb" >/dev/null || missing+=("$p")
@@ -36,7 +41,7 @@ for p in "${packages[@]}"; do dpkg-deb -x "$(compgen -G "$debs/${p}_*.deb" | hea
 "$root/usr/bin/bible" -f -p "$root/usr/lib" 'gen1:1-rev22:21' >"$root/kjv.txt"
 [[ -s $root/kjv.txt ]] || { echo "fetch_data.sh: could not decompress the KJV text" >&2; exit 1; }
 rm -rf "$data.tmp"
-/usr/bin/python3 "$here/prepare_data.py" "$root" "$root/kjv.txt" "$data.tmp"
+/usr/bin/python3 "$here/prepare_data.py" "$root" "$root/kjv.txt" "$data.tmp" ${size:+--$size}
 echo "$version" >"$data.tmp/.version"
 rm -rf "$data" && mv "$data.tmp" "$data"
 rm -rf "$root"

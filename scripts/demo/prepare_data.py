@@ -1,20 +1,53 @@
 #!/usr/bin/python3
 """Turns the demo's Debian packages (already extracted) into per-domain training and held-out text.
 
-Usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT OUT_DIR
+Usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT OUT_DIR [--large]
 
 Writes OUT_DIR/<domain>/train.jsonl and OUT_DIR/<domain>/heldout.jsonl (one {"text": ...} document
 per line) for the domains public (fortunes), code (the Python standard library), math (metamath's
 set.mm) and scripture (the King James Bible), and OUT_DIR/domains.json describing them. Every 10th
-document (by position) is held out. Deterministic: the same packages give the same bytes.
+document (by position) is held out. OUT_DIR/mixed/heldout.jsonl holds mixed-domain documents: pieces of
+about PIECE_BYTES cut from the held-out text of every domain, in a seeded random order, so that one
+sequence needs several skills at once (the paper's multi-skill tasks, in miniature). Deterministic:
+the same packages give the same bytes.
+
+With --large (bench/reproduce.sh), the public domain also holds the GNU Collaborative International
+Dictionary of English (Debian: dict-gcide; one entry per document, its markup and source tags
+removed), up to LARGE_PUBLIC_BYTES: public text of tens of MB for a BPE anchor.
 """
 import json
 import os
+import random
 import re
 import sys
 
 MAX_BYTES = 3_000_000  # per domain, before the split: enough for the tiny model, quick to tokenise
+LARGE_PUBLIC_BYTES = 40_000_000
 HELDOUT_EVERY = 10
+PIECE_BYTES = 128      # a mixed document's pieces: two or more domains in every 256-byte sequence
+PIECES_PER_DOC = 8
+MIXED_DOCS = 240
+
+
+def pieces(docs, size):
+    """The documents' text cut into pieces of about `size` bytes, each ending at a space or newline."""
+    text = "".join(docs)
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        cut = max(text.rfind(" ", start + size // 2, end), text.rfind("\n", start + size // 2, end))
+        end = cut + 1 if cut > 0 and end < len(text) else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def write_jsonl(path, docs):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def fortunes(root):
@@ -31,6 +64,29 @@ def fortunes(root):
             if len(fortune) >= 40 and "\b" not in fortune:  # skip overstruck ASCII art
                 docs.append(fortune + "\n")
     return docs
+
+
+def gcide(root):
+    """Dictionary entries as plain English: a new entry starts at a line without indentation."""
+    import gzip
+    with gzip.open(os.path.join(root, "usr/share/dictd/gcide.dict.dz")) as f:  # dictzip is gzip
+        text = f.read().decode("utf-8", errors="replace")
+    docs, entry = [], []
+    def flush():
+        body = "\n".join(entry).strip()
+        if len(body) >= 80:
+            docs.append(body + "\n")
+        entry.clear()
+    for line in text.split("\n"):
+        if line.strip() in ("[1913 Webster]", "[WordNet 1.5]", "[PJC]") or re.fullmatch(r"\s*\[[^\]]*\]\s*", line):
+            continue  # source tags
+        if line and not line[0].isspace():
+            flush()
+        line = re.sub(r"\{([^}]*)\}", r"\1", line)       # {cross references}
+        line = re.sub(r"\\([^\\]*)\\", r"(\1)", line)   # \Pro*nun"ci*a`tion\
+        entry.append(line.rstrip())
+    flush()
+    return docs[1:]  # the first entry is the database's own header
 
 
 def python_stdlib(root):
@@ -89,18 +145,27 @@ def spread(docs, max_bytes):
 
 
 def main():
-    if len(sys.argv) != 4:
-        sys.exit("usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT OUT_DIR")
-    root, kjv_text, out = sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a != "--large"]
+    large = "--large" in sys.argv[1:]
+    if len(args) != 3:
+        sys.exit("usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT OUT_DIR [--large]")
+    root, kjv_text, out = args
     domains = {
-        "public": ("English quotations and jokes (Debian: fortunes)", fortunes(root)),
+        "public": ("English quotations and jokes (Debian: fortunes)"
+                   + (" and dictionary entries (Debian: dict-gcide)" if large else ""), fortunes(root)),
         "code": ("Python standard library source (Debian: libpython3.11-stdlib)", python_stdlib(root)),
         "math": ("Metamath set.mm formal proofs (Debian: metamath-databases)", metamath(root)),
         "scripture": ("King James Bible (Debian: bible-kjv-text)", kjv(kjv_text)),
     }
     summary = {}
+    heldout = {}
     for name, (description, docs) in domains.items():
-        docs = spread(docs, MAX_BYTES)
+        if large and name == "public":  # shuffled (seeded): held out and trained on alike
+            docs = docs + gcide(root)
+            random.Random(1).shuffle(docs)
+            docs = spread(docs, LARGE_PUBLIC_BYTES)
+        else:
+            docs = spread(docs, MAX_BYTES)
         if len(docs) < 2 * HELDOUT_EVERY:
             sys.exit(f"prepare_data.py: domain {name}: only {len(docs)} documents; the package contents changed?")
         os.makedirs(os.path.join(out, name), exist_ok=True)
@@ -108,11 +173,8 @@ def main():
         for i, d in enumerate(docs):
             parts["heldout" if i % HELDOUT_EVERY == HELDOUT_EVERY // 2 else "train"].append(d)
         for part, part_docs in parts.items():
-            tmp = os.path.join(out, name, part + ".jsonl.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for d in part_docs:
-                    f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-            os.replace(tmp, os.path.join(out, name, part + ".jsonl"))
+            write_jsonl(os.path.join(out, name, part + ".jsonl"), part_docs)
+        heldout[name] = parts["heldout"]
         summary[name] = {
             "description": description,
             "train_documents": len(parts["train"]),
@@ -120,10 +182,32 @@ def main():
             "train_bytes": sum(len(d.encode()) for d in parts["train"]),
             "heldout_bytes": sum(len(d.encode()) for d in parts["heldout"]),
         }
+    # Mixed-domain documents from the held-out text only: each piece's domain drawn at random.
+    rng = random.Random(0)
+    streams = {name: pieces(docs, PIECE_BYTES) for name, docs in heldout.items()}
+    cursor = {name: 0 for name in streams}
+    mixed = []
+    for _ in range(MIXED_DOCS):
+        doc = []
+        for _ in range(PIECES_PER_DOC):
+            name = rng.choice(sorted(streams))
+            doc.append(streams[name][cursor[name] % len(streams[name])])
+            cursor[name] += 1
+        mixed.append("".join(doc))
+    os.makedirs(os.path.join(out, "mixed"), exist_ok=True)
+    write_jsonl(os.path.join(out, "mixed", "heldout.jsonl"), mixed)
+    summary["mixed"] = {
+        "description": f"held-out pieces of about {PIECE_BYTES} bytes from every domain, {PIECES_PER_DOC} per document",
+        "heldout_documents": len(mixed),
+        "heldout_bytes": sum(len(d.encode()) for d in mixed),
+    }
     with open(os.path.join(out, "domains.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(out, "domains.json.tmp"), os.path.join(out, "domains.json"))
     for name, s in summary.items():
+        if name == "mixed":
+            print(f"  {name:10s} {s['heldout_documents']:5d} held-out docs {s['heldout_bytes'] / 1e6:5.2f} MB ({s['description']})")
+            continue
         print(f"  {name:10s} {s['train_documents']:6d} train docs {s['train_bytes'] / 1e6:5.2f} MB, "
               f"{s['heldout_documents']:5d} held out {s['heldout_bytes'] / 1e6:5.2f} MB")
 

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <random>
 
 #include "common/model/anchor.h"
 #include "common/train/loss.h"
@@ -154,6 +155,52 @@ TEST_CASE("BTM ensemble: causal prefix weights over the members' token probabili
   const at::Tensor p9 = w_good * at::exp(-good.nll.select(1, 9)) + (1 - w_good) * at::exp(-bad.nll.select(1, 9));
   CHECK(RelativeError(mix.nll.select(1, 9), -at::log(p9)) < 1e-12);
   CHECK((mix.nll.narrow(1, 4, 6) < good.nll.narrow(1, 4, 6) + 0.01).all().item<bool>());
+  // Top-k (the paper's BTM mixes 2): the worst member is dropped once the prefix has spoken, and the
+  // kept members' weights are renormalised; top-1 picks the first member while weights are equal.
+  TokenScores worse{good.nll + 5.0, good.bytes};
+  TokenScores top2 = EnsembleScores({good, worse, bad}, 4, 1.0, 2);
+  CHECK(RelativeError(top2.nll.select(1, 9), -at::log(p9)) < 1e-12);
+  CHECK(RelativeError(EnsembleScores({good, bad}, 4, 1.0, 2).nll, mix.nll) < 1e-12);  // k = M: all of them
+  CHECK(RelativeError(EnsembleScores({good, worse, bad}, 4, 1.0, 1).nll.select(1, 0), good.nll.select(1, 0)) < 1e-12);
+}
+
+TEST_CASE("paired bootstrap: the relative difference of bits per byte and its 95% interval", "[merge]") {
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> u(50, 150);
+  SequenceTotals a, b, c;
+  for (int s = 0; s < 40; ++s) {
+    a.bytes.push_back(u(rng));
+    a.nll.push_back(a.bytes.back() * 0.7 * u(rng) / 100);
+  }
+  b = a;
+  for (double& x : b.nll) x *= 1.1;  // B is exactly 10% worse on every sequence
+  c = a;
+  for (size_t s = 0; s < c.nll.size(); ++s) c.nll[s] *= s % 2 ? 1.2 : 0.9;  // worse on some, better on others
+  // The same model: 0, no spread. A constant ratio: that ratio under every resample.
+  Interval same = PairedBootstrap({a}, {a}, 500, 1);
+  CHECK(same.estimate == 0);
+  CHECK(same.low == 0);
+  CHECK(same.high == 0);
+  Interval tenth = PairedBootstrap({a}, {b}, 500, 1);
+  CHECK(tenth.estimate == Approx(1 / 1.1 - 1).epsilon(1e-12));
+  CHECK(tenth.high - tenth.low < 1e-12);
+  // Noisy differences: the interval holds the point estimate and has width; the seed repeats it.
+  Interval noisy = PairedBootstrap({a}, {c}, 2000, 1);
+  CHECK(noisy.low < noisy.estimate);
+  CHECK(noisy.estimate < noisy.high);
+  CHECK(noisy.high - noisy.low > 0.01);
+  const Interval again = PairedBootstrap({a}, {c}, 2000, 1);
+  CHECK(again.low == noisy.low);
+  CHECK(again.high == noisy.high);
+  // Several domains: the relative difference of the mean of the domains' bits per byte.
+  auto bpb = [](const SequenceTotals& t) {
+    double n = 0, by = 0;
+    for (size_t s = 0; s < t.nll.size(); ++s) n += t.nll[s], by += t.bytes[s];
+    return n / by / std::log(2.0);
+  };
+  const Interval two = PairedBootstrap({a, b}, {c, a}, 0, 1);
+  CHECK(two.estimate == Approx((bpb(a) + bpb(b)) / (bpb(c) + bpb(a)) - 1).epsilon(1e-12));
+  CHECK(two.low == two.estimate);
 }
 
 TEST_CASE("generation: greedy with the KV cache equals re-running the model; sampling repeats with its seed", "[merge]") {
@@ -198,16 +245,19 @@ TEST_CASE("generation: greedy with the KV cache equals re-running the model; sam
 
 TEST_CASE("the evaluation suite scores every row on every domain and checks the expected results", "[merge]") {
   Federation f;
-  std::string a_text, b_text;
+  std::string a_text, b_text, mixed_text;
   for (int i = 0; i < 400; ++i) {
     a_text += "alpha beta gamma " + std::to_string(i % 13) + "\n";
     b_text += "{x: " + std::to_string(i * 7 % 101) + "}\n";
+    mixed_text += i % 2 ? "alpha beta gamma " + std::to_string(i % 13) + "\n" : "{x: " + std::to_string(i * 7 % 101) + "}\n";
   }
   REQUIRE(WriteFileAtomically(f.dir / "a.txt", a_text).ok());
   REQUIRE(WriteFileAtomically(f.dir / "b.txt", b_text).ok());
+  REQUIRE(WriteFileAtomically(f.dir / "mixed.txt", mixed_text).ok());
   const nlohmann::json spec_json = {
       {"anchor", f.anchor_dir},
-      {"domains", {{{"name", "public"}, {"heldout", f.dir / "a.txt"}}, {{"name", "b"}, {"heldout", f.dir / "b.txt"}}}},
+      {"domains", {{{"name", "public"}, {"heldout", f.dir / "a.txt"}}, {{"name", "b"}, {"heldout", f.dir / "b.txt"}},
+                   {{"name", "mixed"}, {"heldout", f.dir / "mixed.txt"}, {"mixed", true}}}},
       {"owners", {{{"name", "bee"}, {"domain", "b"}, {"module", f.Module("bee", 1)}, {"dense_module", f.Module("bee_dense", 2)},
                    {"no_bias_module", f.Module("bee_nobias", 3, /*with_bias=*/false)}}}},
       {"top_k", {0, 1}}, {"seq_len", 32}, {"max_sequences", 4}, {"btm_prefix", 8}, {"cache_dir", f.dir / "cache"}};
@@ -216,21 +266,56 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
   nlohmann::json r = ValueOrDie(RunSuite(spec, [&](const std::string& l) { lines.push_back(l); }));
   std::vector<std::string> names;
   for (const auto& row : r["rows"]) names.push_back(row["name"]);
-  CHECK(names == std::vector<std::string>{"Public anchor", "Two-expert model: bee", "Model soup (mean of the experts' FFNs)",
-                                          "BTM (ensemble of the two-expert models, prefix 8, tau 1)",
+  CHECK(names == std::vector<std::string>{"Public anchor", "Two-expert model: bee", "Dense expert: bee",
+                                          "Model soup (mean of the experts' FFNs)",
+                                          "BTM (public + dense experts, top-2, prefix 8)",
+                                          "BTM of the two-expert models (prefix 8, tau 1)",
                                           "FlexOlmo merged (2 experts, k = 2)", "FlexOlmo without the negative bias",
                                           "FlexOlmo trained without the negative bias",
                                           "No coordination (dense experts merged)", "FlexOlmo, bee opted out",
                                           "FlexOlmo merged (2 experts, k = 1)"});
-  CHECK(lines.size() == names.size() - 1);  // BTM is computed from the two-expert scores, not run
-  // With one owner, the merged model is its two-expert model, BTM its only member, and the opt-out the anchor.
+  CHECK(lines.size() == names.size() - 2);  // the BTM rows are computed from their members' scores, not run
+  // With one owner, the merged model is its two-expert model, that BTM its only member, and the
+  // opt-out the anchor.
   auto bpb = [&](size_t row, const char* d) { return r["rows"][row]["bits_per_byte"][d].get<double>(); };
-  CHECK(bpb(4, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
-  CHECK(bpb(3, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
-  CHECK(bpb(8, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
+  CHECK(bpb(6, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
+  CHECK(bpb(5, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
+  CHECK(bpb(10, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
+  // The dense expert is the anchor with the dense module's FFN; the paper's BTM mixes it with the
+  // anchor by prefix likelihood (top-2 of 2 here), computed again here from the two models.
+  {
+    const FlexOlmoModel dense = ValueOrDie(SoupModel(f.anchor, ValueOrDie(LoadExperts(f.anchor, {f.Module("bee_dense", 2)}))));
+    ByteTokenizer tok;
+    const EvalText text = ValueOrDie(LoadEvalText({f.dir / "mixed.txt"}, tok, 32, 4, f.dir / "cache"));
+    const TokenScores on_anchor = ScoreTokens(f.anchor.model, *text.packed, text.indices, 8, tok);
+    const TokenScores on_dense = ScoreTokens(dense, *text.packed, text.indices, 8, tok);
+    CHECK(bpb(2, "mixed") == Approx(Summarize(on_dense).bits_per_byte).epsilon(1e-9));
+    CHECK(bpb(4, "mixed") == Approx(Summarize(EnsembleScores({on_anchor, on_dense}, 8, 1.0, 2)).bits_per_byte).epsilon(1e-9));
+    CHECK(bpb(4, "mixed") != bpb(5, "mixed"));
+  }
+  // The average is over the single-domain columns only; the mixed column comes after it.
+  CHECK(r["rows"][0]["average"].get<double>() == Approx((bpb(0, "public") + bpb(0, "b")) / 2));
+  CHECK(r["mixed_domains"] == nlohmann::json::array({"mixed"}));
+  CHECK_THAT(r["table"].get<std::string>(), Catch::Contains("| model | public | b | average | mixed |"));
   CHECK(r["routing"]["b"].size() == 2);  // [layer][expert] shares of the merged model
   CHECK(r["routing"]["b"][0][0].get<double>() + r["routing"]["b"][0][1].get<double>() == Approx(1.0));
-  CHECK(r["checks"].size() == 7);  // 2 per owner, public, soup, BTM, 2 per opt-out
+  // The paper's claims: on b, on mixed, public within 3%, soup, BTM, and 2 per opt-out.
+  REQUIRE(r["checks"].size() == 7);
+  for (const auto& c : r["checks"]) {
+    INFO(c.dump());
+    CHECK(c["low"].get<double>() <= c["estimate"].get<double>());
+    CHECK(c["estimate"].get<double>() <= c["high"].get<double>());
+    if (c["confident"].get<bool>()) CHECK(c["holds"].get<bool>());
+  }
+  CHECK(r["checks"][1]["claim"] == "merged beats the public model on mixed");
+  CHECK(r["checks"][4]["claim"] == "merged beats BTM (public + dense experts, top-2, prefix 8) on average");
+  // Opting the only expert out gives the public model back exactly: no difference, no spread.
+  CHECK(r["checks"][5]["estimate"].get<double>() < 1e-6);
+  CHECK(r["checks"][5]["high"].get<double>() < 1e-6);
+  // Every other row against the merged model, with intervals.
+  CHECK(r["differences"].size() == names.size() - 1);
+  CHECK(r["differences"][1]["row"] == "Two-expert model: bee");
+  CHECK(std::abs(r["differences"][1]["merged_vs_row"]["b"]["estimate"].get<double>()) < 1e-9);
   CHECK_THAT(r["table"].get<std::string>(), Catch::Contains("| Public anchor |"));
   CHECK_THAT(std::string(SuiteSpec::FromJson({{"anchor", "x"}, {"domains", nlohmann::json::array()}}, "s").status().message()),
              Catch::Contains("owners"));

@@ -12,6 +12,8 @@
 #include "common/model/moe.h"
 #include "common/merge/expert_export.h"
 #include "common/core/file_util.h"
+#include "common/core/model_config.h"
+#include "common/model/tokenizer.h"
 #include "common/train/router_init.h"
 #include "common/train/training.h"
 #include "tests/test_util.h"
@@ -505,6 +507,55 @@ TEST_CASE("router-init calibrates each layer's bias on public text to the share 
   CHECK(absl::IsInvalidArgument(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, &a.router_pub).status()));
   ro.public_share = 0.1;
   CHECK(absl::IsInvalidArgument(InitRouterEmbedding(a.model, &math_corpus, ro, nullptr, nullptr).status()));
+}
+
+}  // namespace
+}  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Issue #14, D5: an anchor pretrained on BPE tokens (a tokenizer.json the tokenizers library
+// trained), so that routing sees richer states than single bytes. The model takes the tokenizer's
+// vocabulary (rows padded to 64) and ids, learns, and carries the files; experts and evaluation then
+// find the tokenizer beside it.
+TEST_CASE("pretraining with a tokenizer.json: the model takes its vocabulary and carries it", "[training]") {
+  const std::string tokenizer_dir = (fs::path(testing::BinaryFromEnv("FLEXFED_TOKENIZER_ORACLE_DIR")) / "dolma2").string();
+  World& w = TheWorld();
+  const std::unique_ptr<Tokenizer> hf = ValueOrDie(TokenizerForModel(tokenizer_dir, 1 << 20));
+  TrainConfig c = SmallRun({w.pub});
+  c.mode = "pretrain";
+  c.preset = "test";
+  c.tokenizer = tokenizer_dir;
+  c.max_steps = 30;
+  auto trainer = ValueOrDie(Trainer::Create(c, {"", "", w.Run("bpe_anchor"), w.cache}, false));
+  const TrainOutcome out = ValueOrDie(trainer->Run(nullptr, nullptr));
+  const std::string model_dir = w.Run("bpe_anchor") + "/model";
+  const ModelConfig mc = ValueOrDie(ReadModelConfig(model_dir + "/config.json"));
+  CHECK(mc.vocab_size % 64 == 0);
+  CHECK(mc.vocab_size >= hf->vocab_size());
+  CHECK(mc.vocab_size < hf->vocab_size() + 64);
+  CHECK(mc.eos_token_ids == std::vector<int64_t>{hf->eos_id()});
+  CHECK(mc.pad_token_id == hf->pad_id());
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    CHECK(ValueOrDie(ReadFile(model_dir + "/" + name)) == ValueOrDie(ReadFile(tokenizer_dir + "/" + name)));
+  }
+  CHECK_FALSE(fs::exists(model_dir + "/flexfed_tokenizer.json"));
+  const std::unique_ptr<Tokenizer> carried = ValueOrDie(TokenizerForModel(model_dir, mc.vocab_size));
+  CHECK(carried->id() == hf->id());
+  // It learned: the loss fell well below a uniform guess over the vocabulary (ln V).
+  CHECK(out.last_loss < 0.8 * std::log(static_cast<double>(mc.vocab_size)));
+  // The BPE sequences hold more text than byte ones: fewer tokens for the same documents.
+  const TokenCorpus bpe = ValueOrDie(TokenCorpus::Build({w.pub}, *hf, {}, w.cache));
+  const TokenCorpus bytes = ValueOrDie(TokenCorpus::Build({w.pub}, ByteTokenizer(), {}, w.cache));
+  CHECK(bpe.num_tokens() < bytes.num_tokens());
+  // Only pretraining takes a tokenizer; a missing folder is named.
+  TrainConfig expert = SmallRun({w.math});
+  expert.tokenizer = tokenizer_dir;
+  CHECK_THAT(std::string(Trainer::Create(expert, w.Inputs("bpe_expert"), false).status().message()),
+             Catch::Contains("--pretrain only"));
+  c.tokenizer = (fs::path(tokenizer_dir) / "missing").string();
+  CHECK_FALSE(Trainer::Create(c, {"", "", w.Run("bpe_missing"), w.cache}, false).ok());
 }
 
 }  // namespace
