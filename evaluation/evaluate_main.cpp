@@ -43,6 +43,8 @@ int main(int argc, char** argv) {
             << (*result)["table"].get<std::string>()
             << "\nThe merged model against each row (merged / row - 1; 95% paired bootstrap interval over sequences):\n\n"
             << (*result)["differences_table"].get<std::string>()
+            << "\nRouting of the merged model (share of tokens whose first choice is each expert):\n\n"
+            << (*result)["routing_table"].get<std::string>()
             << "\nThe paper's claims (holds: on the point estimate and the whole 95% interval; leans: on the point estimate only):\n";
   for (const auto& c : (*result)["checks"]) {
     const char* verdict = !c["holds"].get<bool>() ? "  FAILS   " : c["confident"].get<bool>() ? "  holds   " : "  leans   ";

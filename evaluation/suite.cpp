@@ -343,6 +343,22 @@ class Suite {
       table += "\n";
     }
     out["table"] = table;
+
+    // Routing of the merged model: per domain and layer, the share of tokens whose first choice is
+    // each expert.
+    std::vector<std::string> expert_names;
+    for (const auto& e : experts) expert_names.push_back(e.get<std::string>());
+    std::string routing_table = Header("domain, layer", expert_names);
+    for (const SuiteDomain& d : spec_.domains) {
+      if (!routing_.contains(d.name)) continue;
+      const json& layers = routing_[d.name];
+      for (size_t l = 0; l < layers.size(); ++l) {
+        routing_table += absl::StrFormat("| %s, %d |", d.name, l);
+        for (const auto& share : layers[l]) routing_table += absl::StrFormat(" %.0f%% |", 100 * share.get<double>());
+        routing_table += "\n";
+      }
+    }
+    out["routing_table"] = routing_table;
     return out;
   }
 

@@ -73,7 +73,7 @@ Interval PairedBootstrap(const std::vector<SequenceTotals>& a, const std::vector
 // single-domain ones), "routing" (per domain, [layer][expert] share of tokens whose
 // highest-weighted expert it is), "differences" (every row against the merged model, per domain
 // and on average, with intervals), "checks" (the paper's claims, each with its interval) and
-// "table" and "differences_table" (markdown).
+// "table", "differences_table" and "routing_table" (markdown).
 absl::StatusOr<nlohmann::json> RunSuite(const SuiteSpec& spec, const std::function<void(const std::string&)>& log);
 
 }  // namespace flexfed

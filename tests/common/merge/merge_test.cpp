@@ -317,6 +317,8 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
   CHECK(r["differences"][1]["row"] == "Two-expert model: bee");
   CHECK(std::abs(r["differences"][1]["merged_vs_row"]["b"]["estimate"].get<double>()) < 1e-9);
   CHECK_THAT(r["table"].get<std::string>(), Catch::Contains("| Public anchor |"));
+  CHECK_THAT(r["routing_table"].get<std::string>(), Catch::Contains("| domain, layer | public | bee |"));
+  CHECK_THAT(r["routing_table"].get<std::string>(), Catch::Contains("| mixed, 1 |"));
   CHECK_THAT(std::string(SuiteSpec::FromJson({{"anchor", "x"}, {"domains", nlohmann::json::array()}}, "s").status().message()),
              Catch::Contains("owners"));
 }
