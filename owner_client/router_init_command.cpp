@@ -24,18 +24,20 @@ absl::Status Run(const Options& o) {
   if (!anchor.ok()) return anchor.status();
   std::optional<TokenCorpus> corpus, public_corpus;
   RouterInitOptions init = o.init;
-  if (!o.public_data.empty() && (o.init.mode != "anchor" || o.public_row)) {
-    return absl::InvalidArgumentError("--public-data calibrates an owner's anchor-mode bias; leave it out with --public or another --mode");
+  if (!o.public_data.empty() && (o.init.mode == "random" || o.public_row)) {
+    return absl::InvalidArgumentError("--public-data calibrates an owner's bias (anchor or vectors mode); leave it out with --public or --mode random");
   }
-  if (o.init.mode == "anchor") {
-    if (o.data.empty()) return absl::InvalidArgumentError("anchor mode samples your documents: pass --data FILE_OR_FOLDER");
+  if (o.init.mode == "anchor" || !o.public_data.empty()) {
+    if (o.init.mode == "anchor" && o.data.empty()) return absl::InvalidArgumentError("anchor mode samples your documents: pass --data FILE_OR_FOLDER");
     absl::StatusOr<std::unique_ptr<Tokenizer>> tok = TokenizerForModel(o.anchor, anchor->model.config().vocab_size);
     if (!tok.ok()) return tok.status();
     CorpusOptions copts;
     copts.text_field = o.text_field;
-    absl::StatusOr<TokenCorpus> c = TokenCorpus::Build(o.data, **tok, copts, o.cache_dir);
-    if (!c.ok()) return c.status();
-    corpus = *std::move(c);
+    if (!o.data.empty()) {
+      absl::StatusOr<TokenCorpus> c = TokenCorpus::Build(o.data, **tok, copts, o.cache_dir);
+      if (!c.ok()) return c.status();
+      corpus = *std::move(c);
+    }
     if (!o.public_data.empty()) {
       absl::StatusOr<TokenCorpus> p = TokenCorpus::Build(o.public_data, **tok, copts, o.cache_dir);
       if (!p.ok()) return p.status();
@@ -44,7 +46,9 @@ absl::Status Run(const Options& o) {
     }
   }
   const RouterEmbedding* router_pub = nullptr;
-  if (o.init.mode == "anchor" && !o.public_row) {
+  if (o.init.mode == "vectors" && !o.public_data.empty()) {
+    router_pub = &anchor->router_pub;  // the bias is calibrated on the gap to the public expert
+  } else if (o.init.mode == "anchor" && !o.public_row) {
     if (anchor->router_pub.centers.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
           o.anchor, ": has no router_pub.safetensors with centers, which anchor-mode rows are measured from; pull the "
@@ -84,7 +88,7 @@ void AddRouterInitCommand(CLI::App& app) {
   cmd->add_option("--cache-dir", o->cache_dir, "Token cache folder");
   cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
   cmd->add_option("--public-data", o->public_data,
-                  "anchor mode: public text (files, .jsonl or folders) to calibrate the negative bias on: a --public-share "
+                  "anchor or vectors mode: public text (files, .jsonl or folders) to calibrate the negative bias on: a --public-share "
                   "of its tokens go to your expert at the start (instead of --boundary)");
   cmd->add_option("--public-share", o->init.public_share, "With --public-data: the share of public tokens routed to your expert")
       ->check(CLI::Range(1e-4, 0.5));

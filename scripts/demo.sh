@@ -68,6 +68,10 @@ public_share=${FLEXFED_DEMO_PUBLIC_SHARE:-0.05}  # router-init --public-share: b
 # tens of MB, as bench/reproduce.sh uses).
 anchor_choice=${FLEXFED_DEMO_ANCHOR:-auto}
 eval_sequences=${FLEXFED_DEMO_EVAL_SEQUENCES:-32}  # held-out sequences per domain in the evaluation
+read -r -a ablations <<<"${FLEXFED_DEMO_ABLATIONS:-random nobias dense}"  # the ablation experts trained
+for kind in "${ablations[@]}"; do
+  [[ $kind == random || $kind == nobias || $kind == dense ]] || { echo "FLEXFED_DEMO_ABLATIONS: '$kind' is not random, nobias or dense" >&2; exit 2; }
+done
 data_size=${FLEXFED_DEMO_DATA:-}
 [[ -z $data_size || $data_size == large ]] || { echo "FLEXFED_DEMO_DATA must be large or unset" >&2; exit 2; }
 train_args=(--seq-len 256 --batch-size 16 --val-every 0 --log-every 10 --checkpoint-every 1000 --plain)
@@ -208,24 +212,25 @@ echo "A sample from the merged model (greedy, every expert):"
 end
 
 begin "ablation experts: random router init, no negative bias, dense (no coordination)"
-for kind in random nobias dense; do in_parallel ablation_side "$kind" "${owners[@]}"; done
+for kind in "${ablations[@]}"; do in_parallel ablation_side "$kind" "${owners[@]}"; done
 end
 
 begin "evaluation suite"
-/usr/bin/python3 - "$work" "$anchor" "$data" "$eval_sequences" <<'PY'
+/usr/bin/python3 - "$work" "$anchor" "$data" "$eval_sequences" "${ablations[*]}" <<'PY'
 import json, sys
-work, anchor, data, sequences = sys.argv[1:]
+work, anchor, data, sequences, ablations = sys.argv[1:]
+ablations = ablations.split()
 orgs = {"code": "pyorg", "math": "mathlab", "scripture": "abbey"}
 spec = {
     "anchor": anchor,
     "domains": [{"name": d, "heldout": f"{data}/{d}/heldout.jsonl"} for d in ["public", "code", "math", "scripture"]]
                + [{"name": "mixed", "heldout": f"{data}/mixed/heldout.jsonl", "mixed": True}],
     "public_domain": "public",
-    "owners": [{"name": d, "domain": d,
-                "module": f"{work}/owners/{o}/{d}.expert.safetensors",
-                "random_init_module": f"{work}/ablations/random-{d}/expert.safetensors",
-                "dense_module": f"{work}/ablations/dense-{d}/expert.safetensors",
-                "no_bias_module": f"{work}/ablations/nobias-{d}/expert.safetensors"} for d, o in orgs.items()],
+    "owners": [dict({"name": d, "domain": d, "module": f"{work}/owners/{o}/{d}.expert.safetensors"},
+                    **{field: f"{work}/ablations/{kind}-{d}/expert.safetensors"
+                       for kind, field in [("random", "random_init_module"), ("dense", "dense_module"),
+                                           ("nobias", "no_bias_module")] if kind in ablations})
+               for d, o in orgs.items()],
     "top_k": [0, 2],
     "seq_len": 256, "max_sequences": int(sequences), "batch_size": 8, "btm_prefix": 32, "btm_tau": 1.0,
 }

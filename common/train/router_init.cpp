@@ -46,6 +46,38 @@ int64_t ForSampledDocuments(const FlexOlmoModel& anchor, const TokenCorpus& corp
   return used;
 }
 
+// Sets each layer's bias so that a fraction o.public_share of the sampled public tokens have
+// h·v + b > 0 (go to this expert rather than the public one), `owner_v[l]` being the owner's row
+// minus r_pub (issue #14, D2).
+absl::Status CalibrateBiasOnPublic(const FlexOlmoModel& anchor, const RouterInitOptions& o, const std::vector<at::Tensor>& owner_v,
+                                   RouterEmbedding& e) {
+  const int64_t layers = anchor.config().num_hidden_layers;
+  std::vector<std::vector<at::Tensor>> gaps(layers);
+  const int64_t public_used = ForSampledDocuments(anchor, *o.public_corpus, o, o.seed + 1, nullptr, [&](const std::vector<at::Tensor>& inputs) {
+    for (int64_t l = 0; l < layers; ++l) gaps[l].push_back(at::mv(inputs[l].to(at::kFloat).to(at::kCPU), owner_v[l]));
+  });
+  if (public_used == 0) return absl::InvalidArgumentError("every sampled public document is empty");
+  e.biases.resize(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor g = at::cat(gaps[l]).to(at::kDouble);
+    const double above = at::quantile(g, 1.0 - o.public_share).item<double>();
+    e.biases[l] = at::full({1}, static_cast<float>(std::min(0.0, -above)), at::kFloat);
+    e.metadata[absl::StrCat("public_share_layer", l)] =
+        absl::StrFormat("%.4f", (g + e.biases[l].item<double>() > 0).to(at::kDouble).mean().item<double>());
+  }
+  e.metadata["bias"] = absl::StrFormat("calibrated on %d public documents: %.3f of their tokens to this expert", public_used,
+                                       o.public_share);
+  return absl::OkStatus();
+}
+
+absl::Status CheckPublicShare(const RouterInitOptions& o, bool relative) {
+  if (o.public_corpus != nullptr && (!relative || o.public_share <= 0 || o.public_share >= 1)) {
+    return absl::InvalidArgumentError(relative ? "--public-share must be in (0, 1)"
+                                               : "calibrating on public text is for owners' rows (an anchor with r_pub centers)");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor, const TokenCorpus* corpus,
@@ -59,6 +91,15 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
     absl::StatusOr<RouterEmbedding> v = ReadExternalVectors(o.vectors, c.num_hidden_layers, c.hidden_size);
     if (!v.ok()) return v.status();
     v->metadata = {{"mode", "vectors"}, {"source", o.vectors}};
+    if (o.public_corpus != nullptr) {  // the negative bias, calibrated on public text as in anchor mode
+      if (absl::Status s = CheckPublicShare(o, router_pub != nullptr); !s.ok()) return s;
+      std::vector<at::Tensor> owner_v;
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        owner_v.push_back(router_pub->rows.empty() ? v->rows[l] : v->rows[l] - router_pub->rows[l].to(at::kFloat));
+      }
+      c10::InferenceMode inference;
+      if (absl::Status s = CalibrateBiasOnPublic(anchor, o, owner_v, *v); !s.ok()) return s;
+    }
     return v;
   }
   if (o.mode == "random") {
@@ -75,10 +116,7 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
   }
   if (o.samples < 1 || o.max_tokens < 1) return absl::InvalidArgumentError("--samples and --max-tokens must be positive");
   const bool relative = router_pub != nullptr && !router_pub->centers.empty();
-  if (o.public_corpus != nullptr && (!relative || o.public_share <= 0 || o.public_share >= 1)) {
-    return absl::InvalidArgumentError(relative ? "--public-share must be in (0, 1)"
-                                               : "calibrating on public text is for owners' rows (an anchor with r_pub centers)");
-  }
+  if (absl::Status s = CheckPublicShare(o, relative); !s.ok()) return s;
   c10::InferenceMode inference;
   std::vector<at::Tensor> sums(c.num_hidden_layers);
   for (at::Tensor& s : sums) s = at::zeros({c.hidden_size}, at::kDouble);
@@ -117,21 +155,7 @@ absl::StatusOr<RouterEmbedding> InitRouterEmbedding(const FlexOlmoModel& anchor,
     }
   }
   if (o.public_corpus != nullptr) {
-    // The logit gap h·v on public tokens, per layer; the bias puts a public_share of them above 0.
-    std::vector<std::vector<at::Tensor>> gaps(c.num_hidden_layers);
-    const int64_t public_used = ForSampledDocuments(anchor, *o.public_corpus, o, o.seed + 1, nullptr, [&](const std::vector<at::Tensor>& inputs) {
-      for (int64_t l = 0; l < c.num_hidden_layers; ++l) gaps[l].push_back(at::mv(inputs[l].to(at::kFloat).to(at::kCPU), owner_v[l]));
-    });
-    if (public_used == 0) return absl::InvalidArgumentError("every sampled public document is empty");
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      const at::Tensor g = at::cat(gaps[l]).to(at::kDouble);
-      const double above = at::quantile(g, 1.0 - o.public_share).item<double>();
-      e.biases[l] = at::full({1}, static_cast<float>(std::min(0.0, -above)), at::kFloat);
-      e.metadata[absl::StrCat("public_share_layer", l)] =
-          absl::StrFormat("%.4f", (g + e.biases[l].item<double>() > 0).to(at::kDouble).mean().item<double>());
-    }
-    e.metadata["bias"] = absl::StrFormat("calibrated on %d public documents: %.3f of their tokens to this expert", public_used,
-                                         o.public_share);
+    if (absl::Status s = CalibrateBiasOnPublic(anchor, o, owner_v, e); !s.ok()) return s;
   }
   e.metadata["relative_to"] = relative ? "router_pub" : "none (this is r_pub; centers kept)";
   e.metadata["documents"] = std::to_string(used);

@@ -418,6 +418,39 @@ TEST_CASE("router-init: vectors from other embedders must fit the hidden size", 
   CHECK_THAT(std::string(s.message()), Catch::Contains("[4096]") && Catch::Contains("[64]"));
 }
 
+// Issue #14: rows from a sentence encoder (scripts/router_vectors.py) get the same selective bias
+// as anchor-mode rows — calibrated per layer on public text to the share asked for — and keep
+// their direction.
+TEST_CASE("router-init: vector rows get their negative bias calibrated on public text", "[training]") {
+  World& w = TheWorld();
+  Anchor a = ValueOrDie(LoadAnchor(w.anchor));
+  TokenCorpus pub_corpus = ValueOrDie(TokenCorpus::Build({w.pub}, ByteTokenizer(), {}, w.cache));
+  at::manual_seed(21);
+  const at::Tensor vectors = at::randn({2, 64}) * 0.3;
+  REQUIRE(WriteSafetensors(w.dir / "vec_calibrated.safetensors", {{"vectors", vectors}}).ok());
+  RouterInitOptions o;
+  o.mode = "vectors";
+  o.vectors = w.dir / "vec_calibrated.safetensors";
+  o.samples = 20;
+  o.public_corpus = &pub_corpus;
+  o.public_share = 0.1;
+  const RouterEmbedding e = ValueOrDie(InitRouterEmbedding(a.model, nullptr, o, nullptr, &a.router_pub));
+  const std::vector<at::Tensor> inputs = RouterInputs(a.model, pub_corpus, 4096);
+  for (int64_t l = 0; l < 2; ++l) {
+    INFO("layer " << l);
+    CHECK(at::equal(e.rows[l], vectors[l]));
+    REQUIRE(e.biases.size() == 2);
+    CHECK(e.biases[l].item<double>() <= 0);
+    const double calibrated = std::stod(e.metadata.at(absl::StrCat("public_share_layer", l)));
+    if (e.biases[l].item<double>() < 0) CHECK(std::abs(calibrated - 0.1) < 0.01);
+    const at::Tensor gap = at::mv(inputs[l], e.rows[l] - a.router_pub.rows[l]) + e.biases[l];
+    CHECK((gap > 0).to(at::kDouble).mean().item<double>() < 0.25);  // public text at large: few
+  }
+  // Without public text: the vectors alone, no bias (as before).
+  o.public_corpus = nullptr;
+  CHECK(ValueOrDie(InitRouterEmbedding(a.model, nullptr, o, nullptr)).biases.empty());
+}
+
 }  // namespace
 }  // namespace flexfed
 
