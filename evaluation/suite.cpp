@@ -133,6 +133,7 @@ class Suite {
       // The paper's ablations are trainings: without the bias, with random router rows, dense.
       for (auto [field, label] : {std::pair{&SuiteOwner::no_bias_module, "FlexOlmo trained without the negative bias"},
                                   std::pair{&SuiteOwner::random_init_module, "FlexOlmo with random router init"},
+                                  std::pair{&SuiteOwner::encoder_init_module, "FlexOlmo with sentence-encoder router init"},
                                   std::pair{&SuiteOwner::dense_module, "No coordination (dense experts merged)"}}) {
         std::vector<std::string> alt;
         for (const SuiteOwner& o : spec_.owners) {
@@ -425,7 +426,8 @@ absl::StatusOr<SuiteSpec> SuiteSpec::FromJson(const json& j, const std::string& 
     s.public_domain = j.value("public_domain", s.public_domain);
     for (const json& o : j.at("owners")) {
       s.owners.push_back({o.at("name").get<std::string>(), o.at("domain").get<std::string>(), o.at("module").get<std::string>(),
-                          o.value("random_init_module", ""), o.value("dense_module", ""), o.value("no_bias_module", "")});
+                          o.value("random_init_module", ""), o.value("dense_module", ""), o.value("no_bias_module", ""),
+                          o.value("encoder_init_module", "")});
     }
     s.top_k = j.value("top_k", s.top_k);
     s.seq_len = j.value("seq_len", s.seq_len);

@@ -29,6 +29,7 @@ struct SuiteOwner {
   std::string random_init_module;  // optional: the same training with a random router init
   std::string dense_module;        // optional: `train --dense` (no coordination)
   std::string no_bias_module;      // optional: the same training without the negative bias (`train --router-bias false`)
+  std::string encoder_init_module;  // optional: the same training from sentence-encoder rows (scripts/router_vectors.py)
 };
 
 struct SuiteSpec {

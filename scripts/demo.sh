@@ -68,9 +68,9 @@ public_share=${FLEXFED_DEMO_PUBLIC_SHARE:-0.05}  # router-init --public-share: b
 # tens of MB, as bench/reproduce.sh uses).
 anchor_choice=${FLEXFED_DEMO_ANCHOR:-auto}
 eval_sequences=${FLEXFED_DEMO_EVAL_SEQUENCES:-32}  # held-out sequences per domain in the evaluation
-read -r -a ablations <<<"${FLEXFED_DEMO_ABLATIONS:-random nobias dense}"  # the ablation experts trained
+read -r -a ablations <<<"${FLEXFED_DEMO_ABLATIONS:-random nobias dense encoder}"  # the ablation experts trained
 for kind in "${ablations[@]}"; do
-  [[ $kind == random || $kind == nobias || $kind == dense ]] || { echo "FLEXFED_DEMO_ABLATIONS: '$kind' is not random, nobias or dense" >&2; exit 2; }
+  [[ $kind =~ ^(random|nobias|dense|encoder)$ ]] || { echo "FLEXFED_DEMO_ABLATIONS: '$kind' is not random, nobias, dense or encoder" >&2; exit 2; }
 done
 data_size=${FLEXFED_DEMO_DATA:-}
 [[ -z $data_size || $data_size == large ]] || { echo "FLEXFED_DEMO_DATA must be large or unset" >&2; exit 2; }
@@ -161,6 +161,13 @@ ablation_side() {
     "$owner" router-init --mode random --seed 7 --anchor "$anchor_copy" --out "$home/router.safetensors"
     "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" \
       --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
+  elif [[ $kind == encoder ]]; then  # the paper's init: rows from a sentence encoder, bias calibrated as the owners'
+    "$repo/.venv/bin/python" "$repo/scripts/router_vectors.py" --anchor "$anchor_copy" --data "$data/$d/train.jsonl" \
+      --public "$data/public/train.jsonl" --samples 200 --out "$home/vectors.safetensors"
+    "$owner" router-init --mode vectors --vectors "$home/vectors.safetensors" --anchor "$anchor_copy" --samples 200 \
+      --public-data "$data/public/train.jsonl" --public-share "$public_share" --out "$home/router.safetensors" --threads 1
+    "$owner" train --anchor "$anchor_copy" --router-init "$home/router.safetensors" --run "$home/run" \
+      --data "$data/$d/train.jsonl" --steps "$expert_steps" --lr "$expert_lr" --warmup 5 "${train_args[@]}" --threads 1
   elif [[ $kind == nobias ]]; then  # the paper's ablation: trained without the bias, not just without it at inference
     "$owner" router-init --anchor "$anchor_copy" --data "$data/$d/train.jsonl" --samples 200 \
       --out "$home/router.safetensors" --threads 1
@@ -211,7 +218,7 @@ echo "A sample from the merged model (greedy, every expert):"
 "$ctl" generate "$work/release" --prompt "def read_config(path):" --max-new-tokens 80 --threads "$threads"
 end
 
-begin "ablation experts: random router init, no negative bias, dense (no coordination)"
+begin "ablation experts: ${ablations[*]}"
 for kind in "${ablations[@]}"; do in_parallel ablation_side "$kind" "${owners[@]}"; done
 end
 
@@ -229,7 +236,8 @@ spec = {
     "owners": [dict({"name": d, "domain": d, "module": f"{work}/owners/{o}/{d}.expert.safetensors"},
                     **{field: f"{work}/ablations/{kind}-{d}/expert.safetensors"
                        for kind, field in [("random", "random_init_module"), ("dense", "dense_module"),
-                                           ("nobias", "no_bias_module")] if kind in ablations})
+                                           ("nobias", "no_bias_module"), ("encoder", "encoder_init_module")]
+                       if kind in ablations})
                for d, o in orgs.items()],
     "top_k": [0, 2],
     "seq_len": 256, "max_sequences": int(sequences), "batch_size": 8, "btm_prefix": 32, "btm_tau": 1.0,

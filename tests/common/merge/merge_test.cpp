@@ -259,7 +259,8 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
       {"domains", {{{"name", "public"}, {"heldout", f.dir / "a.txt"}}, {{"name", "b"}, {"heldout", f.dir / "b.txt"}},
                    {{"name", "mixed"}, {"heldout", f.dir / "mixed.txt"}, {"mixed", true}}}},
       {"owners", {{{"name", "bee"}, {"domain", "b"}, {"module", f.Module("bee", 1)}, {"dense_module", f.Module("bee_dense", 2)},
-                   {"no_bias_module", f.Module("bee_nobias", 3, /*with_bias=*/false)}}}},
+                   {"no_bias_module", f.Module("bee_nobias", 3, /*with_bias=*/false)},
+                   {"encoder_init_module", f.Module("bee_encoder", 4)}}}},
       {"top_k", {0, 1}}, {"seq_len", 32}, {"max_sequences", 4}, {"btm_prefix", 8}, {"cache_dir", f.dir / "cache"}};
   SuiteSpec spec = ValueOrDie(SuiteSpec::FromJson(spec_json, "spec"));
   std::vector<std::string> lines;
@@ -272,6 +273,7 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
                                           "BTM of the two-expert models (prefix 8, tau 1)",
                                           "FlexOlmo merged (2 experts, k = 2)", "FlexOlmo without the negative bias",
                                           "FlexOlmo trained without the negative bias",
+                                          "FlexOlmo with sentence-encoder router init",
                                           "No coordination (dense experts merged)", "FlexOlmo, bee opted out",
                                           "FlexOlmo merged (2 experts, k = 1)"});
   CHECK(lines.size() == names.size() - 2);  // the BTM rows are computed from their members' scores, not run
@@ -280,7 +282,7 @@ TEST_CASE("the evaluation suite scores every row on every domain and checks the 
   auto bpb = [&](size_t row, const char* d) { return r["rows"][row]["bits_per_byte"][d].get<double>(); };
   CHECK(bpb(6, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
   CHECK(bpb(5, "b") == Approx(bpb(1, "b")).epsilon(1e-9));
-  CHECK(bpb(10, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
+  CHECK(bpb(11, "public") == Approx(bpb(0, "public")).epsilon(1e-6));
   // The dense expert is the anchor with the dense module's FFN; the paper's BTM mixes it with the
   // anchor by prefix likelihood (top-2 of 2 here), computed again here from the two models.
   {
