@@ -9,6 +9,7 @@
 #include "ctl/logits_command.h"
 #include "ctl/random_checkpoint_command.h"
 #include "ctl/tokenize_command.h"
+#include "common/train/train_command.h"
 #ifdef FLEXFED_WITH_SERVICES
 #include "ctl/admin_commands.h"
 #include "ctl/release_commands.h"
@@ -22,6 +23,7 @@ int main(int argc, char** argv) {
   flexfed::cli::AddTokenizeCommand(app);
   flexfed::cli::AddRandomCheckpointCommand(app);
   flexfed::cli::AddInferenceCommands(app);
+  flexfed::AddTrainCommand(app, flexfed::TrainCommandKind::kRouterTuning, flexfed::cli::ExitOnError);
 #ifdef FLEXFED_WITH_SERVICES
   flexfed::cli::AddAdminCommands(app);
   flexfed::cli::AddReleaseCommands(app);

@@ -73,6 +73,7 @@ std::pair<std::string, std::string> NamedPath(const std::string& arg) {
 struct MergeArgs {
   std::string anchor, out;
   std::vector<std::string> modules;
+  std::string router_tuning;
   int64_t top_k = 0;
   bool no_bias = false, soup = false;
   uint64_t max_shard_mib = kDefaultMaxShardBytes >> 20;
@@ -97,6 +98,7 @@ absl::Status RunMerge(const MergeArgs& a) {
   MergeOptions options;
   options.top_k = a.top_k;
   options.with_router_bias = !a.no_bias;
+  options.router_tuning = a.router_tuning;
   options.max_shard_bytes = a.max_shard_mib << 20;
   absl::StatusOr<MergedModel> merged = MergeToCheckpoint(a.anchor, a.modules, options, a.out);
   if (!merged.ok()) return merged.status();
@@ -107,6 +109,9 @@ absl::Status RunMerge(const MergeArgs& a) {
     const MergedExpert& e = merged->experts[i];
     std::cout << absl::StrFormat("  expert %d: %s/%s  %s  %s\n", i + 1, e.metadata.owner, e.metadata.expert_name,
                                  e.sha256.substr(0, 12), e.metadata.domain);
+  }
+  if (!a.router_tuning.empty()) {
+    std::cout << "  routers: tuned (" << a.router_tuning << "); opting an expert out drops its row, but the others were tuned with it\n";
   }
   absl::StatusOr<std::string> exactness = HfExactnessLine(merged->model, a.out, a.held_out);
   if (!exactness.ok()) return exactness.status();
@@ -344,6 +349,9 @@ void AddInferenceCommands(CLI::App& app) {
     cmd->add_option("--out,-o", a->out, "Output directory (must not exist)")->required();
     cmd->add_option("--k", a->top_k, "Experts per token (num_experts_per_tok); default: every expert")->check(CLI::NonNegativeNumber);
     cmd->add_flag("--no-bias", a->no_bias, "Leave the owners' negative router biases out (ablation)");
+    cmd->add_option("--router-tuning", a->router_tuning,
+                    "Routers tuned for exactly these modules (`router-tune`'s RUN/router_tuning.safetensors)")
+        ->check(CLI::ExistingFile);
     cmd->add_flag("--soup", a->soup, "Write the model soup instead: one dense FFN, the mean of the modules' (baseline)");
     cmd->add_option("--max-shard-mib", a->max_shard_mib, "Shard the safetensors past this size")->check(CLI::PositiveNumber);
     AddHeldOutOptions(cmd, &a->held_out);

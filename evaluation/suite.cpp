@@ -130,6 +130,13 @@ class Suite {
       absl::StatusOr<MergedModel> nb = MergeExperts(*anchor_, *modules, no_bias);
       if (!nb.ok()) return nb.status();
       Score("FlexOlmo without the negative bias", "ablation", nb->model);
+      if (!spec_.router_tuning.empty()) {  // the paper's optional router tuning (RT)
+        MergeOptions tuned = options;
+        tuned.router_tuning = spec_.router_tuning;
+        absl::StatusOr<MergedModel> rt = MergeExperts(*anchor_, *modules, tuned);
+        if (!rt.ok()) return rt.status();
+        Score("FlexOlmo with router tuning", "merged_rt", rt->model);
+      }
       // The paper's ablations are trainings: without the bias, with random router rows, dense.
       for (auto [field, label] : {std::pair{&SuiteOwner::no_bias_module, "FlexOlmo trained without the negative bias"},
                                   std::pair{&SuiteOwner::random_init_module, "FlexOlmo with random router init"},
@@ -430,6 +437,7 @@ absl::StatusOr<SuiteSpec> SuiteSpec::FromJson(const json& j, const std::string& 
                           o.value("encoder_init_module", "")});
     }
     s.top_k = j.value("top_k", s.top_k);
+    s.router_tuning = j.value("router_tuning", s.router_tuning);
     s.seq_len = j.value("seq_len", s.seq_len);
     s.max_sequences = j.value("max_sequences", s.max_sequences);
     s.batch_size = j.value("batch_size", s.batch_size);

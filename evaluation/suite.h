@@ -38,6 +38,7 @@ struct SuiteSpec {
   std::string public_domain = "public";
   std::vector<SuiteOwner> owners;
   std::vector<int64_t> top_k = {0};  // merged rows, one per k (0 = every expert)
+  std::string router_tuning;  // optional: `flexfedctl router-tune`'s file for the owners' modules (a row with it)
   int64_t seq_len = 256;
   int64_t max_sequences = 32;  // per domain
   int64_t batch_size = 8;

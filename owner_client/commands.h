@@ -12,7 +12,6 @@
 namespace flexfed::owner {
 
 void AddRouterInitCommand(CLI::App& app);
-void AddTrainCommand(CLI::App& app);
 void AddEvalCommand(CLI::App& app);
 void AddExportCommand(CLI::App& app);
 void AddInspectCommand(CLI::App& app);

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/model/model.h"
+#include "common/train/train_command.h"
 #include "owner_client/commands.h"
 
 namespace flexfed::owner {
@@ -25,7 +26,7 @@ int main(int argc, char** argv) {
   app.footer("Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage,\n"
              "130/143 training stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).");
   flexfed::owner::AddRouterInitCommand(app);
-  flexfed::owner::AddTrainCommand(app);
+  flexfed::AddTrainCommand(app, flexfed::TrainCommandKind::kOwner, flexfed::owner::ExitOnError);
   flexfed::owner::AddEvalCommand(app);
   flexfed::owner::AddExportCommand(app);
   flexfed::owner::AddInspectCommand(app);

@@ -68,6 +68,7 @@ public_share=${FLEXFED_DEMO_PUBLIC_SHARE:-0.05}  # router-init --public-share: b
 # tens of MB, as bench/reproduce.sh uses).
 anchor_choice=${FLEXFED_DEMO_ANCHOR:-auto}
 eval_sequences=${FLEXFED_DEMO_EVAL_SEQUENCES:-32}  # held-out sequences per domain in the evaluation
+router_tune_steps=${FLEXFED_DEMO_ROUTER_TUNE_STEPS:-50}  # flexfedctl router-tune on the public text (0 = skip)
 read -r -a ablations <<<"${FLEXFED_DEMO_ABLATIONS:-random nobias dense encoder}"  # the ablation experts trained
 for kind in "${ablations[@]}"; do
   [[ $kind =~ ^(random|nobias|dense|encoder)$ ]] || { echo "FLEXFED_DEMO_ABLATIONS: '$kind' is not random, nobias, dense or encoder" >&2; exit 2; }
@@ -218,15 +219,27 @@ echo "A sample from the merged model (greedy, every expert):"
 "$ctl" generate "$work/release" --prompt "def read_config(path):" --max-new-tokens 80 --threads "$threads"
 end
 
+begin "operator: router tuning on public proxy text (optional, versioned apart)"
+# The paper's optional router tuning: only the merged model's routers train, here on the public text;
+# the result is one file for exactly these modules (docs/EVALUATION.md, row "with router tuning").
+if ((router_tune_steps > 0)); then
+  modules=()
+  for d in "${owners[@]}"; do modules+=(--module "$work/owners/${org[$d]}/$d.expert.safetensors"); done
+  "$ctl" router-tune --anchor "$anchor" "${modules[@]}" --data "$data/public/train.jsonl" --run "$work/router-tuning" \
+    --steps "$router_tune_steps" --warmup 5 "${train_args[@]}" --threads "$threads"
+fi
+end
+
 begin "ablation experts: ${ablations[*]}"
 for kind in "${ablations[@]}"; do in_parallel ablation_side "$kind" "${owners[@]}"; done
 end
 
 begin "evaluation suite"
 /usr/bin/python3 - "$work" "$anchor" "$data" "$eval_sequences" "${ablations[*]}" <<'PY'
-import json, sys
+import json, os, sys
 work, anchor, data, sequences, ablations = sys.argv[1:]
 ablations = ablations.split()
+tuning = f"{work}/router-tuning/router_tuning.safetensors"
 orgs = {"code": "pyorg", "math": "mathlab", "scripture": "abbey"}
 spec = {
     "anchor": anchor,
@@ -240,6 +253,7 @@ spec = {
                        if kind in ablations})
                for d, o in orgs.items()],
     "top_k": [0, 2],
+    "router_tuning": tuning if os.path.exists(tuning) else "",
     "seq_len": 256, "max_sequences": int(sequences), "batch_size": 8, "btm_prefix": 32, "btm_tau": 1.0,
 }
 json.dump(spec, open(f"{work}/suite.json", "w"), indent=2)

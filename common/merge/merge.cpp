@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/merge/expert_export.h"
+#include "common/merge/router_tuning.h"
 #include "common/core/file_util.h"
 #include "common/core/identity.h"
 #include "common/core/sha256.h"
@@ -108,6 +109,13 @@ absl::StatusOr<MergedModel> MergeExperts(const Anchor& anchor, const std::vector
   if (!model.ok()) return model.status();
   MergedModel out{*std::move(model), anchor.id, {}};
   for (const LoadedExpert& m : experts) out.experts.push_back(m.info);
+  if (!options.router_tuning.empty()) {
+    absl::StatusOr<RouterTuning> tuning = ReadRouterTuning(options.router_tuning);
+    if (!tuning.ok()) return tuning.status();
+    std::vector<std::string> hashes;
+    for (const MergedExpert& e : out.experts) hashes.push_back(e.sha256);
+    if (absl::Status s = ApplyRouterTuning(*tuning, anchor.id, hashes, out.model); !s.ok()) return s;
+  }
   return out;
 }
 

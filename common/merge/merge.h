@@ -26,6 +26,7 @@ namespace flexfed {
 struct MergeOptions {
   int64_t top_k = 0;             // num_experts_per_tok; 0 = every expert (E)
   bool with_router_bias = true;  // false: leave the negative biases out (the "no bias" ablation)
+  std::string router_tuning;     // optional: routers tuned for exactly these modules (common/merge/router_tuning.h)
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;
   std::map<std::string, std::string> extra_files;  // MergeToCheckpoint: name → contents, written along
 };

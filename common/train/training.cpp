@@ -17,6 +17,8 @@
 #include "absl/strings/str_format.h"
 #include "common/model/anchor.h"
 #include "common/model/autocast.h"
+#include "common/merge/merge.h"
+#include "common/merge/router_tuning.h"
 #include "common/model/hf_tokenizer.h"
 #include "common/core/file_util.h"
 #include "common/model/moe_dispatch.h"
@@ -105,8 +107,8 @@ void ComposeRouters(const std::vector<at::Tensor>& pub, const std::vector<at::Te
 // ------------------------------------------------------------------------------------ config
 
 absl::Status TrainConfig::Validate() const {
-  if (mode != "expert" && mode != "dense" && mode != "pretrain") {
-    return Bad(absl::StrCat("mode '", mode, "' is not expert, dense or pretrain"));
+  if (mode != "expert" && mode != "dense" && mode != "pretrain" && mode != "router") {
+    return Bad(absl::StrCat("mode '", mode, "' is not expert, dense, pretrain or router"));
   }
   if (data.empty()) return Bad("no training data; pass --data FILE_OR_FOLDER");
   if (seq_len < 2 || batch_size < 1 || grad_accum < 1) return Bad("seq_len must be ≥ 2, batch_size and grad_accum ≥ 1");
@@ -118,7 +120,9 @@ absl::Status TrainConfig::Validate() const {
     return Bad("AdamW needs 0 ≤ beta1, beta2 < 1, eps > 0 and weight_decay ≥ 0");
   }
   if (grad_clip < 0 || z_loss < 0) return Bad("grad_clip and z_loss must not be negative");
-  if (top_k < 1 || top_k > 2) return Bad("top_k must be 1 or 2 (the two-expert model)");
+  if (mode == "router" ? top_k < 0 : (top_k < 1 || top_k > 2)) {
+    return Bad(mode == "router" ? "top_k must be ≥ 0 (0 = every expert)" : "top_k must be 1 or 2 (the two-expert model)");
+  }
   if (validation_fraction < 0 || validation_fraction >= 1) return Bad("validation_fraction must be in [0, 1)");
   if (val_every < 0 || val_batches < 0 || checkpoint_every < 0 || log_every < 1 || keep_checkpoints < 1) {
     return Bad("val_every, val_batches, checkpoint_every must be ≥ 0, log_every and keep_checkpoints ≥ 1");
@@ -247,6 +251,28 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
       t->trainable_.push_back(nt);
     }
     t->anchor_id_ = "";
+  } else if (config.mode == "router") {
+    // The merged model; only its routers (rows [E, H] and biases [E], the public expert's too) train.
+    if (inputs.modules.empty()) return Bad("router tuning needs the merged modules: pass --module FILE for each, in router order");
+    absl::StatusOr<Anchor> anchor = LoadAnchor(inputs.anchor_dir, /*require_router_pub=*/true, at::kFloat);
+    if (!anchor.ok()) return anchor.status();
+    MergeOptions mo;
+    mo.top_k = config.top_k;
+    absl::StatusOr<MergedModel> merged = MergeExperts(*anchor, inputs.modules, mo);
+    if (!merged.ok()) return merged.status();
+    t->anchor_id_ = anchor->id;
+    for (const MergedExpert& e : merged->experts) t->tuned_experts_.push_back(e.sha256);
+    t->model_ = std::move(merged->model);
+    t->model_->To(t->device_);
+    std::vector<LayerWeights>& layers = t->model_->mutable_layers();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      layers[l].router = layers[l].router.to(at::kFloat).clone().requires_grad_(true);
+      t->trainable_.push_back({absl::StrCat("layers.", l, ".router.weight"), layers[l].router});
+      if (layers[l].router_bias.defined()) {
+        layers[l].router_bias = layers[l].router_bias.to(at::kFloat).clone().requires_grad_(true);
+        t->trainable_.push_back({absl::StrCat("layers.", l, ".router.bias"), layers[l].router_bias});
+      }
+    }
   } else {
     // fp32 master weights (a bf16 anchor converts exactly), on the training device before any
     // trained leaf is made from them.
@@ -361,7 +387,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     if (absl::Status s = t->Resume(); !s.ok()) return s;
   } else {
     json echo = {{"settings", config.IdentityJson()}, {"cadence", config.ToJson()}, {"anchor_sha256", t->anchor_id_},
-                 {"anchor_dir", inputs.anchor_dir}, {"router_init", inputs.router_init}, {"token_cache", corpus->key()},
+                 {"anchor_dir", inputs.anchor_dir}, {"router_init", inputs.router_init}, {"modules", inputs.modules},
+                 {"experts_sha256", t->tuned_experts_}, {"token_cache", corpus->key()},
                  {"documents", {{"train", split.train.size()}, {"validation", split.validation.size()}}},
                  {"total_steps", t->total_steps_}};
     if (absl::Status s = WriteFileAtomically(config_path.string(), echo.dump(2) + "\n"); !s.ok()) return s;
@@ -545,6 +572,16 @@ absl::Status Trainer::Resume() {
 }
 
 absl::Status Trainer::WriteModel() {
+  if (config_.mode == "router") {  // the tuned routers alone, versioned apart from the modules
+    RouterTuning tuning{anchor_id_, tuned_experts_, {}, {}, {}};
+    for (const LayerWeights& lw : model_->layers()) {
+      tuning.rows.push_back(lw.router);
+      if (lw.router_bias.defined()) tuning.biases.push_back(lw.router_bias);
+    }
+    tuning.metadata = {{"steps", std::to_string(step_)}, {"tokens", std::to_string(tokens_)},
+                       {"settings", config_.IdentityJson().dump()}};
+    return WriteRouterTuning((fs::path(inputs_.run_dir) / kRouterTuningFile).string(), tuning);
+  }
   Compose();
   const fs::path dir = fs::path(inputs_.run_dir) / "model";
   if (absl::Status s = model_->Save(dir.string()); !s.ok()) return s;

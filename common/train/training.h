@@ -26,8 +26,11 @@
 
 namespace flexfed {
 
+// Router mode writes the tuned routers here, in the run folder (common/merge/router_tuning.h).
+inline constexpr char kRouterTuningFile[] = "router_tuning.safetensors";
+
 struct TrainConfig {
-  std::string mode = "expert";  // expert | dense | pretrain
+  std::string mode = "expert";  // expert | dense | pretrain | router (router tuning of a merge, docs/METHOD.md §4)
   std::vector<std::string> data;
   std::string text_field = "text";
   double validation_fraction = 0.05;
@@ -43,7 +46,7 @@ struct TrainConfig {
   double grad_clip = 1.0;
   double z_loss = 1e-3;     // router z-loss coefficient (0 = off)
   bool router_bias = true;  // learnable negative bias for the owner's expert
-  int64_t top_k = 2;        // experts per token while training (of 2)
+  int64_t top_k = 2;        // experts per token while training (of 2; router mode: of E, 0 = all)
   int64_t val_every = 100;
   int64_t val_batches = 8;
   int64_t checkpoint_every = 100;
@@ -70,6 +73,7 @@ struct TrainInputs {
   std::string router_init;  // expert mode: r_i (flexfed-owner router-init); dense mode: optional
   std::string run_dir;
   std::string cache_dir;    // token cache
+  std::vector<std::string> modules;  // router mode: the owners' expert modules, in router order
 };
 
 struct TrainOutcome {
@@ -96,7 +100,7 @@ class Trainer {
   double Step();
   EvalResult Validate();
   absl::Status SaveCheckpoint();
-  absl::Status WriteModel();  // RUN/model
+  absl::Status WriteModel();  // RUN/model; router mode: RUN/router_tuning.safetensors
 
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
@@ -129,6 +133,7 @@ class Trainer {
   std::vector<at::Tensor> router_pub_;   // expert mode: per layer [1, H], frozen
   std::vector<at::Tensor> router_rows_;  // expert mode: per layer [H], trained (views into trainable_)
   std::vector<at::Tensor> router_bias_;  // expert mode: per layer [1], trained
+  std::vector<std::string> tuned_experts_;  // router mode: the modules' SHA-256, in router order
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<PackedSequences> train_, val_;
   std::vector<int64_t> val_indices_;

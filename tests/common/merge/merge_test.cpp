@@ -10,6 +10,8 @@
 #include "common/merge/expert_export.h"
 #include "common/model/generation.h"
 #include "common/merge/merge.h"
+#include "common/merge/router_tuning.h"
+#include "common/train/training.h"
 #include "common/model/model.h"
 #include "common/model/router_embedding.h"
 #include "common/model/tokenizer.h"
@@ -120,6 +122,98 @@ TEST_CASE("merge refuses what does not fit, and leaves nothing behind", "[merge]
              Catch::Contains("SHA-256"));
   ValueOrDie(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out"));
   CHECK(absl::IsAlreadyExists(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out").status()));
+}
+
+// The paper's optional router tuning (docs/METHOD.md §4): only the merged model's routers train, on
+// public proxy text; the result is a file for exactly these modules, which a merge applies.
+TEST_CASE("router tuning trains only the routers, for exactly the modules it was made with", "[merge]") {
+  Federation f;
+  const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2)};
+  std::string proxy;
+  for (int i = 0; i < 300; ++i) proxy += "the proxy text number " + std::to_string(i % 17) + " says hello.\n";
+  REQUIRE(WriteFileAtomically(f.dir / "proxy.txt", proxy).ok());
+  TrainConfig c;
+  c.mode = "router";
+  c.top_k = 0;
+  c.data = {f.dir / "proxy.txt"};
+  c.seq_len = 32;
+  c.batch_size = 4;
+  c.max_steps = 20;
+  c.lr = 2e-2;
+  c.z_loss = 0;  // the language-model loss alone, so that "it learned" is measurable
+  c.warmup_steps = 1;
+  c.val_every = 0;
+  c.checkpoint_every = 0;
+  c.validation_fraction = 0.2;
+  c.threads = 2;
+  TrainInputs in{f.anchor_dir, "", f.dir / "rt", f.dir / "cache", modules};
+  auto trainer = ValueOrDie(Trainer::Create(c, in, false));
+  REQUIRE(trainer->trainable().size() == 2 * static_cast<size_t>(f.config.num_hidden_layers));  // rows and biases
+  ValueOrDie(trainer->Run(nullptr, nullptr));
+  // Only the routers moved: every other tensor is the plain merge's.
+  const MergedModel plain = ValueOrDie(MergeExperts(f.anchor, modules, MergeOptions{}));
+  const std::vector<NamedTensor> tuned_params = trainer->model().NamedParameters(), plain_params = plain.model.NamedParameters();
+  REQUIRE(tuned_params.size() == plain_params.size());
+  for (size_t i = 0; i < tuned_params.size(); ++i) {
+    const bool trained = std::any_of(trainer->trainable().begin(), trainer->trainable().end(),
+                                     [&](const NamedTensor& t) { return t.tensor.is_same(tuned_params[i].tensor); });
+    INFO(tuned_params[i].name);
+    const std::string& n = tuned_params[i].name;
+    CHECK(trained == (n.find("mlp.gate.weight") != std::string::npos || n.find("mlp.router_bias") != std::string::npos));
+    if (!trained) CHECK(at::equal(tuned_params[i].tensor, plain_params[i].tensor));
+  }
+  for (int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
+    CHECK_FALSE(at::equal(trainer->model().layers()[l].router.detach(), plain.model.layers()[l].router));
+    CHECK_FALSE(at::equal(trainer->model().layers()[l].router_bias.detach(), plain.model.layers()[l].router_bias));
+  }
+  // The file: for this anchor and these modules, in order; a merge with it has the tuned routers.
+  const std::string file = (fs::path(f.dir / "rt") / kRouterTuningFile).string();
+  const RouterTuning t = ValueOrDie(ReadRouterTuning(file));
+  CHECK(t.anchor_id == f.anchor.id);
+  REQUIRE(t.experts.size() == 2);
+  CHECK(t.experts[0] == plain.experts[0].sha256);
+  MergeOptions with;
+  with.router_tuning = file;
+  const MergedModel tuned = ValueOrDie(MergeExperts(f.anchor, modules, with));
+  for (int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
+    CHECK(at::equal(tuned.model.layers()[l].router, trainer->model().layers()[l].router.detach()));
+    CHECK(at::equal(tuned.model.layers()[l].router_bias, trainer->model().layers()[l].router_bias.detach()));
+    CHECK_FALSE(at::equal(tuned.model.layers()[l].router, plain.model.layers()[l].router));
+  }
+  {  // It learned: the proxy text scores better with the tuned routers.
+    ByteTokenizer tok;
+    const EvalText text = ValueOrDie(LoadEvalText({f.dir / "proxy.txt"}, tok, 32, 16, f.dir / "cache"));
+    CHECK(Evaluate(tuned.model, *text.packed, text.indices, 8, tok).loss < Evaluate(plain.model, *text.packed, text.indices, 8, tok).loss);
+  }
+  // Another order, another set, another anchor, or a merge without biases: refused, with the reason.
+  CHECK_THAT(std::string(MergeExperts(f.anchor, {modules[1], modules[0]}, with).status().message()),
+             Catch::Contains("other modules") && Catch::Contains("expert 1"));
+  CHECK_THAT(std::string(MergeExperts(f.anchor, {modules[0]}, with).status().message()), Catch::Contains("expert 2"));
+  Federation other(12);
+  CHECK_THAT(std::string(MergeExperts(other.anchor, {other.Module("code", 1), other.Module("math", 2)}, with).status().message()),
+             Catch::Contains("anchor"));
+  with.with_router_bias = false;
+  CHECK_THAT(std::string(MergeExperts(f.anchor, modules, with).status().message()), Catch::Contains("no-bias"));
+  // Opting out still removes the expert's row exactly: the tuned model with expert 2 masked equals
+  // the tuned routers with row 2 dropped.
+  {
+    c10::InferenceMode inference;
+    const at::Tensor ids = Ids(2, 16, 9);
+    std::vector<LayerWeights> layers = tuned.model.layers();
+    for (LayerWeights& lw : layers) {
+      lw.router = lw.router.narrow(0, 0, 2);
+      lw.router_bias = lw.router_bias.narrow(0, 0, 2);
+      lw.experts.pop_back();
+    }
+    ModelConfig mc = tuned.model.config();
+    mc.num_experts = 2;
+    mc.num_experts_per_tok = 2;
+    const FlexOlmoModel without = ValueOrDie(FlexOlmoModel::Assemble(mc, tuned.model.embed_tokens(), std::move(layers),
+                                                                    tuned.model.norm(), tuned.model.lm_head()));
+    CHECK(RelativeError(tuned.model.Forward(ids, Routing::Excluding(3, {2})), without.Forward(ids)) < 1e-5);
+  }
+  // A file that is not a router tuning is refused.
+  CHECK_THAT(std::string(ReadRouterTuning(modules[0]).status().message()), Catch::Contains("router-tune"));
 }
 
 TEST_CASE("the model soup's FFN is the mean of the experts' FFNs", "[merge]") {

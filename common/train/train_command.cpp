@@ -6,10 +6,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
+#include "common/train/train_command.h"
 #include "common/train/training.h"
-#include "owner_client/commands.h"
 
-namespace flexfed::owner {
+namespace flexfed {
 namespace {
 
 namespace fs = std::filesystem;
@@ -23,11 +23,13 @@ extern "C" void OnSignal(int sig) {
 }
 
 struct Options {
+  TrainCommandKind kind = TrainCommandKind::kOwner;
   TrainConfig flags;  // values given on the command line
   std::string config_file;
   TrainInputs inputs{"", "", "", DefaultTokenCacheDir()};
   bool resume = false, dense = false, plain = false;
   std::string pretrain;
+  std::string program;  // "flexfed-owner train", "flexfedctl router-tune"
   // Options the user actually gave, and how each one sets its field.
   std::vector<std::pair<CLI::Option*, std::function<void(TrainConfig&, const TrainConfig&)>>> setters;
 };
@@ -43,6 +45,11 @@ absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
 absl::Status Run(Options& o) {
   // Settings: defaults, then the run's own (on --resume) or --config, then explicit flags.
   TrainConfig config;
+  if (o.kind == TrainCommandKind::kRouterTuning) {  // the paper's router tuning: lr 2e-3, the release's k
+    config.mode = "router";
+    config.lr = 2e-3;
+    config.top_k = 0;
+  }
   std::string source;
   if (!o.config_file.empty()) {
     source = o.config_file;
@@ -54,9 +61,10 @@ absl::Status Run(Options& o) {
     if (!j.ok()) return j.status();
     const nlohmann::json& settings = j->contains("cadence") ? (*j)["cadence"] : *j;  // a run folder echo, or a settings file
     if (o.resume && o.config_file.empty()) {
-      // The run knows its own anchor and router embedding.
+      // The run knows its own anchor, router embedding and modules.
       if (o.inputs.anchor_dir.empty()) o.inputs.anchor_dir = j->value("anchor_dir", "");
       if (o.inputs.router_init.empty()) o.inputs.router_init = j->value("router_init", "");
+      if (o.inputs.modules.empty()) o.inputs.modules = j->value("modules", std::vector<std::string>{});
     }
     absl::StatusOr<TrainConfig> c = TrainConfig::FromJson(settings, source);
     if (!c.ok()) return c.status();
@@ -65,13 +73,15 @@ absl::Status Run(Options& o) {
   for (auto& [opt, set] : o.setters) {
     if (opt->count() > 0) set(config, o.flags);
   }
+  if (o.kind == TrainCommandKind::kRouterTuning) config.mode = "router";
   if (o.dense) config.mode = "dense";
   if (!o.pretrain.empty()) {
     config.mode = "pretrain";
     config.preset = o.pretrain;
   }
   if (config.mode != "pretrain" && o.inputs.anchor_dir.empty()) {
-    return absl::InvalidArgumentError("--anchor DIR is required (except with --pretrain)");
+    return absl::InvalidArgumentError(o.kind == TrainCommandKind::kRouterTuning ? "--anchor DIR is required: the anchor the modules were trained against"
+                                                                                : "--anchor DIR is required (except with --pretrain)");
   }
   absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(config, o.inputs, o.resume);
   if (!trainer.ok()) return trainer.status();
@@ -90,25 +100,48 @@ absl::Status Run(Options& o) {
   }
   std::cout << "trained " << out->steps << " steps (" << out->tokens << " tokens); final loss " << out->last_loss;
   if (out->last_val_loss > 0) std::cout << ", validation loss " << out->last_val_loss;
-  std::cout << "\nmodel: " << (fs::path(o.inputs.run_dir) / "model").string() << "\n";
+  if (config.mode == "router") {
+    std::cout << "\nrouter tuning: " << (fs::path(o.inputs.run_dir) / kRouterTuningFile).string()
+              << " (apply it with `flexfedctl merge --router-tuning FILE` to exactly these modules)\n";
+  } else {
+    std::cout << "\nmodel: " << (fs::path(o.inputs.run_dir) / "model").string() << "\n";
+  }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-void AddTrainCommand(CLI::App& app) {
+void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
+                     const std::function<void(const std::string&, const absl::Status&)>& exit_on_error) {
   auto o = std::make_shared<Options>();
-  CLI::App* cmd = app.add_subcommand("train", "Train your expert against the frozen anchor (resumable)");
-  cmd->footer("Settings come from the defaults, then --config FILE (JSON, keys as in RUN/train_config.json) or, with\n"
-              "--resume, the run's own settings, then the flags given. Ctrl-C saves a checkpoint and stops.");
-  cmd->add_option("--anchor", o->inputs.anchor_dir, "Anchor directory (from `pull`)")->check(CLI::ExistingDirectory);
-  cmd->add_option("--router-init", o->inputs.router_init, "Your router embedding (from `router-init`)")->check(CLI::ExistingFile);
-  cmd->add_option("--run", o->inputs.run_dir, "Run folder: settings, checkpoints, metrics, the trained model")->required();
+  o->kind = kind;
+  const bool router = kind == TrainCommandKind::kRouterTuning;
+  const std::string name = router ? "router-tune" : "train";
+  o->program = router ? "flexfedctl router-tune" : "flexfed-owner train";
+  CLI::App* cmd = router ? app.add_subcommand(name, "Tune the merged model's routers on public proxy data (optional; resumable)")
+                         : app.add_subcommand(name, "Train your expert against the frozen anchor (resumable)");
+  cmd->footer(router ? "Router tuning (docs/METHOD.md §4): the modules are merged as for a release and only the routers — every\n"
+                       "layer's rows and biases — train on the proxy text; RUN/router_tuning.safetensors holds them, for exactly\n"
+                       "these modules in this order. Settings come from the defaults, then --config FILE or, with --resume, the run's\n"
+                       "own, then the flags given. Ctrl-C saves a checkpoint and stops."
+                     : "Settings come from the defaults, then --config FILE (JSON, keys as in RUN/train_config.json) or, with\n"
+                       "--resume, the run's own settings, then the flags given. Ctrl-C saves a checkpoint and stops.");
+  cmd->add_option("--anchor", o->inputs.anchor_dir, router ? "The anchor the modules were trained against" : "Anchor directory (from `pull`)")
+      ->check(CLI::ExistingDirectory);
+  if (router) {
+    cmd->add_option("--module", o->inputs.modules, "An expert module, once per expert, in router order (as for `merge`)")
+        ->check(CLI::ExistingFile);
+  } else {
+    cmd->add_option("--router-init", o->inputs.router_init, "Your router embedding (from `router-init`)")->check(CLI::ExistingFile);
+  }
+  cmd->add_option("--run", o->inputs.run_dir, "Run folder: settings, checkpoints, metrics, the result")->required();
   cmd->add_option("--config", o->config_file, "Settings file (JSON)")->check(CLI::ExistingFile);
   cmd->add_option("--cache-dir", o->inputs.cache_dir, "Token cache folder");
   cmd->add_flag("--resume", o->resume, "Continue the run in --run from its latest checkpoint");
-  cmd->add_flag("--dense", o->dense, "Ablation 'no coordination': train a dense copy of the anchor's FFNs, no public expert");
-  cmd->add_option("--pretrain", o->pretrain, "Pretrain a fresh model of this size (test, mini, tiny, small, 1b, 7b) from scratch");
+  if (!router) {
+    cmd->add_flag("--dense", o->dense, "Ablation 'no coordination': train a dense copy of the anchor's FFNs, no public expert");
+    cmd->add_option("--pretrain", o->pretrain, "Pretrain a fresh model of this size (test, mini, tiny, small, 1b, 7b) from scratch");
+  }
   cmd->add_flag("--plain", o->plain, "Plain log lines even on a terminal");
 
   auto bind = [&](const std::string& name, auto member, const std::string& help) {
@@ -116,7 +149,8 @@ void AddTrainCommand(CLI::App& app) {
     o->setters.push_back({opt, [member](TrainConfig& c, const TrainConfig& f) { c.*member = f.*member; }});
     return opt;
   };
-  bind("--data", &TrainConfig::data, "Your training text: text files, .jsonl files or folders");
+  bind("--data", &TrainConfig::data, router ? "Public proxy text: text files, .jsonl files or folders"
+                                            : "Your training text: text files, .jsonl files or folders");
   bind("--text-field", &TrainConfig::text_field, "JSONL field holding the text");
   bind("--validation-fraction", &TrainConfig::validation_fraction, "Share of documents held out for validation");
   bind("--seq-len", &TrainConfig::seq_len, "Tokens per sequence");
@@ -124,7 +158,7 @@ void AddTrainCommand(CLI::App& app) {
   bind("--grad-accum", &TrainConfig::grad_accum, "Micro-batches per optimizer step");
   bind("--steps", &TrainConfig::max_steps, "Optimizer steps");
   bind("--tokens", &TrainConfig::token_budget, "Token budget (when --steps is not given)");
-  bind("--lr", &TrainConfig::lr, "Peak learning rate (paper: 9e-4)");
+  bind("--lr", &TrainConfig::lr, router ? "Peak learning rate (paper: 2e-3)" : "Peak learning rate (paper: 9e-4)");
   bind("--min-lr-ratio", &TrainConfig::min_lr_ratio, "Cosine schedule ends at lr × this");
   bind("--warmup", &TrainConfig::warmup_steps, "Linear warm-up steps");
   bind("--beta1", &TrainConfig::beta1, "AdamW beta1 (paper: 0.9)");
@@ -133,8 +167,9 @@ void AddTrainCommand(CLI::App& app) {
   bind("--weight-decay", &TrainConfig::weight_decay, "AdamW decoupled weight decay (paper: 0)");
   bind("--grad-clip", &TrainConfig::grad_clip, "Clip the global gradient norm (0 = off; paper: 1.0)");
   bind("--z-loss", &TrainConfig::z_loss, "Router z-loss coefficient (0 = off; paper: 1e-3)");
-  bind("--router-bias", &TrainConfig::router_bias, "Learn a negative router bias for your expert (true/false)");
-  bind("--top-k", &TrainConfig::top_k, "Experts per token while training (of 2)");
+  if (!router) bind("--router-bias", &TrainConfig::router_bias, "Learn a negative router bias for your expert (true/false)");
+  bind("--top-k", &TrainConfig::top_k, router ? "Experts per token, as the release will use (0 = every expert)"
+                                              : "Experts per token while training (of 2)");
   bind("--val-every", &TrainConfig::val_every, "Validate every N steps (0 = only at the end)");
   bind("--val-batches", &TrainConfig::val_batches, "Validation batches");
   bind("--checkpoint-every", &TrainConfig::checkpoint_every, "Checkpoint every N steps");
@@ -146,11 +181,13 @@ void AddTrainCommand(CLI::App& app) {
        "auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (autocast; master weights stay fp32)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   bind("--threads", &TrainConfig::threads, "CPU threads (default: all cores)");
-  bind("--tokenizer", &TrainConfig::tokenizer,
-       "With --pretrain: a folder holding the tokenizer.json (and tokenizer_config.json) to train with; the model "
-       "takes its vocabulary (padded to a multiple of 64) and carries the files (default: bytes)")
-      ->check(CLI::ExistingDirectory);
-  cmd->callback([o] { ExitOnError("train", Run(*o)); });
+  if (!router) {
+    bind("--tokenizer", &TrainConfig::tokenizer,
+         "With --pretrain: a folder holding the tokenizer.json (and tokenizer_config.json) to train with; the model "
+         "takes its vocabulary (padded to a multiple of 64) and carries the files (default: bytes)")
+        ->check(CLI::ExistingDirectory);
+  }
+  cmd->callback([o, name, exit_on_error] { exit_on_error(name, Run(*o)); });
 }
 
-}  // namespace flexfed::owner
+}  // namespace flexfed
