@@ -216,14 +216,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     absl::StatusOr<json> saved = ReadJsonFile(config_path.string());
     if (!saved.ok()) return absl::NotFoundError(absl::StrCat(inputs.run_dir, ": no run to resume (", kConfigFile, " missing)"));
     const json want = config.IdentityJson();
+    // A setting newer than the run (e.g. `tokenizer`) had its default value then.
+    const json defaults = TrainConfig{}.IdentityJson();
     for (const auto& [key, value] : want.items()) {
-      if (!saved->contains("settings") || !(*saved)["settings"].contains(key) || (*saved)["settings"][key] != value) {
+      const bool known = saved->contains("settings") && (*saved)["settings"].contains(key);
+      const json& was = known ? (*saved)["settings"][key] : defaults[key];
+      if (!saved->contains("settings") || was != value) {
         return absl::FailedPreconditionError(absl::StrCat(
-            inputs.run_dir, ": was started with a different '", key, "' (",
-            saved->contains("settings") && (*saved)["settings"].contains(key) ? (*saved)["settings"][key].dump() : "unset",
+            inputs.run_dir, ": was started with a different '", key, "' (", saved->contains("settings") ? was.dump() : "unset",
             " vs ", value.dump(), "); resume with the run's settings (--config ", config_path.string(), ") or use a new folder"));
       }
     }
+    if (config.mode == "router") t->resumed_experts_ = saved->value("experts_sha256", std::vector<std::string>{});
   } else if (fs::exists(config_path, ec)) {
     return absl::AlreadyExistsError(absl::StrCat(inputs.run_dir, ": already holds a run; continue it with --resume or choose another folder"));
   }
@@ -262,6 +266,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     if (!merged.ok()) return merged.status();
     t->anchor_id_ = anchor->id;
     for (const MergedExpert& e : merged->experts) t->tuned_experts_.push_back(e.sha256);
+    if (resume && t->resumed_experts_ != t->tuned_experts_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          inputs.run_dir, ": was started with other modules (or another order); resume with the same --module files or use a new folder"));
+    }
     t->model_ = std::move(merged->model);
     t->model_->To(t->device_);
     std::vector<LayerWeights>& layers = t->model_->mutable_layers();

@@ -133,7 +133,8 @@ class Trainer {
   std::vector<at::Tensor> router_pub_;   // expert mode: per layer [1, H], frozen
   std::vector<at::Tensor> router_rows_;  // expert mode: per layer [H], trained (views into trainable_)
   std::vector<at::Tensor> router_bias_;  // expert mode: per layer [1], trained
-  std::vector<std::string> tuned_experts_;  // router mode: the modules' SHA-256, in router order
+  std::vector<std::string> tuned_experts_;    // router mode: the modules' SHA-256, in router order
+  std::vector<std::string> resumed_experts_;  // router mode, resuming: those the run was started with
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<PackedSequences> train_, val_;
   std::vector<int64_t> val_indices_;

@@ -150,6 +150,11 @@ TEST_CASE("router tuning trains only the routers, for exactly the modules it was
   auto trainer = ValueOrDie(Trainer::Create(c, in, false));
   REQUIRE(trainer->trainable().size() == 2 * static_cast<size_t>(f.config.num_hidden_layers));  // rows and biases
   ValueOrDie(trainer->Run(nullptr, nullptr));
+  // Resuming takes the same modules, in the same order, only.
+  CHECK(Trainer::Create(c, in, true).ok());
+  TrainInputs swapped = in;
+  std::swap(swapped.modules[0], swapped.modules[1]);
+  CHECK_THAT(std::string(Trainer::Create(c, swapped, true).status().message()), Catch::Contains("other modules"));
   // Only the routers moved: every other tensor is the plain merge's.
   const MergedModel plain = ValueOrDie(MergeExperts(f.anchor, modules, MergeOptions{}));
   const std::vector<NamedTensor> tuned_params = trainer->model().NamedParameters(), plain_params = plain.model.NamedParameters();

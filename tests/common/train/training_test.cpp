@@ -305,6 +305,31 @@ TEST_CASE("resuming gives the weights and losses of an uninterrupted run", "[tra
   }
 }
 
+// A run started before a setting existed (here `tokenizer`, added with issue #14) resumes: the
+// missing setting had its default value.
+TEST_CASE("a run whose settings predate a newer setting resumes with that setting's default", "[training]") {
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.max_steps = 4;
+  c.checkpoint_every = 2;
+  {
+    auto first = ValueOrDie(Trainer::Create(c, w.Inputs("older"), false));
+    first->Step();
+    first->Step();
+    REQUIRE(first->SaveCheckpoint().ok());
+  }
+  const std::string config_path = w.Run("older") + "/train_config.json";
+  nlohmann::json saved = nlohmann::json::parse(ValueOrDie(ReadFile(config_path)));
+  saved["settings"].erase("tokenizer");
+  REQUIRE(WriteFileAtomically(config_path, saved.dump(2)).ok());
+  auto resumed = ValueOrDie(Trainer::Create(c, w.Inputs("older"), true));
+  CHECK(resumed->step() == 2);
+  // A setting that differs is still refused, named.
+  saved["settings"]["lr"] = 1.0;
+  REQUIRE(WriteFileAtomically(config_path, saved.dump(2)).ok());
+  CHECK_THAT(std::string(Trainer::Create(c, w.Inputs("older"), true).status().message()), Catch::Contains("'lr'"));
+}
+
 TEST_CASE("Run stops on request with a checkpoint, and resuming finishes the same run", "[training]") {
   World& w = TheWorld();
   TrainConfig c = SmallRun({w.math});
