@@ -55,16 +55,28 @@ else
 fi
 
 step "public anchor ($preset, BPE, $tokens_per_param tokens per non-embedding parameter)"
-# The token budget from the model's non-embedding parameter count (attention, FFN, norms).
-params=$("$python" - "$preset" "$vocab" <<'PY'
-import sys
-shapes = {"test": (2, 64, 176), "mini": (4, 128, 344), "tiny": (4, 256, 688), "small": (8, 512, 1376)}
-layers, hidden, ffn = shapes[sys.argv[1]]
-vocab = (int(sys.argv[2]) + 63) // 64 * 64
-per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 4 * hidden  # attention, SwiGLU FFN, q/k and block norms
-print(layers * per_layer + hidden, layers * per_layer + hidden + 2 * vocab * hidden)  # without, with embeddings
+# The token budget from the model's non-embedding parameter count (attention, FFN, norms), counted
+# on a random checkpoint of that shape and vocabulary (rows padded to 64, as pretraining pads them).
+shape=$(mktemp -d)
+"$build/ctl/flexfedctl" random-checkpoint --size "$preset" --tokenizer "$tokenizer" \
+  --vocab-size $(((vocab + 63) / 64 * 64)) --dtype float32 --out "$shape/model" >/dev/null
+params=$("$python" - "$shape/model" <<'PY'
+import glob, sys
+from safetensors import safe_open
+total = embeddings = 0
+for path in glob.glob(sys.argv[1] + "/*.safetensors"):
+    with safe_open(path, "np") as f:
+        for name in f.keys():
+            n = f.get_slice(name).get_shape()
+            count = 1
+            for d in n:
+                count *= d
+            total += count
+            embeddings += count if ("embed_tokens" in name or "lm_head" in name) else 0
+print(total - embeddings, total)
 PY
 )
+rm -rf "$shape"
 read -r params all_params <<<"$params"
 tokens=$((params * tokens_per_param))
 anchor_key=$( (echo "$tok_key $preset tokens=$tokens lr=$anchor_lr recipe=1") | sha256sum | cut -c1-16)

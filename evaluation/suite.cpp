@@ -1,8 +1,8 @@
 #include "evaluation/suite.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <algorithm>
 #include <map>
 #include <random>
 
@@ -94,7 +94,7 @@ class Suite {
     if (all_dense) {
       for (const SuiteDomain& d : spec_.domains) dense_scores[d.name].push_back(anchor_scores.at(d.name));
       for (const SuiteOwner& o : spec_.owners) {
-        absl::StatusOr<std::vector<LoadedExpert>> dense = LoadExperts(*anchor_, {o.dense_module});
+        absl::StatusOr<std::vector<LoadedExpert>> dense = Load({o.dense_module});
         if (!dense.ok()) return dense.status();
         absl::StatusOr<FlexOlmoModel> model = SoupModel(*anchor_, *dense);  // one expert: its FFN, dense
         if (!model.ok()) return model.status();
@@ -148,7 +148,9 @@ class Suite {
         }
         if (alt.empty()) continue;
         if (alt.size() != spec_.owners.size()) return absl::InvalidArgumentError(absl::StrCat(label, ": give it for every owner or none"));
-        absl::StatusOr<MergedModel> m = MergeExperts(*anchor_, alt, options);
+        absl::StatusOr<std::vector<LoadedExpert>> loaded = Load(alt);
+        if (!loaded.ok()) return loaded.status();
+        absl::StatusOr<MergedModel> m = MergeExperts(*anchor_, *loaded, options);
         if (!m.ok()) return m.status();
         Score(label, "ablation", m->model);
       }
@@ -166,6 +168,22 @@ class Suite {
     MergeOptions o;
     o.top_k = k;
     return o;
+  }
+
+  // Ablation and dense modules, each file hashed, validated and mapped once however many rows use
+  // it (the dense experts are rows of their own and the "no coordination" merge).
+  absl::StatusOr<std::vector<LoadedExpert>> Load(const std::vector<std::string>& paths) {
+    std::vector<LoadedExpert> out;
+    for (const std::string& p : paths) {
+      auto it = loaded_.find(p);
+      if (it == loaded_.end()) {
+        absl::StatusOr<std::vector<LoadedExpert>> one = LoadExperts(*anchor_, {p});
+        if (!one.ok()) return one.status();
+        it = loaded_.emplace(p, std::move(one->front())).first;
+      }
+      out.push_back(it->second);
+    }
+    return out;
   }
 
   // A BTM row: per domain, the members' token scores mixed by their prefix likelihood (causal).
@@ -376,6 +394,7 @@ class Suite {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::map<std::string, EvalText> texts_;
   std::vector<Row> rows_;
+  std::map<std::string, LoadedExpert> loaded_;  // Load(): by path
   json routing_ = json::object();
 };
 

@@ -94,7 +94,7 @@ absl::Status Run(Options& o) {
   absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&g_stop, &progress);
   if (!out.ok()) return out.status();
   if (out->interrupted) {
-    std::cerr << "stopped at step " << out->steps << " (checkpoint saved); continue with: flexfed-owner train --run "
+    std::cerr << "stopped at step " << out->steps << " (checkpoint saved); continue with: " << o.program << " --run "
               << o.inputs.run_dir << " --resume\n";
     std::exit(128 + g_signal.load());
   }
