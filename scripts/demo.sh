@@ -68,7 +68,7 @@ public_share=${FLEXFED_DEMO_PUBLIC_SHARE:-0.05}  # router-init --public-share: b
 # tens of MB, as bench/reproduce.sh uses).
 anchor_choice=${FLEXFED_DEMO_ANCHOR:-auto}
 eval_sequences=${FLEXFED_DEMO_EVAL_SEQUENCES:-32}  # held-out sequences per domain in the evaluation
-router_tune_steps=${FLEXFED_DEMO_ROUTER_TUNE_STEPS:-50}  # flexfedctl router-tune on the public text (0 = skip)
+router_tune_steps=${FLEXFED_DEMO_ROUTER_TUNE_STEPS:-50}  # flexfedctl router-tune on the public proxy text (0 = skip)
 read -r -a ablations <<<"${FLEXFED_DEMO_ABLATIONS:-random nobias dense encoder}"  # the ablation experts trained
 for kind in "${ablations[@]}"; do
   [[ $kind =~ ^(random|nobias|dense|encoder)$ ]] || { echo "FLEXFED_DEMO_ABLATIONS: '$kind' is not random, nobias, dense or encoder" >&2; exit 2; }
@@ -220,12 +220,13 @@ echo "A sample from the merged model (greedy, every expert):"
 end
 
 begin "operator: router tuning on public proxy text (optional, versioned apart)"
-# The paper's optional router tuning: only the merged model's routers train, here on the public text;
+# The paper's optional router tuning: only the merged model's routers train, on public proxy text — a
+# public look-alike of every domain and public text, no owner's data (scripts/demo/prepare_data.py);
 # the result is one file for exactly these modules (docs/EVALUATION.md, row "with router tuning").
 if ((router_tune_steps > 0)); then
   modules=()
   for d in "${owners[@]}"; do modules+=(--module "$work/owners/${org[$d]}/$d.expert.safetensors"); done
-  "$ctl" router-tune --anchor "$anchor" "${modules[@]}" --data "$data/public/train.jsonl" --run "$work/router-tuning" \
+  "$ctl" router-tune --anchor "$anchor" "${modules[@]}" --data "$data/proxy/train.jsonl" --run "$work/router-tuning" \
     --steps "$router_tune_steps" --warmup 5 "${train_args[@]}" --threads "$threads"
 fi
 end

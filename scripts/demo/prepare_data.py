@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Turns the demo's Debian packages (already extracted) into per-domain training and held-out text.
 
-Usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT OUT_DIR [--large]
+Usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT WEB_TEXT OUT_DIR [--large]
 
 Writes OUT_DIR/<domain>/train.jsonl and OUT_DIR/<domain>/heldout.jsonl (one {"text": ...} document
 per line) for the domains public (fortunes), code (the Python standard library), math (metamath's
@@ -14,6 +14,13 @@ the same packages give the same bytes.
 With --large (bench/reproduce.sh), the public domain also holds the GNU Collaborative International
 Dictionary of English (Debian: dict-gcide; one entry per document, its markup and source tags
 removed), up to LARGE_PUBLIC_BYTES: public text of tens of MB for a BPE anchor.
+
+OUT_DIR/proxy/train.jsonl is the operator's public proxy text for router tuning (paper §3.3;
+`flexfedctl router-tune`): public text that looks like each domain, none of it any owner's data —
+Python source of another project (Debian: python3-docutils) for code, another Metamath database
+(iset.mm, intuitionistic set theory) for math, the World English Bible's deuterocanonical books
+(Debian: sword-text-web; WEB_TEXT, their OSIS text from `diatheke`) for scripture, and a sample of
+the public training text — PROXY_BYTES of each, shuffled together (seeded).
 """
 import json
 import os
@@ -27,6 +34,7 @@ HELDOUT_EVERY = 10
 PIECE_BYTES = 128      # a mixed document's pieces: two or more domains in every 256-byte sequence
 PIECES_PER_DOC = 8
 MIXED_DOCS = 240
+PROXY_BYTES = 400_000  # per domain of the router-tuning proxy text
 
 
 def pieces(docs, size):
@@ -89,8 +97,7 @@ def gcide(root):
     return docs[1:]  # the first entry is the database's own header
 
 
-def python_stdlib(root):
-    base = os.path.join(root, "usr/lib/python3.11")
+def python_sources(base):
     docs = []
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idlelib", "lib2to3"))
@@ -105,8 +112,12 @@ def python_stdlib(root):
     return docs
 
 
-def metamath(root):
-    path = os.path.join(root, "usr/share/metamath/databases/set.mm")
+def python_stdlib(root):
+    return python_sources(os.path.join(root, "usr/lib/python3.11"))
+
+
+def metamath(root, database="set.mm"):
+    path = os.path.join(root, "usr/share/metamath/databases", database)
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
     # The file opens with long prose; theorems start later. Documents are runs of 40 lines.
@@ -129,6 +140,20 @@ def kjv(text_path):
     return [" ".join(chapters[c]) + "\n" for c in order]
 
 
+def web_deuterocanon(text_path):
+    """Chapters of diatheke's OSIS output ("Book C:V: text<milestone .../>" per verse), markup removed."""
+    chapters = {}
+    with open(text_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"^(.+? \d+):\d+: (.*)$", line.rstrip("\n"))
+            if not m:
+                continue
+            verse = re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", m.group(2))).strip()
+            if verse:
+                chapters.setdefault(m.group(1), []).append(verse)
+    return [" ".join(verses) + "\n" for verses in chapters.values()]
+
+
 def spread(docs, max_bytes):
     """At most max_bytes of documents, taken evenly across the collection (keeps its variety)."""
     total = sum(len(d.encode()) for d in docs)
@@ -147,9 +172,9 @@ def spread(docs, max_bytes):
 def main():
     args = [a for a in sys.argv[1:] if a != "--large"]
     large = "--large" in sys.argv[1:]
-    if len(args) != 3:
-        sys.exit("usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT OUT_DIR [--large]")
-    root, kjv_text, out = args
+    if len(args) != 4:
+        sys.exit("usage: prepare_data.py EXTRACTED_ROOT KJV_TEXT WEB_TEXT OUT_DIR [--large]")
+    root, kjv_text, web_text, out = args
     domains = {
         "public": ("English quotations and jokes (Debian: fortunes)"
                    + (" and dictionary entries (Debian: dict-gcide)" if large else ""), fortunes(root)),
@@ -159,6 +184,7 @@ def main():
     }
     summary = {}
     heldout = {}
+    train = {}
     for name, (description, docs) in domains.items():
         if large and name == "public":  # shuffled (seeded): held out and trained on alike
             docs = docs + gcide(root)
@@ -175,6 +201,7 @@ def main():
         for part, part_docs in parts.items():
             write_jsonl(os.path.join(out, name, part + ".jsonl"), part_docs)
         heldout[name] = parts["heldout"]
+        train[name] = parts["train"]
         summary[name] = {
             "description": description,
             "train_documents": len(parts["train"]),
@@ -201,12 +228,42 @@ def main():
         "heldout_documents": len(mixed),
         "heldout_bytes": sum(len(d.encode()) for d in mixed),
     }
+    # The router-tuning proxy: public look-alikes of each domain, never an owner's documents.
+    proxies = {
+        "public": ("a sample of the public training text", train["public"]),
+        "code": ("Docutils' Python source (Debian: python3-docutils)",
+                 python_sources(os.path.join(root, "usr/lib/python3/dist-packages/docutils"))),
+        "math": ("Metamath iset.mm, intuitionistic set theory (Debian: metamath-databases)", metamath(root, "iset.mm")),
+        "scripture": ("the World English Bible's deuterocanonical books (Debian: sword-text-web)",
+                      web_deuterocanon(web_text)),
+    }
+    proxy, sources = [], {}
+    for name, (description, docs) in proxies.items():
+        docs = spread(docs, PROXY_BYTES)
+        if len(docs) < 20:
+            sys.exit(f"prepare_data.py: proxy for {name}: only {len(docs)} documents; the package contents changed?")
+        proxy += docs
+        sources[name] = {"description": description, "documents": len(docs),
+                         "bytes": sum(len(d.encode()) for d in docs)}
+    random.Random(2).shuffle(proxy)
+    os.makedirs(os.path.join(out, "proxy"), exist_ok=True)
+    write_jsonl(os.path.join(out, "proxy", "train.jsonl"), proxy)
+    summary["proxy"] = {
+        "description": "public proxy text for router tuning: a look-alike of every domain, no owner's data",
+        "train_documents": len(proxy),
+        "train_bytes": sum(s["bytes"] for s in sources.values()),
+        "sources": sources,
+    }
     with open(os.path.join(out, "domains.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(out, "domains.json.tmp"), os.path.join(out, "domains.json"))
     for name, s in summary.items():
         if name == "mixed":
             print(f"  {name:10s} {s['heldout_documents']:5d} held-out docs {s['heldout_bytes'] / 1e6:5.2f} MB ({s['description']})")
+            continue
+        if name == "proxy":
+            print(f"  {name:10s} {s['train_documents']:6d} docs {s['train_bytes'] / 1e6:5.2f} MB for router tuning ("
+                  + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in s["sources"].items()) + ")")
             continue
         print(f"  {name:10s} {s['train_documents']:6d} train docs {s['train_bytes'] / 1e6:5.2f} MB, "
               f"{s['heldout_documents']:5d} held out {s['heldout_bytes'] / 1e6:5.2f} MB")
