@@ -15,6 +15,7 @@ void AddRouterInitCommand(CLI::App& app);
 void AddEvalCommand(CLI::App& app);
 void AddExportCommand(CLI::App& app);
 void AddInspectCommand(CLI::App& app);
+void AddAuditCommand(CLI::App& app);
 // enroll, pull, push, status (built with FLEXFED_SERVICES).
 void AddNetworkCommands(CLI::App& app);
 

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   flexfed::owner::AddRouterInitCommand(app);
   flexfed::AddTrainCommand(app, flexfed::TrainCommandKind::kOwner, flexfed::owner::ExitOnError);
   flexfed::owner::AddEvalCommand(app);
+  flexfed::owner::AddAuditCommand(app);
   flexfed::owner::AddExportCommand(app);
   flexfed::owner::AddInspectCommand(app);
 #ifdef FLEXFED_WITH_SERVICES

@@ -17,6 +17,8 @@ packages=(
   nlohmann-json3-dev libcli11-dev catch2
   # tokenizers: Unicode regular expressions (pre-tokenizers) and normalization (NFC)
   libpcre2-dev libutf8proc-dev
+  # the extraction audit's edit distance
+  libedlib-dev
   # the Python environment (LibTorch, the test oracles, benchmarks' peers)
   python3 python3-venv
 )
