@@ -2,7 +2,9 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "common/core/anchor_manifest.h"
 #include "common/model/anchor.h"
+#include "common/train/extraction_audit.h"
 #include "common/merge/expert_export.h"
 #include "common/core/file_util.h"
 #include "common/train/training.h"
@@ -15,9 +17,36 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Options {
-  std::string run, model, anchor, out, router_init;
+  std::string run, model, anchor, out, router_init, audit;
   ExpertModuleMetadata meta;
 };
+
+// The extraction audit of exactly this model (`flexfed-owner audit`), as the module's privacy
+// record: its summary only, never text. `audit_dir` empty: RUN/audit when there is one.
+absl::StatusOr<std::string> PrivacyRecord(const Options& o, const std::string& model_dir) {
+  std::string dir = o.audit;
+  if (dir.empty()) {
+    if (o.run.empty() || !fs::exists(fs::path(o.run) / "audit" / kExtractionReportFile)) return std::string();
+    dir = (fs::path(o.run) / "audit").string();
+  }
+  const std::string path = (fs::path(dir) / kExtractionReportFile).string();
+  absl::StatusOr<std::string> text = ReadFile(path);
+  if (!text.ok()) return absl::NotFoundError(absl::StrCat("no audit result ", path, "; run `flexfed-owner audit` first"));
+  nlohmann::json report = nlohmann::json::parse(*text, nullptr, false);
+  if (report.is_discarded() || !report.is_object()) return absl::DataLossError(absl::StrCat(path, ": not valid JSON; audit again"));
+  absl::StatusOr<std::string> model_id = AnchorId(model_dir);
+  if (!model_id.ok()) return model_id.status();
+  if (report.value("model", "") != *model_id) {
+    return absl::FailedPreconditionError(absl::StrCat(path, " audits another model than ", model_dir,
+                                                      " (trained further since?); audit again, or delete ", dir));
+  }
+  if (!report.value("complete", false)) {
+    return absl::FailedPreconditionError(absl::StrCat(path, ": the audit was interrupted; finish it (run the same audit command again)"));
+  }
+  report.erase("model");
+  report.erase("corpus");
+  return nlohmann::json({{"extraction", report}}).dump();
+}
 
 absl::Status Run(Options o) {
   if (o.model.empty() && o.run.empty()) return absl::InvalidArgumentError("give --run RUN (or --model DIR)");
@@ -61,6 +90,9 @@ absl::Status Run(Options o) {
   absl::StatusOr<ExpertTensors> expert =
       ExtractExpert(*trained, anchor->model, anchor->router_pub, dense_row ? &*dense_row : nullptr);
   if (!expert.ok()) return expert.status();
+  absl::StatusOr<std::string> privacy = PrivacyRecord(o, model_dir);
+  if (!privacy.ok()) return privacy.status();
+  o.meta.privacy = *privacy;
   o.meta.anchor_sha256 = anchor->id;
   o.meta.config_hash = ConfigHash(anchor->model.config());
   if (o.meta.router_init.empty()) o.meta.router_init = "anchor";
@@ -75,7 +107,8 @@ absl::Status Run(Options o) {
     return valid.status();
   }
   std::cout << "wrote expert module " << o.out << " (" << (*file)->Names().size() << " tensors, "
-            << fs::file_size(o.out) << " bytes); see exactly what it holds with: flexfed-owner inspect " << o.out << "\n";
+            << fs::file_size(o.out) << " bytes)" << (ExtractionRate(*valid) ? absl::StrCat(", extraction rate ", *ExtractionRate(*valid), " recorded") : "")
+            << "; see exactly what it holds with: flexfed-owner inspect " << o.out << "\n";
   return absl::OkStatus();
 }
 
@@ -94,6 +127,8 @@ void AddExportCommand(CLI::App& app) {
   cmd->add_option("--domain", o->meta.domain, "Short description of the data domain");
   cmd->add_option("--tokens-trained", o->meta.tokens_trained, "Tokens trained (default: from the run)");
   cmd->add_option("--router-init", o->router_init, "Router embedding for a dense (--dense) model")->check(CLI::ExistingFile);
+  cmd->add_option("--audit", o->audit, "The `audit` folder of this model, whose extraction rate goes into the metadata (default: RUN/audit when present)")
+      ->check(CLI::ExistingDirectory);
   cmd->callback([o] { ExitOnError("export", Run(*o)); });
 }
 

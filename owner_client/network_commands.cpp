@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/model/anchor.h"
 #include "common/client/coordinator_client.h"
 #include "common/core/expert_module.h"
@@ -117,12 +118,16 @@ void AddPush(CLI::App& app) {
   struct O {
     Connection c;
     std::string module, expert, anchor;
+    double max_extraction = -1;
   };
   auto o = std::make_shared<O>();
   CLI::App* cmd = app.add_subcommand("push", "Upload your expert module, resumably; nothing else can be sent");
   cmd->add_option("module", o->module, "Expert module from `export`")->required()->check(CLI::ExistingFile);
   cmd->add_option("--expert", o->expert, "Expert id as registered (owner/name)")->required();
   cmd->add_option("--anchor", o->anchor, "Your copy of the anchor (checks the module against its allow-list first)")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--max-extraction", o->max_extraction,
+                  "Upload only when the module records a complete extraction audit with at most this rate (e.g. 0.01)")
+      ->check(CLI::Range(0.0, 1.0));
   o->c.AddOptions(cmd);
   cmd->callback([o] {
     ExitOnError("push", [&]() -> absl::Status {
@@ -134,6 +139,20 @@ void AddPush(CLI::App& app) {
       absl::StatusOr<Dtype> dtype = FromScalarType(anchor->model.dtype());
       absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(o->module, anchor->model.config(), *dtype, anchor->id);
       if (!meta.ok()) return absl::FailedPreconditionError(absl::StrCat("refusing to upload: ", meta.status().message()));
+      if (o->max_extraction >= 0) {
+        const std::optional<double> rate = ExtractionRate(*meta);
+        if (!rate) {
+          return absl::FailedPreconditionError(
+              "refusing to upload: --max-extraction needs a complete extraction audit in the module; run `flexfed-owner "
+              "audit --run RUN --data YOUR_DATA`, then export again");
+        }
+        if (*rate > o->max_extraction) {
+          return absl::FailedPreconditionError(absl::StrFormat(
+              "refusing to upload: the module's extraction rate %.4f exceeds --max-extraction %.4f; train with "
+              "differential privacy or fewer epochs, audit and export again",
+              *rate, o->max_extraction));
+        }
+      }
       absl::StatusOr<std::unique_ptr<CoordinatorClient>> client = o->c.Connect();
       if (!client.ok()) return client.status();
       ProgressReporter progress;

@@ -1,6 +1,7 @@
 // Format: docs/EXPERT_MODULE.md.
 #include "common/core/expert_module.h"
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <set>
@@ -11,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
 #include "common/core/sha256.h"
+#include <nlohmann/json.hpp>
 
 namespace flexfed {
 namespace {
@@ -23,7 +25,39 @@ absl::Status Reject(const std::string& reason, const std::string& message) {
 
 std::string Name(int64_t layer, const char* what) { return absl::StrCat("layers.", layer, ".", what); }
 
+// The optional privacy record (untrusted: it comes from an owner): a JSON object whose
+// "extraction", when present, holds consistent counts and a rate in [0, 1].
+bool ValidPrivacy(const std::string& text) {
+  if (text.size() > 64 * 1024) return false;
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return false;
+  if (j.contains("extraction")) {
+    const nlohmann::json& e = j["extraction"];
+    if (!e.is_object() || !e.contains("audited") || !e.contains("extracted") || !e.contains("rate") ||
+        !e.contains("complete") || !e["audited"].is_number_integer() || !e["extracted"].is_number_integer() ||
+        !e["rate"].is_number() || !e["complete"].is_boolean()) {
+      return false;
+    }
+    const int64_t audited = e["audited"], extracted = e["extracted"];
+    const double rate = e["rate"];
+    if (audited < 1 || extracted < 0 || extracted > audited || !(rate >= 0 && rate <= 1) ||
+        std::abs(rate - static_cast<double>(extracted) / static_cast<double>(audited)) > 1e-9) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
+
+std::optional<double> ExtractionRate(const ExpertModuleMetadata& metadata) {
+  if (metadata.privacy.empty()) return std::nullopt;
+  const nlohmann::json j = nlohmann::json::parse(metadata.privacy, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("extraction")) return std::nullopt;
+  const nlohmann::json& e = j["extraction"];
+  if (!e.is_object() || !e.value("complete", false) || !e.contains("rate") || !e["rate"].is_number()) return std::nullopt;
+  return e["rate"].get<double>();
+}
 
 
 std::string RejectionReason(const absl::Status& status) {
@@ -119,12 +153,17 @@ absl::StatusOr<ExpertModuleMetadata> ValidateExpertModule(const std::string& pat
   m.expert_name = get("expert_name");
   m.domain = get("domain");
   m.router_init = get("router_init");
+  m.privacy = get("privacy");
   const std::string tokens = get("tokens_trained");
   // tokens_trained: decimal digits that fit an int64 (parsed without exceptions: 20 nines is bad
   // input, not an internal error).
   if (m.anchor_sha256.size() != 64 || m.config_hash.size() != 64 || tokens.empty() ||
       tokens.find_first_not_of("0123456789") != std::string::npos || !absl::SimpleAtoi(tokens, &m.tokens_trained)) {
     return Reject("metadata", absl::StrCat(path, ": metadata lacks a valid anchor_sha256, config_hash or tokens_trained"));
+  }
+  if (!m.privacy.empty() && !ValidPrivacy(m.privacy)) {
+    return Reject("metadata", absl::StrCat(path, ": metadata 'privacy' is not a valid privacy record (docs/EXPERT_MODULE.md); "
+                                                 "export the module again"));
   }
   if (!expected_anchor.empty() && m.anchor_sha256 != expected_anchor) {
     return Reject("anchor_mismatch", absl::StrCat(path, ": trained against anchor ", m.anchor_sha256.substr(0, 12),

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,7 +32,14 @@ struct ExpertModuleMetadata {
   std::string domain;
   int64_t tokens_trained = 0;
   std::string router_init;  // anchor | vectors | random
+  // Optional: what the owner measured about privacy (docs/EXPERT_MODULE.md, docs/PRIVACY.md), a
+  // JSON object: "extraction" (the audit's summary: audited, extracted, rate, rate_95ci, complete,
+  // settings) and/or "dp" (the differential-privacy settings and ε). "" = none.
+  std::string privacy;
 };
+
+// The extraction rate recorded in `privacy`, when a complete audit is recorded there.
+std::optional<double> ExtractionRate(const ExpertModuleMetadata& metadata);
 
 // SHA-256 of the fields of `config` that decide an expert's shapes and meaning.
 std::string ConfigHash(const ModelConfig& config);

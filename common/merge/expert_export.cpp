@@ -31,6 +31,7 @@ absl::Status WriteExpertModule(const std::string& path, const ExpertTensors& t, 
       {"domain", m.domain},                  {"tokens_trained", std::to_string(m.tokens_trained)},
       {"router_init", m.router_init},
   };
+  if (!m.privacy.empty()) meta["privacy"] = m.privacy;
   return WriteSafetensors(path, tensors, meta);
 }
 
