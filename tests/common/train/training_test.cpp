@@ -239,6 +239,29 @@ TEST_CASE("an expert trained on its domain beats the anchor there and takes its 
   // Expert 1's FFN in the module is the trained one, not the anchor's.
   CHECK_FALSE(at::equal(*file->Get("layers.0.up_proj.weight"), a.model.layers()[0].experts[0].up_proj));
   CHECK(at::equal(*file->Get("layers.0.up_proj.weight"), trained.layers()[0].experts[1].up_proj));
+  CHECK(back.privacy.empty());
+  CHECK_FALSE(ExtractionRate(back).has_value());
+
+  // The optional privacy record: kept and read back when consistent, refused as metadata otherwise.
+  meta.privacy = R"({"extraction": {"audited": 200, "extracted": 3, "rate": 0.015, "complete": true}})";
+  REQUIRE(WriteExpertModule(w.dir / "math_audited.safetensors", expert, meta).ok());
+  back = ValueOrDie(ValidateExpertModule(w.dir / "math_audited.safetensors", a.model.config(), Dtype::kF32, a.id));
+  CHECK(ExtractionRate(back) == 0.015);
+  for (const char* bad : {R"(not json)", R"([1, 2])", R"({"extraction": {"audited": 0, "extracted": 0, "rate": 0, "complete": true}})",
+                          R"({"extraction": {"audited": 10, "extracted": 11, "rate": 1.1, "complete": true}})",
+                          R"({"extraction": {"audited": 200, "extracted": 3, "rate": 0.001, "complete": true}})",
+                          R"({"extraction": {"audited": 200, "extracted": 3, "rate": "low", "complete": true}})"}) {
+    CAPTURE(bad);
+    meta.privacy = bad;
+    REQUIRE(WriteExpertModule(w.dir / "math_bad.safetensors", expert, meta).ok());
+    absl::StatusOr<ExpertModuleMetadata> refused =
+        ValidateExpertModule(w.dir / "math_bad.safetensors", a.model.config(), Dtype::kF32, a.id);
+    CHECK(RejectionReason(refused.status()) == "metadata");
+  }
+  // An interrupted audit is recorded but gives no rate to gate on.
+  meta.privacy = R"({"extraction": {"audited": 20, "extracted": 0, "rate": 0, "complete": false}})";
+  REQUIRE(WriteExpertModule(w.dir / "math_partial.safetensors", expert, meta).ok());
+  CHECK_FALSE(ExtractionRate(ValueOrDie(ValidateExpertModule(w.dir / "math_partial.safetensors", a.model.config(), Dtype::kF32, a.id))));
 }
 
 TEST_CASE("export refuses a model whose frozen tensors differ from the anchor", "[training]") {
