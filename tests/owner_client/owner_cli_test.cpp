@@ -46,12 +46,25 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   CHECK_THAT(out, Catch::Contains(at::hasCUDA() ? "training on cuda:0, bf16 autocast" : "training on cpu ("));
   CHECK(fs::exists(dir / "run/metrics.jsonl"));
   CHECK(fs::exists(dir / "run/train_config.json"));
+  // The extraction audit of the trained model, on the owner's data; export records its summary.
+  REQUIRE(RunCommand(o + " audit --run " + dir / "run" + " --data " + dir / "mine" +
+                         " --samples 3 --prefix-tokens 8 --continuation-tokens 24 --min-continuation-tokens 8 --plain --json",
+                     &out) == 0);
+  const nlohmann::json audit = nlohmann::json::parse(out.substr(out.find('{')));
+  CHECK(audit["audited"] == 3);
+  CHECK(audit["complete"] == true);
+  CHECK(fs::exists(dir / "run/audit/extraction.jsonl"));
   REQUIRE(RunCommand(o + " export --run " + dir / "run" + " --anchor " + dir / "anchor" + " --out " + dir / "mine.safetensors" +
                          " --owner acme --name sql --domain 'SQL queries'", &out) == 0);
+  CHECK_THAT(out, Catch::Contains("extraction rate"));
   REQUIRE(RunCommand(o + " inspect " + dir / "mine.safetensors" + " --anchor " + dir / "anchor" + " --json", &out) == 0);
   nlohmann::json j = nlohmann::json::parse(out);
   CHECK(j["valid"] == true);
   CHECK(j["metadata"]["owner"] == "acme");
+  const nlohmann::json privacy = nlohmann::json::parse(j["metadata"]["privacy"].get<std::string>());
+  CHECK(privacy["extraction"]["audited"] == 3);
+  CHECK(privacy["extraction"]["rate"] == audit["rate"]);
+  CHECK(privacy["extraction"].dump().find("SELECT") == std::string::npos);  // counts, never the owner's text
   CHECK(j["metadata"]["tokens_trained"] == "2048");  // 8 steps × 4 × 64
   CHECK(j["tensors"].size() == 10);                  // 2 layers × (gate, up, down, router row, bias)
   for (const auto& t : j["tensors"]) CHECK(t["sha256"].get<std::string>().size() == 64);
@@ -85,7 +98,7 @@ TEST_CASE("flexfed-owner refuses bad input with one line and a non-zero exit", "
   std::string out;
   const std::string o = absl::StrCat("FLEXFED_CACHE_DIR=", dir / "cache", " ", Owner());
   CHECK(RunCommand(o + " --help", &out) == 0);
-  for (const char* cmd : {"router-init", "train", "eval", "export", "inspect"}) {
+  for (const char* cmd : {"router-init", "train", "eval", "audit", "export", "inspect"}) {
     CHECK(RunCommand(o + " " + cmd + " --help", &out) == 0);
     CHECK_THAT(out, Catch::Contains("Usage"));
   }
@@ -102,6 +115,10 @@ TEST_CASE("flexfed-owner refuses bad input with one line and a non-zero exit", "
   CHECK_THAT(out, Catch::Contains("invalid UTF-8 at byte 2"));
   CHECK(RunCommand(o + " train --pretrain huge --data " + dir / "bad.txt" + " --run " + dir / "r4" + " --steps 1", &out) == 1);
   CHECK_THAT(out, Catch::Contains("unknown model size 'huge'"));
+  CHECK(RunCommand(o + " audit --model " + dir + " --data /etc/hostname --out " + dir / "a", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("flexfed-owner audit: error:"));
+  CHECK(RunCommand(o + " audit --data /etc/hostname", &out) == 1);
+  CHECK_THAT(out, Catch::Contains("give --run RUN"));
   CHECK(RunCommand(o + " inspect /etc/hostname", &out) == 1);
   CHECK_THAT(out, Catch::Contains("/etc/hostname"));
   // Nothing half-written: failed runs leave no run folder behind.
