@@ -437,11 +437,20 @@ at::Tensor FlexOlmoModel::Attention(int64_t layer, const at::Tensor& x, int64_t 
 at::Tensor FlexOlmoModel::Moe(int64_t layer, const at::Tensor& x, const at::Tensor& routing_mask, int64_t top_k,
                               ForwardTrace* trace) const {
   const LayerWeights& w = layers_[layer];
+  FfnActivations* record = nullptr;
+  if (trace != nullptr && trace->ffn_expert >= 0) {
+    trace->ffn.emplace_back();
+    record = &trace->ffn.back();
+  }
   if (!config_.is_moe()) {  // olmo2: one dense FFN, no router
     const ExpertWeights& e = w.experts[0];
+    if (record != nullptr) {
+      record->rows = at::arange(x.size(0), x.options().dtype(at::kLong));
+      return SwiGluRecorded(x, e, record);
+    }
     return SwiGlu(x, e.gate_proj, e.up_proj, e.down_proj);
   }
-  if (UseDispatchMoe(x)) {  // CUDA kernels (common/model/moe_dispatch.h)
+  if (record == nullptr && UseDispatchMoe(x)) {  // CUDA kernels (common/model/moe_dispatch.h)
     DispatchMoeOutput r = DispatchMoe(x, w.router, w.router_bias, routing_mask, top_k, config_.norm_topk_prob, w.experts);
     if (trace != nullptr) {
       trace->router_logits.push_back(r.logits);
@@ -454,7 +463,7 @@ at::Tensor FlexOlmoModel::Moe(int64_t layer, const at::Tensor& x, const at::Tens
     trace->router_logits.push_back(route.logits);
     trace->expert_indices.push_back(route.indices);
   }
-  return CombineExperts(x, w.experts, route);
+  return CombineExperts(x, w.experts, route, trace != nullptr ? trace->ffn_expert : -1, record);
 }
 
 at::Tensor FlexOlmoModel::Forward(const at::Tensor& ids, const Routing& routing, KvCache* cache,

@@ -61,6 +61,10 @@ struct ForwardTrace {
   std::vector<at::Tensor> router_inputs;   // [B, T, H] what each layer's router sees (after attention)
   std::vector<at::Tensor> router_logits;   // [N, E] fp32, after bias and opt-out mask (MoE only)
   std::vector<at::Tensor> expert_indices;  // [N, K] int64, experts chosen per token (MoE only)
+  // Expert `ffn_expert`'s activations per layer (-1 = none), for per-sequence gradient norms;
+  // the forward then takes the LibTorch path even where the CUDA kernels would run.
+  int64_t ffn_expert = -1;
+  std::vector<FfnActivations> ffn;
 };
 
 class FlexOlmoModel {

@@ -26,7 +26,17 @@ RouterOutput Route(const at::Tensor& x, const at::Tensor& router, const at::Tens
   return {logits, weights, indices};
 }
 
-at::Tensor CombineExperts(const at::Tensor& x, const std::vector<ExpertWeights>& experts, const RouterOutput& route) {
+at::Tensor SwiGluRecorded(const at::Tensor& x, const ExpertWeights& w, FfnActivations* record) {
+  record->x = x;
+  record->a = at::linear(x, w.gate_proj);
+  record->b = at::linear(x, w.up_proj);
+  record->h = at::silu(record->a) * record->b;
+  record->y = at::linear(record->h, w.down_proj);
+  return record->y;
+}
+
+at::Tensor CombineExperts(const at::Tensor& x, const std::vector<ExpertWeights>& experts, const RouterOutput& route,
+                          int64_t recorded_expert, FfnActivations* record) {
   const int64_t n = x.size(0), top_k = route.indices.size(1), num_experts = static_cast<int64_t>(experts.size());
   // Group (token, slot) pairs by expert on the host; each expert then runs on its own tokens.
   at::Tensor indices = route.indices.to(at::kCPU).contiguous();
@@ -50,8 +60,15 @@ at::Tensor CombineExperts(const at::Tensor& x, const std::vector<ExpertWeights>&
     at::Tensor xe = all_tokens ? x : x.index_select(0, token_index);
     at::Tensor we = flat_weights.index_select(0, slot_index).unsqueeze(1);  // [n_e, 1] fp32
     const ExpertWeights& w = experts[e];
+    at::Tensor ffn;
+    if (record != nullptr && e == recorded_expert) {
+      record->rows = token_index;
+      ffn = SwiGluRecorded(xe, w, record);
+    } else {
+      ffn = SwiGlu(xe, w.gate_proj, w.up_proj, w.down_proj);
+    }
     // The product is formed in fp32 and cast back, as HF multiplies a bf16 output by fp32 weights.
-    at::Tensor ye = (SwiGlu(xe, w.gate_proj, w.up_proj, w.down_proj).to(at::kFloat) * we).to(x.scalar_type());
+    at::Tensor ye = (ffn.to(at::kFloat) * we).to(x.scalar_type());
     if (!out.defined()) {
       out = all_tokens ? ye : at::zeros_like(x).index_add(0, token_index, ye);
     } else {

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -23,6 +24,8 @@
 #include "common/core/file_util.h"
 #include "common/model/moe_dispatch.h"
 #include "common/model/router_embedding.h"
+#include "common/train/dp_accountant.h"
+#include "common/train/dp_sgd.h"
 
 namespace flexfed {
 namespace {
@@ -132,7 +135,28 @@ absl::Status TrainConfig::Validate() const {
     return Bad("--tokenizer is for --pretrain only; experts use the anchor's tokenizer");
   }
   if (precision != "auto" && precision != "fp32" && precision != "bf16") return Bad("precision must be auto, fp32 or bf16");
+  if (dp_max_grad_norm < 0) return Bad("--dp-max-grad-norm must not be negative (0 = no differential privacy)");
+  if (!dp()) {
+    if (dp_noise_multiplier >= 0 || dp_epsilon > 0) {
+      return Bad("--dp-noise-multiplier and --dp-epsilon need --dp-max-grad-norm C, the per-sequence clipping norm");
+    }
+  } else {
+    if (mode != "expert" && mode != "dense") return Bad("differential privacy (--dp-*) is for training an owner's expert (or --dense)");
+    if ((dp_noise_multiplier >= 0) == (dp_epsilon > 0)) {
+      return Bad("with --dp-max-grad-norm give either --dp-noise-multiplier σ or --dp-epsilon ε (with --dp-delta), not both");
+    }
+    if (!(dp_delta > 0 && dp_delta < 1)) return Bad("--dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / the number of sequences)");
+  }
   return absl::OkStatus();
+}
+
+json DpAccount::ToJson() const {
+  return {{"mechanism", "DP-SGD: per-sequence clipping, Gaussian noise, Poisson sampling"},
+          {"unit", absl::StrCat("one training sequence of ", sequence_tokens, " tokens")},
+          {"noise_multiplier", noise_multiplier}, {"max_grad_norm", max_grad_norm},
+          {"sampling", "poisson"}, {"sampling_rate", sampling_rate}, {"expected_batch", expected_batch},
+          {"steps", steps}, {"delta", delta}, {"epsilon", epsilon},
+          {"accountant", "RDP of the sampled Gaussian mechanism, (epsilon, delta) by Balle et al. 2020"}};
 }
 
 json TrainConfig::IdentityJson() const {
@@ -140,7 +164,9 @@ json TrainConfig::IdentityJson() const {
           {"seq_len", seq_len}, {"batch_size", batch_size}, {"grad_accum", grad_accum}, {"max_steps", max_steps},
           {"token_budget", token_budget}, {"lr", lr}, {"min_lr_ratio", min_lr_ratio}, {"warmup_steps", warmup_steps},
           {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}, {"grad_clip", grad_clip},
-          {"z_loss", z_loss}, {"router_bias", router_bias}, {"top_k", top_k}, {"seed", seed}, {"preset", preset}, {"tokenizer", tokenizer}};
+          {"z_loss", z_loss}, {"router_bias", router_bias}, {"top_k", top_k}, {"seed", seed}, {"preset", preset}, {"tokenizer", tokenizer},
+          {"dp_max_grad_norm", dp_max_grad_norm}, {"dp_noise_multiplier", dp_noise_multiplier}, {"dp_epsilon", dp_epsilon},
+          {"dp_delta", dp_delta}};
 }
 
 json TrainConfig::ToJson() const {
@@ -178,6 +204,8 @@ absl::StatusOr<TrainConfig> TrainConfig::FromJson(const json& j, const std::stri
   get("keep_checkpoints", c.keep_checkpoints); get("log_every", c.log_every); get("seed", c.seed);
   get("device", c.device); get("precision", c.precision); get("threads", c.threads); get("preset", c.preset);
   get("tokenizer", c.tokenizer);
+  get("dp_max_grad_norm", c.dp_max_grad_norm); get("dp_noise_multiplier", c.dp_noise_multiplier);
+  get("dp_epsilon", c.dp_epsilon); get("dp_delta", c.dp_delta);
   if (absl::Status s = c.Validate(); !s.ok()) return Bad(absl::StrCat(source, ": ", s.message()));
   return c;
 }
@@ -370,6 +398,21 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
 
   t->total_steps_ = config.max_steps > 0 ? config.max_steps
                                          : (config.token_budget + config.TokensPerStep() - 1) / config.TokensPerStep();
+  if (config.dp()) {
+    const int64_t expected = config.batch_size * config.grad_accum;
+    if (expected > t->train_->size()) {
+      return Bad(absl::StrCat("DP-SGD samples batch_size × grad_accum = ", expected, " of the ", t->train_->size(),
+                              " training sequences on average; give more text or a smaller --batch-size"));
+    }
+    t->dp_q_ = static_cast<double>(expected) / static_cast<double>(t->train_->size());
+    if (config.dp_noise_multiplier >= 0) {
+      t->dp_sigma_ = config.dp_noise_multiplier;
+    } else {
+      absl::StatusOr<double> sigma = NoiseMultiplierForEpsilon(config.dp_epsilon, config.dp_delta, t->dp_q_, t->total_steps_);
+      if (!sigma.ok()) return sigma.status();
+      t->dp_sigma_ = *sigma;
+    }
+  }
   AdamWOptions aopts{config.beta1, config.beta2, config.eps, config.weight_decay};
   t->optimizer_ = std::make_unique<AdamW>(t->trainable_, aopts);
   t->order_ = Permutation(t->train_->size(), config.seed);
@@ -399,6 +442,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
                  {"experts_sha256", t->tuned_experts_}, {"token_cache", corpus->key()},
                  {"documents", {{"train", split.train.size()}, {"validation", split.validation.size()}}},
                  {"total_steps", t->total_steps_}};
+    if (config.dp()) {
+      DpAccount planned = *t->Privacy();
+      planned.steps = t->total_steps_;
+      RdpAccountant accountant;
+      accountant.Compose(t->dp_q_, t->dp_sigma_, t->total_steps_);
+      planned.epsilon = accountant.Epsilon(config.dp_delta).epsilon;
+      echo["dp"] = planned.ToJson();  // what the whole run will spend
+    }
     if (absl::Status s = WriteFileAtomically(config_path.string(), echo.dump(2) + "\n"); !s.ok()) return s;
     std::error_code ignored;
     fs::remove(run / kMetricsFile, ignored);
@@ -440,7 +491,7 @@ double Trainer::LearningRate(int64_t step) const {
   return floor + (lr - floor) * 0.5 * (1.0 + std::cos(kPi * progress));
 }
 
-at::Tensor Trainer::NextBatch() {
+std::vector<int64_t> Trainer::NextBatch() {
   std::vector<int64_t> indices;
   while (static_cast<int64_t>(indices.size()) < config_.batch_size) {
     if (position_ >= static_cast<int64_t>(order_.size())) {
@@ -450,49 +501,169 @@ at::Tensor Trainer::NextBatch() {
     }
     indices.push_back(order_[position_++]);
   }
-  return train_->Batch(indices);
+  return indices;
+}
+
+std::optional<DpAccount> Trainer::Privacy() const {
+  if (!config_.dp()) return std::nullopt;
+  DpAccount a;
+  a.noise_multiplier = dp_sigma_;
+  a.max_grad_norm = config_.dp_max_grad_norm;
+  a.sampling_rate = dp_q_;
+  a.delta = config_.dp_delta;
+  a.steps = step_;
+  a.expected_batch = config_.batch_size * config_.grad_accum;
+  a.sequence_tokens = config_.seq_len;
+  RdpAccountant accountant;
+  accountant.Compose(dp_q_, dp_sigma_, step_);
+  a.epsilon = accountant.Epsilon(config_.dp_delta).epsilon;
+  return a;
+}
+
+at::Tensor Trainer::SequenceLosses(const std::vector<int64_t>& sequences, ForwardTrace& trace) {
+  const ModelConfig& mc = model_->config();
+  at::Tensor batch = train_->Batch(sequences).to(device_);
+  const int64_t b = batch.size(0), t = config_.seq_len;
+  at::Tensor inputs = batch.narrow(1, 0, t), targets = batch.narrow(1, 1, t).reshape({-1});
+  Compose();
+  at::Tensor losses;
+  {
+    // The forward under autocast (when on); the backward outside it, as torch.autocast prescribes.
+    std::optional<AutocastScope> autocast;
+    if (autocast_) autocast.emplace(device_.type(), *autocast_);
+    at::Tensor logits = model_->Forward(inputs, {}, nullptr, &trace);
+    losses = at::cross_entropy_loss(logits.reshape({-1, mc.vocab_size}).to(at::kFloat), targets, {}, at::Reduction::None)
+                 .view({b, t})
+                 .mean(1);
+    if (config_.z_loss > 0 && !trace.router_logits.empty()) {
+      at::Tensor z = at::zeros({b}, losses.options());
+      for (const at::Tensor& logits_l : trace.router_logits) z = z + at::logsumexp(logits_l, -1).pow(2).view({b, t}).mean(1);
+      losses = losses + config_.z_loss * z;
+    }
+  }
+  tokens_ += inputs.numel();
+  if (routing_counts_.size() != trace.expert_indices.size()) {
+    routing_counts_.assign(trace.expert_indices.size(), std::vector<double>(mc.num_experts, 0.0));
+  }
+  for (size_t l = 0; l < trace.expert_indices.size(); ++l) {
+    at::Tensor top1 = at::bincount(trace.expert_indices[l].select(1, 0).to(at::kCPU), {}, mc.num_experts).contiguous();
+    const int64_t* counts = top1.data_ptr<int64_t>();
+    for (int64_t e = 0; e < mc.num_experts; ++e) routing_counts_[l][e] += static_cast<double>(counts[e]);
+  }
+  return losses;
 }
 
 double Trainer::Step() {
-  const ModelConfig& mc = model_->config();
-  double loss_sum = 0;
+  if (config_.dp()) return StepOn(PoissonSample(train_->size(), dp_q_, config_.seed, step_));
+  std::vector<int64_t> sequences;
   for (int64_t micro = 0; micro < config_.grad_accum; ++micro) {
-    at::Tensor batch = NextBatch().to(device_);
-    const int64_t t = config_.seq_len;
-    at::Tensor inputs = batch.narrow(1, 0, t), targets = batch.narrow(1, 1, t).reshape({-1});
-    Compose();
-    ForwardTrace trace;
-    at::Tensor loss, total;
-    {
-      // The forward under autocast (when on); the backward outside it, as torch.autocast prescribes.
-      std::optional<AutocastScope> autocast;
-      if (autocast_) autocast.emplace(device_.type(), *autocast_);
-      at::Tensor logits = model_->Forward(inputs, {}, nullptr, &trace);
-      loss = at::cross_entropy_loss(logits.reshape({-1, mc.vocab_size}).to(at::kFloat), targets);
-      total = loss;
-      if (config_.z_loss > 0 && !trace.router_logits.empty()) {
-        at::Tensor z = at::zeros({}, loss.options());
-        for (const at::Tensor& logits_l : trace.router_logits) z = z + at::logsumexp(logits_l, -1).pow(2).mean();
-        total = total + config_.z_loss * z;
-      }
-    }
-    (total / static_cast<double>(config_.grad_accum)).backward();
-    loss_sum += loss.item<double>();
-    tokens_ += inputs.numel();
-    if (routing_counts_.size() != trace.expert_indices.size()) {
-      routing_counts_.assign(trace.expert_indices.size(), std::vector<double>(mc.num_experts, 0.0));
-    }
-    for (size_t l = 0; l < trace.expert_indices.size(); ++l) {
-      at::Tensor top1 = at::bincount(trace.expert_indices[l].select(1, 0).to(at::kCPU), {}, mc.num_experts).contiguous();
-      const int64_t* counts = top1.data_ptr<int64_t>();
-      for (int64_t e = 0; e < mc.num_experts; ++e) routing_counts_[l][e] += static_cast<double>(counts[e]);
+    std::vector<int64_t> batch = NextBatch();
+    sequences.insert(sequences.end(), batch.begin(), batch.end());
+  }
+  return StepOn(sequences);
+}
+
+double Trainer::StepOn(const std::vector<int64_t>& sequences) {
+  double loss_sum = 0;
+  for (size_t begin = 0; begin < sequences.size(); begin += config_.batch_size) {
+    const std::vector<int64_t> micro(sequences.begin() + begin,
+                                     sequences.begin() + std::min(sequences.size(), begin + config_.batch_size));
+    if (config_.dp()) {
+      loss_sum += DpMicroBatch(micro);
+    } else {
+      // The mean over every sequence of the step: each micro-batch's share of it.
+      ForwardTrace trace;
+      at::Tensor losses = SequenceLosses(micro, trace);
+      (losses.sum() / static_cast<double>(sequences.size())).backward();
+      loss_sum += losses.sum().item<double>();
     }
   }
-  last_grad_norm_ = ClipGradNorm(trainable_, config_.grad_clip);
+  if (config_.dp()) {
+    // Σ_s c_s ∇ℓ_s + N(0, σ²C²), over the expected batch (the same divisor whatever was drawn).
+    AddGaussianNoise(trainable_, dp_sigma_ * config_.dp_max_grad_norm, config_.seed, step_);
+    const double expected = static_cast<double>(config_.batch_size * config_.grad_accum);
+    for (const NamedTensor& nt : trainable_) {
+      if (nt.tensor.grad().defined()) nt.tensor.mutable_grad().div_(expected);
+    }
+    last_grad_norm_ = ClipGradNorm(trainable_, /*max_norm=*/0);
+  } else {
+    last_grad_norm_ = ClipGradNorm(trainable_, config_.grad_clip);
+  }
   optimizer_->Step(LearningRate(step_));
   optimizer_->ZeroGrad();
   ++step_;
-  return loss_sum / static_cast<double>(config_.grad_accum);
+  return sequences.empty() ? 0.0 : loss_sum / static_cast<double>(sequences.size());
+}
+
+ForwardTrace Trainer::DpTrace() const {
+  ForwardTrace trace;
+  const bool expert = config_.mode == "expert";
+  trace.ffn_expert = expert ? 1 : 0;  // the trained FFN: expert 1 of the two-expert model, or the dense FFN
+  trace.want_router_inputs = expert;
+  return trace;
+}
+
+at::Tensor Trainer::GradientNormsSq(const at::Tensor& losses, const ForwardTrace& trace) {
+  const int64_t b = losses.size(0), t = config_.seq_len;
+  const bool expert = config_.mode == "expert";
+  // The loss's gradient at each trained linear layer's output and at the router logits (the
+  // graph is kept for the clipped backward that follows).
+  std::vector<at::Tensor> outputs;
+  for (const FfnActivations& f : trace.ffn) {
+    if (!f.rows.defined()) continue;  // no token of this micro-batch chose the expert in this layer
+    outputs.insert(outputs.end(), {f.a, f.b, f.y});
+  }
+  if (expert) outputs.insert(outputs.end(), trace.router_logits.begin(), trace.router_logits.end());
+  const std::vector<at::Tensor> grads =
+      torch::autograd::grad({losses.sum()}, outputs, /*grad_outputs=*/{}, /*retain_graph=*/true,
+                            /*create_graph=*/false, /*allow_unused=*/true);
+  // Each sequence's gradient norm over every trained tensor, without forming the gradients.
+  at::Tensor norms_sq = at::zeros({b}, losses.options().dtype(at::kDouble));
+  size_t next = 0;
+  for (const FfnActivations& f : trace.ffn) {
+    if (!f.rows.defined()) continue;
+    const at::Tensor &ga = grads[next], &gb = grads[next + 1], &gy = grads[next + 2];
+    next += 3;
+    if (ga.defined()) AddLinearNormsSq(f.x, ga, f.rows, t, norms_sq);  // gate_proj: dW = gaᵀ·x
+    if (gb.defined()) AddLinearNormsSq(f.x, gb, f.rows, t, norms_sq);  // up_proj:   dW = gbᵀ·x
+    if (gy.defined()) AddLinearNormsSq(f.h, gy, f.rows, t, norms_sq);  // down_proj: dW = gyᵀ·h
+  }
+  if (expert) {
+    for (size_t l = 0; l < trace.router_logits.size(); ++l) {
+      const at::Tensor& glogits = grads[next + l];
+      if (!glogits.defined()) continue;
+      const at::Tensor g1 = glogits.select(1, 1);  // the owner's logit: h·r_i (+ min(b_i, 0))
+      AddRowNormsSq(trace.router_inputs[l].reshape({b * t, -1}), g1, t, norms_sq);  // r_i: Σ_t g_t·h_t
+      if (!router_bias_.empty()) {
+        // min(b, 0) passes the gradient where b ≤ 0 (as clamp_max's backward does).
+        const double pass = router_bias_[l].item<double>() <= 0 ? 1.0 : 0.0;
+        AddScalarNormsSq(g1 * pass, t, norms_sq);
+      }
+    }
+  }
+  return norms_sq;
+}
+
+at::Tensor Trainer::SequenceGradientNormsSq(const std::vector<int64_t>& sequences) {
+  TORCH_CHECK(config_.mode == "expert" || config_.mode == "dense", "per-sequence norms are for expert and dense training");
+  ForwardTrace trace = DpTrace();
+  const int64_t tokens = tokens_;
+  at::Tensor norms_sq = GradientNormsSq(SequenceLosses(sequences, trace), trace);
+  tokens_ = tokens;  // a measurement, not training
+  routing_counts_.clear();
+  return norms_sq;
+}
+
+double Trainer::DpMicroBatch(const std::vector<int64_t>& sequences) {
+  ForwardTrace trace = DpTrace();
+  at::Tensor losses = SequenceLosses(sequences, trace);
+  const at::Tensor norms_sq = GradientNormsSq(losses, trace);
+  // Σ_s c_s ∇ℓ_s into the gradients. The norms come from the values autograd uses; a small margin
+  // (larger under bf16 autocast) keeps rounding from letting a clipped gradient exceed C.
+  const double margin = autocast_ ? 1.02 : 1.0001;
+  const at::Tensor c = ClipFactors(norms_sq * (margin * margin), config_.dp_max_grad_norm).to(losses.scalar_type());
+  (losses * c.detach()).sum().backward();
+  return losses.sum().item<double>();
 }
 
 EvalResult Trainer::Validate() {

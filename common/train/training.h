@@ -58,6 +58,14 @@ struct TrainConfig {
   int threads = 0;              // 0 = all cores
   std::string preset = "tiny";  // pretrain: the model size (docs/ARCHITECTURE.md §8)
   std::string tokenizer;        // pretrain: a folder with tokenizer.json (and tokenizer_config.json); "" = bytes
+  // Differential privacy (DP-SGD, docs/PRIVACY.md; expert and dense modes): each step trains on a
+  // Poisson sample of the training sequences (each with probability q = batch_size·grad_accum / N),
+  // clips every sequence's gradient to dp_max_grad_norm, adds N(0, σ²C²) noise to the sum and divides
+  // by the expected batch; --grad-clip does not apply.
+  double dp_max_grad_norm = 0;      // C; > 0 turns DP-SGD on
+  double dp_noise_multiplier = -1;  // σ ≥ 0, or -1: the smallest σ meeting dp_epsilon
+  double dp_epsilon = 0;            // the target ε for the whole run, when σ is not given
+  double dp_delta = 1e-5;           // δ of the reported (ε, δ)
 
   absl::Status Validate() const;
   nlohmann::json ToJson() const;
@@ -66,6 +74,14 @@ struct TrainConfig {
   // can only be resumed with the same ones.
   nlohmann::json IdentityJson() const;
   int64_t TokensPerStep() const { return batch_size * seq_len * grad_accum; }
+  bool dp() const { return dp_max_grad_norm > 0; }
+};
+
+// What a DP-SGD run spends: its sampling, noise, clipping and the (ε, δ) after `steps` steps.
+struct DpAccount {
+  double noise_multiplier = 0, max_grad_norm = 0, sampling_rate = 0, delta = 0, epsilon = 0;
+  int64_t steps = 0, expected_batch = 0, sequence_tokens = 0;
+  nlohmann::json ToJson() const;
 };
 
 struct TrainInputs {
@@ -96,8 +112,19 @@ class Trainer {
   // writes RUN/model. `progress` may be null.
   absl::StatusOr<TrainOutcome> Run(const std::atomic<bool>* stop, ProgressReporter* progress);
 
-  // One optimizer step (grad_accum micro-batches); returns the mean training loss.
+  // One optimizer step (grad_accum micro-batches; with DP-SGD, the step's Poisson sample); returns
+  // the mean training loss.
   double Step();
+  // One optimizer step on these training sequences (ids into the packed training data), in
+  // micro-batches of batch_size: the plain step, or with DP-SGD the clipped, noised one (its noise
+  // from the current step). With σ = 0 and a clipping norm no sequence reaches, the DP step gives
+  // the plain step's weights bit for bit when the batch is a power of two (tested).
+  double StepOn(const std::vector<int64_t>& sequences);
+  // The privacy spent so far (DP-SGD runs; empty otherwise).
+  std::optional<DpAccount> Privacy() const;
+  // ‖∇ℓ_s‖² over the trained tensors for each sequence s of one micro-batch, as DP-SGD clips them
+  // (from activations and output gradients; expert and dense modes). fp64 [B]. For tests.
+  at::Tensor SequenceGradientNormsSq(const std::vector<int64_t>& sequences);
   EvalResult Validate();
   absl::Status SaveCheckpoint();
   absl::Status WriteModel();  // RUN/model; router mode: RUN/router_tuning.safetensors
@@ -121,7 +148,14 @@ class Trainer {
   Trainer() = default;
   absl::Status Resume();
   void Compose();  // installs the trained leaves into the model (router rows are concatenated)
-  at::Tensor NextBatch();
+  std::vector<int64_t> NextBatch();  // the next batch_size sequence ids of the shuffled order
+  // Per-sequence losses ℓ [B] fp32 (mean token cross-entropy + z-loss) of one micro-batch, the
+  // forward under autocast when on; routing counted for the metrics.
+  at::Tensor SequenceLosses(const std::vector<int64_t>& sequences, ForwardTrace& trace);
+  double DpMicroBatch(const std::vector<int64_t>& sequences);  // adds Σ_s c_s ∇ℓ_s; returns Σ ℓ
+  ForwardTrace DpTrace() const;  // a trace that records the trained FFN and the router inputs
+  // Per-sequence squared gradient norms [B] fp64 from the losses and their trace (graph kept).
+  at::Tensor GradientNormsSq(const at::Tensor& losses, const ForwardTrace& trace);
   std::vector<std::vector<double>> routing_counts_;  // [layer][expert] top-1 counts since last log
 
   TrainConfig config_;
@@ -146,6 +180,7 @@ class Trainer {
   std::optional<at::ScalarType> autocast_;  // bf16 when the forward runs under autocast
   double gemm_rate_ = 0;  // FLOP/s measured at start, for MFU
   double flops_per_token_ = 0;
+  double dp_sigma_ = 0, dp_q_ = 0;  // DP-SGD: noise multiplier and sampling rate
 };
 
 // The newest complete checkpoint folder of a run, or NotFound.
