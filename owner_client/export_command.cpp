@@ -55,6 +55,7 @@ absl::Status Run(Options o) {
   if (!anchor.ok()) return anchor.status();
   absl::StatusOr<FlexOlmoModel> trained = FlexOlmoModel::Load(model_dir);
   if (!trained.ok()) return trained.status();
+  nlohmann::json dp_record;
   if (!o.run.empty()) {
     // What the run itself recorded: its anchor and how many tokens it trained on.
     absl::StatusOr<std::string> ckpt = LatestCheckpoint(o.run);
@@ -68,6 +69,7 @@ absl::Status Run(Options o) {
                                                         "; pass the anchor it was trained against"));
     }
     if (o.meta.tokens_trained == 0) o.meta.tokens_trained = state.value("tokens", int64_t{0});
+    if (state.contains("dp") && state["dp"].is_object()) dp_record = state["dp"];  // DP-SGD's settings and ε
     absl::StatusOr<std::string> cfg = ReadFile((fs::path(o.run) / "train_config.json").string());
     if (cfg.ok()) {
       nlohmann::json j = nlohmann::json::parse(*cfg, nullptr, false);
@@ -92,6 +94,11 @@ absl::Status Run(Options o) {
   if (!expert.ok()) return expert.status();
   absl::StatusOr<std::string> privacy = PrivacyRecord(o, model_dir);
   if (!privacy.ok()) return privacy.status();
+  if (!dp_record.is_null()) {
+    nlohmann::json record = privacy->empty() ? nlohmann::json::object() : nlohmann::json::parse(*privacy);
+    record["dp"] = dp_record;
+    *privacy = record.dump();
+  }
   o.meta.privacy = *privacy;
   o.meta.anchor_sha256 = anchor->id;
   o.meta.config_hash = ConfigHash(anchor->model.config());

@@ -5,8 +5,10 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/core/file_util.h"
 #include "common/train/train_command.h"
+#include "common/train/dp_accountant.h"
 #include "common/train/training.h"
 
 namespace flexfed {
@@ -90,6 +92,15 @@ absl::Status Run(Options& o) {
   std::signal(SIGPIPE, SIG_IGN);  // a closed log reader must not kill hours of training
   ProgressReporter progress(stderr, o.plain);
   progress.Line(absl::StrCat("training on ", (*trainer)->ComputeDescription()));
+  if (std::optional<DpAccount> dp = (*trainer)->Privacy()) {
+    DpAccount planned = *dp;
+    RdpAccountant accountant;
+    accountant.Compose(planned.sampling_rate, planned.noise_multiplier, (*trainer)->total_steps());
+    progress.Line(absl::StrFormat("differential privacy: clip %g, noise multiplier %.4g, Poisson rate %.4g; after %d steps "
+                                  "(ε, δ) = (%.3g, %g)",
+                                  planned.max_grad_norm, planned.noise_multiplier, planned.sampling_rate,
+                                  (*trainer)->total_steps(), accountant.Epsilon(planned.delta).epsilon, planned.delta));
+  }
   if (o.resume) progress.Line(absl::StrCat("resuming at step ", (*trainer)->step(), " of ", (*trainer)->total_steps()));
   absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&g_stop, &progress);
   if (!out.ok()) return out.status();
@@ -100,6 +111,9 @@ absl::Status Run(Options& o) {
   }
   std::cout << "trained " << out->steps << " steps (" << out->tokens << " tokens); final loss " << out->last_loss;
   if (out->last_val_loss > 0) std::cout << ", validation loss " << out->last_val_loss;
+  if (std::optional<DpAccount> dp = (*trainer)->Privacy()) {
+    std::cout << absl::StrFormat("; differential privacy spent: (ε, δ) = (%.4g, %g)", dp->epsilon, dp->delta);
+  }
   if (config.mode == "router") {
     std::cout << "\nrouter tuning: " << (fs::path(o.inputs.run_dir) / kRouterTuningFile).string()
               << " (apply it with `flexfedctl merge --router-tuning FILE` to exactly these modules)\n";
@@ -186,6 +200,12 @@ void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
          "With --pretrain: a folder holding the tokenizer.json (and tokenizer_config.json) to train with; the model "
          "takes its vocabulary (padded to a multiple of 64) and carries the files (default: bytes)")
         ->check(CLI::ExistingDirectory);
+    bind("--dp-max-grad-norm", &TrainConfig::dp_max_grad_norm,
+         "Differential privacy (DP-SGD, docs/PRIVACY.md): clip each sequence's gradient to this norm C; batches are "
+         "Poisson samples of --batch-size × --grad-accum sequences on average; --grad-clip does not apply");
+    bind("--dp-noise-multiplier", &TrainConfig::dp_noise_multiplier, "DP-SGD: Gaussian noise of std σ·C on the clipped sum");
+    bind("--dp-epsilon", &TrainConfig::dp_epsilon, "DP-SGD: instead of σ, the ε the whole run may spend (σ is solved for)");
+    bind("--dp-delta", &TrainConfig::dp_delta, "DP-SGD: the δ of (ε, δ) (default 1e-5; keep it below 1 / sequences)");
   }
   cmd->callback([o, name, exit_on_error] { exit_on_error(name, Run(*o)); });
 }

@@ -685,6 +685,7 @@ absl::Status Trainer::SaveCheckpoint() {
   if (absl::Status s = WriteSafetensors((tmp / "optimizer.safetensors").string(), optimizer_->State()); !s.ok()) return s;
   json state = {{"step", step_}, {"tokens", tokens_}, {"epoch", epoch_}, {"position", position_},
                 {"anchor_sha256", anchor_id_}, {"settings", config_.IdentityJson()}};
+  if (std::optional<DpAccount> dp = Privacy()) state["dp"] = dp->ToJson();  // what export records
   if (absl::Status s = WriteFileAtomically((tmp / "state.json").string(), state.dump(2) + "\n"); !s.ok()) return s;
   fs::remove_all(dir / name, ec);
   fs::rename(tmp, dir / name, ec);
@@ -802,6 +803,11 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
       const double mfu = tps * flops_per_token_ / gemm_rate_;
       json j = {{"step", step_}, {"tokens", tokens_}, {"loss", window_loss / window_steps}, {"lr", LearningRate(step_ - 1)},
                 {"grad_norm", last_grad_norm_}, {"tokens_per_s", tps}, {"mfu", mfu}};
+      std::string privacy;
+      if (std::optional<DpAccount> dp = Privacy()) {
+        j["epsilon"] = dp->epsilon;
+        privacy = absl::StrFormat(" | ε %.3g", dp->epsilon);
+      }
       if (!routing_counts_.empty()) {
         json fractions = json::array();
         for (const auto& counts : routing_counts_) {
@@ -819,8 +825,8 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
         const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
         const double eta = elapsed / std::max<int64_t>(1, step_ - first_step) * (total_steps_ - step_);
         progress->Update(step_, total_steps_,
-                         absl::StrFormat("loss %.4f | lr %.2e | %.0f tok/s | MFU %.0f%%", window_loss / window_steps,
-                                         LearningRate(step_ - 1), tps, 100 * mfu),
+                         absl::StrFormat("loss %.4f | lr %.2e | %.0f tok/s | MFU %.0f%%%s", window_loss / window_steps,
+                                         LearningRate(step_ - 1), tps, 100 * mfu, privacy),
                          eta);
       }
       window_start = Clock::now();
