@@ -45,6 +45,14 @@ bool ValidPrivacy(const std::string& text) {
       return false;
     }
   }
+  if (j.contains("dp")) {
+    const nlohmann::json& d = j["dp"];
+    if (!d.is_object() || !d.contains("epsilon") || !d.contains("delta") || !d["epsilon"].is_number() ||
+        !d["delta"].is_number() || !(d["epsilon"].get<double>() >= 0) || !(d["delta"].get<double>() > 0) ||
+        !(d["delta"].get<double>() < 1)) {
+      return false;
+    }
+  }
   return true;
 }
 

@@ -122,6 +122,10 @@ class Trainer {
   double StepOn(const std::vector<int64_t>& sequences);
   // The privacy spent so far (DP-SGD runs; empty otherwise).
   std::optional<DpAccount> Privacy() const;
+  // Per-sequence losses ℓ [B] fp32 (mean token cross-entropy + z-loss) of one micro-batch of
+  // training sequences, as a step computes them (the forward under autocast when on); its tokens
+  // and routing count for the metrics.
+  at::Tensor SequenceLosses(const std::vector<int64_t>& sequences, ForwardTrace& trace);
   // ‖∇ℓ_s‖² over the trained tensors for each sequence s of one micro-batch, as DP-SGD clips them
   // (from activations and output gradients; expert and dense modes). fp64 [B]. For tests.
   at::Tensor SequenceGradientNormsSq(const std::vector<int64_t>& sequences);
@@ -149,9 +153,6 @@ class Trainer {
   absl::Status Resume();
   void Compose();  // installs the trained leaves into the model (router rows are concatenated)
   std::vector<int64_t> NextBatch();  // the next batch_size sequence ids of the shuffled order
-  // Per-sequence losses ℓ [B] fp32 (mean token cross-entropy + z-loss) of one micro-batch, the
-  // forward under autocast when on; routing counted for the metrics.
-  at::Tensor SequenceLosses(const std::vector<int64_t>& sequences, ForwardTrace& trace);
   double DpMicroBatch(const std::vector<int64_t>& sequences);  // adds Σ_s c_s ∇ℓ_s; returns Σ ℓ
   ForwardTrace DpTrace() const;  // a trace that records the trained FFN and the router inputs
   // Per-sequence squared gradient norms [B] fp64 from the losses and their trace (graph kept).

@@ -6,6 +6,9 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <tuple>
+
+#include <torch/csrc/autograd/autograd.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/model/anchor.h"
@@ -14,6 +17,9 @@
 #include "common/core/file_util.h"
 #include "common/core/model_config.h"
 #include "common/model/tokenizer.h"
+#include "common/train/dp_accountant.h"
+#include "common/train/dp_sgd.h"
+#include "common/train/loss.h"
 #include "common/train/router_init.h"
 #include "common/train/training.h"
 #include "tests/test_util.h"
@@ -637,6 +643,179 @@ TEST_CASE("pretraining with a tokenizer.json: the model takes its vocabulary and
              Catch::Contains("--pretrain only"));
   c.tokenizer = (fs::path(tokenizer_dir) / "missing").string();
   CHECK_FALSE(Trainer::Create(c, {"", "", w.Run("bpe_missing"), w.cache}, false).ok());
+}
+
+// ---------------------------------------------------------------------- differential privacy
+
+TEST_CASE("per-sequence gradient norms equal the norms of each sequence's own gradient", "[privacy]") {
+  World& w = TheWorld();
+  for (const bool dense : {false, true}) {
+    CAPTURE(dense);
+    TrainConfig c = SmallRun({w.math});
+    c.mode = dense ? "dense" : "expert";
+    c.max_steps = 3;
+    TrainInputs in = w.Inputs(dense ? "norms_dense" : "norms_expert");
+    if (dense) in.router_init = "";
+    auto trainer = ValueOrDie(Trainer::Create(c, in, false));
+    for (int i = 0; i < 2; ++i) trainer->Step();  // away from the init, where the bias sits at its start
+    const std::vector<int64_t> batch = {3, 0, 7, 12, 5};
+    const at::Tensor norms = trainer->SequenceGradientNormsSq(batch).sqrt();
+    for (size_t i = 0; i < batch.size(); ++i) {
+      ForwardTrace trace;
+      const at::Tensor loss = trainer->SequenceLosses({batch[i]}, trace).sum();
+      std::vector<at::Tensor> leaves;
+      for (const NamedTensor& nt : trainer->trainable()) leaves.push_back(nt.tensor);
+      double sq = 0;
+      for (const at::Tensor& g : torch::autograd::grad({loss}, leaves, {}, false, false, /*allow_unused=*/true)) {
+        if (g.defined()) sq += g.to(at::kDouble).pow(2).sum().item<double>();
+      }
+      INFO("sequence " << batch[i]);
+      CHECK(norms[i].item<double>() == Approx(std::sqrt(sq)).epsilon(1e-4));
+    }
+  }
+}
+
+TEST_CASE("with no noise and no sequence clipped, the DP step is the plain step bit for bit", "[privacy]") {
+  World& w = TheWorld();
+  TrainConfig plain = SmallRun({w.math});
+  plain.grad_clip = 0;  // DP-SGD replaces the global clip by the per-sequence one
+  TrainConfig dp = plain;
+  dp.dp_max_grad_norm = 1e30;
+  dp.dp_noise_multiplier = 0;
+  auto a = ValueOrDie(Trainer::Create(plain, w.Inputs("bitwise_plain"), false));
+  auto b = ValueOrDie(Trainer::Create(dp, w.Inputs("bitwise_dp"), false));
+  for (const std::vector<int64_t>& batch : {std::vector<int64_t>{1, 4, 9, 16, 25, 30, 2, 8}, std::vector<int64_t>{0, 3, 6, 11, 14, 19, 22, 27}}) {
+    CHECK(a->StepOn(batch) == b->StepOn(batch));
+  }
+  for (size_t i = 0; i < a->trainable().size(); ++i) {
+    INFO(a->trainable()[i].name);
+    CHECK(at::equal(a->trainable()[i].tensor, b->trainable()[i].tensor));
+  }
+}
+
+TEST_CASE("DP-SGD clips: with a small norm bound the step differs from the plain one; ε follows the accountant", "[privacy]") {
+  World& w = TheWorld();
+  TrainConfig dp = SmallRun({w.math});
+  dp.dp_max_grad_norm = 1e-3;
+  dp.dp_noise_multiplier = 0;
+  dp.max_steps = 4;
+  auto clipped = ValueOrDie(Trainer::Create(dp, w.Inputs("clipped"), false));
+  TrainConfig plain = SmallRun({w.math});
+  plain.grad_clip = 0;
+  auto free = ValueOrDie(Trainer::Create(plain, w.Inputs("unclipped"), false));
+  const std::vector<int64_t> batch = {1, 4, 9, 16, 25, 30, 2, 8};
+  clipped->StepOn(batch);
+  free->StepOn(batch);
+  bool differs = false;
+  for (size_t i = 0; i < free->trainable().size(); ++i) differs |= !at::equal(free->trainable()[i].tensor, clipped->trainable()[i].tensor);
+  CHECK(differs);
+
+  dp.dp_noise_multiplier = 1.1;
+  auto noisy = ValueOrDie(Trainer::Create(dp, w.Inputs("noisy"), false));
+  ValueOrDie(noisy->Run(nullptr, nullptr));
+  const DpAccount spent = *noisy->Privacy();
+  RdpAccountant reference;
+  reference.Compose(spent.sampling_rate, 1.1, 4);
+  CHECK(spent.steps == 4);
+  CHECK(spent.epsilon == reference.Epsilon(dp.dp_delta).epsilon);
+  CHECK(spent.expected_batch == 8);
+  CHECK(spent.sampling_rate > 0);
+  CHECK(spent.sampling_rate < 1);
+  // The checkpoint records it for export.
+  const nlohmann::json state = nlohmann::json::parse(ValueOrDie(ReadFile(ValueOrDie(LatestCheckpoint(w.Run("noisy"))) + "/state.json")));
+  CHECK(state["dp"]["epsilon"].get<double>() == spent.epsilon);
+  CHECK(state["dp"]["noise_multiplier"].get<double>() == 1.1);
+}
+
+TEST_CASE("a target ε is met: the solved noise keeps the whole run within it", "[privacy]") {
+  World& w = TheWorld();
+  TrainConfig dp = SmallRun({w.math});
+  dp.dp_max_grad_norm = 1.0;
+  dp.dp_epsilon = 3.0;
+  dp.dp_delta = 1e-4;
+  dp.max_steps = 6;
+  auto trainer = ValueOrDie(Trainer::Create(dp, w.Inputs("target_eps"), false));
+  ValueOrDie(trainer->Run(nullptr, nullptr));
+  const DpAccount spent = *trainer->Privacy();
+  CHECK(spent.epsilon <= 3.0);
+  CHECK(spent.epsilon > 2.9);  // σ is the smallest that meets it (to 0.1%)
+}
+
+TEST_CASE("huge noise: the expert learns nothing from the data; no noise: it learns", "[privacy]") {
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.max_steps = 30;
+  c.dp_max_grad_norm = 1.0;
+  c.dp_noise_multiplier = 0;
+  auto learned = ValueOrDie(Trainer::Create(c, w.Inputs("dp_sigma0"), false));
+  ValueOrDie(learned->Run(nullptr, nullptr));
+  c.dp_noise_multiplier = 1e4;
+  auto noised = ValueOrDie(Trainer::Create(c, w.Inputs("dp_sigma_huge"), false));
+  ValueOrDie(noised->Run(nullptr, nullptr));
+  const Anchor a = ValueOrDie(LoadAnchor(w.anchor));
+  const TokenCorpus math = ValueOrDie(TokenCorpus::Build({w.math}, ByteTokenizer(), {}, w.cache));
+  PackedSequences packed(math, [&] { std::vector<int64_t> d(math.num_documents()); std::iota(d.begin(), d.end(), 0); return d; }(), 64, ByteTokenizer().eos_id());
+  std::vector<int64_t> ids(16);
+  std::iota(ids.begin(), ids.end(), 0);
+  auto loss_of = [&](const FlexOlmoModel& m) { return Evaluate(m, packed, ids, 8, ByteTokenizer(), {}).loss; };
+  const double anchor = loss_of(a.model), plain = loss_of(ValueOrDie(FlexOlmoModel::Load(w.Run("dp_sigma0") + "/model")));
+  const double noisy = loss_of(ValueOrDie(FlexOlmoModel::Load(w.Run("dp_sigma_huge") + "/model")));
+  INFO("anchor " << anchor << ", σ = 0 " << plain << ", σ = 1e4 " << noisy);
+  CHECK(plain < anchor - 0.1);
+  CHECK(noisy > anchor - 0.1 * (anchor - plain));  // no more than a tenth of what the data teaches
+}
+
+TEST_CASE("DP settings that cannot work are refused with the fix", "[privacy]") {
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.dp_noise_multiplier = 1.0;  // without a clipping norm
+  CHECK_THAT(std::string(Trainer::Create(c, w.Inputs("dp_bad1"), false).status().message()), Catch::Contains("--dp-max-grad-norm"));
+  c.dp_max_grad_norm = 1.0;
+  c.dp_epsilon = 2.0;  // both σ and ε
+  CHECK_THAT(std::string(Trainer::Create(c, w.Inputs("dp_bad2"), false).status().message()), Catch::Contains("not both"));
+  c.dp_epsilon = 0;
+  c.mode = "pretrain";
+  c.preset = "test";
+  CHECK_THAT(std::string(Trainer::Create(c, {"", "", w.Run("dp_bad3"), w.cache}, false).status().message()), Catch::Contains("owner's expert"));
+}
+
+TEST_CASE("Poisson samples: deterministic per step, at the rate asked, in order", "[privacy]") {
+  const std::vector<int64_t> a = PoissonSample(100000, 0.01, 5, 17), again = PoissonSample(100000, 0.01, 5, 17);
+  CHECK(a == again);
+  CHECK(a != PoissonSample(100000, 0.01, 5, 18));
+  CHECK(std::abs(static_cast<double>(a.size()) - 1000.0) < 5 * std::sqrt(1000.0));
+  CHECK(std::is_sorted(a.begin(), a.end()));
+  CHECK(std::adjacent_find(a.begin(), a.end()) == a.end());
+  CHECK(a.back() < 100000);
+  CHECK(PoissonSample(50, 1.0, 1, 0).size() == 50);
+  CHECK(PoissonSample(50, 0.0, 1, 0).empty());
+}
+
+TEST_CASE("linear-layer norms from activations equal the norms of the explicit gradients", "[privacy]") {
+  at::manual_seed(3);
+  // Two shapes: one where the ghost form is cheaper (few rows, wide layer), one where it is not.
+  for (const auto& [in, out, seq_len] : {std::tuple<int64_t, int64_t, int64_t>{64, 96, 8}, {4, 3, 32}}) {
+    const int64_t b = 3, n_total = b * seq_len;
+    const at::Tensor rows = at::tensor(std::vector<int64_t>{0, 2, 3, seq_len + 1, 2 * seq_len, 2 * seq_len + 5, n_total - 1}, at::kLong);
+    const at::Tensor x = at::randn({rows.size(0), in}, at::kFloat), g = at::randn({rows.size(0), out}, at::kFloat);
+    at::Tensor got = at::zeros({b}, at::kDouble);
+    AddLinearNormsSq(x, g, rows, seq_len, got);
+    for (int64_t s = 0; s < b; ++s) {
+      const at::Tensor in_s = (at::div(rows, seq_len, "floor") == s);
+      const at::Tensor grad = at::mm(g.index({in_s}).t(), x.index({in_s})).to(at::kDouble);
+      CHECK(got[s].item<double>() == Approx(grad.pow(2).sum().item<double>()).epsilon(1e-5));
+    }
+  }
+  // Router rows and biases: per-token gradient g_t·x_t and g_t, summed per sequence.
+  const at::Tensor x = at::randn({12, 5}, at::kFloat), g = at::randn({12}, at::kFloat);
+  at::Tensor rows = at::zeros({3}, at::kDouble), scalars = at::zeros({3}, at::kDouble);
+  AddRowNormsSq(x, g, 4, rows);
+  AddScalarNormsSq(g, 4, scalars);
+  for (int64_t s = 0; s < 3; ++s) {
+    const at::Tensor v = (x.narrow(0, 4 * s, 4) * g.narrow(0, 4 * s, 4).unsqueeze(1)).sum(0).to(at::kDouble);
+    CHECK(rows[s].item<double>() == Approx(v.pow(2).sum().item<double>()).epsilon(1e-6));
+    CHECK(scalars[s].item<double>() == Approx(std::pow(g.narrow(0, 4 * s, 4).sum().item<double>(), 2)).epsilon(1e-6));
+  }
 }
 
 }  // namespace
