@@ -2,7 +2,9 @@
 // (common/train/training.h, the real Trainer::Step) on a fresh anchor of --preset, with tokens/s, MFU against
 // the GEMM rate the trainer measures on its device, and peak memory against its parts. One JSON line
 // per configuration. bench/run_train_bench.sh runs it on the CPU beside bench/train_bench.py (plain
-// PyTorch); bench/gpu/run.sh runs it on a GPU with --device cuda --preset 1b.
+// PyTorch); bench/gpu/run.sh runs it on a GPU with --device cuda --preset 1b. With --dp it times
+// DP-SGD's step (per-sequence norms and clipping, noise; docs/PRIVACY.md) against the plain step on
+// the same sequences, in the same run, and prints the ratio.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <sys/resource.h>
@@ -46,11 +48,13 @@ int main(int argc, char** argv) {
   int threads = 2;
   std::string preset = "small", device = "cpu", precision = "auto";
   std::vector<std::string> shapes = {"4x512", "1x256"};
+  bool dp = false;
   app.add_option("--threads", threads, "Intra-op threads (match the Python side)");
   app.add_option("--preset", preset, "Anchor size");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", precision, "auto, fp32 or bf16 (autocast)")->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   app.add_option("--shape", shapes, "Micro-batch shapes BATCHxSEQ, one line each");
+  app.add_flag("--dp", dp, "Also time the DP-SGD step (clip 1, noise 1) on the same sequences; print the cost ratio");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
 
@@ -90,37 +94,56 @@ int main(int argc, char** argv) {
     c.device = device;
     c.precision = precision;
     c.validation_fraction = 0;
-    const std::string run = (dir / ("run" + std::to_string(shape.seq))).string();
-    auto trainer = Trainer::Create(c, {(dir / "anchor").string(), (dir / "mine.safetensors").string(), run,
-                                       (dir / "cache").string()}, false);
-    if (!trainer.ok()) {
-      std::cerr << trainer.status().message() << "\n";
-      return 1;
+    double plain_seconds = 0, plain_rss = 0;
+    for (const bool private_step : dp ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
+      TrainConfig cc = c;
+      if (private_step) {
+        cc.dp_max_grad_norm = 1.0;
+        cc.dp_noise_multiplier = 1.0;
+      }
+      const std::string run = (dir / ("run" + std::to_string(shape.seq) + (private_step ? "dp" : ""))).string();
+      auto trainer = Trainer::Create(cc, {(dir / "anchor").string(), (dir / "mine.safetensors").string(), run,
+                                          (dir / "cache").string()}, false);
+      if (!trainer.ok()) {
+        std::cerr << trainer.status().message() << "\n";
+        return 1;
+      }
+      const bool cuda = (*trainer)->device().is_cuda();
+      // The same sequences for the plain and the private step (a Poisson batch varies in size).
+      std::vector<int64_t> ids(shape.batch);
+      for (int64_t i = 0; i < shape.batch; ++i) ids[i] = i;
+      auto step = [&] {  // one optimizer step, finished on the device
+        (*trainer)->StepOn(ids);
+        if (cuda) torch::cuda::synchronize();
+      };
+      step();  // warm-up
+      double best = 1e30;
+      for (int i = 0; i < (shape.seq >= 512 ? 4 : 12); ++i) {
+        auto start = std::chrono::steady_clock::now();
+        step();
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      double frozen_bytes = 0, trained_bytes = 0;
+      for (const NamedTensor& nt : (*trainer)->trainable()) trained_bytes += nt.tensor.nbytes();
+      for (const NamedTensor& nt : (*trainer)->FrozenTensors()) frozen_bytes += nt.tensor.nbytes();
+      const double tokens = static_cast<double>(shape.batch * shape.seq);
+      const double gemm = (*trainer)->gemm_rate();
+      nlohmann::json j = {{"impl", "flexfed"}, {"device", cuda ? "cuda" : "cpu"}, {"preset", preset}, {"dp", private_step},
+                          {"tokens_per_step", tokens}, {"seconds", best}, {"tokens_per_s", tokens / best},
+                          {"mfu", (*trainer)->flops_per_token() * tokens / best / gemm}, {"gemm_flops_per_s", gemm},
+                          {"peak_rss_bytes", PeakRssBytes()},
+                          {"memory", {{"frozen_weights", frozen_bytes}, {"trained_weights", trained_bytes},
+                                      {"trained_grads", trained_bytes}, {"adam_states", 2 * trained_bytes}}}};
+      if (private_step) {
+        // Peak RSS only grows in a process: the private step's extra memory shows as the growth.
+        j["dp_time_ratio"] = best / plain_seconds;
+        j["dp_peak_rss_growth_bytes"] = PeakRssBytes() - plain_rss;
+      } else {
+        plain_seconds = best;
+        plain_rss = PeakRssBytes();
+      }
+      std::cout << j.dump() << std::endl;
     }
-    const bool cuda = (*trainer)->device().is_cuda();
-    auto step = [&] {  // one optimizer step, finished on the device
-      (*trainer)->Step();
-      if (cuda) torch::cuda::synchronize();
-    };
-    step();  // warm-up
-    double best = 1e30;
-    for (int i = 0; i < (shape.seq >= 512 ? 4 : 12); ++i) {
-      auto start = std::chrono::steady_clock::now();
-      step();
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    }
-    double frozen_bytes = 0, trained_bytes = 0;
-    for (const NamedTensor& nt : (*trainer)->trainable()) trained_bytes += nt.tensor.nbytes();
-    for (const NamedTensor& nt : (*trainer)->FrozenTensors()) frozen_bytes += nt.tensor.nbytes();
-    const double tokens = static_cast<double>(shape.batch * shape.seq);
-    const double gemm = (*trainer)->gemm_rate();
-    nlohmann::json j = {{"impl", "flexfed"}, {"device", cuda ? "cuda" : "cpu"}, {"preset", preset},
-                        {"tokens_per_step", tokens}, {"seconds", best}, {"tokens_per_s", tokens / best},
-                        {"mfu", (*trainer)->flops_per_token() * tokens / best / gemm}, {"gemm_flops_per_s", gemm},
-                        {"peak_rss_bytes", PeakRssBytes()},
-                        {"memory", {{"frozen_weights", frozen_bytes}, {"trained_weights", trained_bytes},
-                                    {"trained_grads", trained_bytes}, {"adam_states", 2 * trained_bytes}}}};
-    std::cout << j.dump() << std::endl;
   }
   fs::remove_all(dir);
   return 0;
