@@ -115,7 +115,7 @@ TEST_CASE("flexfed-owner refuses bad input with one line and a non-zero exit", "
   CHECK_THAT(out, Catch::Contains("invalid UTF-8 at byte 2"));
   CHECK(RunCommand(o + " train --pretrain huge --data " + dir / "bad.txt" + " --run " + dir / "r4" + " --steps 1", &out) == 1);
   CHECK_THAT(out, Catch::Contains("unknown model size 'huge'"));
-  CHECK(RunCommand(o + " audit --model " + dir + " --data /etc/hostname --out " + dir / "a", &out) == 1);
+  CHECK(RunCommand(o + " audit --model " + dir.path() + " --data /etc/hostname --out " + dir / "a", &out) == 1);
   CHECK_THAT(out, Catch::Contains("flexfed-owner audit: error:"));
   CHECK(RunCommand(o + " audit --data /etc/hostname", &out) == 1);
   CHECK_THAT(out, Catch::Contains("give --run RUN"));
