@@ -77,7 +77,8 @@ ProportionInterval WilsonInterval(int64_t k, int64_t n, double z) {
   const double p = static_cast<double>(k) / n, nn = static_cast<double>(n), z2 = z * z;
   const double center = (p + z2 / (2 * nn)) / (1 + z2 / nn);
   const double half = z / (1 + z2 / nn) * std::sqrt(p * (1 - p) / nn + z2 / (4 * nn * nn));
-  return {std::max(0.0, center - half), std::min(1.0, center + half)};
+  // At k = 0 and k = n the bound is exactly 0 and 1 (the formula gives them up to rounding).
+  return {k == 0 ? 0.0 : std::max(0.0, center - half), k == n ? 1.0 : std::min(1.0, center + half)};
 }
 
 absl::Status ExtractionAuditOptions::Validate() const {
