@@ -95,7 +95,7 @@ absl::Status Run(const Options& o) {
       j["most_similar"].push_back({{"document", s.document}, {"similarity", s.similarity}, {"extracted", s.extracted},
                                    {"prefix", s.prefix}, {"truth", s.truth}, {"generated", s.generated}});
     }
-    std::cout << j.dump(2) << "\n";
+    std::cout << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";  // texts cut mid-character
     return absl::OkStatus();
   }
   std::cout << absl::StrFormat(

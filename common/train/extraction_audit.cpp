@@ -32,6 +32,10 @@ ExtractionSample SampleFromJson(const nlohmann::json& j) {
   return s;
 }
 
+// Texts cut at token boundaries can end inside a UTF-8 character: such bytes are written as U+FFFD
+// (the similarity is computed on the bytes themselves, before).
+std::string DumpLine(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
 nlohmann::json SampleToJson(const ExtractionSample& s) {
   return {{"document", s.document}, {"similarity", s.similarity}, {"extracted", s.extracted},
           {"prefix", s.prefix},     {"truth", s.truth},           {"generated", s.generated}};
@@ -162,7 +166,7 @@ absl::StatusOr<ExtractionReport> RunExtractionAudit(const FlexOlmoModel& model, 
     done = *std::move(previous);
     // Rewritten whole: drops a line cut short by a crash before appending.
     std::string kept;
-    for (const auto& [doc, sample] : done) kept += SampleToJson(sample).dump() + "\n";
+    for (const auto& [doc, sample] : done) kept += DumpLine(SampleToJson(sample)) + "\n";
     if (absl::Status s = WriteFileAtomically((run / kExtractionResultsFile).string(), kept); !s.ok()) return s;
     results.open(run / kExtractionResultsFile, std::ios::app);
     if (!results) return absl::PermissionDeniedError(absl::StrCat("cannot write ", (run / kExtractionResultsFile).string()));
@@ -194,7 +198,7 @@ absl::StatusOr<ExtractionReport> RunExtractionAudit(const FlexOlmoModel& model, 
     s.similarity = LevenshteinSimilarity(s.generated, s.truth);
     s.extracted = s.similarity >= options.threshold;
     if (results.is_open()) {
-      results << SampleToJson(s).dump() << "\n";
+      results << DumpLine(SampleToJson(s)) << "\n";
       results.flush();
       if (!results) return absl::DataLossError(absl::StrCat("writing ", run_dir, "/", kExtractionResultsFile, " failed"));
     }

@@ -135,6 +135,14 @@ TEST_CASE("the audit finds canaries a model memorised and not text it never saw"
   CHECK(missed.extracted == 0);
   CHECK(missed.mean_similarity < found.mean_similarity);
 
+  // Regression: a prefix ending inside a two-byte character (the byte tokenizer cuts there, as BPE
+  // can) made the results line invalid UTF-8 and the audit threw while writing it.
+  WriteJsonl(dir / "straddle.jsonl", {std::string(23, 'a') + "\xc3\xa9" + std::string(60, 'b')}, 1);
+  const TokenCorpus straddle = ValueOrDie(TokenCorpus::Build({dir / "straddle.jsonl"}, tok, {}, dir / "cache"));
+  const ExtractionReport cut = ValueOrDie(RunExtractionAudit(model, "m", tok, straddle, o, {}, dir / "audit_cut", nullptr, nullptr));
+  CHECK(cut.audited == 1);
+  CHECK(ValueOrDie(ReadFile(dir / "audit_cut/extraction.jsonl")).find("\xef\xbf\xbd") != std::string::npos);  // U+FFFD
+
   SECTION("an interrupted audit resumes; another model or setting in the same folder is refused") {
     // Keep the first result and a line cut short by a crash; the rest is audited again, the same.
     std::ifstream in(dir / "audit/extraction.jsonl");
