@@ -61,8 +61,8 @@ def params(w):
 class Model:
     """FlexOlmo forward with an optional preallocated KV cache (as FlexFed's)."""
 
-    def __init__(self, cfg, weights):
-        self.cfg, self.w = cfg, weights
+    def __init__(self, cfg, weights, sdpa=False):
+        self.cfg, self.w, self.sdpa = cfg, weights, sdpa  # sdpa: fused attention for fresh sequences
         self.cos, self.sin = rope_tables(cfg["theta"], cfg["head_dim"], cfg["max_position_embeddings"])
 
     def new_cache(self, batch, capacity):
@@ -86,12 +86,15 @@ class Model:
                 cache["k"][i][:, :, past:past + t] = k
                 cache["v"][i][:, :, past:past + t] = v
                 k, v = cache["k"][i][:, :, :past + t], cache["v"][i][:, :, :past + t]
-            scores = torch.matmul(q, k.transpose(2, 3)) * d ** -0.5
-            if t > 1:
-                mask = torch.ones(t, past + t, dtype=torch.bool).triu(past + 1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            a = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, heads * d)
+            if self.sdpa and past == 0:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1).transpose(1, 2).reshape(b, t, heads * d)
+            else:
+                scores = torch.matmul(q, k.transpose(2, 3)) * d ** -0.5
+                if t > 1:
+                    mask = torch.ones(t, past + t, dtype=torch.bool).triu(past + 1)
+                    scores = scores.masked_fill(mask, float("-inf"))
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                a = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, heads * d)
             h = h + rms_norm(F.linear(a, layer["o"]), layer["post_attn"], eps)
             m, _ = moe(h.reshape(b * t, -1), layer, cfg, None)
             h = h + rms_norm(m.view(b, t, -1), layer["post_ff"], eps)

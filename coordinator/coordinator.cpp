@@ -899,6 +899,8 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
     const Dtype dtype = config->torch_dtype == "float32" ? Dtype::kF32 : config->torch_dtype == "float16" ? Dtype::kF16 : Dtype::kBF16;
     absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(blobs_->PathOf(u.blob_sha256), *config, dtype, e->anchor_id);
     if (!meta.ok()) return meta.status();
+    // The operator's privacy policy, after the module is known to be well-formed.
+    if (absl::Status s = CheckPrivacyPolicy(*meta, options_.privacy_policy); !s.ok()) return s;
     e->tokens_trained = meta->tokens_trained;
     return absl::OkStatus();
   }();

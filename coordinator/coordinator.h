@@ -15,6 +15,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/core/expert_module.h"
 #include "common/core/identity.h"
 #include "common/core/model_config.h"
 #include "coordinator/audit_log.h"
@@ -31,6 +32,7 @@ struct CoordinatorOptions {
   int certificate_days = 365;
   int64_t default_token_ttl_seconds = 7 * 86400;
   std::function<int64_t()> clock;  // Unix seconds; empty = the system clock (tests inject one)
+  PrivacyPolicy privacy_policy;    // what every uploaded module's privacy record must show (docs/PRIVACY.md)
 };
 
 // Counters the metrics endpoint exports.

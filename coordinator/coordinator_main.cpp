@@ -33,6 +33,8 @@ struct Options {
   int idle_timeout = 300;
   int certificate_days = 365;
   bool verify_blobs = true;
+  double max_extraction = -1;  // operator privacy policy (docs/PRIVACY.md); < 0: not required
+  double max_dp_epsilon = -1;
 };
 
 // Structured log line on stderr (journald and collectors parse it): time, level, event, fields.
@@ -100,6 +102,12 @@ int main(int argc, char** argv) {
   auto* idle = app.add_option("--idle-timeout", o.idle_timeout, "Seconds without progress before a peer is dropped");
   auto* days = app.add_option("--certificate-days", o.certificate_days, "Validity of certificates issued at enrollment");
   auto* verify = app.add_flag("!--no-verify-blobs", o.verify_blobs, "Skip hashing every stored blob in the background after start-up");
+  auto* max_extraction = app.add_option("--max-extraction", o.max_extraction,
+                                        "Accept only modules recording a complete extraction audit with at most this rate (e.g. 0.01)")
+                             ->check(CLI::Range(0.0, 1.0));
+  auto* max_epsilon = app.add_option("--max-dp-epsilon", o.max_dp_epsilon,
+                                     "Accept only modules trained with differential privacy at most at this ε")
+                          ->check(CLI::PositiveNumber);
   app.footer("Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a start-up error, 2 bad usage.");
   try {
     app.parse(argc, argv);
@@ -119,8 +127,11 @@ int main(int argc, char** argv) {
         else if (k == "certificate-days" && days->count() == 0) o.certificate_days = v.get<int>();
         else if (k == "metrics-listen" && metrics->count() == 0) o.metrics_listen = v.get<std::string>();
         else if (k == "verify-blobs" && verify->count() == 0) o.verify_blobs = v.get<bool>();
+        else if (k == "max-extraction" && max_extraction->count() == 0) o.max_extraction = v.get<double>();
+        else if (k == "max-dp-epsilon" && max_epsilon->count() == 0) o.max_dp_epsilon = v.get<double>();
         else if (k != "data-dir" && k != "listen" && k != "ca-dir" && k != "hostname" && k != "idle-timeout" &&
-                 k != "certificate-days" && k != "metrics-listen" && k != "verify-blobs") {
+                 k != "certificate-days" && k != "metrics-listen" && k != "verify-blobs" && k != "max-extraction" &&
+                 k != "max-dp-epsilon") {
           Fail(absl::StrCat(o.config, ": unknown setting '", k, "'"));
         }
       } catch (const nlohmann::json::exception&) {
@@ -128,6 +139,14 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // Settings from the file are checked as the flags are.
+  if (o.max_extraction != -1 && !(o.max_extraction >= 0 && o.max_extraction <= 1)) {
+    Fail(absl::StrCat(o.config, ": max-extraction must be a rate between 0 and 1"));
+  }
+  if (o.max_dp_epsilon != -1 && !(o.max_dp_epsilon > 0)) Fail(absl::StrCat(o.config, ": max-dp-epsilon must be positive"));
+  PrivacyPolicy policy;
+  if (o.max_extraction >= 0) policy.max_extraction = o.max_extraction;
+  if (o.max_dp_epsilon > 0) policy.max_dp_epsilon = o.max_dp_epsilon;
   absl::StatusOr<std::string> ca_key = ReadFile((fs::path(o.ca_dir) / "ca.key").string());
   absl::StatusOr<std::string> ca_cert = ReadFile((fs::path(o.ca_dir) / "ca.crt").string());
   if (!ca_key.ok() || !ca_cert.ok()) Fail(absl::StrCat(o.ca_dir, ": no ca.key/ca.crt; create the project CA with `flexfedctl ca init --dir ", o.ca_dir, "`"));
@@ -143,7 +162,13 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   auto [server_cert, server_key] = ServerCertificate(o, *ca_key, *ca_cert);
-  absl::StatusOr<std::unique_ptr<Coordinator>> coordinator = Coordinator::Open({o.data_dir, *ca_key, *ca_cert, o.certificate_days});
+  CoordinatorOptions settings;
+  settings.data_dir = o.data_dir;
+  settings.ca_key_pem = *ca_key;
+  settings.ca_cert_pem = *ca_cert;
+  settings.certificate_days = o.certificate_days;
+  settings.privacy_policy = policy;
+  absl::StatusOr<std::unique_ptr<Coordinator>> coordinator = Coordinator::Open(settings);
   if (!coordinator.ok()) Fail(std::string(coordinator.status().message()));
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server =
       CoordinatorServer::Start(coordinator->get(), {o.listen, *ca_cert, server_cert, server_key, o.idle_timeout});
@@ -154,7 +179,7 @@ int main(int argc, char** argv) {
     if (!m.ok()) Fail(std::string(m.status().message()));
     metrics_server = *std::move(m);
   }
-  Log("info", "serving", {{"port", (*server)->port()}, {"metrics_port", metrics_server.port}, {"data_dir", o.data_dir},
+  Log("info", "serving", {{"port", (*server)->port()}, {"max_extraction", o.max_extraction}, {"max_dp_epsilon", o.max_dp_epsilon}, {"metrics_port", metrics_server.port}, {"data_dir", o.data_dir},
                           {"hostnames", o.hostnames}, {"orphans_removed", (*coordinator)->blobs().orphans_removed_at_open()},
                           {"store_repairs", (*coordinator)->startup_check().findings_size() - (*coordinator)->startup_check().unrepaired()},
                           {"store_problems", (*coordinator)->startup_check().unrepaired()}});

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/core/anchor_manifest.h"
+#include "common/core/processes.h"
 #include "common/model/model.h"
 #include "common/train/extraction_audit.h"
 #include "owner_client/commands.h"
@@ -19,12 +20,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::atomic<bool> g_stop{false};
-std::atomic<int> g_signal{0};
-extern "C" void OnAuditSignal(int sig) {
-  g_signal.store(sig);
-  g_stop.store(true);
-}
 
 struct Options {
   std::string run, model, out, cache_dir = DefaultTokenCacheDir(), text_field = "text";
@@ -75,16 +70,15 @@ absl::Status Run(const Options& o) {
   absl::StatusOr<TokenCorpus> corpus = TokenCorpus::Build(o.data, **tok, CorpusOptions{o.text_field}, o.cache_dir);
   if (!corpus.ok()) return corpus.status();
 
-  std::signal(SIGINT, OnAuditSignal);
-  std::signal(SIGTERM, OnAuditSignal);
+  const std::atomic<bool>& stop = InstallStopSignals();
   ProgressReporter progress(stderr, o.plain || o.json);
   absl::StatusOr<ExtractionReport> report =
-      RunExtractionAudit(*model, *model_id, **tok, *corpus, o.audit, *routing, out_dir, &g_stop, &progress);
+      RunExtractionAudit(*model, *model_id, **tok, *corpus, o.audit, *routing, out_dir, &stop, &progress);
   if (!report.ok()) return report.status();
-  if (!report->complete && g_stop.load()) {
+  if (!report->complete && stop.load()) {
     std::cerr << "stopped after " << report->audited << " documents (results kept in " << out_dir
               << "); run the same command again to continue\n";
-    std::exit(128 + g_signal.load());
+    std::exit(128 + StopSignal());
   }
   if (o.json) {
     nlohmann::json j = report->SummaryJson(o.audit);

@@ -140,17 +140,10 @@ void AddPush(CLI::App& app) {
       absl::StatusOr<ExpertModuleMetadata> meta = ValidateExpertModule(o->module, anchor->model.config(), *dtype, anchor->id);
       if (!meta.ok()) return absl::FailedPreconditionError(absl::StrCat("refusing to upload: ", meta.status().message()));
       if (o->max_extraction >= 0) {
-        const std::optional<double> rate = ExtractionRate(*meta);
-        if (!rate) {
-          return absl::FailedPreconditionError(
-              "refusing to upload: --max-extraction needs a complete extraction audit in the module; run `flexfed-owner "
-              "audit --run RUN --data YOUR_DATA`, then export again");
-        }
-        if (*rate > o->max_extraction) {
-          return absl::FailedPreconditionError(absl::StrFormat(
-              "refusing to upload: the module's extraction rate %.4f exceeds --max-extraction %.4f; train with "
-              "differential privacy or fewer epochs, audit and export again",
-              *rate, o->max_extraction));
+        PrivacyPolicy own;
+        own.max_extraction = o->max_extraction;
+        if (absl::Status s = CheckPrivacyPolicy(*meta, own); !s.ok()) {
+          return absl::FailedPreconditionError(absl::StrCat("refusing to upload (--max-extraction): ", s.message()));
         }
       }
       absl::StatusOr<std::unique_ptr<CoordinatorClient>> client = o->c.Connect();

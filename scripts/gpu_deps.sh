@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bundles the small libraries the GPU build mode needs besides CMake, nvcc and PyTorch (Abseil,
-# nlohmann-json, CLI11, Catch2, OpenSSL's libcrypto, PCRE2, utf8proc, edlib: headers, CMake configs and libraries) from
+# nlohmann-json, CLI11, Catch2, OpenSSL's libcrypto, PCRE2, utf8proc, edlib, Gloo's headers: headers, CMake configs and libraries) from
 # this Debian 12 machine into DIR (default .gpu-deps), for a GPU machine that can install nothing.
 # The bundle is relocatable: scripts/gpu_build.sh uses it when FLEXFED_GPU_DEPS=DIR.
 # Usage: scripts/gpu_deps.sh [DIR]
@@ -11,7 +11,7 @@ bash scripts/setup.sh >/dev/null
 rm -rf "$dir"
 mkdir -p "$dir"
 packages=(libabsl-dev libabsl20220623 nlohmann-json3-dev libcli11-dev catch2 libssl-dev libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2
-  libedlib-dev libedlib1)
+  libedlib-dev libedlib1 libgloo-dev)
 for p in "${packages[@]}"; do
   dpkg -L "$p" | while read -r f; do
     [[ $f == /usr/* && $f != /usr/share/doc/* && $f != /usr/share/man/* && ! -d $f ]] || continue

@@ -19,6 +19,9 @@ packages=(
   libpcre2-dev libutf8proc-dev
   # the extraction audit's edit distance
   libedlib-dev
+  # Gloo's headers, which LibTorch's c10d ProcessGroupGloo header includes (data-parallel training;
+  # the Gloo code itself is LibTorch's own)
+  libgloo-dev
   # the Python environment (LibTorch, the test oracles, benchmarks' peers)
   python3 python3-venv
 )

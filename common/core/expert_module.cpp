@@ -10,6 +10,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/core/file_util.h"
 #include "common/core/sha256.h"
 #include <nlohmann/json.hpp>
@@ -67,6 +68,47 @@ std::optional<double> ExtractionRate(const ExpertModuleMetadata& metadata) {
   return e["rate"].get<double>();
 }
 
+std::optional<double> DpEpsilon(const ExpertModuleMetadata& metadata) {
+  if (metadata.privacy.empty()) return std::nullopt;
+  const nlohmann::json j = nlohmann::json::parse(metadata.privacy, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("dp")) return std::nullopt;
+  const nlohmann::json& d = j["dp"];
+  if (!d.is_object() || !d.contains("epsilon") || !d["epsilon"].is_number()) return std::nullopt;
+  return d["epsilon"].get<double>();
+}
+
+absl::Status CheckPrivacyPolicy(const ExpertModuleMetadata& metadata, const PrivacyPolicy& policy) {
+  if (policy.max_extraction) {
+    const std::optional<double> rate = ExtractionRate(metadata);
+    if (!rate) {
+      return Reject("privacy_policy", absl::StrFormat(
+          "an extraction audit with a rate of at most %.4f is required and the module records no complete audit; run "
+          "`flexfed-owner audit --run RUN --data YOUR_DATA`, then export again",
+          *policy.max_extraction));
+    }
+    if (*rate > *policy.max_extraction) {
+      return Reject("privacy_policy", absl::StrFormat(
+          "the module's extraction rate %.4f exceeds the allowed %.4f; train with differential privacy "
+          "(--dp-epsilon) or on deduplicated data, audit and export again",
+          *rate, *policy.max_extraction));
+    }
+  }
+  if (policy.max_dp_epsilon) {
+    const std::optional<double> epsilon = DpEpsilon(metadata);
+    if (!epsilon) {
+      return Reject("privacy_policy", absl::StrFormat(
+          "training with differential privacy at ε ≤ %g is required and the module records none; train with "
+          "`flexfed-owner train --dp-epsilon %g --dp-max-grad-norm C`, then export again",
+          *policy.max_dp_epsilon, *policy.max_dp_epsilon));
+    }
+    if (*epsilon > *policy.max_dp_epsilon) {
+      return Reject("privacy_policy", absl::StrFormat(
+          "the module was trained at ε = %.3g, above the allowed %g; train again with `--dp-epsilon %g` (or less)",
+          *epsilon, *policy.max_dp_epsilon, *policy.max_dp_epsilon));
+    }
+  }
+  return absl::OkStatus();
+}
 
 std::string RejectionReason(const absl::Status& status) {
   absl::optional<absl::Cord> p = status.GetPayload(kRejectionPayload);

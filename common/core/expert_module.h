@@ -20,7 +20,7 @@ inline constexpr char kExpertModuleFormat[] = "flexfed-expert-module";
 inline constexpr char kExpertModuleVersion[] = "1";
 // Why a module was refused, as the payload "flexfed.reason" of the error status (for metrics and
 // audit): format, missing_tensor, unexpected_tensor, shape, dtype, non_finite, metadata,
-// anchor_mismatch, config_mismatch.
+// anchor_mismatch, config_mismatch, privacy_policy.
 inline constexpr char kRejectionPayload[] = "flexfed.reason";
 std::string RejectionReason(const absl::Status& status);
 
@@ -40,6 +40,20 @@ struct ExpertModuleMetadata {
 
 // The extraction rate recorded in `privacy`, when a complete audit is recorded there.
 std::optional<double> ExtractionRate(const ExpertModuleMetadata& metadata);
+// The differential-privacy ε recorded in `privacy` (the whole run's), when the expert was trained with DP.
+std::optional<double> DpEpsilon(const ExpertModuleMetadata& metadata);
+
+// What a module's privacy record must show before it is accepted: the owner's own gate (`push
+// --max-extraction`) and the operator's (`flexfed-coordinator --max-extraction`, `--max-dp-epsilon`).
+// Unset fields ask nothing.
+struct PrivacyPolicy {
+  std::optional<double> max_extraction;  // a complete extraction audit with at most this rate
+  std::optional<double> max_dp_epsilon;  // trained with DP-SGD at ε at most this
+  bool empty() const { return !max_extraction && !max_dp_epsilon; }
+};
+// OK when `metadata` meets `policy`; otherwise the rejection "privacy_policy" (kRejectionPayload)
+// naming what the record lacks or exceeds and how the owner gets a module that passes.
+absl::Status CheckPrivacyPolicy(const ExpertModuleMetadata& metadata, const PrivacyPolicy& policy);
 
 // SHA-256 of the fields of `config` that decide an expert's shapes and meaning.
 std::string ConfigHash(const ModelConfig& config);

@@ -87,28 +87,16 @@ at::Tensor RepeatKv(const at::Tensor& x, int64_t groups) {
   return x.unsqueeze(2).expand({b, g, groups, s, d}).reshape({b, g * groups, s, d});
 }
 
-at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale,
-                           int64_t block) {
-  const int64_t t = q.size(1);
-  TORCH_CHECK(k.size(1) == past + t && v.size(1) == past + t, "CausalAttention: ", k.size(1), " keys for ", past,
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale) {
+  const int64_t t = q.size(-2);
+  TORCH_CHECK(k.size(-2) == past + t && v.size(-2) == past + t, "CausalAttention: ", k.size(-2), " keys for ", past,
               " past and ", t, " new positions");
-  std::vector<at::Tensor> outs;
-  for (int64_t t0 = 0; t0 < t; t0 += block) {
-    const int64_t rows = std::min(block, t - t0), keys = past + t0 + rows;
-    at::Tensor qb = q.narrow(1, t0, rows), kt = k.narrow(1, 0, keys).transpose(1, 2);
-    at::Tensor scores;
-    if (rows > 1) {
-      // Row r (position past + t0 + r) masks keys j > past + t0 + r.
-      at::Tensor mask = at::full({rows, keys}, -std::numeric_limits<float>::infinity(), q.options().requires_grad(false))
-                            .triu(past + t0 + 1);
-      scores = at::baddbmm(mask.expand({q.size(0), rows, keys}), qb, kt, /*beta=*/1.0, /*alpha=*/scale);
-    } else {
-      scores = at::bmm(qb, kt).mul_(scale);
-    }
-    at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
-    outs.push_back(at::bmm(probs, v.narrow(1, 0, keys)));
-  }
-  return outs.size() == 1 ? outs[0] : at::cat(outs, 1);
+  // One new position sees every key; a fresh sequence is plain causal (top-left aligned, the fused
+  // kernels' own mask); new positions after a cache need the mask shifted by `past`.
+  if (t == 1) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/false, scale);
+  if (past == 0) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale);
+  const at::Tensor visible = at::ones({t, past + t}, q.options().dtype(at::kBool)).tril(past);
+  return at::scaled_dot_product_attention(q, k, v, visible, 0.0, /*is_causal=*/false, scale);
 }
 
 at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {

@@ -30,12 +30,12 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 at::Tensor RepeatKv(const at::Tensor& x, int64_t groups);
 
 // Causal softmax attention: query i (at position past + i) sees keys 0 .. past + i.
-// q: [BH, T, D]; k, v: [BH, past + T, D] → [BH, T, D]. Scores are formed as q·kᵀ·scale in fp32
-// softmax (cast back to q's dtype before the value product, as HF's eager attention). Queries go
-// in blocks of `block`, each against only the keys it can see, so the masked upper triangle is
-// mostly never computed; inside a block, baddbmm adds the 0/-inf mask in the GEMM's epilogue.
-at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale,
-                           int64_t block = 128);
+// q: [B, heads, T, D]; k, v: [B, heads, past + T, D] → [B, heads, T, D], softmax(q·kᵀ·scale)·v.
+// Through ATen's scaled_dot_product_attention, which picks a fused kernel where one applies (flash
+// attention on CPU and CUDA, cuDNN or memory-efficient on CUDA): the [T, T] scores are never kept,
+// so memory grows with T, not T² (docs/PERFORMANCE.md). Softmax is accumulated in fp32 whatever the
+// inputs' dtype.
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale);
 
 // down(silu(x·gateᵀ) * (x·upᵀ)). x: [N, H], gate/up: [F, H], down: [H, F] → [N, H].
 at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);

@@ -426,10 +426,8 @@ at::Tensor FlexOlmoModel::Attention(int64_t layer, const at::Tensor& x, int64_t 
   k = RepeatKv(k, nq / nkv);
   v = RepeatKv(v, nq / nkv);
 
-  const int64_t s_len = past + t;
-  at::Tensor out = CausalAttention(q.reshape({b * nq, t, d}), k.reshape({b * nq, s_len, d}), v.reshape({b * nq, s_len, d}),
-                                   past, 1.0 / std::sqrt(static_cast<double>(d)));
-  out = out.view({b, nq, t, d}).transpose(1, 2).reshape({b, t, nq * d});
+  at::Tensor out = CausalAttention(q, k, v, past, 1.0 / std::sqrt(static_cast<double>(d)));  // [b, nq, t, d]
+  out = out.transpose(1, 2).reshape({b, t, nq * d});
   return at::linear(out, w.o_proj);
 }
 
@@ -468,6 +466,11 @@ at::Tensor FlexOlmoModel::Moe(int64_t layer, const at::Tensor& x, const at::Tens
 
 at::Tensor FlexOlmoModel::Forward(const at::Tensor& ids, const Routing& routing, KvCache* cache,
                                   ForwardTrace* trace) const {
+  return at::linear(ForwardHidden(ids, routing, cache, trace), lm_head_);
+}
+
+at::Tensor FlexOlmoModel::ForwardHidden(const at::Tensor& ids, const Routing& routing, KvCache* cache,
+                                        ForwardTrace* trace) const {
   TORCH_CHECK(ids.dim() == 2, "Forward: ids must be [batch, tokens], got ", ids.sizes());
   const int64_t b = ids.size(0), t = ids.size(1), hidden = config_.hidden_size;
   const int64_t past = cache != nullptr ? cache->length : 0;
@@ -506,7 +509,7 @@ at::Tensor FlexOlmoModel::Forward(const at::Tensor& ids, const Routing& routing,
     h = h + RmsNorm(m, w.post_feedforward_layernorm, config_.rms_norm_eps);
   }
   if (cache != nullptr) cache->length = past + t;
-  return at::linear(RmsNorm(h, norm_, config_.rms_norm_eps), lm_head_);
+  return RmsNorm(h, norm_, config_.rms_norm_eps);
 }
 
 void SetCpuThreads(int threads) {

@@ -93,6 +93,11 @@ class FlexOlmoModel {
   at::Tensor Forward(const at::Tensor& ids, const Routing& routing = {}, KvCache* cache = nullptr,
                      ForwardTrace* trace = nullptr) const;
 
+  // Forward without the output head: the final norm's output [B, T, H], for a loss that applies the
+  // head itself a chunk at a time (common/train/cross_entropy.h). Forward = linear(this, lm_head()).
+  at::Tensor ForwardHidden(const at::Tensor& ids, const Routing& routing = {}, KvCache* cache = nullptr,
+                           ForwardTrace* trace = nullptr) const;
+
   KvCache NewCache(int64_t batch, int64_t capacity) const;
 
   // Every weight under its HF name (dense olmo2 names for olmo2 models), in a fixed order.

@@ -9,12 +9,15 @@
 
 namespace flexfed {
 
-AdamW::AdamW(std::vector<NamedTensor> params, AdamWOptions options)
-    : params_(std::move(params)), options_(options) {
-  for (const NamedTensor& p : params_) {
+AdamW::AdamW(std::vector<NamedTensor> params, AdamWOptions options, std::vector<bool> owned)
+    : params_(std::move(params)), owned_(std::move(owned)), options_(options) {
+  if (owned_.empty()) owned_.assign(params_.size(), true);
+  TORCH_CHECK(owned_.size() == params_.size(), "AdamW: ", owned_.size(), " ownership flags for ", params_.size(), " parameters");
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const NamedTensor& p = params_[i];
     TORCH_CHECK(p.tensor.requires_grad(), "AdamW: parameter ", p.name, " does not require grad");
-    exp_avg_.push_back(at::zeros_like(p.tensor, at::kFloat));
-    exp_avg_sq_.push_back(at::zeros_like(p.tensor, at::kFloat));
+    exp_avg_.push_back(owned_[i] ? at::zeros_like(p.tensor, at::kFloat) : at::Tensor());
+    exp_avg_sq_.push_back(owned_[i] ? at::zeros_like(p.tensor, at::kFloat) : at::Tensor());
   }
 }
 
@@ -34,7 +37,7 @@ void AdamW::Step(double lr) {
   ++step_;
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor p = params_[i].tensor;
-    if (!p.grad().defined()) continue;
+    if (!owned_[i] || !p.grad().defined()) continue;
     at::Tensor g = p.grad().to(at::kFloat);
     // Moments and the update in fp32 whatever the parameter dtype (bf16 weights keep fp32 moments).
     at::Tensor p32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
@@ -50,6 +53,7 @@ void AdamW::ZeroGrad() {
 std::vector<NamedTensor> AdamW::State() const {
   std::vector<NamedTensor> state = {{"step", at::tensor(step_, at::kLong).reshape({})}};
   for (size_t i = 0; i < params_.size(); ++i) {
+    if (!owned_[i]) continue;
     state.push_back({params_[i].name + ".exp_avg", exp_avg_[i]});
     state.push_back({params_[i].name + ".exp_avg_sq", exp_avg_sq_[i]});
   }
@@ -65,6 +69,7 @@ absl::Status AdamW::LoadState(const std::vector<NamedTensor>& state) {
   }
   std::vector<at::Tensor> m(params_.size()), v(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
+    if (!owned_[i]) continue;
     for (auto [suffix, out] : {std::pair{".exp_avg", &m[i]}, {".exp_avg_sq", &v[i]}}) {
       auto it = by_name.find(params_[i].name + suffix);
       if (it == by_name.end() || it->second.sizes() != params_[i].tensor.sizes()) {

@@ -24,7 +24,10 @@ struct AdamWOptions {
 // requires_grad; the optimizer updates them in place under no-grad. Not thread-safe.
 class AdamW {
  public:
-  AdamW(std::vector<NamedTensor> params, AdamWOptions options);
+  // With `owned` (one flag per parameter; ZeRO-1 sharding, common/train/distributed.h), moments
+  // are kept and updates made only for the parameters marked true — the others are another
+  // rank's. Empty: every parameter is owned.
+  AdamW(std::vector<NamedTensor> params, AdamWOptions options, std::vector<bool> owned = {});
 
   // One update with learning rate `lr` from the parameters' current .grad(); parameters without a
   // gradient are skipped (their moments stay as they are).
@@ -33,15 +36,22 @@ class AdamW {
 
   int64_t steps() const { return step_; }
   const std::vector<NamedTensor>& params() const { return params_; }
+  bool owns(size_t i) const { return owned_[i]; }
+  // Parameter i's moments (owned parameters only; undefined otherwise).
+  const at::Tensor& exp_avg(size_t i) const { return exp_avg_[i]; }
+  const at::Tensor& exp_avg_sq(size_t i) const { return exp_avg_sq_[i]; }
 
-  // State as tensors "<param>.exp_avg", "<param>.exp_avg_sq" plus "step" (I64 scalar).
+  // State as tensors "<param>.exp_avg", "<param>.exp_avg_sq" (of the owned parameters) plus
+  // "step" (I64 scalar).
   std::vector<NamedTensor> State() const;
-  // Restores what State() returned; every tensor must be present with the parameter's shape.
+  // Restores the owned parameters' moments and the step from a state (every owned parameter's
+  // tensors present with its shape; others in it are ignored).
   absl::Status LoadState(const std::vector<NamedTensor>& state);
 
  private:
   std::vector<NamedTensor> params_;
-  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;  // undefined for parameters not owned
+  std::vector<bool> owned_;
   AdamWOptions options_;
   int64_t step_ = 0;
 };

@@ -3,11 +3,14 @@
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/core/file_util.h"
+#include "common/core/processes.h"
 #include "common/train/train_command.h"
+#include "common/train/distributed.h"
 #include "common/train/dp_accountant.h"
 #include "common/train/training.h"
 
@@ -15,14 +18,6 @@ namespace flexfed {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::atomic<bool> g_stop{false};
-std::atomic<int> g_signal{0};
-
-extern "C" void OnSignal(int sig) {
-  g_signal.store(sig);
-  g_stop.store(true);
-}
 
 struct Options {
   TrainCommandKind kind = TrainCommandKind::kOwner;
@@ -32,6 +27,7 @@ struct Options {
   bool resume = false, dense = false, plain = false;
   std::string pretrain;
   std::string program;  // "flexfed-owner train", "flexfedctl router-tune"
+  WorkerLaunch launch;  // --nproc-per-node and friends: this process starts the data-parallel workers
   // Options the user actually gave, and how each one sets its field.
   std::vector<std::pair<CLI::Option*, std::function<void(TrainConfig&, const TrainConfig&)>>> setters;
 };
@@ -45,6 +41,16 @@ absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
 }
 
 absl::Status Run(Options& o) {
+  // Data-parallel: a launcher starts the workers and waits; a worker finds its rank in the environment.
+  absl::StatusOr<std::optional<DistributedSettings>> distributed = DistributedSettings::FromEnvironment();
+  if (!distributed.ok()) return distributed.status();
+  if (!*distributed && (o.launch.nproc_per_node > 1 || o.launch.nnodes > 1)) {
+    std::string failure;
+    const int code = RunWorkers(o.launch, &failure);
+    if (code == 1) return absl::AbortedError(failure);
+    if (code != 0) std::exit(code);  // stopped by a signal: the workers saved a checkpoint and said how to resume
+    return absl::OkStatus();
+  }
   // Settings: defaults, then the run's own (on --resume) or --config, then explicit flags.
   TrainConfig config;
   if (o.kind == TrainCommandKind::kRouterTuning) {  // the paper's router tuning: lr 2e-3, the release's k
@@ -85,12 +91,32 @@ absl::Status Run(Options& o) {
     return absl::InvalidArgumentError(o.kind == TrainCommandKind::kRouterTuning ? "--anchor DIR is required: the anchor the modules were trained against"
                                                                                 : "--anchor DIR is required (except with --pretrain)");
   }
-  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(config, o.inputs, o.resume);
+  std::unique_ptr<DataParallelGroup> group;
+  if (*distributed) {
+    // The machine's cores are shared by its workers.
+    if (config.threads == 0) {
+      config.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / (*distributed)->local_world_size);
+    }
+    absl::StatusOr<std::unique_ptr<DataParallelGroup>> joined = DataParallelGroup::Join(**distributed, config.device == "cuda");
+    if (!joined.ok()) return joined.status();
+    group = *std::move(joined);
+  }
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(config, o.inputs, o.resume, group.get());
   if (!trainer.ok()) return trainer.status();
-  std::signal(SIGINT, OnSignal);
-  std::signal(SIGTERM, OnSignal);
+  const std::atomic<bool>& stop = InstallStopSignals();
   std::signal(SIGPIPE, SIG_IGN);  // a closed log reader must not kill hours of training
+  const bool lead = group == nullptr || group->rank() == 0;
   ProgressReporter progress(stderr, o.plain);
+  if (!lead) {
+    absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&stop, nullptr);  // rank 0 reports for the group
+    if (!out.ok()) return out.status();
+    if (out->interrupted) std::exit(128 + StopSignal());
+    return absl::OkStatus();
+  }
+  if (group != nullptr) {
+    progress.Line(absl::StrCat("data-parallel: ", group->world_size(), " processes (this is rank 0 of ",
+                               group->world_size(), "), each step's sequences split between them"));
+  }
   progress.Line(absl::StrCat("training on ", (*trainer)->ComputeDescription()));
   if (std::optional<DpAccount> dp = (*trainer)->Privacy()) {
     DpAccount planned = *dp;
@@ -102,12 +128,12 @@ absl::Status Run(Options& o) {
                                   (*trainer)->total_steps(), accountant.Epsilon(planned.delta).epsilon, planned.delta));
   }
   if (o.resume) progress.Line(absl::StrCat("resuming at step ", (*trainer)->step(), " of ", (*trainer)->total_steps()));
-  absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&g_stop, &progress);
+  absl::StatusOr<TrainOutcome> out = (*trainer)->Run(&stop, &progress);
   if (!out.ok()) return out.status();
   if (out->interrupted) {
     std::cerr << "stopped at step " << out->steps << " (checkpoint saved); continue with: " << o.program << " --run "
               << o.inputs.run_dir << " --resume\n";
-    std::exit(128 + g_signal.load());
+    std::exit(128 + StopSignal());
   }
   std::cout << "trained " << out->steps << " steps (" << out->tokens << " tokens); final loss " << out->last_loss;
   if (out->last_val_loss > 0) std::cout << ", validation loss " << out->last_val_loss;
@@ -207,7 +233,24 @@ void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
     bind("--dp-epsilon", &TrainConfig::dp_epsilon, "DP-SGD: instead of σ, the ε the whole run may spend (σ is solved for)");
     bind("--dp-delta", &TrainConfig::dp_delta, "DP-SGD: the δ of (ε, δ) (default 1e-5; keep it below 1 / sequences)");
   }
-  cmd->callback([o, name, exit_on_error] { exit_on_error(name, Run(*o)); });
+  cmd->add_option("--nproc-per-node", o->launch.nproc_per_node,
+                  "Data-parallel: train with this many processes on this machine (one per GPU; on a CPU they share the "
+                  "cores); each step's sequences are split between them")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("--nnodes", o->launch.nnodes, "Data-parallel across machines: how many machines run this command")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--node-rank", o->launch.node_rank, "Data-parallel across machines: this machine's index (0 = the one at --master-addr)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--master-addr", o->launch.master_addr, "Data-parallel: the address of machine 0, which serves the rendezvous");
+  cmd->add_option("--master-port", o->launch.master_port, "Data-parallel: its TCP port (default: a free one, one machine only)")
+      ->check(CLI::Range(0, 65535));
+  cmd->callback([o, name, exit_on_error] {
+    if (o->launch.node_rank >= o->launch.nnodes) {
+      exit_on_error(name, absl::InvalidArgumentError(absl::StrCat("--node-rank ", o->launch.node_rank,
+                                                                  " is not below --nnodes ", o->launch.nnodes)));
+    }
+    exit_on_error(name, Run(*o));
+  });
 }
 
 }  // namespace flexfed

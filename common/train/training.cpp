@@ -24,6 +24,7 @@
 #include "common/core/file_util.h"
 #include "common/model/moe_dispatch.h"
 #include "common/model/router_embedding.h"
+#include "common/train/cross_entropy.h"
 #include "common/train/dp_accountant.h"
 #include "common/train/dp_sgd.h"
 
@@ -224,15 +225,17 @@ absl::StatusOr<std::string> LatestCheckpoint(const std::string& run_dir) {
 }
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& config, const TrainInputs& inputs,
-                                                         bool resume) {
+                                                         bool resume, DataParallelGroup* group) {
   if (absl::Status s = config.Validate(); !s.ok()) return s;
   std::unique_ptr<Trainer> t(new Trainer());
   t->config_ = config;
   t->inputs_ = inputs;
+  t->group_ = group;
   SetCpuThreads(config.threads);
   absl::StatusOr<at::Device> device = TrainingDevice(config.device);
   if (!device.ok()) return device.status();
   t->device_ = *device;
+  if (group != nullptr && device->is_cuda()) t->device_ = at::Device(at::kCUDA, static_cast<at::DeviceIndex>(group->settings().local_rank));
   // Master weights, gradients and optimizer state stay fp32; bf16 is autocast's (the forward's products).
   if (config.precision == "bf16" || (config.precision == "auto" && device->is_cuda())) t->autocast_ = at::kBFloat16;
 
@@ -256,7 +259,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
       }
     }
     if (config.mode == "router") t->resumed_experts_ = saved->value("experts_sha256", std::vector<std::string>{});
-  } else if (fs::exists(config_path, ec)) {
+  } else if (t->lead() && fs::exists(config_path, ec)) {  // other ranks wait for rank 0's verdict
     return absl::AlreadyExistsError(absl::StrCat(inputs.run_dir, ": already holds a run; continue it with --resume or choose another folder"));
   }
 
@@ -414,7 +417,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     }
   }
   AdamWOptions aopts{config.beta1, config.beta2, config.eps, config.weight_decay};
-  t->optimizer_ = std::make_unique<AdamW>(t->trainable_, aopts);
+  std::vector<bool> owned;
+  if (group != nullptr) {
+    std::vector<int64_t> numels;
+    for (const NamedTensor& nt : t->trainable_) numels.push_back(nt.tensor.numel());
+    t->state_owner_ = ShardOptimizerState(numels, group->world_size());
+    for (int r : t->state_owner_) owned.push_back(r == group->rank());
+  }
+  t->optimizer_ = std::make_unique<AdamW>(t->trainable_, aopts, owned);
   t->order_ = Permutation(t->train_->size(), config.seed);
 
   // MFU: 6 FLOPs per trained weight and 4 per frozen weight used (forward + input gradient) per
@@ -432,11 +442,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
   t->gemm_rate_ = MeasureGemmRate(gemm_rows, mc.hidden_size, mc.intermediate_size, t->device_,
                                   t->autocast_.value_or(at::kFloat));
 
-  fs::create_directories(run / "checkpoints", ec);
-  if (ec) return absl::InternalError(absl::StrCat(inputs.run_dir, ": cannot create: ", ec.message()));
+  if (t->lead()) {
+    fs::create_directories(run / "checkpoints", ec);
+    if (ec) return absl::InternalError(absl::StrCat(inputs.run_dir, ": cannot create: ", ec.message()));
+  }
   if (resume) {
     if (absl::Status s = t->Resume(); !s.ok()) return s;
-  } else {
+  } else if (t->lead()) {
     json echo = {{"settings", config.IdentityJson()}, {"cadence", config.ToJson()}, {"anchor_sha256", t->anchor_id_},
                  {"anchor_dir", inputs.anchor_dir}, {"router_init", inputs.router_init}, {"modules", inputs.modules},
                  {"experts_sha256", t->tuned_experts_}, {"token_cache", corpus->key()},
@@ -531,10 +543,9 @@ at::Tensor Trainer::SequenceLosses(const std::vector<int64_t>& sequences, Forwar
     // The forward under autocast (when on); the backward outside it, as torch.autocast prescribes.
     std::optional<AutocastScope> autocast;
     if (autocast_) autocast.emplace(device_.type(), *autocast_);
-    at::Tensor logits = model_->Forward(inputs, {}, nullptr, &trace);
-    losses = at::cross_entropy_loss(logits.reshape({-1, mc.vocab_size}).to(at::kFloat), targets, {}, at::Reduction::None)
-                 .view({b, t})
-                 .mean(1);
+    // The output head and the loss a chunk of tokens at a time: never the whole [b·t, V] logits.
+    at::Tensor hidden = model_->ForwardHidden(inputs, {}, nullptr, &trace);
+    losses = ChunkedCrossEntropy(hidden.reshape({b * t, mc.hidden_size}), model_->lm_head(), targets).view({b, t}).mean(1);
     if (config_.z_loss > 0 && !trace.router_logits.empty()) {
       at::Tensor z = at::zeros({b}, losses.options());
       for (const at::Tensor& logits_l : trace.router_logits) z = z + at::logsumexp(logits_l, -1).pow(2).view({b, t}).mean(1);
@@ -563,7 +574,11 @@ double Trainer::Step() {
   return StepOn(sequences);
 }
 
-double Trainer::StepOn(const std::vector<int64_t>& sequences) {
+double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
+  // Data-parallel: this rank's share; the loss is still the mean over every sequence of the step.
+  const std::vector<int64_t> sequences =
+      group_ != nullptr ? ShareOfStep(step_sequences, group_->rank(), group_->world_size()) : step_sequences;
+  const int64_t tokens_before = tokens_;
   double loss_sum = 0;
   for (size_t begin = 0; begin < sequences.size(); begin += config_.batch_size) {
     const std::vector<int64_t> micro(sequences.begin() + begin,
@@ -574,9 +589,16 @@ double Trainer::StepOn(const std::vector<int64_t>& sequences) {
       // The mean over every sequence of the step: each micro-batch's share of it.
       ForwardTrace trace;
       at::Tensor losses = SequenceLosses(micro, trace);
-      (losses.sum() / static_cast<double>(sequences.size())).backward();
+      (losses.sum() / static_cast<double>(step_sequences.size())).backward();
       loss_sum += losses.sum().item<double>();
     }
+  }
+  if (group_ != nullptr) {
+    SumGradients();
+    at::Tensor totals = at::tensor({loss_sum, static_cast<double>(tokens_ - tokens_before)}, at::kDouble);
+    group_->SumInPlace({totals});
+    loss_sum = totals[0].item<double>();
+    tokens_ = tokens_before + static_cast<int64_t>(totals[1].item<double>());
   }
   if (config_.dp()) {
     // Σ_s c_s ∇ℓ_s + N(0, σ²C²), over the expected batch (the same divisor whatever was drawn).
@@ -590,9 +612,84 @@ double Trainer::StepOn(const std::vector<int64_t>& sequences) {
     last_grad_norm_ = ClipGradNorm(trainable_, config_.grad_clip);
   }
   optimizer_->Step(LearningRate(step_));
+  if (group_ != nullptr) BroadcastUpdated();
   optimizer_->ZeroGrad();
   ++step_;
-  return sequences.empty() ? 0.0 : loss_sum / static_cast<double>(sequences.size());
+  return step_sequences.empty() ? 0.0 : loss_sum / static_cast<double>(step_sequences.size());
+}
+
+bool Trainer::lead() const { return group_ == nullptr || group_->rank() == 0; }
+
+void Trainer::SumGradients() {
+  at::NoGradGuard no_grad;
+  // A rank with no sequence in this step (a small DP sample) has no gradients: it adds zeros, and a
+  // tensor no rank has a gradient for stays without one, as on one process.
+  at::Tensor defined = at::zeros({static_cast<int64_t>(trainable_.size())}, at::kFloat);
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < trainable_.size(); ++i) {
+    at::Tensor p = trainable_[i].tensor;
+    if (p.grad().defined()) {
+      defined[static_cast<int64_t>(i)] = 1.0f;
+    } else {
+      p.mutable_grad() = at::zeros_like(p);
+    }
+    grads.push_back(p.grad());
+  }
+  group_->SumInPlace({defined});
+  group_->SumInPlace(grads);
+  for (size_t i = 0; i < trainable_.size(); ++i) {
+    if (defined[static_cast<int64_t>(i)].item<float>() == 0.0f) trainable_[i].tensor.mutable_grad() = at::Tensor();
+  }
+}
+
+void Trainer::BroadcastUpdated() {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < trainable_.size(); ++i) group_->Broadcast(trainable_[i].tensor, state_owner_[i]);
+}
+
+bool Trainer::AnyRank(bool flag) {
+  if (group_ == nullptr) return flag;
+  at::Tensor f = at::tensor({flag ? 1.0f : 0.0f});
+  group_->SumInPlace({f});
+  return f.item<float>() > 0;
+}
+
+void Trainer::SumRoutingCounts() {
+  if (group_ == nullptr || model_->config().model_type != "flex_olmo") return;
+  // Every rank contributes a [layers, experts] table, zeros where it routed nothing.
+  const int64_t layers = model_->config().num_hidden_layers, experts = model_->config().num_experts;
+  at::Tensor counts = at::zeros({layers, experts}, at::kDouble);
+  for (size_t l = 0; l < routing_counts_.size() && static_cast<int64_t>(l) < layers; ++l) {
+    for (int64_t e = 0; e < experts && e < static_cast<int64_t>(routing_counts_[l].size()); ++e) {
+      counts[static_cast<int64_t>(l)][e] = routing_counts_[l][e];
+    }
+  }
+  group_->SumInPlace({counts});
+  routing_counts_.assign(layers, std::vector<double>(experts, 0.0));
+  const at::Tensor c = counts.contiguous();
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t e = 0; e < experts; ++e) routing_counts_[l][e] = c.data_ptr<double>()[l * experts + e];
+  }
+}
+
+std::vector<NamedTensor> Trainer::FullOptimizerState() {
+  std::vector<NamedTensor> state = optimizer_->State();
+  if (group_ == nullptr) return state;
+  // Each moment from the rank that keeps it; rank 0 collects them in the one-process format.
+  std::vector<NamedTensor> full = {state[0]};  // "step"
+  for (size_t i = 0; i < trainable_.size(); ++i) {
+    const at::Tensor& p = trainable_[i].tensor;
+    const bool mine = optimizer_->owns(i);
+    at::Tensor m = mine ? optimizer_->exp_avg(i) : at::empty(p.sizes(), p.options().dtype(at::kFloat).requires_grad(false));
+    at::Tensor v = mine ? optimizer_->exp_avg_sq(i) : at::empty(p.sizes(), p.options().dtype(at::kFloat).requires_grad(false));
+    group_->Broadcast(m, state_owner_[i]);
+    group_->Broadcast(v, state_owner_[i]);
+    if (lead()) {
+      full.push_back({trainable_[i].name + ".exp_avg", m});
+      full.push_back({trainable_[i].name + ".exp_avg_sq", v});
+    }
+  }
+  return full;
 }
 
 ForwardTrace Trainer::DpTrace() const {
@@ -674,6 +771,8 @@ EvalResult Trainer::Validate() {
 }
 
 absl::Status Trainer::SaveCheckpoint() {
+  const std::vector<NamedTensor> optimizer_state = FullOptimizerState();  // every rank takes part
+  if (!lead()) return absl::OkStatus();
   const fs::path dir = fs::path(inputs_.run_dir) / "checkpoints";
   const std::string name = CheckpointName(step_);
   const fs::path tmp = dir / absl::StrCat(name, ".tmp");
@@ -682,7 +781,7 @@ absl::Status Trainer::SaveCheckpoint() {
   fs::create_directories(tmp, ec);
   if (ec) return absl::InternalError(absl::StrCat(tmp.string(), ": cannot create: ", ec.message()));
   if (absl::Status s = WriteSafetensors((tmp / "trainable.safetensors").string(), trainable_); !s.ok()) return s;
-  if (absl::Status s = WriteSafetensors((tmp / "optimizer.safetensors").string(), optimizer_->State()); !s.ok()) return s;
+  if (absl::Status s = WriteSafetensors((tmp / "optimizer.safetensors").string(), optimizer_state); !s.ok()) return s;
   json state = {{"step", step_}, {"tokens", tokens_}, {"epoch", epoch_}, {"position", position_},
                 {"anchor_sha256", anchor_id_}, {"settings", config_.IdentityJson()}};
   if (std::optional<DpAccount> dp = Privacy()) state["dp"] = dp->ToJson();  // what export records
@@ -738,7 +837,7 @@ absl::Status Trainer::Resume() {
   Compose();
   // Metrics logged after that checkpoint belong to a future that did not happen: drop them.
   const std::string metrics = (fs::path(inputs_.run_dir) / kMetricsFile).string();
-  absl::StatusOr<std::string> text = ReadFile(metrics);
+  absl::StatusOr<std::string> text = lead() ? ReadFile(metrics) : absl::StatusOr<std::string>(absl::NotFoundError("not rank 0"));
   if (text.ok()) {
     std::string kept;
     std::istringstream lines(*text);
@@ -779,8 +878,13 @@ absl::Status Trainer::WriteModel() {
 }
 
 absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, ProgressReporter* progress) {
-  std::ofstream metrics(fs::path(inputs_.run_dir) / kMetricsFile, std::ios::app);
-  if (!metrics) return absl::InternalError(absl::StrCat(inputs_.run_dir, ": cannot write ", kMetricsFile));
+  std::ofstream metrics;  // rank 0's; the other ranks log nothing
+  if (lead()) {
+    metrics.open(fs::path(inputs_.run_dir) / kMetricsFile, std::ios::app);
+    if (!metrics) return absl::InternalError(absl::StrCat(inputs_.run_dir, ": cannot write ", kMetricsFile));
+  } else {
+    progress = nullptr;
+  }
   TrainOutcome out;
   const auto start = Clock::now();
   const int64_t first_step = step_;
@@ -795,7 +899,7 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
     window_tokens += tokens_ - tokens_before;
     window_loss += loss;
     ++window_steps;
-    const bool stopping = stop != nullptr && stop->load();
+    const bool stopping = AnyRank(stop != nullptr && stop->load());
     const bool last = step_ == total_steps_;
     if (step_ % config_.log_every == 0 || last || stopping) {
       const double seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
@@ -804,6 +908,7 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
       json j = {{"step", step_}, {"tokens", tokens_}, {"loss", window_loss / window_steps}, {"lr", LearningRate(step_ - 1)},
                 {"grad_norm", last_grad_norm_}, {"tokens_per_s", tps}, {"mfu", mfu}};
       std::string privacy;
+      SumRoutingCounts();
       if (std::optional<DpAccount> dp = Privacy()) {
         j["epsilon"] = dp->epsilon;
         privacy = absl::StrFormat(" | ε %.3g", dp->epsilon);
@@ -834,7 +939,7 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
       window_loss = 0;
       window_steps = 0;
     }
-    if (config_.val_every > 0 && !val_indices_.empty() && (step_ % config_.val_every == 0 || last)) {
+    if (lead() && config_.val_every > 0 && !val_indices_.empty() && (step_ % config_.val_every == 0 || last)) {
       EvalResult v = Validate();
       out.last_val_loss = v.loss;
       metrics << json({{"step", step_}, {"val_loss", v.loss}, {"val_bits_per_byte", v.bits_per_byte}}).dump() << "\n" << std::flush;
@@ -850,7 +955,7 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
       break;
     }
   }
-  if (!out.interrupted) {
+  if (!out.interrupted && lead()) {
     if (absl::Status s = WriteModel(); !s.ok()) return s;
   }
   if (progress != nullptr) progress->Finish();

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "common/train/adamw.h"
 #include "common/train/data.h"
+#include "common/train/distributed.h"
 #include "common/train/loss.h"
 #include "common/model/model.h"
 #include "common/core/progress.h"
@@ -104,11 +105,14 @@ class Trainer {
  public:
   // Sets up a new run in inputs.run_dir (which must hold no run), or with `resume` continues the
   // run there from its latest checkpoint: weights, optimizer, schedule and data position.
+  // With `group` (data-parallel training, common/train/distributed.h; it must outlive the
+  // Trainer) this process is one rank: it trains on its share of every step, sums gradients with
+  // the others and keeps its shard of the optimizer state; only rank 0 writes the run folder.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainConfig& config, const TrainInputs& inputs,
-                                                         bool resume);
+                                                         bool resume, DataParallelGroup* group = nullptr);
 
   // Trains until the step budget is spent or `stop` becomes true (checked after every step, e.g.
-  // set by SIGINT). Checkpoints every checkpoint_every steps and when it stops; at the end also
+  // set by SIGINT; data-parallel ranks stop together when any of them is asked to). Checkpoints every checkpoint_every steps and when it stops; at the end also
   // writes RUN/model. `progress` may be null.
   absl::StatusOr<TrainOutcome> Run(const std::atomic<bool>* stop, ProgressReporter* progress);
 
@@ -158,6 +162,15 @@ class Trainer {
   // Per-sequence squared gradient norms [B] fp64 from the losses and their trace (graph kept).
   at::Tensor GradientNormsSq(const at::Tensor& losses, const ForwardTrace& trace);
   std::vector<std::vector<double>> routing_counts_;  // [layer][expert] top-1 counts since last log
+  bool lead() const;  // writes the run folder: the only process, or rank 0
+  void SumGradients();  // data-parallel: every rank's gradients summed (undefined where all are)
+  void BroadcastUpdated();  // data-parallel: each tensor from the rank that stepped it
+  bool AnyRank(bool flag);  // data-parallel: whether any rank's flag is set (the flag alone otherwise)
+  void SumRoutingCounts();
+  std::vector<NamedTensor> FullOptimizerState();  // data-parallel: gathered from the shards (rank 0's is whole)
+
+  DataParallelGroup* group_ = nullptr;
+  std::vector<int> state_owner_;  // ZeRO-1: the rank keeping each trainable tensor's optimizer state
 
   TrainConfig config_;
   TrainInputs inputs_;

@@ -197,6 +197,44 @@ TEST_CASE("every kind of bad module is rejected with its own reason and nothing 
   }
 }
 
+TEST_CASE("the operator's privacy policy refuses modules without the audit or DP it asks for", "[coordinator_logic]") {
+  Site site;
+  site.policy.max_extraction = 0.01;
+  site.policy.max_dp_epsilon = 8;
+  site.Reopen();
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  auto upload = [&](const std::string& name, const std::string& privacy) {
+    const std::string path = site.Module(name, [&](ExpertTensors&, ExpertModuleMetadata& m) { m.privacy = privacy; });
+    return ValueOrDie(Upload(*site.coordinator, acme, expert, path));
+  };
+  const std::string audit_ok = R"("extraction": {"audited": 200, "extracted": 1, "rate": 0.005, "complete": true})";
+  const std::string dp_ok = R"("dp": {"epsilon": 4.0, "delta": 1e-5})";
+  v1::CommitUploadResponse r = upload("none", "");
+  CHECK(r.rejection() == "privacy_policy");
+  CHECK_THAT(r.message(), Catch::Contains("flexfed-owner audit"));
+  r = upload("leaky", R"({"extraction": {"audited": 100, "extracted": 5, "rate": 0.05, "complete": true}, )" + dp_ok + "}");
+  CHECK(r.rejection() == "privacy_policy");
+  CHECK_THAT(r.message(), Catch::Contains("0.0500 exceeds the allowed 0.0100"));
+  r = upload("partial", R"({"extraction": {"audited": 10, "extracted": 0, "rate": 0, "complete": false}, )" + dp_ok + "}");
+  CHECK(r.rejection() == "privacy_policy");
+  r = upload("no_dp", "{" + audit_ok + "}");
+  CHECK(r.rejection() == "privacy_policy");
+  CHECK_THAT(r.message(), Catch::Contains("--dp-epsilon 8"));
+  r = upload("loose_dp", "{" + audit_ok + R"(, "dp": {"epsilon": 20.0, "delta": 1e-5}})");
+  CHECK(r.rejection() == "privacy_policy");
+  CHECK(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());  // nothing became visible
+  CHECK(site.coordinator->counters().rejected_uploads["privacy_policy"] == 5);
+  r = upload("good", "{" + audit_ok + ", " + dp_ok + "}");
+  CHECK(r.rejection().empty());
+  CHECK_FALSE(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());
+
+  // Without a policy the same unaudited module is accepted.
+  site.policy = {};
+  site.Reopen();
+  CHECK(upload("none_again", "").rejection().empty());
+}
+
 TEST_CASE("identity and authorization", "[coordinator_logic]") {
   Site site;
   auto [acme, acme_cert] = site.Enroll("acme");

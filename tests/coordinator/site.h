@@ -71,6 +71,7 @@ struct Site {
   PeerIdentity admin{"ops", "admin", std::string(64, 'a'), 0};
   int64_t now = 1'800'000'000;  // the coordinator's clock: tests move it by hand
   ModelConfig config;
+  PrivacyPolicy policy;  // the operator's; takes effect at the next Reopen()
 
   Site() {
     auto [key, ca] = ValueOrDie(MakeCa("test CA", 30));
@@ -99,7 +100,7 @@ struct Site {
   // A restart: the coordinator closed and opened again on the same data directory.
   void Reopen() {
     coordinator.reset();
-    coordinator = ValueOrDie(Coordinator::Open({dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }}));
+    coordinator = ValueOrDie(Coordinator::Open({dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }, policy}));
   }
 
   // Adds and enrolls an owner; returns its authenticated identity and certificate (its private

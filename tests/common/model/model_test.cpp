@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <filesystem>
 
@@ -109,20 +110,30 @@ TEST_CASE("the fused inference RMSNorm equals the ATen reference", "[model]") {
   CHECK(at::equal(y, RmsNormReference(x, w, 1e-6)));
 }
 
-TEST_CASE("blocked causal attention equals full masked attention", "[model]") {
-  const int64_t bh = 3, d = 8;
+TEST_CASE("causal attention equals full masked attention, values and gradients", "[model]") {
+  at::AutoGradMode grad_on(true);
+  const int64_t b = 2, heads = 3, d = 8;
   for (int64_t past : {0, 5}) {
     for (int64_t t : {1, 7, 20}) {
-      at::Tensor q = at::randn({bh, t, d}), k = at::randn({bh, past + t, d}), v = at::randn({bh, past + t, d});
-      at::Tensor scores = at::matmul(q, k.transpose(1, 2)) * 0.3;
+      INFO("past " << past << ", tokens " << t);
+      at::Tensor q = at::randn({b, heads, t, d}).requires_grad_(), k = at::randn({b, heads, past + t, d}).requires_grad_(),
+                 v = at::randn({b, heads, past + t, d}).requires_grad_();
       at::Tensor future = at::ones({t, past + t}, at::kBool).triu(past + 1);
-      at::Tensor want = at::matmul(at::softmax(scores.masked_fill(future, -INFINITY), -1), v);
-      for (int64_t block : {1, 3, 64}) {
-        INFO("past " << past << ", tokens " << t << ", block " << block);
-        CHECK(RelativeError(CausalAttention(q, k, v, past, 0.3, block), want) < 1e-6);
-      }
+      at::Tensor want = at::matmul(at::softmax((at::matmul(q, k.transpose(-1, -2)) * 0.3).masked_fill(future, -INFINITY), -1), v);
+      at::Tensor got = CausalAttention(q, k, v, past, 0.3);
+      CHECK(RelativeError(got, want) < 1e-5);
+      at::Tensor g = at::randn(want.sizes());
+      std::vector<at::Tensor> gw = torch::autograd::grad({want}, {q, k, v}, {g});
+      std::vector<at::Tensor> gg = torch::autograd::grad({got}, {q, k, v}, {g});
+      for (int i = 0; i < 3; ++i) CHECK(RelativeError(gg[i], gw[i]) < 1e-5);
     }
   }
+  // bf16 inputs: within bf16 rounding of the fp32 result.
+  at::Tensor q = at::randn({b, heads, 64, d}), k = at::randn({b, heads, 64, d}), v = at::randn({b, heads, 64, d});
+  at::Tensor exact = CausalAttention(q, k, v, 0, 0.3);
+  at::Tensor low = CausalAttention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), 0, 0.3);
+  CHECK(low.scalar_type() == at::kBFloat16);
+  CHECK(RelativeError(low.to(at::kFloat), exact) < 2e-2);
 }
 
 TEST_CASE("hand-derived block values", "[model]") {

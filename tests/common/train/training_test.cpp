@@ -8,6 +8,7 @@
 #include <random>
 #include <tuple>
 
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +18,7 @@
 #include "common/core/file_util.h"
 #include "common/core/model_config.h"
 #include "common/model/tokenizer.h"
+#include "common/train/cross_entropy.h"
 #include "common/train/dp_accountant.h"
 #include "common/train/dp_sgd.h"
 #include "common/train/loss.h"
@@ -643,6 +645,40 @@ TEST_CASE("pretraining with a tokenizer.json: the model takes its vocabulary and
              Catch::Contains("--pretrain only"));
   c.tokenizer = (fs::path(tokenizer_dir) / "missing").string();
   CHECK_FALSE(Trainer::Create(c, {"", "", w.Run("bpe_missing"), w.cache}, false).ok());
+}
+
+// ------------------------------------------------------------------------ the chunked loss
+
+TEST_CASE("the chunked cross-entropy equals the whole-logits one, values and gradients", "[training]") {
+  c10::AutoGradMode grad_on(true);
+  at::manual_seed(5);
+  const int64_t n = 37, h = 16, v = 50;
+  at::Tensor targets = at::randint(0, v, {n}, at::kLong);
+  for (int64_t chunk : {1, 8, 36, 37, 100}) {
+    INFO("chunk " << chunk);
+    at::Tensor hidden = at::randn({n, h}).requires_grad_(), weight = at::randn({v, h}).mul_(0.3).requires_grad_();
+    at::Tensor want = at::cross_entropy_loss(at::linear(hidden, weight), targets, {}, at::Reduction::None);
+    at::Tensor got = ChunkedCrossEntropy(hidden, weight, targets, chunk);
+    CHECK(got.scalar_type() == at::kFloat);
+    CHECK(testing::RelativeError(got, want) < 1e-6);
+    at::Tensor g = at::rand({n});  // a weighted sum: each token's gradient scales on its own
+    std::vector<at::Tensor> gw = torch::autograd::grad({want}, {hidden, weight}, {g});
+    std::vector<at::Tensor> gg = torch::autograd::grad({got}, {hidden, weight}, {g});
+    CHECK(testing::RelativeError(gg[0], gw[0]) < 1e-5);
+    CHECK(testing::RelativeError(gg[1], gw[1]) < 1e-5);
+  }
+  // A frozen output head gets no gradient; bf16 operands compute in bf16 and reduce in fp32.
+  at::Tensor hidden = at::randn({n, h}).requires_grad_(), frozen = at::randn({v, h});
+  at::Tensor loss = ChunkedCrossEntropy(hidden.to(at::kBFloat16), frozen.to(at::kBFloat16), targets, 8);
+  CHECK(loss.scalar_type() == at::kFloat);
+  at::Tensor reference = at::cross_entropy_loss(at::linear(hidden.to(at::kBFloat16), frozen.to(at::kBFloat16)).to(at::kFloat),
+                                                targets, {}, at::Reduction::None);
+  CHECK(testing::RelativeError(loss, reference) < 1e-5);
+  loss.sum().backward();
+  CHECK(hidden.grad().defined());
+  CHECK_FALSE(frozen.grad().defined());
+  CHECK(DefaultLossChunk(100352) == 334);  // a [334, 100352] fp32 block: 128 MiB
+  CHECK(DefaultLossChunk(259) == (int64_t{128} << 20) / 4 / 259);
 }
 
 // ---------------------------------------------------------------------- differential privacy

@@ -1,0 +1,158 @@
+#include "common/train/distributed.h"
+
+#include <ATen/ATen.h>
+// LibTorch builds c10d with Gloo; its header declares the Gloo process group only under this macro.
+#define USE_C10D_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <numeric>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace flexfed {
+
+struct DataParallelGroup::Impl {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+namespace {
+
+constexpr int64_t kBucketBytes = int64_t{64} << 20;
+
+absl::StatusOr<int> EnvInt(const char* name, int fallback, int low) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  int value = 0;
+  if (!absl::SimpleAtoi(text, &value) || value < low) {
+    return absl::InvalidArgumentError(absl::StrCat("environment variable ", name, "=", text, " is not an integer ≥ ", low));
+  }
+  return value;
+}
+
+}  // namespace
+
+absl::StatusOr<std::optional<DistributedSettings>> DistributedSettings::FromEnvironment() {
+  if (std::getenv("RANK") == nullptr) return std::optional<DistributedSettings>();
+  DistributedSettings s;
+  absl::StatusOr<int> rank = EnvInt("RANK", 0, 0), world = EnvInt("WORLD_SIZE", -1, 1);
+  if (!rank.ok()) return rank.status();
+  if (!world.ok()) return world.status();
+  if (*world < 0) return absl::InvalidArgumentError("RANK is set but WORLD_SIZE is not: set both (or neither)");
+  if (*rank >= *world) return absl::InvalidArgumentError(absl::StrCat("RANK=", *rank, " is not below WORLD_SIZE=", *world));
+  absl::StatusOr<int> local = EnvInt("LOCAL_RANK", *rank, 0), local_world = EnvInt("LOCAL_WORLD_SIZE", *world, 1);
+  absl::StatusOr<int> port = EnvInt("MASTER_PORT", s.master_port, 1);
+  if (!local.ok()) return local.status();
+  if (!local_world.ok()) return local_world.status();
+  if (!port.ok()) return port.status();
+  if (*port > 65535) return absl::InvalidArgumentError(absl::StrCat("MASTER_PORT=", *port, " is not a TCP port"));
+  s.rank = *rank;
+  s.world_size = *world;
+  s.local_rank = *local;
+  s.local_world_size = *local_world;
+  s.master_port = *port;
+  if (const char* addr = std::getenv("MASTER_ADDR"); addr != nullptr && *addr != '\0') s.master_addr = addr;
+  return std::optional<DistributedSettings>(s);
+}
+
+absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(const DistributedSettings& settings, bool cuda) {
+  std::unique_ptr<DataParallelGroup> g(new DataParallelGroup());
+  g->settings_ = settings;
+  g->impl_ = std::make_unique<Impl>();
+  const auto timeout = std::chrono::milliseconds(int64_t{settings.timeout_seconds} * 1000);
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(settings.master_port);
+    so.isServer = settings.rank == 0;
+    so.numWorkers = settings.world_size;
+    so.waitWorkers = true;
+    so.timeout = timeout;
+    g->impl_->store = c10::make_intrusive<c10d::TCPStore>(settings.master_addr, so);
+    // Gloo for CPU tensors; with CUDA tensors Gloo stages them through the host (LibTorch's CUDA
+    // builds). The device binds to GLOO_SOCKET_IFNAME when set (PyTorch's variable), to loopback
+    // for a one-machine group, else to the address this host's name resolves to.
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    const bool loopback = settings.master_addr == "127.0.0.1" || settings.master_addr == "localhost";
+    options->devices.push_back(ifname != nullptr && *ifname != '\0' ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                               : loopback ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                                          : c10d::ProcessGroupGloo::createDefaultDevice());
+    options->threads = 2;
+    g->impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(g->impl_->store, settings.rank, settings.world_size, options);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("rank ", settings.rank, " of ", settings.world_size, " could not join the group at ",
+                                               settings.master_addr, ":", settings.master_port, ": ", e.what(),
+                                               " (is rank 0 running, the port free and reachable?)"));
+  }
+  (void)cuda;
+  return g;
+}
+
+DataParallelGroup::~DataParallelGroup() = default;
+
+void DataParallelGroup::SumInPlace(const std::vector<at::Tensor>& tensors) {
+  size_t begin = 0;
+  while (begin < tensors.size()) {
+    size_t end = begin;
+    int64_t bytes = 0;
+    while (end < tensors.size() && (end == begin || bytes + tensors[end].nbytes() <= static_cast<size_t>(kBucketBytes))) {
+      bytes += static_cast<int64_t>(tensors[end].nbytes());
+      ++end;
+    }
+    std::vector<at::Tensor> bucket;
+    if (end - begin == 1) {
+      bucket = {tensors[begin]};
+    } else {
+      std::vector<at::Tensor> flat;
+      for (size_t i = begin; i < end; ++i) flat.push_back(tensors[i].reshape({-1}));
+      bucket = {at::cat(flat)};
+    }
+    impl_->backend->allreduce(bucket)->wait();
+    if (end - begin > 1) {
+      int64_t offset = 0;
+      for (size_t i = begin; i < end; ++i) {
+        const int64_t n = tensors[i].numel();
+        tensors[i].view({-1}).copy_(bucket[0].narrow(0, offset, n));
+        offset += n;
+      }
+    }
+    begin = end;
+  }
+}
+
+void DataParallelGroup::Broadcast(const at::Tensor& tensor, int root) {
+  std::vector<at::Tensor> one = {tensor};
+  c10d::BroadcastOptions o;
+  o.rootRank = root;
+  impl_->backend->broadcast(one, o)->wait();
+}
+
+void DataParallelGroup::Barrier() { impl_->backend->barrier()->wait(); }
+
+std::vector<int> ShardOptimizerState(const std::vector<int64_t>& numels, int world_size) {
+  std::vector<size_t> order(numels.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return numels[a] > numels[b]; });
+  std::vector<int64_t> load(static_cast<size_t>(std::max(1, world_size)), 0);
+  std::vector<int> owner(numels.size(), 0);
+  for (size_t i : order) {
+    const int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[i] = r;
+    load[static_cast<size_t>(r)] += numels[i];
+  }
+  return owner;
+}
+
+std::vector<int64_t> ShareOfStep(const std::vector<int64_t>& sequences, int rank, int world_size) {
+  const int64_t n = static_cast<int64_t>(sequences.size()), w = world_size, r = rank;
+  const int64_t base = n / w, extra = n % w;
+  const int64_t begin = r * base + std::min(r, extra), size = base + (r < extra ? 1 : 0);
+  return std::vector<int64_t>(sequences.begin() + begin, sequences.begin() + begin + size);
+}
+
+}  // namespace flexfed

@@ -1,0 +1,74 @@
+// Data-parallel owner training over PyTorch's distributed runtime (c10d): Gloo between CPU processes,
+// NCCL between GPUs. docs/OWNER_GUIDE.md ("Training on several processes or machines").
+//
+// Every rank holds the whole model and reads the same data in the same order; each optimizer step's
+// sequences are split between the ranks, the gradients summed across them, and the optimizer state
+// sharded (ZeRO stage 1): each trained tensor's AdamW moments live on one rank, which updates it and
+// broadcasts the new values. A step is the same step as on one process, to rounding. Checkpoints are
+// written by rank 0 in the one-process format (the optimizer state gathered first), so a run resumes
+// at any number of processes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace flexfed {
+
+struct DistributedSettings {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;        // this process's index on its machine (its GPU)
+  int local_world_size = 1;  // processes on this machine (they share its cores)
+  std::string master_addr = "127.0.0.1";  // where rank 0 serves the rendezvous store
+  int master_port = 29500;
+  int timeout_seconds = 1800;  // a collective that waits longer fails (a rank died or hangs)
+
+  // The settings a launcher put in the environment — torchrun's names: RANK, WORLD_SIZE,
+  // LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT — or nullopt when RANK is not set.
+  // Malformed or inconsistent values are an error naming the variable.
+  static absl::StatusOr<std::optional<DistributedSettings>> FromEnvironment();
+};
+
+// One rank's membership of the data-parallel group.
+class DataParallelGroup {
+ public:
+  // Joins the group (rank 0 serves the rendezvous store at master_addr:master_port): Gloo for
+  // CPU tensors, NCCL for CUDA ones where LibTorch has it (else Gloo). Blocks until every rank
+  // has joined or the timeout passes.
+  static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const DistributedSettings& settings, bool cuda);
+  ~DataParallelGroup();
+
+  int rank() const { return settings_.rank; }
+  int world_size() const { return settings_.world_size; }
+  const DistributedSettings& settings() const { return settings_; }
+
+  // Sums each tensor across ranks, in place (flattened into buckets of at most 64 MiB per call).
+  // The tensors must be contiguous, of one dtype and device, with the same shapes on every rank.
+  void SumInPlace(const std::vector<at::Tensor>& tensors);
+  // Every rank gets root's values, in place.
+  void Broadcast(const at::Tensor& tensor, int root);
+  void Barrier();
+
+ private:
+  DataParallelGroup() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  DistributedSettings settings_;
+};
+
+// ZeRO-1's sharding: the rank that keeps the optimizer state of each of the tensors with these
+// element counts — largest first, each to the rank with the fewest elements so far (ties: the
+// lowest rank). Deterministic, so every rank computes the same plan.
+std::vector<int> ShardOptimizerState(const std::vector<int64_t>& numels, int world_size);
+
+// Rank `rank`'s share of a step's sequences: a contiguous slice, the first (size % world) ranks
+// taking one more.
+std::vector<int64_t> ShareOfStep(const std::vector<int64_t>& sequences, int rank, int world_size);
+
+}  // namespace flexfed

@@ -1,0 +1,205 @@
+// Data-parallel owner training (common/train/distributed.h) with real processes: flexfed-owner train
+// --nproc-per-node 2 over Gloo gives the one-process run's losses and weights; a rank killed with
+// SIGKILL stops the group, and the run resumes from its last checkpoint at 2 or at 1 process.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/core/file_util.h"
+#include "common/model/model.h"
+#include "common/train/distributed.h"
+#include "tests/test_util.h"
+#include <nlohmann/json.hpp>
+
+extern char** environ;
+
+namespace flexfed {
+namespace {
+
+using testing::RelativeError;
+using testing::RunCommand;
+using testing::TempDir;
+using testing::ValueOrDie;
+namespace fs = std::filesystem;
+
+std::string Owner() { return testing::BinaryFromEnv("FLEXFED_OWNER"); }
+
+TEST_CASE("ZeRO-1 shards balance the optimizer state; each rank takes a contiguous share", "[data_parallel]") {
+  const std::vector<int> owner = ShardOptimizerState({100, 10, 100, 50, 40, 10}, 2);
+  // Largest first to the least loaded: 100→0, 100→1, 50→0, 40→1, 10→1, 10→0.
+  CHECK(owner == std::vector<int>{0, 1, 1, 0, 1, 0});
+  CHECK(ShardOptimizerState({5, 5, 5}, 1) == std::vector<int>{0, 0, 0});
+  const std::vector<int64_t> step = {7, 3, 9, 1, 4};
+  CHECK(ShareOfStep(step, 0, 2) == std::vector<int64_t>{7, 3, 9});
+  CHECK(ShareOfStep(step, 1, 2) == std::vector<int64_t>{1, 4});
+  CHECK(ShareOfStep(step, 3, 4) == std::vector<int64_t>{4});
+  CHECK(ShareOfStep({1}, 1, 2).empty());
+  CHECK(ShareOfStep(step, 0, 1) == step);
+}
+
+TEST_CASE("launcher settings in the environment are read and checked", "[data_parallel]") {
+  unsetenv("RANK");
+  CHECK_FALSE(ValueOrDie(DistributedSettings::FromEnvironment()).has_value());
+  setenv("RANK", "1", 1);
+  setenv("WORLD_SIZE", "2", 1);
+  setenv("MASTER_PORT", "29400", 1);
+  const DistributedSettings s = *ValueOrDie(DistributedSettings::FromEnvironment());
+  CHECK(s.rank == 1);
+  CHECK(s.world_size == 2);
+  CHECK(s.master_port == 29400);
+  setenv("RANK", "2", 1);
+  CHECK_THAT(std::string(DistributedSettings::FromEnvironment().status().message()), Catch::Contains("not below WORLD_SIZE"));
+  setenv("RANK", "x", 1);
+  CHECK_THAT(std::string(DistributedSettings::FromEnvironment().status().message()), Catch::Contains("RANK=x"));
+  for (const char* v : {"RANK", "WORLD_SIZE", "MASTER_PORT"}) unsetenv(v);
+}
+
+// The losses logged at every step of a run.
+std::vector<double> Losses(const fs::path& run) {
+  std::vector<double> out;
+  std::ifstream in(run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+  }
+  return out;
+}
+
+// The largest relative difference between two trained models' tensors.
+double WeightDifference(const fs::path& a, const fs::path& b) {
+  const FlexOlmoModel x = ValueOrDie(FlexOlmoModel::Load(a)), y = ValueOrDie(FlexOlmoModel::Load(b));
+  const std::vector<NamedTensor> xs = x.NamedParameters(), ys = y.NamedParameters();
+  REQUIRE(xs.size() == ys.size());
+  double worst = 0;
+  for (size_t i = 0; i < xs.size(); ++i) worst = std::max(worst, RelativeError(xs[i].tensor, ys[i].tensor));
+  return worst;
+}
+
+// Starts a command (no shell) with its output in `log`; returns its pid.
+pid_t Spawn(const std::vector<std::string>& args, const std::string& log, const std::string& cache) {
+  std::vector<char*> argv;
+  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  std::vector<std::string> env_strings = {"FLEXFED_CACHE_DIR=" + cache};
+  for (char** e = environ; *e != nullptr; ++e) env_strings.push_back(*e);
+  std::vector<char*> env;
+  for (std::string& e : env_strings) env.push_back(e.data());
+  env.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = 0;
+  REQUIRE(posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(), env.data()) == 0);
+  posix_spawn_file_actions_destroy(&actions);
+  return pid;
+}
+
+// The worker of `launcher` whose RANK is `rank`.
+pid_t Worker(pid_t launcher, int rank) {
+  for (int attempt = 0; attempt < 2000; ++attempt) {
+    std::ifstream children(absl::StrCat("/proc/", launcher, "/task/", launcher, "/children"));
+    std::string text((std::istreambuf_iterator<char>(children)), std::istreambuf_iterator<char>());
+    for (absl::string_view p : absl::StrSplit(text, ' ', absl::SkipWhitespace())) {
+      std::ifstream environ_file(absl::StrCat("/proc/", p, "/environ"));
+      std::string env((std::istreambuf_iterator<char>(environ_file)), std::istreambuf_iterator<char>());
+      const std::string nul(1, '\0'), entry = absl::StrCat("RANK=", rank, nul);
+      if (env.find(nul + entry) != std::string::npos || env.rfind(entry, 0) == 0) {
+        return std::stoi(std::string(p));
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  FAIL("no worker with RANK=" << rank);
+  return -1;
+}
+
+TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two or one process", "[data_parallel]") {
+  TempDir dir;
+  fs::create_directories(dir / "mine");
+  for (int d = 0; d < 24; ++d) {
+    std::string text;
+    for (int i = 0; i < 30; ++i) text += absl::StrCat("record ", (d * 31 + i * 7) % 101, " of the ledger, total ", d * i, "\n");
+    REQUIRE(WriteFileAtomically(absl::StrCat(dir / "mine", "/", d, ".txt"), text).ok());
+  }
+  const std::string cache = dir / "cache";
+  const std::string o = absl::StrCat("FLEXFED_CACHE_DIR=", cache, " ", Owner());
+  std::string out;
+  REQUIRE(RunCommand(o + " train --pretrain test --data " + dir / "mine" + " --run " + dir / "anchor_run" +
+                         " --steps 10 --seq-len 64 --batch-size 4 --val-every 0 --threads 1 --plain", &out) == 0);
+  fs::copy(dir / "anchor_run/model", dir / "anchor");
+  REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "mine" + " --public --out " +
+                         dir / "anchor/router_pub.safetensors", &out) == 0);
+  REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "mine" + " --out " + dir / "r.safetensors", &out) == 0);
+  auto train = [&](const std::string& run, int steps, const std::string& extra) {
+    return absl::StrCat(o, " train --anchor ", dir / "anchor", " --router-init ", dir / "r.safetensors",
+                        " --data ", dir / "mine", " --run ", dir / run, " --steps ", steps,
+                        " --seq-len 64 --batch-size 4 --grad-accum 2 --lr 3e-3 --warmup 2 --val-every 0 --log-every 1",
+                        " --threads 1 --plain ", extra);
+  };
+
+  // The same global batch (2 × 4 sequences a step) on one process and split over two.
+  REQUIRE(RunCommand(train("one", 12, ""), &out) == 0);
+  REQUIRE(RunCommand(train("two", 12, "--nproc-per-node 2"), &out) == 0);
+  CHECK_THAT(out, Catch::Contains("data-parallel: 2 processes"));
+  const std::vector<double> one = Losses(dir / "one"), two = Losses(dir / "two");
+  REQUIRE(one.size() == 12);
+  REQUIRE(two.size() == 12);
+  for (size_t i = 0; i < one.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK(std::abs(two[i] - one[i]) <= 1e-6 * std::abs(one[i]));
+  }
+  CHECK(WeightDifference(dir / "two/model", dir / "one/model") <= 1e-6);
+  // The checkpoint is the one-process format: both runs' optimizer files hold the same tensors.
+  const std::string latest = ValueOrDie(ReadFile(dir / "two/checkpoints/latest"));
+  CHECK(fs::file_size(fs::path(dir / "two/checkpoints") / latest / "optimizer.safetensors") ==
+        fs::file_size(fs::path(dir / "one/checkpoints") / latest / "optimizer.safetensors"));
+
+  // Rank 1 killed with SIGKILL once a checkpoint exists: the launcher stops rank 0 and fails.
+  const int steps = 300;
+  REQUIRE(RunCommand(train("whole", steps, "--nproc-per-node 2 --checkpoint-every 4"), &out) == 0);
+  // The same command without the shell: its words after the environment assignment.
+  const std::vector<std::string> words =
+      absl::StrSplit(train("killed", steps, "--nproc-per-node 2 --checkpoint-every 4"), ' ', absl::SkipEmpty());
+  const std::vector<std::string> args(words.begin() + 1, words.end());
+  const pid_t launcher = Spawn(args, dir / "killed.log", cache);
+  const pid_t rank1 = Worker(launcher, 1);
+  for (int i = 0; i < 6000 && !fs::exists(dir / "killed/checkpoints/latest"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  REQUIRE(kill(rank1, SIGKILL) == 0);
+  int status = 0;
+  REQUIRE(waitpid(launcher, &status, 0) == launcher);
+  const std::string log = ValueOrDie(ReadFile(dir / "killed.log"));
+  INFO(log);
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 1);  // killed before the end
+  CHECK_THAT(log, Catch::Contains("rank 1 was killed by signal 9"));
+  CHECK_THAT(log, Catch::Contains("--resume"));
+  CHECK_FALSE(fs::exists(dir / "killed/model"));
+  fs::copy(dir / "killed", dir / "killed_again", fs::copy_options::recursive);
+
+  // Resumed at two processes: the uninterrupted run's weights.
+  REQUIRE(RunCommand(o + " train --run " + dir / "killed" + " --resume --nproc-per-node 2 --threads 1 --plain", &out) == 0);
+  CHECK_THAT(out, Catch::Contains("resuming at step"));
+  CHECK(WeightDifference(dir / "killed/model", dir / "whole/model") <= 1e-6);
+  CHECK(Losses(dir / "killed").size() == static_cast<size_t>(steps));
+  // Resumed at one process from the same checkpoint: the same run, to rounding.
+  REQUIRE(RunCommand(o + " train --run " + dir / "killed_again" + " --resume --threads 1 --plain", &out) == 0);
+  CHECK(WeightDifference(dir / "killed_again/model", dir / "whole/model") <= 1e-5);
+}
+
+}  // namespace
+}  // namespace flexfed
