@@ -154,7 +154,7 @@ for name in names:
     if os.path.exists(f"{state_dir}/train_seconds"):
         seconds = open(f"{state_dir}/train_seconds").read().strip()
     if name.startswith("dp-"):
-        dp = json.load(open(f"{state_dir}/config.json"))["dp"]  # the whole run's account
+        dp = json.load(open(f"{state_dir}/train_config.json"))["dp"]  # the whole run's account
         epsilon = f"{dp['epsilon']:.2f} (σ {dp['noise_multiplier']:.3f}, C {dp['max_grad_norm']:g}, q {dp['sampling_rate']:.4f})"
     elif name != "public":
         epsilon = "∞ (no DP)"

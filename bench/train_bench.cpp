@@ -16,6 +16,9 @@
 
 #include "common/core/file_util.h"
 #include <torch/cuda.h>
+#if FLEXFED_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include "common/model/router_embedding.h"
 #include "common/train/training.h"
@@ -49,11 +52,13 @@ int main(int argc, char** argv) {
   std::string preset = "small", device = "cpu", precision = "auto";
   std::vector<std::string> shapes = {"4x512", "1x256"};
   bool dp = false;
+  int64_t layers = 0;
   app.add_option("--threads", threads, "Intra-op threads (match the Python side)");
   app.add_option("--preset", preset, "Anchor size");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", precision, "auto, fp32 or bf16 (autocast)")->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   app.add_option("--shape", shapes, "Micro-batch shapes BATCHxSEQ, one line each");
+  app.add_option("--layers", layers, "Override the preset's layer count (a 7b-shaped model with fewer layers)");
   app.add_flag("--dp", dp, "Also time the DP-SGD step (clip 1, noise 1) on the same sequences; print the cost ratio");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
@@ -61,6 +66,7 @@ int main(int argc, char** argv) {
   const fs::path dir = fs::temp_directory_path() / ("flexfed-train-bench-" + std::to_string(getpid()));
   fs::create_directories(dir);
   ModelConfig config = *ModelConfig::Preset(preset);
+  if (layers > 0) config.num_hidden_layers = layers;
   {
     // bf16 halves the 1b anchor on disk; the trainer loads fp32 master weights either way.
     FlexOlmoModel anchor = *FlexOlmoModel::Create(config, config.vocab_size > 1000 ? at::kBFloat16 : at::kFloat, 1);
@@ -109,6 +115,9 @@ int main(int argc, char** argv) {
         return 1;
       }
       const bool cuda = (*trainer)->device().is_cuda();
+#if FLEXFED_WITH_CUDA
+      if (cuda) c10::cuda::CUDACachingAllocator::resetPeakStats((*trainer)->device().index());
+#endif
       // The same sequences for the plain and the private step (a Poisson batch varies in size).
       std::vector<int64_t> ids(shape.batch);
       for (int64_t i = 0; i < shape.batch; ++i) ids[i] = i;
@@ -134,6 +143,16 @@ int main(int argc, char** argv) {
                           {"peak_rss_bytes", PeakRssBytes()},
                           {"memory", {{"frozen_weights", frozen_bytes}, {"trained_weights", trained_bytes},
                                       {"trained_grads", trained_bytes}, {"adam_states", 2 * trained_bytes}}}};
+      if (absl::StatusOr<MemoryPlan> plan = PlanRunMemory(cc, {(dir / "anchor").string(), "", run, ""}, 1); plan.ok()) {
+        j["planned_bytes"] = plan->total();  // the memory plan, to compare with the measured peak
+      }
+#if FLEXFED_WITH_CUDA
+      if (cuda) {
+        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((*trainer)->device().index());
+        j["peak_device_bytes"] = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+      }
+#endif
+      j["layers"] = config.num_hidden_layers;
       if (private_step) {
         // Peak RSS only grows in a process: the private step's extra memory shows as the growth.
         j["dp_time_ratio"] = best / plain_seconds;

@@ -27,12 +27,15 @@ def main():
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 autocast on a GPU, fp32 on the CPU (as FlexFed)")
     ap.add_argument("--shape", action="append", help="BATCHxSEQ, one line each (default 4x512 and 1x256)")
+    ap.add_argument("--layers", type=int, default=0, help="override the preset's layer count")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
     cfg = config(args.preset, 1, 1)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
     cfg["max_position_embeddings"] = max([4096] + [int(s.split("x")[1]) + 1 for s in args.shape or []])
     with torch.device(device):
         anchor = make_weights(cfg, requires_grad=False)
@@ -88,7 +91,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         step()
         best = min(timed(step) for _ in range(4 if batch * seq >= 2048 else 12))
-        line = {"impl": "python", "preset": args.preset, "device": args.device, "tokens_per_step": batch * seq,
+        line = {"impl": "python", "preset": args.preset, "layers": cfg["num_hidden_layers"], "device": args.device, "tokens_per_step": batch * seq,
                 "seconds": best, "tokens_per_s": batch * seq / best,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
         if args.device == "cuda":

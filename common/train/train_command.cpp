@@ -24,7 +24,7 @@ struct Options {
   TrainConfig flags;  // values given on the command line
   std::string config_file;
   TrainInputs inputs{"", "", "", DefaultTokenCacheDir()};
-  bool resume = false, dense = false, plain = false;
+  bool resume = false, dense = false, plain = false, memory_report = false;
   std::string pretrain;
   std::string program;  // "flexfed-owner train", "flexfedctl router-tune"
   WorkerLaunch launch;  // --nproc-per-node and friends: this process starts the data-parallel workers
@@ -44,7 +44,7 @@ absl::Status Run(Options& o) {
   // Data-parallel: a launcher starts the workers and waits; a worker finds its rank in the environment.
   absl::StatusOr<std::optional<DistributedSettings>> distributed = DistributedSettings::FromEnvironment();
   if (!distributed.ok()) return distributed.status();
-  if (!*distributed && (o.launch.nproc_per_node > 1 || o.launch.nnodes > 1)) {
+  if (!*distributed && !o.memory_report && (o.launch.nproc_per_node > 1 || o.launch.nnodes > 1)) {
     std::string failure;
     const int code = RunWorkers(o.launch, &failure);
     if (code == 1) return absl::AbortedError(failure);
@@ -90,6 +90,30 @@ absl::Status Run(Options& o) {
   if (config.mode != "pretrain" && o.inputs.anchor_dir.empty()) {
     return absl::InvalidArgumentError(o.kind == TrainCommandKind::kRouterTuning ? "--anchor DIR is required: the anchor the modules were trained against"
                                                                                 : "--anchor DIR is required (except with --pretrain)");
+  }
+  // The memory plan: printed on request; a run that cannot fit is refused before anything is allocated.
+  {
+    const int world = *distributed ? (*distributed)->world_size : o.launch.nproc_per_node * o.launch.nnodes;
+    const int local = *distributed ? (*distributed)->local_world_size : o.launch.nproc_per_node;
+    absl::StatusOr<MemoryPlan> plan = PlanRunMemory(config, o.inputs, world);
+    if (!plan.ok()) return plan.status();
+    absl::StatusOr<std::pair<int64_t, std::string>> capacity = TrainingMemoryCapacity(config, local);
+    if (!capacity.ok()) return capacity.status();
+    const double gib = 1073741824.0;
+    if (o.memory_report) {
+      std::cout << "memory plan (per process" << (world > 1 ? absl::StrCat(", ", world, " processes") : "") << "):\n"
+                << plan->Table()
+                << absl::StrFormat("  %-22s %9.2f GiB  %s\n", "available", capacity->first / gib, capacity->second)
+                << (plan->total() <= capacity->first ? "fits\n" : "does not fit\n");
+      return absl::OkStatus();
+    }
+    if (plan->total() > capacity->first) {
+      std::cerr << "memory plan:\n" << plan->Table();
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "the run needs about %.1f GiB and %s has %.1f GiB: lower --batch-size or --seq-len (activations grow with "
+          "both), or shard the optimizer state over more processes (--nproc-per-node); --memory-report shows the plan",
+          plan->total() / gib, capacity->second, capacity->first / gib));
+    }
   }
   std::unique_ptr<DataParallelGroup> group;
   if (*distributed) {
@@ -233,6 +257,9 @@ void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
     bind("--dp-epsilon", &TrainConfig::dp_epsilon, "DP-SGD: instead of σ, the ε the whole run may spend (σ is solved for)");
     bind("--dp-delta", &TrainConfig::dp_delta, "DP-SGD: the δ of (ε, δ) (default 1e-5; keep it below 1 / sequences)");
   }
+  cmd->add_flag("--memory-report", o->memory_report,
+                "Print the run's memory plan (weights, gradients, optimizer state, activations, loss) against what the "
+                "device has, and exit without training");
   cmd->add_option("--nproc-per-node", o->launch.nproc_per_node,
                   "Data-parallel: train with this many processes on this machine (one per GPU; on a CPU they share the "
                   "cores); each step's sequences are split between them")

@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
+#if FLEXFED_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -14,8 +17,11 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "common/model/anchor.h"
 #include "common/model/autocast.h"
 #include "common/merge/merge.h"
@@ -85,6 +91,52 @@ absl::StatusOr<at::Device> TrainingDevice(const std::string& device) {
   return absl::FailedPreconditionError(
       "--device cuda: no CUDA device is visible; check nvidia-smi and CUDA_VISIBLE_DEVICES, or train with --device cpu");
 }
+
+}  // namespace
+
+absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainInputs& inputs, int world_size) {
+  absl::StatusOr<ModelConfig> model = config.mode == "pretrain" ? ModelConfig::Preset(config.preset)
+                                                                : ReadModelConfig((fs::path(inputs.anchor_dir) / "config.json").string());
+  if (!model.ok()) return model.status();
+  if (config.mode == "pretrain" && !config.tokenizer.empty()) {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> hf = LoadHfTokenizer(config.tokenizer);
+    if (!hf.ok()) return hf.status();
+    model->vocab_size = ((*hf)->vocab_size() + 63) / 64 * 64;
+  }
+  absl::StatusOr<at::Device> device = TrainingDevice(config.device);
+  if (!device.ok()) return device.status();
+  MemoryPlanSettings s;
+  s.mode = config.mode == "router" ? "dense" : config.mode;
+  s.micro_batch = config.batch_size;
+  s.seq_len = config.seq_len;
+  s.bf16_autocast = config.precision == "bf16" || (config.precision == "auto" && device->is_cuda());
+  s.world_size = world_size;
+  return PlanTrainingMemory(*model, s);
+}
+
+absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes) {
+  absl::StatusOr<at::Device> device = TrainingDevice(config.device);
+  if (!device.ok()) return device.status();
+#if FLEXFED_WITH_CUDA
+  if (device->is_cuda()) {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return absl::InternalError("cudaMemGetInfo failed");
+    return std::pair<int64_t, std::string>(static_cast<int64_t>(free_bytes), absl::StrCat(device->str(), " (free memory)"));
+  }
+#endif
+  std::ifstream meminfo("/proc/meminfo");
+  for (std::string line; std::getline(meminfo, line);) {
+    int64_t kib = 0;
+    if (line.rfind("MemAvailable:", 0) == 0 && absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::StripSuffix(line.substr(13), "kB")), &kib)) {
+      return std::pair<int64_t, std::string>(kib * 1024 / std::max(1, processes),
+                                             processes > 1 ? absl::StrCat("this machine's available memory ÷ ", processes, " processes")
+                                                           : std::string("this machine's available memory"));
+    }
+  }
+  return absl::UnavailableError("cannot read MemAvailable from /proc/meminfo");
+}
+
+namespace {
 
 absl::StatusOr<json> ReadJsonFile(const std::string& path) {
   absl::StatusOr<std::string> text = ReadFile(path);
@@ -864,16 +916,20 @@ absl::Status Trainer::WriteModel() {
   Compose();
   const fs::path dir = fs::path(inputs_.run_dir) / "model";
   if (absl::Status s = model_->Save(dir.string()); !s.ok()) return s;
-  if (config_.mode == "pretrain" && !config_.tokenizer.empty()) {  // the model carries the tokenizer it was trained with
-    for (const char* name : {kHfTokenizerFile, kHfTokenizerConfigFile}) {
-      const fs::path from = fs::path(config_.tokenizer) / name;
-      if (!fs::exists(from)) continue;
-      absl::StatusOr<std::string> bytes = ReadFile(from.string());
-      if (!bytes.ok()) return bytes.status();
-      if (absl::Status s = WriteFileAtomically((dir / name).string(), *bytes); !s.ok()) return s;
-    }
-    return absl::OkStatus();
+  // The model carries the tokenizer it was trained with: a pretrained model the one it was given,
+  // an owner's model the anchor's (a BPE anchor's model read as bytes would score and generate
+  // garbage).
+  const std::string source = config_.mode == "pretrain" ? config_.tokenizer : inputs_.anchor_dir;
+  bool copied = false;
+  for (const char* name : {kHfTokenizerFile, kHfTokenizerConfigFile, "flexfed_tokenizer.json"}) {
+    const fs::path from = fs::path(source) / name;
+    if (source.empty() || !fs::exists(from)) continue;
+    absl::StatusOr<std::string> bytes = ReadFile(from.string());
+    if (!bytes.ok()) return bytes.status();
+    if (absl::Status s = WriteFileAtomically((dir / name).string(), *bytes); !s.ok()) return s;
+    copied = true;
   }
+  if (copied) return absl::OkStatus();
   return WriteFileAtomically((dir / "flexfed_tokenizer.json").string(), "{\"type\": \"bytes\"}\n");
 }
 

@@ -20,6 +20,7 @@
 #include "common/train/data.h"
 #include "common/train/distributed.h"
 #include "common/train/loss.h"
+#include "common/train/memory_plan.h"
 #include "common/model/model.h"
 #include "common/core/progress.h"
 #include "common/model/tokenizer.h"
@@ -196,6 +197,15 @@ class Trainer {
   double flops_per_token_ = 0;
   double dp_sigma_ = 0, dp_q_ = 0;  // DP-SGD: noise multiplier and sampling rate
 };
+
+// The memory plan of a run of `config` on `inputs` (common/train/memory_plan.h), one rank of
+// `world_size`, before anything is loaded: the anchor's config.json is read (for pretraining, the
+// preset's shape with the tokenizer's vocabulary).
+absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainInputs& inputs, int world_size);
+// What one of `processes` processes training on the device `config.device` chooses may hold: the
+// GPU's free memory, or the machine's available memory (MemAvailable) shared among them. With the
+// device's name.
+absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes);
 
 // The newest complete checkpoint folder of a run, or NotFound.
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& run_dir);

@@ -2,6 +2,8 @@
 // (common/core/expert_module.h), on a tiny anchor pretrained here on a synthetic "public" domain.
 #include <catch2/catch.hpp>
 
+#include <malloc.h>
+
 #include <filesystem>
 #include <limits>
 #include <numeric>
@@ -22,6 +24,7 @@
 #include "common/train/dp_accountant.h"
 #include "common/train/dp_sgd.h"
 #include "common/train/loss.h"
+#include "common/train/memory_plan.h"
 #include "common/train/router_init.h"
 #include "common/train/training.h"
 #include "tests/test_util.h"
@@ -645,6 +648,106 @@ TEST_CASE("pretraining with a tokenizer.json: the model takes its vocabulary and
              Catch::Contains("--pretrain only"));
   c.tokenizer = (fs::path(tokenizer_dir) / "missing").string();
   CHECK_FALSE(Trainer::Create(c, {"", "", w.Run("bpe_missing"), w.cache}, false).ok());
+
+  // Regression (found making issue #16's privacy table): an owner's model trained against a BPE
+  // anchor carried a bytes marker instead of the anchor's tokenizer, so `eval RUN/model` and `audit
+  // --run` read it as bytes (13.8 bits per byte) and nothing was ever extracted.
+  const std::string anchor = w.Run("bpe_owner_anchor");
+  fs::copy(model_dir, anchor);
+  RouterEmbedding pub, mine;
+  for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
+    pub.rows.push_back(at::zeros({mc.hidden_size}));
+    mine.rows.push_back(at::randn({mc.hidden_size}));
+  }
+  REQUIRE(WriteRouterEmbedding(anchor + "/router_pub.safetensors", pub).ok());
+  REQUIRE(WriteRouterEmbedding(anchor + "/mine.safetensors", mine).ok());
+  for (const std::string mode : {"expert", "dense"}) {
+    TrainConfig owner = SmallRun({w.math});
+    owner.mode = mode;
+    owner.max_steps = 2;
+    const std::string run = w.Run("bpe_owner_" + mode);
+    auto t = ValueOrDie(Trainer::Create(owner, {anchor, mode == "expert" ? anchor + "/mine.safetensors" : "", run, w.cache}, false));
+    ValueOrDie(t->Run(nullptr, nullptr));
+    CHECK(ValueOrDie(ReadFile(run + "/model/tokenizer.json")) == ValueOrDie(ReadFile(tokenizer_dir + "/tokenizer.json")));
+    CHECK_FALSE(fs::exists(run + "/model/flexfed_tokenizer.json"));
+    CHECK(ValueOrDie(TokenizerForModel(run + "/model", mc.vocab_size))->id() == hf->id());
+  }
+}
+
+// ------------------------------------------------------------------------ the memory plan
+
+// Bytes the allocator has handed out and not taken back (heap and mmapped chunks).
+int64_t HeapInUse() {
+  const struct mallinfo2 m = mallinfo2();
+  return static_cast<int64_t>(m.uordblks + m.hblkhd);
+}
+
+TEST_CASE("the memory plan: weights, gradients and moments exact; activations as measured", "[training]") {
+  World& w = TheWorld();
+  for (const bool bf16 : {false, true}) {
+    for (const std::string mode : {"expert", "dense"}) {
+      INFO(mode << (bf16 ? ", bf16 autocast" : ", fp32"));
+      TempDir run;
+      TrainConfig c = SmallRun({w.math});
+      c.mode = mode;
+      c.batch_size = 8;
+      c.seq_len = 128;
+      c.precision = bf16 ? "bf16" : "fp32";
+      c.threads = 1;  // every tensor from the main thread's heap, which HeapInUse counts
+      const TrainInputs inputs{w.anchor, mode == "expert" ? w.math_router : "", run / "run", w.cache};
+      const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, inputs, 1));
+      auto part = [&](const std::string& name) {
+        for (const MemoryPlanPart& p : plan.parts) {
+          if (p.name == name) return p.bytes;
+        }
+        FAIL("no part " << name);
+        return int64_t{0};
+      };
+      auto trainer = ValueOrDie(Trainer::Create(c, inputs, false));
+      int64_t trained = 0, frozen = 0;
+      for (const NamedTensor& nt : trainer->trainable()) trained += nt.tensor.numel() * 4;
+      for (const NamedTensor& nt : trainer->FrozenTensors()) frozen += nt.tensor.numel() * 4;
+      CHECK(part("trained weights") == trained);
+      CHECK(part("gradients") == trained);
+      CHECK(part("optimizer state") == 2 * trained);
+      CHECK(part("frozen weights") == frozen);
+      // What the forward leaves alive for the backward: the plan's activations and the loss's saved part.
+      std::vector<int64_t> sequences(8);
+      std::iota(sequences.begin(), sequences.end(), 0);
+      c10::AutoGradMode grad_on(true);
+      const int64_t before = HeapInUse();
+      ForwardTrace trace;
+      at::Tensor losses = trainer->SequenceLosses(sequences, trace);
+      const int64_t kept = HeapInUse() - before;
+      const ModelConfig& mc = trainer->model().config();
+      const int64_t loss_saved = 8 * 128 * (mc.hidden_size * ((bf16 ? 2 : 4) + 4) + 12);  // the loss part's kept share
+      const double planned = static_cast<double>(part("activations") + loss_saved);
+      CHECK(kept > 0.85 * planned);
+      CHECK(kept < 1.15 * planned);
+    }
+  }
+  // ZeRO-1: each of two ranks keeps about half of the moments.
+  const ModelConfig small = ValueOrDie(ModelConfig::Preset("small"));
+  MemoryPlanSettings s;
+  const MemoryPlan one = PlanTrainingMemory(small, s);
+  s.world_size = 2;
+  const MemoryPlan two = PlanTrainingMemory(small, s);
+  CHECK(two.parts[3].name == "optimizer state");
+  CHECK(two.parts[3].bytes == one.parts[3].bytes / 2);  // 8 layers × 3 equal matrices split evenly; rows and biases balance
+}
+
+TEST_CASE("the memory plan at the 7B shape: what does not fit is refused before allocating", "[training]") {
+  const ModelConfig seven = ValueOrDie(ModelConfig::Preset("7b"));
+  MemoryPlanSettings s;
+  s.micro_batch = 4;
+  s.seq_len = 4096;
+  s.bf16_autocast = true;
+  const MemoryPlan plan = PlanTrainingMemory(seven, s);
+  // fp32 frozen anchor (7.3 B), trained FFN 4.3 B: masters, gradients, two moments.
+  CHECK(plan.parts[0].bytes == Approx(7.3e9 * 4).epsilon(0.02));
+  CHECK(plan.parts[1].bytes == Approx(4.33e9 * 4).epsilon(0.01));
+  CHECK(plan.total() > int64_t{80} << 30);  // as built today, a 7B expert does not fit one 80 GB GPU
+  CHECK_THAT(plan.Table(), Catch::Contains("total"));
 }
 
 // ------------------------------------------------------------------------ the chunked loss
@@ -856,3 +959,4 @@ TEST_CASE("linear-layer norms from activations equal the norms of the explicit g
 
 }  // namespace
 }  // namespace flexfed
+

@@ -1,0 +1,122 @@
+#include "common/train/memory_plan.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_format.h"
+#include "common/train/distributed.h"
+
+namespace flexfed {
+namespace {
+
+constexpr int64_t kF32 = 4;
+
+}  // namespace
+
+int64_t MemoryPlan::total() const {
+  int64_t sum = 0;
+  for (const MemoryPlanPart& p : parts) sum += p.bytes;
+  return sum;
+}
+
+std::string MemoryPlan::Table() const {
+  std::string out;
+  for (const MemoryPlanPart& p : parts) out += absl::StrFormat("  %-22s %9.2f GiB  %s\n", p.name, p.bytes / 1073741824.0, p.detail);
+  out += absl::StrFormat("  %-22s %9.2f GiB\n", "total", total() / 1073741824.0);
+  return out;
+}
+
+nlohmann::json MemoryPlan::ToJson() const {
+  nlohmann::json parts_json = nlohmann::json::array();
+  for (const MemoryPlanPart& p : parts) parts_json.push_back({{"name", p.name}, {"bytes", p.bytes}, {"detail", p.detail}});
+  return {{"parts", parts_json}, {"total_bytes", total()}};
+}
+
+int64_t ActivationBytesPerToken(const ModelConfig& c, const MemoryPlanSettings& s) {
+  // What autograd keeps for the backward, per token (common/model/model.cpp, layers.cpp, moe.cpp).
+  // An op saves an input only when another input needs a gradient: a frozen matrix's product keeps
+  // nothing of its input, so the anchor's attention keeps only what the gradient flowing *through*
+  // it needs — and nothing at all in layer 0, which no gradient reaches (its input is the frozen
+  // embedding's). Products' outputs are in the compute dtype (a); RMSNorm keeps an fp32 copy of its
+  // input; the residual stream, the router and the experts' weighting are fp32.
+  const int64_t a = s.bf16_autocast ? 2 : kF32;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
+  const int64_t f = c.intermediate_size, layers = c.num_hidden_layers;
+  const bool pretrain = s.mode == "pretrain", expert = s.mode == "expert";
+  int64_t attention = (q + kv) * kF32            // QK-norms' inputs
+                      + (q + 2 * kv + q) * a        // attention's q, k, v and output
+                      + c.num_attention_heads * kF32  // its log-sum-exp
+                      + h * kF32;                   // the post-attention norm's input
+  if (pretrain) attention += h * kF32 + q * a;     // trained q, k, v, o keep their inputs
+  int64_t ffn = h * kF32;                           // the post-feedforward norm's input
+  const int64_t cast = s.bf16_autocast ? h * a : 0;  // a trained product's input, cast for autocast
+  int64_t frozen_expert_ffn = 0;
+  if (expert) {
+    frozen_expert_ffn = 3 * f * a;                   // the public expert: gate, up, silu(gate)
+    ffn += h * kF32                                  // the router's input (the residual)
+           + frozen_expert_ffn + 4 * f * a + cast    // the owner's expert also keeps the product for its down matrix
+           + 2 * h * kF32;                           // each expert's output, weighted in fp32
+  } else {
+    ffn += 4 * f * a + (s.bf16_autocast ? cast : h * kF32);  // the trained dense FFN and its input
+  }
+  int64_t total = layers * (attention + ffn);
+  if (!pretrain) total -= attention + frozen_expert_ffn;  // layer 0: no gradient reaches them
+  return total;
+}
+
+MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s) {
+  const int64_t h = c.hidden_size, f = c.intermediate_size, v = c.vocab_size, layers = c.num_hidden_layers;
+  const int64_t q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
+  const int64_t attention = h * q + 2 * h * kv + q * h + q + kv + 2 * h;  // q, k, v, o, QK-norms, the two norms
+  const int64_t ffn = 3 * h * f;
+  const int64_t embeddings = v * h * (c.tie_word_embeddings ? 1 : 2) + h;
+  int64_t frozen = 0, trained = 0;
+  std::vector<int64_t> trained_tensors;  // element counts, for ZeRO-1's shards
+  if (s.mode == "pretrain") {
+    trained = embeddings + layers * (attention + ffn);
+    trained_tensors.push_back(v * h);
+    if (!c.tie_word_embeddings) trained_tensors.push_back(v * h);
+    for (int64_t l = 0; l < layers; ++l) {
+      for (int64_t n : {h * q, h * kv, h * kv, q * h, h * f, h * f, h * f}) trained_tensors.push_back(n);
+    }
+  } else {
+    frozen = embeddings + layers * attention + (s.mode == "expert" ? layers * (ffn + h) : 0);  // + r_pub rows
+    trained = layers * ffn + (s.mode == "expert" ? layers * (h + 1) : 0);
+    for (int64_t l = 0; l < layers; ++l) {
+      for (int64_t n : {h * f, h * f, h * f}) trained_tensors.push_back(n);
+      if (s.mode == "expert") {
+        trained_tensors.push_back(h);
+        trained_tensors.push_back(1);
+      }
+    }
+  }
+  // This rank's share of the moments: the largest shard.
+  const std::vector<int> owner = ShardOptimizerState(trained_tensors, std::max(1, s.world_size));
+  std::vector<int64_t> load(static_cast<size_t>(std::max(1, s.world_size)), 0);
+  for (size_t i = 0; i < owner.size(); ++i) load[static_cast<size_t>(owner[i])] += trained_tensors[i];
+  const int64_t moments = *std::max_element(load.begin(), load.end());
+
+  const int64_t tokens = s.micro_batch * s.seq_len;
+  const int64_t a = s.bf16_autocast ? 2 : kF32;
+  const int64_t chunk = std::min(tokens, s.loss_chunk > 0 ? s.loss_chunk : std::max<int64_t>(64, (int64_t{128} << 20) / kF32 / std::max<int64_t>(1, v)));
+
+  MemoryPlan p;
+  p.parts.push_back({"frozen weights", frozen * kF32,
+                     absl::StrFormat("%.3g B parameters, fp32 (anchor: embeddings, attention, norms%s)", frozen / 1e9,
+                                     s.mode == "expert" ? ", the public FFN" : "")});
+  p.parts.push_back({"trained weights", trained * kF32, absl::StrFormat("%.3g B parameters, fp32 masters", trained / 1e9)});
+  p.parts.push_back({"gradients", trained * kF32, "fp32, of the trained tensors only"});
+  p.parts.push_back({"optimizer state", 2 * moments * kF32,
+                     s.world_size > 1 ? absl::StrFormat("AdamW moments, fp32, this rank's ZeRO-1 shard of %d", s.world_size)
+                                      : std::string("AdamW moments, fp32")});
+  if (s.bf16_autocast) p.parts.push_back({"autocast copies", trained * 2, "bf16 casts of the trained matrices, kept for the step"});
+  p.parts.push_back({"activations", tokens * ActivationBytesPerToken(c, s),
+                     absl::StrFormat("kept for the backward: %d tokens × %d layers, %s products", tokens, layers,
+                                     s.bf16_autocast ? "bf16" : "fp32")});
+  // The final norm's input and the loss's hidden state and log-sum-exp are kept; one chunk of logits
+  // and its gradient exist at a time.
+  p.parts.push_back({"loss", tokens * (h * (a + kF32) + kF32 + 8) + chunk * v * (2 * kF32 + a),
+                     absl::StrFormat("final norm and output head %d tokens at a time (never [tokens, vocabulary])", chunk)});
+  return p;
+}
+
+}  // namespace flexfed

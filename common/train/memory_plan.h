@@ -1,0 +1,47 @@
+// What an owner's training run will hold in memory, before anything is allocated:
+// `flexfed-owner train --memory-report` prints it, and a run whose plan does not fit the device is
+// refused with the numbers (docs/OWNER_GUIDE.md "Memory"). Torch-free arithmetic on the model's
+// shape and the run's settings, following what common/train/training.cpp allocates.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/core/model_config.h"
+#include <nlohmann/json.hpp>
+
+namespace flexfed {
+
+struct MemoryPlanSettings {
+  std::string mode = "expert";  // expert | dense | pretrain
+  int64_t micro_batch = 8;      // sequences per forward (--batch-size)
+  int64_t seq_len = 256;
+  bool bf16_autocast = false;   // products and their saved outputs in bf16; norms, router, loss in fp32
+  int world_size = 1;           // data-parallel ranks: ZeRO-1 shards the AdamW moments
+  int64_t loss_chunk = 0;       // rows per chunk of the loss (0: DefaultLossChunk of the vocabulary)
+};
+
+struct MemoryPlanPart {
+  std::string name;
+  int64_t bytes = 0;
+  std::string detail;  // what it is, and its dtype
+};
+
+struct MemoryPlan {
+  std::vector<MemoryPlanPart> parts;
+  int64_t total() const;
+  std::string Table() const;  // one line per part and the total, in GiB
+  nlohmann::json ToJson() const;
+};
+
+// The plan of one rank: frozen weights (fp32, as the anchor is loaded), the trained tensors' fp32
+// masters and gradients, AdamW's two fp32 moments (this rank's largest ZeRO-1 shard), autocast's
+// bf16 copies of the trained matrices, the activations the backward keeps for a micro-batch, and
+// the loss's working block. `anchor` is the anchor's config (for pretraining, the new model's).
+MemoryPlan PlanTrainingMemory(const ModelConfig& anchor, const MemoryPlanSettings& settings);
+
+// Activations the backward keeps per token, all layers, in bytes (the plan's largest variable part).
+int64_t ActivationBytesPerToken(const ModelConfig& anchor, const MemoryPlanSettings& settings);
+
+}  // namespace flexfed
