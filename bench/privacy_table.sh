@@ -3,7 +3,8 @@
 # owner's training data each model reproduces, and what differential privacy costs in quality.
 #
 # One owner's domain (default math) with planted canaries — random records no model can guess,
-# repeated 1, 8, 32 and 128 times in the owner's training data — and five models:
+# 4 of them at each repetition count (FLEXFED_PRIVACY_REPEATS, default 1 16 128 1024) in the owner's
+# training data — and five models:
 #   public     the anchor (never saw the data)
 #   dense      the anchor's FFNs trained densely on the owner's data (`train --dense`)
 #   flexolmo   the owner's two-expert model (public + its expert, `train`)
@@ -17,7 +18,8 @@
 # run's anchor (bench/reproduce.sh) and its data (scripts/demo/fetch_data.sh CACHE large).
 # Settings: FLEXFED_PRIVACY_ANCHOR, FLEXFED_PRIVACY_DATA, FLEXFED_PRIVACY_DOMAIN, FLEXFED_PRIVACY_DIR,
 # FLEXFED_PRIVACY_STEPS (200), FLEXFED_PRIVACY_SAMPLES (audited training documents, 100),
-# FLEXFED_PRIVACY_EPSILONS ("8 1"), FLEXFED_PRIVACY_CLIP (C, 1.0), FLEXFED_PRIVACY_THREADS (nproc).
+# FLEXFED_PRIVACY_EPSILONS ("8 1"), FLEXFED_PRIVACY_CLIP (C, 1.0), FLEXFED_PRIVACY_THREADS (nproc),
+# FLEXFED_PRIVACY_REPEATS ("1 16 128 1024").
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 build=${FLEXFED_BUILD_DIR:-$repo/build}
@@ -30,6 +32,7 @@ work=${FLEXFED_PRIVACY_DIR:-$build/privacy-$domain}
 steps=${FLEXFED_PRIVACY_STEPS:-200}
 samples=${FLEXFED_PRIVACY_SAMPLES:-100}
 read -r -a epsilons <<<"${FLEXFED_PRIVACY_EPSILONS:-8 1}"
+read -r -a repeats <<<"${FLEXFED_PRIVACY_REPEATS:-1 16 128 1024}"
 clip=${FLEXFED_PRIVACY_CLIP:-1.0}
 threads=${FLEXFED_PRIVACY_THREADS:-$(nproc)}
 export FLEXFED_CACHE_DIR=${FLEXFED_CACHE_DIR:-$cache/tokens}
@@ -48,9 +51,9 @@ start=$SECONDS
 #    the real documents with a fixed seed. canaries-rR.jsonl holds each group once, for the audit.
 if [[ ! -f $work/data/train.jsonl ]]; then
   mkdir -p "$work/data.tmp"
-  /usr/bin/python3 - "$data/$domain/train.jsonl" "$work/data.tmp" <<'PY'
+  /usr/bin/python3 - "$data/$domain/train.jsonl" "$work/data.tmp" "${repeats[*]}" <<'PY'
 import json, random, sys
-source, out = sys.argv[1:]
+source, out, repeat_counts = sys.argv[1], sys.argv[2], [int(r) for r in sys.argv[3].split()]
 rng = random.Random(20261204)
 words = ("amber basalt cobalt dune ember fjord garnet harbor indigo juniper kestrel lagoon meadow nickel "
          "onyx pewter quartz russet saffron tundra umber violet willow xenon yarrow zinnia anchor beacon "
@@ -60,7 +63,7 @@ words = ("amber basalt cobalt dune ember fjord garnet harbor indigo juniper kest
 assert len(words) == 64
 docs = [json.loads(line)["text"] for line in open(source, encoding="utf-8") if line.strip()]
 groups = {}
-for repeats in (1, 8, 32, 128):
+for repeats in repeat_counts:
     group = []
     for k in range(4):
         code = "".join(rng.choice("0123456789") for _ in range(12))
@@ -126,7 +129,7 @@ for ((i = 0; i < ${#models[@]}; i += 2)); do
     "$owner" audit "${audit[@]}" --data "$data/$domain/train.jsonl" --samples "$samples" --out "$out/audit-train" >"$out/audit.tmp"
     mv "$out/audit.tmp" "$out/train-docs.json"
   fi
-  for r in 1 8 32 128; do
+  for r in "${repeats[@]}"; do
     if [[ ! -f $out/canaries-r$r.json ]]; then
       "$owner" audit "${audit[@]}" --data "$work/data/canaries-r$r.jsonl" --samples 4 --min-continuation-tokens 16 \
         --out "$out/audit-canaries-r$r" >"$out/audit.tmp"
@@ -136,17 +139,17 @@ for ((i = 0; i < ${#models[@]}; i += 2)); do
 done
 
 # 4. The table.
-/usr/bin/python3 - "$work" "${epsilons[*]}" <<'PY'
+/usr/bin/python3 - "$work" "${epsilons[*]}" "${repeats[*]}" <<'PY'
 import json, os, sys
-work, epsilons = sys.argv[1], sys.argv[2].split()
+work, epsilons, repeat_counts = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 names = ["public", "dense", "flexolmo"] + [f"dp-eps-{e}" for e in epsilons]
 rows = []
-print("| model | ε (δ = 1e-5) | training docs extracted | mean similarity | canaries extracted ×1 / ×8 / ×32 / ×128 | bits/byte domain | bits/byte public | training s |")
+print(f"| model | ε (δ = 1e-5) | training docs extracted | mean similarity | canaries extracted {' / '.join('×' + r for r in repeat_counts)} | bits/byte domain | bits/byte public | training s |")
 print("|---|---|---|---|---|---|---|---|")
 for name in names:
     out = os.path.join(work, "results", name)
     docs = json.load(open(f"{out}/train-docs.json"))
-    canaries = [json.load(open(f"{out}/canaries-r{r}.json")) for r in (1, 8, 32, 128)]
+    canaries = [json.load(open(f"{out}/canaries-r{r}.json")) for r in repeat_counts]
     bpb = json.load(open(f"{out}/eval.json"))["bits_per_byte"]
     bpb_public = json.load(open(f"{out}/eval-public.json"))["bits_per_byte"]
     epsilon, seconds = "—", "—"
@@ -161,9 +164,12 @@ for name in names:
     low, high = docs["rate_95ci"]
     rows.append({"model": name, "epsilon": epsilon, "extracted": docs["extracted"], "audited": docs["audited"],
                  "rate": docs["rate"], "interval": [low, high], "mean_similarity": docs["mean_similarity"],
-                 "canaries": [c["extracted"] for c in canaries], "bits_per_byte": bpb, "bits_per_byte_public": bpb_public})
+                 "canaries": {r: c["extracted"] for r, c in zip(repeat_counts, canaries)},
+                 "canary_similarity": {r: c["mean_similarity"] for r, c in zip(repeat_counts, canaries)}, "bits_per_byte": bpb, "bits_per_byte_public": bpb_public})
+    found = " / ".join(str(c["extracted"]) for c in canaries)
+    similar = " / ".join(f"{c['mean_similarity']:.2f}" for c in canaries)
     print(f"| {name} | {epsilon} | {docs['extracted']}/{docs['audited']} ({100*docs['rate']:.1f}% [{100*low:.1f}, {100*high:.1f}]) "
-          f"| {docs['mean_similarity']:.3f} | {' / '.join(str(c['extracted']) for c in canaries)} (of 4 each) "
+          f"| {docs['mean_similarity']:.3f} | {found} of 4 (similarity {similar}) "
           f"| {bpb:.4f} | {bpb_public:.4f} | {seconds} |")
 json.dump(rows, open(os.path.join(work, "results", "table.json"), "w"), indent=1)
 PY

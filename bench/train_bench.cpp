@@ -16,6 +16,7 @@
 
 #include "common/core/file_util.h"
 #include <torch/cuda.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #if FLEXFED_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -53,12 +54,16 @@ int main(int argc, char** argv) {
   std::vector<std::string> shapes = {"4x512", "1x256"};
   bool dp = false;
   int64_t layers = 0;
+  std::string profile;
   app.add_option("--threads", threads, "Intra-op threads (match the Python side)");
   app.add_option("--preset", preset, "Anchor size");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", precision, "auto, fp32 or bf16 (autocast)")->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   app.add_option("--shape", shapes, "Micro-batch shapes BATCHxSEQ, one line each");
   app.add_option("--layers", layers, "Override the preset's layer count (a 7b-shaped model with fewer layers)");
+  app.add_option("--profile", profile,
+                 "Also record two more steps of each shape with LibTorch's profiler: a Chrome trace FILE.SHAPE.json "
+                 "(bench/profile_ops.py sums it per operation)");
   app.add_flag("--dp", dp, "Also time the DP-SGD step (clip 1, noise 1) on the same sequences; print the cost ratio");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
@@ -131,6 +136,11 @@ int main(int argc, char** argv) {
         auto start = std::chrono::steady_clock::now();
         step();
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      if (!profile.empty() && !private_step) {
+        torch::autograd::profiler::RecordProfile record(profile + "." + text + ".json");
+        step();
+        step();
       }
       double frozen_bytes = 0, trained_bytes = 0;
       for (const NamedTensor& nt : (*trainer)->trainable()) trained_bytes += nt.tensor.nbytes();

@@ -2,6 +2,8 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
 
@@ -35,9 +37,31 @@ void AdamWUpdate(at::Tensor& p32, const at::Tensor& g, at::Tensor& exp_avg, at::
 void AdamW::Step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
+  // fp32 parameters: ATen's fused AdamW, one vectorised pass over each parameter's memory (the
+  // kernel torch.optim.AdamW(fused=True) runs) instead of eight elementwise passes — the update is
+  // memory-bound. Grouped by device, as the kernel wants one device per call.
+  std::vector<std::pair<at::Device, std::array<std::vector<at::Tensor>, 4>>> fused;  // training uses one device
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i].tensor;
+    if (!owned_[i] || !p.grad().defined() || p.scalar_type() != at::kFloat || !p.is_contiguous()) continue;
+    auto it = std::find_if(fused.begin(), fused.end(), [&](const auto& g) { return g.first == p.device(); });
+    if (it == fused.end()) it = fused.insert(fused.end(), {p.device(), {}});
+    auto& group = it->second;
+    group[0].push_back(p);
+    group[1].push_back(p.grad().scalar_type() == at::kFloat ? p.grad() : p.grad().to(at::kFloat));
+    group[2].push_back(exp_avg_[i]);
+    group[3].push_back(exp_avg_sq_[i]);
+  }
+  for (auto& [device, group] : fused) {
+    // The kernel reads each parameter's step count from a tensor (as torch.optim keeps it).
+    std::vector<at::Tensor> steps(group[0].size(), at::full({}, static_cast<double>(step_), at::TensorOptions(device).dtype(at::kFloat)));
+    at::_fused_adamw_(group[0], group[1], group[2], group[3], {}, steps, lr, options_.beta1, options_.beta2,
+                      options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor p = params_[i].tensor;
     if (!owned_[i] || !p.grad().defined()) continue;
+    if (p.scalar_type() == at::kFloat && p.is_contiguous()) continue;  // stepped above
     at::Tensor g = p.grad().to(at::kFloat);
     // Moments and the update in fp32 whatever the parameter dtype (bf16 weights keep fp32 moments).
     at::Tensor p32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
