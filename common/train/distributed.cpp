@@ -3,8 +3,18 @@
 #include <ATen/ATen.h>
 // LibTorch builds c10d with Gloo; its header declares the Gloo process group only under this macro.
 #define USE_C10D_GLOO 1
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+// NCCL for CUDA tensors where LibTorch is a CUDA build and NCCL's header is at hand (PyTorch's CUDA
+// wheels bring it, nvidia/nccl/include; common/train/CMakeLists.txt looks there).
+#if FLEXFED_WITH_CUDA && __has_include(<nccl.h>)
+#define USE_C10D_NCCL 1
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#define FLEXFED_WITH_NCCL 1
+#else
+#define FLEXFED_WITH_NCCL 0
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -18,7 +28,9 @@ namespace flexfed {
 
 struct DataParallelGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::Backend> backend;
+  c10::intrusive_ptr<c10d::Backend> gloo;  // CPU tensors (and CUDA ones without NCCL)
+  c10::intrusive_ptr<c10d::Backend> nccl;  // CUDA tensors, when built with NCCL and training on GPUs
+  c10d::Backend& For(const at::Tensor& t) const { return t.is_cuda() && nccl ? *nccl : *gloo; }
 };
 
 namespace {
@@ -83,7 +95,16 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(const
                                : loopback ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
                                           : c10d::ProcessGroupGloo::createDefaultDevice());
     options->threads = 2;
-    g->impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(g->impl_->store, settings.rank, settings.world_size, options);
+    // Each backend rendezvouses under its own prefix of the one store.
+    g->impl_->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::make_intrusive<c10d::PrefixStore>("gloo", g->impl_->store), settings.rank, settings.world_size, options);
+#if FLEXFED_WITH_NCCL
+    if (cuda) {
+      g->impl_->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("nccl", g->impl_->store), settings.rank, settings.world_size,
+          c10d::ProcessGroupNCCL::Options::create());
+    }
+#endif
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("rank ", settings.rank, " of ", settings.world_size, " could not join the group at ",
                                                settings.master_addr, ":", settings.master_port, ": ", e.what(),
@@ -91,6 +112,10 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(const
   }
   (void)cuda;
   return g;
+}
+
+bool DataParallelGroup::uses_nccl() const {
+  return static_cast<bool>(impl_->nccl);
 }
 
 DataParallelGroup::~DataParallelGroup() = default;
@@ -112,7 +137,7 @@ void DataParallelGroup::SumInPlace(const std::vector<at::Tensor>& tensors) {
       for (size_t i = begin; i < end; ++i) flat.push_back(tensors[i].reshape({-1}));
       bucket = {at::cat(flat)};
     }
-    impl_->backend->allreduce(bucket)->wait();
+    impl_->For(bucket[0]).allreduce(bucket)->wait();
     if (end - begin > 1) {
       int64_t offset = 0;
       for (size_t i = begin; i < end; ++i) {
@@ -129,10 +154,10 @@ void DataParallelGroup::Broadcast(const at::Tensor& tensor, int root) {
   std::vector<at::Tensor> one = {tensor};
   c10d::BroadcastOptions o;
   o.rootRank = root;
-  impl_->backend->broadcast(one, o)->wait();
+  impl_->For(tensor).broadcast(one, o)->wait();
 }
 
-void DataParallelGroup::Barrier() { impl_->backend->barrier()->wait(); }
+void DataParallelGroup::Barrier() { impl_->gloo->barrier()->wait(); }
 
 std::vector<int> ShardOptimizerState(const std::vector<int64_t>& numels, int world_size) {
   std::vector<size_t> order(numels.size());

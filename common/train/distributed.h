@@ -39,14 +39,16 @@ struct DistributedSettings {
 class DataParallelGroup {
  public:
   // Joins the group (rank 0 serves the rendezvous store at master_addr:master_port): Gloo for
-  // CPU tensors, NCCL for CUDA ones where LibTorch has it (else Gloo). Blocks until every rank
-  // has joined or the timeout passes.
+  // CPU tensors; with `cuda`, NCCL for CUDA tensors when FlexFed was built against a CUDA LibTorch
+  // with NCCL's header (else Gloo, staging them through the host). Blocks until every rank has
+  // joined or the timeout passes.
   static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const DistributedSettings& settings, bool cuda);
   ~DataParallelGroup();
 
   int rank() const { return settings_.rank; }
   int world_size() const { return settings_.world_size; }
   const DistributedSettings& settings() const { return settings_; }
+  bool uses_nccl() const;  // CUDA tensors go through NCCL (else Gloo stages them through the host)
 
   // Sums each tensor across ranks, in place (flattened into buckets of at most 64 MiB per call).
   // The tensors must be contiguous, of one dtype and device, with the same shapes on every rank.

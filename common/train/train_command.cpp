@@ -121,7 +121,7 @@ absl::Status Run(Options& o) {
     if (config.threads == 0) {
       config.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / (*distributed)->local_world_size);
     }
-    absl::StatusOr<std::unique_ptr<DataParallelGroup>> joined = DataParallelGroup::Join(**distributed, config.device == "cuda");
+    absl::StatusOr<std::unique_ptr<DataParallelGroup>> joined = DataParallelGroup::Join(**distributed, config.device != "cpu" && at::hasCUDA());
     if (!joined.ok()) return joined.status();
     group = *std::move(joined);
   }
@@ -139,7 +139,8 @@ absl::Status Run(Options& o) {
   }
   if (group != nullptr) {
     progress.Line(absl::StrCat("data-parallel: ", group->world_size(), " processes (this is rank 0 of ",
-                               group->world_size(), "), each step's sequences split between them"));
+                               group->world_size(), "), each step's sequences split between them; gradients over ",
+                               group->uses_nccl() ? "NCCL" : "Gloo"));
   }
   progress.Line(absl::StrCat("training on ", (*trainer)->ComputeDescription()));
   if (std::optional<DpAccount> dp = (*trainer)->Privacy()) {
