@@ -97,7 +97,8 @@ absl::Status Run(Options& o) {
     const int local = *distributed ? (*distributed)->local_world_size : o.launch.nproc_per_node;
     absl::StatusOr<MemoryPlan> plan = PlanRunMemory(config, o.inputs, world);
     if (!plan.ok()) return plan.status();
-    absl::StatusOr<std::pair<int64_t, std::string>> capacity = TrainingMemoryCapacity(config, local);
+    absl::StatusOr<std::pair<int64_t, std::string>> capacity =
+        TrainingMemoryCapacity(config, local, *distributed ? (*distributed)->local_rank : 0);
     if (!capacity.ok()) return capacity.status();
     const double gib = 1073741824.0;
     if (o.memory_report) {

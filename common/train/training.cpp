@@ -114,15 +114,22 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   return PlanTrainingMemory(*model, s);
 }
 
-absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes) {
+absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes,
+                                                                       int local_rank) {
   absl::StatusOr<at::Device> device = TrainingDevice(config.device);
   if (!device.ok()) return device.status();
 #if FLEXFED_WITH_CUDA
   if (device->is_cuda()) {
+    // The GPU this process will train on: a data-parallel worker's is its local rank's.
     size_t free_bytes = 0, total_bytes = 0;
-    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return absl::InternalError("cudaMemGetInfo failed");
-    return std::pair<int64_t, std::string>(static_cast<int64_t>(free_bytes), absl::StrCat(device->str(), " (free memory)"));
+    if (cudaSetDevice(local_rank) != cudaSuccess || cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+      return absl::FailedPreconditionError(absl::StrCat("cannot read the free memory of cuda:", local_rank,
+                                                        "; check nvidia-smi and CUDA_VISIBLE_DEVICES"));
+    }
+    return std::pair<int64_t, std::string>(static_cast<int64_t>(free_bytes), absl::StrCat("cuda:", local_rank, " (free memory)"));
   }
+#else
+  (void)local_rank;
 #endif
   std::ifstream meminfo("/proc/meminfo");
   for (std::string line; std::getline(meminfo, line);) {

@@ -202,10 +202,11 @@ class Trainer {
 // `world_size`, before anything is loaded: the anchor's config.json is read (for pretraining, the
 // preset's shape with the tokenizer's vocabulary).
 absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainInputs& inputs, int world_size);
-// What one of `processes` processes training on the device `config.device` chooses may hold: the
-// GPU's free memory, or the machine's available memory (MemAvailable) shared among them. With the
-// device's name.
-absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes);
+// What one of `processes` processes on this machine, training on the device `config.device`
+// chooses, may hold: the free memory of its GPU (cuda:local_rank), or the machine's available
+// memory (MemAvailable) shared among them. With the device's name.
+absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes,
+                                                                       int local_rank = 0);
 
 // The newest complete checkpoint folder of a run, or NotFound.
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& run_dir);
