@@ -5,6 +5,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/model/layer_checkpoint.h"
 #include "common/model/layers.h"
 #include "common/model/moe_dispatch.h"
 #include "common/core/file_util.h"
@@ -365,9 +367,22 @@ absl::Status FlexOlmoModel::Save(const std::string& dir, uint64_t max_shard_byte
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create directory: ", ec.message()));
+  // Weights of mixed dtypes (an owner's fp32 expert beside bf16 frozen matrices) are written in the
+  // widest of them, converted one tensor at a time as they are written. Router biases are fp32
+  // always, in their own file.
+  auto is_bias = [](const NamedTensor& nt) { return nt.name.find("router_bias") != std::string::npos; };
+  at::ScalarType widest = dtype();
+  for (const NamedTensor& nt : NamedParameters()) {
+    if (!is_bias(nt)) widest = at::promote_types(widest, nt.tensor.scalar_type());
+  }
   std::vector<NamedTensor> weights, extras;
   for (NamedTensor& nt : NamedParameters()) {
-    (nt.name.find("router_bias") != std::string::npos ? extras : weights).push_back(std::move(nt));
+    if (is_bias(nt)) {
+      extras.push_back(std::move(nt));
+      continue;
+    }
+    if (nt.tensor.scalar_type() != widest) nt.write_as = widest;
+    weights.push_back(std::move(nt));
   }
   if (absl::Status s = WriteCheckpoint(dir, weights, {{"format", "pt"}}, max_shard_bytes); !s.ok()) return s;
   const std::string extras_path = (fs::path(dir) / kExtrasFileName).string();
@@ -377,7 +392,7 @@ absl::Status FlexOlmoModel::Save(const std::string& dir, uint64_t max_shard_byte
     fs::remove(extras_path, ec);
   }
   ModelConfig c = config_;
-  c.torch_dtype = TorchDtypeName(dtype());
+  c.torch_dtype = TorchDtypeName(widest);
   return WriteModelConfig((fs::path(dir) / "config.json").string(), c);
 }
 
@@ -402,8 +417,8 @@ KvCache FlexOlmoModel::NewCache(int64_t batch, int64_t capacity) const {
 
 // x: [B, T, H] → attention output after o_proj, [B, T, H]. Keys/values of the T new positions are
 // appended to `cache` (when given) at positions past .. past+T-1.
-at::Tensor FlexOlmoModel::Attention(int64_t layer, const at::Tensor& x, int64_t past, KvCache* cache) const {
-  const LayerWeights& w = layers_[layer];
+at::Tensor FlexOlmoModel::Attention(int64_t layer, const LayerWeights& w, const at::Tensor& x, int64_t past,
+                                    KvCache* cache) const {
   const int64_t b = x.size(0), t = x.size(1), d = config_.head_dim;
   const int64_t nq = config_.num_attention_heads, nkv = config_.num_key_value_heads;
   const double eps = config_.rms_norm_eps;
@@ -432,9 +447,8 @@ at::Tensor FlexOlmoModel::Attention(int64_t layer, const at::Tensor& x, int64_t 
 }
 
 // x: [N, H] → [N, H]. routing_mask: [E] fp32, 0 for allowed experts and -inf for excluded ones.
-at::Tensor FlexOlmoModel::Moe(int64_t layer, const at::Tensor& x, const at::Tensor& routing_mask, int64_t top_k,
+at::Tensor FlexOlmoModel::Moe(const LayerWeights& w, const at::Tensor& x, const at::Tensor& routing_mask, int64_t top_k,
                               ForwardTrace* trace) const {
-  const LayerWeights& w = layers_[layer];
   FfnActivations* record = nullptr;
   if (trace != nullptr && trace->ffn_expert >= 0) {
     trace->ffn.emplace_back();
@@ -472,7 +486,7 @@ at::Tensor FlexOlmoModel::Forward(const at::Tensor& ids, const Routing& routing,
 at::Tensor FlexOlmoModel::ForwardHidden(const at::Tensor& ids, const Routing& routing, KvCache* cache,
                                         ForwardTrace* trace) const {
   TORCH_CHECK(ids.dim() == 2, "Forward: ids must be [batch, tokens], got ", ids.sizes());
-  const int64_t b = ids.size(0), t = ids.size(1), hidden = config_.hidden_size;
+  const int64_t b = ids.size(0), t = ids.size(1);
   const int64_t past = cache != nullptr ? cache->length : 0;
   TORCH_CHECK(past + t <= config_.max_position_embeddings, "Forward: position ", past + t - 1,
               " exceeds max_position_embeddings (", config_.max_position_embeddings, ")");
@@ -498,18 +512,35 @@ at::Tensor FlexOlmoModel::ForwardHidden(const at::Tensor& ids, const Routing& ro
     if (allowed < config_.num_experts) routing_mask = at::tensor(mask).to(device());
   }
 
-  at::Tensor h = at::embedding(embed_tokens_, ids);  // [B, T, H], no scaling
+  at::Tensor h = at::embedding(embed_tokens_, ids).to(norm_.scalar_type());  // [B, T, H], no scaling
+  const bool checkpoint = checkpoint_layers_ && at::GradMode::is_enabled() && cache == nullptr &&
+                          (trace == nullptr || (trace->ffn_expert < 0 && !trace->want_router_inputs));
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    const LayerWeights& w = layers_[l];
     if (trace != nullptr && trace->want_layer_inputs) trace->layer_inputs.push_back(h);
-    // Reordered norm: each norm applies to its sublayer's output; there is no input norm.
-    h = h + RmsNorm(Attention(l, h, past, cache), w.post_attention_layernorm, config_.rms_norm_eps);
-    if (trace != nullptr && trace->want_router_inputs) trace->router_inputs.push_back(h);
-    at::Tensor m = Moe(l, h.reshape({b * t, hidden}), routing_mask, top_k, trace).view({b, t, hidden});
-    h = h + RmsNorm(m, w.post_feedforward_layernorm, config_.rms_norm_eps);
+    if (checkpoint) {
+      CheckpointedLayerOutput out = CheckpointedLayer(*this, l, h, routing_mask, top_k);
+      if (trace != nullptr && out.router_logits.defined()) {
+        trace->router_logits.push_back(out.router_logits);
+        trace->expert_indices.push_back(out.expert_indices);
+      }
+      h = out.hidden;
+    } else {
+      h = DecoderLayer(l, layers_[l], h, past, cache, routing_mask, top_k, trace);
+    }
   }
   if (cache != nullptr) cache->length = past + t;
   return RmsNorm(h, norm_, config_.rms_norm_eps);
+}
+
+at::Tensor FlexOlmoModel::DecoderLayer(int64_t layer, const LayerWeights& w, const at::Tensor& h, int64_t past,
+                                       KvCache* cache, const at::Tensor& routing_mask, int64_t top_k,
+                                       ForwardTrace* trace) const {
+  const int64_t b = h.size(0), t = h.size(1), hidden = config_.hidden_size;
+  // Reordered norm: each norm applies to its sublayer's output; there is no input norm.
+  at::Tensor x = h + RmsNorm(Attention(layer, w, h, past, cache), w.post_attention_layernorm, config_.rms_norm_eps);
+  if (trace != nullptr && trace->want_router_inputs) trace->router_inputs.push_back(x);
+  at::Tensor m = Moe(w, x.reshape({b * t, hidden}), routing_mask, top_k, trace).view({b, t, hidden});
+  return x + RmsNorm(m, w.post_feedforward_layernorm, config_.rms_norm_eps);
 }
 
 void SetCpuThreads(int threads) {

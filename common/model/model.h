@@ -88,6 +88,8 @@ class FlexOlmoModel {
   // negative router biases, which HF checkpoints cannot carry, go to kExtrasFileName.
   absl::Status Save(const std::string& dir, uint64_t max_shard_bytes = kDefaultMaxShardBytes) const;
 
+  // The residual stream is carried in the norms' dtype: the model's own, or fp32 where training
+  // keeps frozen matrices in bf16 beside fp32 norms (common/train/training.h).
   // ids: [B, T] int64 → logits [B, T, V] in the weight dtype. With `cache`, the ids continue the
   // cached positions (cache->length grows by T); without, positions start at 0.
   at::Tensor Forward(const at::Tensor& ids, const Routing& routing = {}, KvCache* cache = nullptr,
@@ -97,6 +99,19 @@ class FlexOlmoModel {
   // head itself a chunk at a time (common/train/cross_entropy.h). Forward = linear(this, lm_head()).
   at::Tensor ForwardHidden(const at::Tensor& ids, const Routing& routing = {}, KvCache* cache = nullptr,
                            ForwardTrace* trace = nullptr) const;
+
+  // One decoder layer with weights `w` (the model's own layers()[layer], or stand-ins of the same
+  // shapes): h [B, T, H] → h + norm(attention(h)) → + norm(FFN or MoE). For ForwardHidden and for
+  // recomputing a checkpointed layer (common/model/layer_checkpoint.h).
+  at::Tensor DecoderLayer(int64_t layer, const LayerWeights& w, const at::Tensor& h, int64_t past, KvCache* cache,
+                          const at::Tensor& routing_mask, int64_t top_k, ForwardTrace* trace) const;
+
+  // Activation checkpointing: a forward that records a graph keeps only each layer's input and
+  // recomputes the layer during the backward (one layer's activations alive at a time), for the
+  // price of a second forward. Off by default. Forwards that record the trained FFN's activations
+  // (ForwardTrace::ffn_expert), the router inputs, or use a KV cache are never checkpointed.
+  void set_activation_checkpointing(bool on) { checkpoint_layers_ = on; }
+  bool activation_checkpointing() const { return checkpoint_layers_; }
 
   KvCache NewCache(int64_t batch, int64_t capacity) const;
 
@@ -121,8 +136,8 @@ class FlexOlmoModel {
  private:
   FlexOlmoModel() = default;
   void BuildRope();
-  at::Tensor Attention(int64_t layer, const at::Tensor& x, int64_t past, KvCache* cache) const;
-  at::Tensor Moe(int64_t layer, const at::Tensor& x, const at::Tensor& routing_mask, int64_t top_k,
+  at::Tensor Attention(int64_t layer, const LayerWeights& w, const at::Tensor& x, int64_t past, KvCache* cache) const;
+  at::Tensor Moe(const LayerWeights& w, const at::Tensor& x, const at::Tensor& routing_mask, int64_t top_k,
                  ForwardTrace* trace) const;
 
   ModelConfig config_;
@@ -131,6 +146,7 @@ class FlexOlmoModel {
   at::Tensor norm_;     // [H]
   at::Tensor lm_head_;  // [V, H]; the same tensor as embed_tokens_ when tied
   at::Tensor rope_cos_, rope_sin_;  // [max_position_embeddings, D] fp32
+  bool checkpoint_layers_ = false;
 };
 
 // Names a model of `config` has, in NamedParameters() order (what a checkpoint must hold).

@@ -14,12 +14,14 @@ namespace flexfed {
 AdamW::AdamW(std::vector<NamedTensor> params, AdamWOptions options, std::vector<bool> owned)
     : params_(std::move(params)), owned_(std::move(owned)), options_(options) {
   if (owned_.empty()) owned_.assign(params_.size(), true);
+  TORCH_CHECK(options_.moment_dtype == at::kFloat || options_.moment_dtype == at::kBFloat16,
+              "AdamW: moments are kept in fp32 or bf16");
   TORCH_CHECK(owned_.size() == params_.size(), "AdamW: ", owned_.size(), " ownership flags for ", params_.size(), " parameters");
   for (size_t i = 0; i < params_.size(); ++i) {
     const NamedTensor& p = params_[i];
     TORCH_CHECK(p.tensor.requires_grad(), "AdamW: parameter ", p.name, " does not require grad");
-    exp_avg_.push_back(owned_[i] ? at::zeros_like(p.tensor, at::kFloat) : at::Tensor());
-    exp_avg_sq_.push_back(owned_[i] ? at::zeros_like(p.tensor, at::kFloat) : at::Tensor());
+    exp_avg_.push_back(owned_[i] ? at::zeros_like(p.tensor, options_.moment_dtype) : at::Tensor());
+    exp_avg_sq_.push_back(owned_[i] ? at::zeros_like(p.tensor, options_.moment_dtype) : at::Tensor());
   }
 }
 
@@ -43,7 +45,10 @@ void AdamW::Step(double lr) {
   std::vector<std::pair<at::Device, std::array<std::vector<at::Tensor>, 4>>> fused;  // training uses one device
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].tensor;
-    if (!owned_[i] || !p.grad().defined() || p.scalar_type() != at::kFloat || !p.is_contiguous()) continue;
+    if (!owned_[i] || !p.grad().defined() || p.scalar_type() != at::kFloat || !p.is_contiguous() ||
+        options_.moment_dtype != at::kFloat) {
+      continue;
+    }
     auto it = std::find_if(fused.begin(), fused.end(), [&](const auto& g) { return g.first == p.device(); });
     if (it == fused.end()) it = fused.insert(fused.end(), {p.device(), {}});
     auto& group = it->second;
@@ -61,12 +66,20 @@ void AdamW::Step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor p = params_[i].tensor;
     if (!owned_[i] || !p.grad().defined()) continue;
-    if (p.scalar_type() == at::kFloat && p.is_contiguous()) continue;  // stepped above
+    if (p.scalar_type() == at::kFloat && p.is_contiguous() && options_.moment_dtype == at::kFloat) continue;  // stepped above
     at::Tensor g = p.grad().to(at::kFloat);
-    // Moments and the update in fp32 whatever the parameter dtype (bf16 weights keep fp32 moments).
+    // Moments and the update in fp32 whatever the parameter's and the moments' dtypes; bf16
+    // moments are widened for the update and rounded back (to nearest) after it.
     at::Tensor p32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
-    AdamWUpdate(p32, g, exp_avg_[i], exp_avg_sq_[i], lr, options_, step_);
-    if (p.scalar_type() != at::kFloat) p.copy_(p32);
+    const bool narrow = options_.moment_dtype != at::kFloat;
+    at::Tensor m = narrow ? exp_avg_[i].to(at::kFloat) : exp_avg_[i];
+    at::Tensor v = narrow ? exp_avg_sq_[i].to(at::kFloat) : exp_avg_sq_[i];
+    AdamWUpdate(p32, g, m, v, lr, options_, step_);
+    if (narrow) {
+      exp_avg_[i].copy_(m);
+      exp_avg_sq_[i].copy_(v);
+    }
+    if (!p32.is_same(p)) p.copy_(p32);
   }
 }
 
@@ -101,7 +114,7 @@ absl::Status AdamW::LoadState(const std::vector<NamedTensor>& state) {
                                                        "' is missing or has the wrong shape; the checkpoint does not "
                                                        "belong to this run"));
       }
-      *out = it->second.to(params_[i].tensor.device(), at::kFloat).clone();
+      *out = it->second.to(params_[i].tensor.device(), options_.moment_dtype).clone();
     }
   }
   exp_avg_ = std::move(m);

@@ -18,6 +18,9 @@ struct AdamWOptions {
   double beta2 = 0.95;
   double eps = 1e-8;
   double weight_decay = 0.0;
+  // The dtype the two moments are kept in: fp32, or bf16 for half the memory (each step then
+  // updates them in fp32 and rounds them back; the update itself is the fp32 one).
+  at::ScalarType moment_dtype = at::kFloat;
 };
 
 // Owns the first and second moments of each parameter. Parameters are leaves with
@@ -37,6 +40,7 @@ class AdamW {
   int64_t steps() const { return step_; }
   const std::vector<NamedTensor>& params() const { return params_; }
   bool owns(size_t i) const { return owned_[i]; }
+  at::ScalarType moment_dtype() const { return options_.moment_dtype; }
   // Parameter i's moments (owned parameters only; undefined otherwise).
   const at::Tensor& exp_avg(size_t i) const { return exp_avg_[i]; }
   const at::Tensor& exp_avg_sq(size_t i) const { return exp_avg_sq_[i]; }

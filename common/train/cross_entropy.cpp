@@ -51,7 +51,15 @@ struct ChunkedCrossEntropyFunction : torch::autograd::Function<ChunkedCrossEntro
       d.mul_(g.narrow(0, start, rows).unsqueeze(1));
       const at::Tensor dc = d.to(hidden.scalar_type());
       if (want_hidden) grad_hidden.narrow(0, start, rows).copy_(at::mm(dc, weight));
-      if (want_weight) grad_weight.addmm_(dc.t(), h, /*beta=*/1, /*alpha=*/1);
+      if (want_weight) {
+        // fp32 sums: in place when the operands are fp32; a bf16 chunk's product (fp32-accumulated
+        // by the GEMM, as a bf16 linear's backward rounds it) added in fp32 otherwise.
+        if (dc.scalar_type() == at::kFloat) {
+          grad_weight.addmm_(dc.t(), h, /*beta=*/1, /*alpha=*/1);
+        } else {
+          grad_weight.add_(at::mm(dc.t(), h));
+        }
+      }
     }
     if (want_weight) grad_weight = grad_weight.to(weight.scalar_type());
     return {grad_hidden, grad_weight, at::Tensor(), at::Tensor()};

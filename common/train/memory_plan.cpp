@@ -31,7 +31,9 @@ nlohmann::json MemoryPlan::ToJson() const {
   return {{"parts", parts_json}, {"total_bytes", total()}};
 }
 
-int64_t ActivationBytesPerToken(const ModelConfig& c, const MemoryPlanSettings& s) {
+// Without checkpointing: {every layer's activations, 0}. With: {what each layer's input and routing
+// keep for all layers, one (not the first) layer's activations recomputed in the backward}.
+static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const MemoryPlanSettings& s) {
   // What autograd keeps for the backward, per token (common/model/model.cpp, layers.cpp, moe.cpp).
   // An op saves an input only when another input needs a gradient: a frozen matrix's product keeps
   // nothing of its input, so the anchor's attention keeps only what the gradient flowing *through*
@@ -58,9 +60,24 @@ int64_t ActivationBytesPerToken(const ModelConfig& c, const MemoryPlanSettings& 
   } else {
     ffn += 4 * f * a + (s.bf16_autocast ? cast : h * kF32);  // the trained dense FFN and its input
   }
+  if (s.activation_checkpointing) {
+    // The layer's input (fp32 residual); a MoE layer's router logits (fp32, kept by the z-loss) and
+    // chosen experts (int64).
+    const int64_t routing = c.is_moe() || expert ? 2 * kF32 + 2 * 8 : 0;
+    return {layers * (h * kF32 + routing), attention + ffn};
+  }
   int64_t total = layers * (attention + ffn);
   if (!pretrain) total -= attention + frozen_expert_ffn;  // layer 0: no gradient reaches them
-  return total;
+  return {total, 0};
+}
+
+int64_t ActivationBytesPerToken(const ModelConfig& c, const MemoryPlanSettings& s) {
+  const auto [kept, recomputed] = ActivationParts(c, s);
+  return kept + recomputed;
+}
+
+int64_t KeptActivationBytesPerToken(const ModelConfig& c, const MemoryPlanSettings& s) {
+  return ActivationParts(c, s).first;
 }
 
 MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s) {
@@ -69,8 +86,9 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
   const int64_t attention = h * q + 2 * h * kv + q * h + q + kv + 2 * h;  // q, k, v, o, QK-norms, the two norms
   const int64_t ffn = 3 * h * f;
   const int64_t embeddings = v * h * (c.tie_word_embeddings ? 1 : 2) + h;
-  int64_t frozen = 0, trained = 0;
+  int64_t frozen = 0, trained = 0, frozen_bytes = 0;
   std::vector<int64_t> trained_tensors;  // element counts, for ZeRO-1's shards
+  const int64_t matrix = s.bf16_frozen ? 2 : kF32;  // a frozen matrix's bytes per element
   if (s.mode == "pretrain") {
     trained = embeddings + layers * (attention + ffn);
     trained_tensors.push_back(v * h);
@@ -80,6 +98,10 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
     }
   } else {
     frozen = embeddings + layers * attention + (s.mode == "expert" ? layers * (ffn + h) : 0);  // + r_pub rows
+    const int64_t table = s.bf16_embeddings ? 2 : kF32;
+    const int64_t vectors = layers * (q + kv + 2 * h) + h + (s.mode == "expert" ? layers * h : 0);  // norms, r_pub
+    frozen_bytes = v * h * table + (c.tie_word_embeddings ? 0 : v * h * matrix) + vectors * kF32 +
+                   layers * (h * q + 2 * h * kv + q * h + (s.mode == "expert" ? ffn : 0)) * matrix;
     trained = layers * ffn + (s.mode == "expert" ? layers * (h + 1) : 0);
     for (int64_t l = 0; l < layers; ++l) {
       for (int64_t n : {h * f, h * f, h * f}) trained_tensors.push_back(n);
@@ -100,18 +122,31 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
   const int64_t chunk = std::min(tokens, s.loss_chunk > 0 ? s.loss_chunk : std::max<int64_t>(64, (int64_t{128} << 20) / kF32 / std::max<int64_t>(1, v)));
 
   MemoryPlan p;
-  p.parts.push_back({"frozen weights", frozen * kF32,
-                     absl::StrFormat("%.3g B parameters, fp32 (anchor: embeddings, attention, norms%s)", frozen / 1e9,
+  p.parts.push_back({"frozen weights", frozen_bytes,
+                     absl::StrFormat("%.3g B parameters, %s (anchor: embeddings, attention, norms%s)", frozen / 1e9,
+                                     !s.bf16_frozen          ? "fp32"
+                                     : s.bf16_embeddings     ? "bf16 matrices and embeddings, fp32 norms"
+                                                             : "bf16 matrices, fp32 embeddings and norms",
                                      s.mode == "expert" ? ", the public FFN" : "")});
   p.parts.push_back({"trained weights", trained * kF32, absl::StrFormat("%.3g B parameters, fp32 masters", trained / 1e9)});
   p.parts.push_back({"gradients", trained * kF32, "fp32, of the trained tensors only"});
-  p.parts.push_back({"optimizer state", 2 * moments * kF32,
-                     s.world_size > 1 ? absl::StrFormat("AdamW moments, fp32, this rank's ZeRO-1 shard of %d", s.world_size)
-                                      : std::string("AdamW moments, fp32")});
-  if (s.bf16_autocast) p.parts.push_back({"autocast copies", trained * 2, "bf16 casts of the trained matrices, kept for the step"});
+  const char* moment_type = s.bf16_moments ? "bf16" : "fp32";
+  p.parts.push_back({"optimizer state", 2 * moments * (s.bf16_moments ? 2 : kF32),
+                     s.world_size > 1 ? absl::StrFormat("AdamW moments, %s, this rank's ZeRO-1 shard of %d", moment_type, s.world_size)
+                                      : absl::StrFormat("AdamW moments, %s", moment_type)});
+  if (s.bf16_autocast) {
+    if (s.activation_checkpointing) {
+      p.parts.push_back({"autocast copies", (trained / layers) * 2, "bf16 casts of one layer's trained matrices at a time"});
+    } else {
+      p.parts.push_back({"autocast copies", trained * 2, "bf16 casts of the trained matrices, kept for the step"});
+    }
+  }
   p.parts.push_back({"activations", tokens * ActivationBytesPerToken(c, s),
-                     absl::StrFormat("kept for the backward: %d tokens × %d layers, %s products", tokens, layers,
-                                     s.bf16_autocast ? "bf16" : "fp32")});
+                     s.activation_checkpointing
+                         ? absl::StrFormat("checkpointed: %d tokens, each of %d layers' input kept, one layer recomputed "
+                                           "at a time, %s products", tokens, layers, s.bf16_autocast ? "bf16" : "fp32")
+                         : absl::StrFormat("kept for the backward: %d tokens × %d layers, %s products", tokens, layers,
+                                           s.bf16_autocast ? "bf16" : "fp32")});
   // The final norm's input and the loss's hidden state and log-sum-exp are kept; one chunk of logits
   // and its gradient exist at a time.
   p.parts.push_back({"loss", tokens * (h * (a + kF32) + kF32 + 8) + chunk * v * (2 * kF32 + a),

@@ -20,6 +20,10 @@ struct MemoryPlanSettings {
   bool bf16_autocast = false;   // products and their saved outputs in bf16; norms, router, loss in fp32
   int world_size = 1;           // data-parallel ranks: ZeRO-1 shards the AdamW moments
   int64_t loss_chunk = 0;       // rows per chunk of the loss (0: DefaultLossChunk of the vocabulary)
+  bool bf16_frozen = false;     // frozen matrices kept in bf16 (owner modes under bf16 autocast)
+  bool bf16_embeddings = false;  // ... the embedding table too (its values are bf16: a bf16 checkpoint)
+  bool bf16_moments = false;    // AdamW's moments in bf16
+  bool activation_checkpointing = false;  // each layer's input kept; one layer recomputed at a time
 };
 
 struct MemoryPlanPart {
@@ -35,13 +39,18 @@ struct MemoryPlan {
   nlohmann::json ToJson() const;
 };
 
-// The plan of one rank: frozen weights (fp32, as the anchor is loaded), the trained tensors' fp32
-// masters and gradients, AdamW's two fp32 moments (this rank's largest ZeRO-1 shard), autocast's
-// bf16 copies of the trained matrices, the activations the backward keeps for a micro-batch, and
-// the loss's working block. `anchor` is the anchor's config (for pretraining, the new model's).
+// The plan of one rank: frozen weights (fp32, or bf16 matrices), the trained tensors' fp32
+// masters and gradients, AdamW's two moments (this rank's largest ZeRO-1 shard), autocast's bf16
+// copies of the trained matrices (one layer's with checkpointing), the activations the backward
+// keeps for a micro-batch (each layer's input and one layer's with checkpointing), and the loss's
+// working block. `anchor` is the anchor's config (for pretraining, the new model's).
 MemoryPlan PlanTrainingMemory(const ModelConfig& anchor, const MemoryPlanSettings& settings);
 
 // Activations the backward keeps per token, all layers, in bytes (the plan's largest variable part).
+// With checkpointing: each layer's input (and routing) plus one layer's recomputed activations.
 int64_t ActivationBytesPerToken(const ModelConfig& anchor, const MemoryPlanSettings& settings);
+// With checkpointing, the part a forward leaves alive until the backward (each layer's input and
+// routing): ActivationBytesPerToken less one layer's recomputation. Without, all of it.
+int64_t KeptActivationBytesPerToken(const ModelConfig& anchor, const MemoryPlanSettings& settings);
 
 }  // namespace flexfed

@@ -24,7 +24,7 @@ struct Options {
   TrainConfig flags;  // values given on the command line
   std::string config_file;
   TrainInputs inputs{"", "", "", DefaultTokenCacheDir()};
-  bool resume = false, dense = false, plain = false, memory_report = false;
+  bool resume = false, dense = false, plain = false, memory_report = false, json = false;
   std::string pretrain;
   std::string program;  // "flexfed-owner train", "flexfedctl router-tune"
   WorkerLaunch launch;  // --nproc-per-node and friends: this process starts the data-parallel workers
@@ -101,6 +101,15 @@ absl::Status Run(Options& o) {
         TrainingMemoryCapacity(config, local, *distributed ? (*distributed)->local_rank : 0);
     if (!capacity.ok()) return capacity.status();
     const double gib = 1073741824.0;
+    if (o.memory_report && o.json) {
+      nlohmann::json j = plan->ToJson();
+      j["processes"] = world;
+      j["available_bytes"] = capacity->first;
+      j["available"] = capacity->second;
+      j["fits"] = plan->total() <= capacity->first;
+      std::cout << j.dump(2) << "\n";
+      return absl::OkStatus();
+    }
     if (o.memory_report) {
       std::cout << "memory plan (per process" << (world > 1 ? absl::StrCat(", ", world, " processes") : "") << "):\n"
                 << plan->Table()
@@ -112,7 +121,8 @@ absl::Status Run(Options& o) {
       std::cerr << "memory plan:\n" << plan->Table();
       return absl::ResourceExhaustedError(absl::StrFormat(
           "the run needs about %.1f GiB and %s has %.1f GiB: lower --batch-size or --seq-len (activations grow with "
-          "both), or shard the optimizer state over more processes (--nproc-per-node); --memory-report shows the plan",
+          "both), add --activation-checkpointing and --optimizer-moments bf16, or shard the optimizer state over more "
+          "processes (--nproc-per-node); --memory-report shows the plan",
           plan->total() / gib, capacity->second, capacity->first / gib));
     }
   }
@@ -247,6 +257,16 @@ void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
        "auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (autocast; master weights stay fp32)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   bind("--threads", &TrainConfig::threads, "CPU threads (default: all cores)");
+  bind("--optimizer-moments", &TrainConfig::optimizer_moments,
+       "fp32 or bf16: the dtype of AdamW's two moments (bf16 halves the optimizer state; master weights and "
+       "gradients stay fp32)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  {
+    CLI::Option* opt = cmd->add_flag("--activation-checkpointing", o->flags.activation_checkpointing,
+                                     "Keep only each layer's input for the backward and recompute the layer there: "
+                                     "activation memory of one layer instead of all, for one more forward per step");
+    o->setters.push_back({opt, [](TrainConfig& c, const TrainConfig& f) { c.activation_checkpointing = f.activation_checkpointing; }});
+  }
   if (!router) {
     bind("--tokenizer", &TrainConfig::tokenizer,
          "With --pretrain: a folder holding the tokenizer.json (and tokenizer_config.json) to train with; the model "
@@ -262,6 +282,7 @@ void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
   cmd->add_flag("--memory-report", o->memory_report,
                 "Print the run's memory plan (weights, gradients, optimizer state, activations, loss) against what the "
                 "device has, and exit without training");
+  cmd->add_flag("--json", o->json, "With --memory-report: the plan as JSON (parts in bytes, available, fits)");
   cmd->add_option("--nproc-per-node", o->launch.nproc_per_node,
                   "Data-parallel: train with this many processes on this machine (one per GPU; on a CPU they share the "
                   "cores); each step's sequences are split between them")

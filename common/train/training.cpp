@@ -111,6 +111,12 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   s.seq_len = config.seq_len;
   s.bf16_autocast = config.precision == "bf16" || (config.precision == "auto" && device->is_cuda());
   s.world_size = world_size;
+  s.activation_checkpointing = config.activation_checkpointing;
+  s.bf16_moments = config.optimizer_moments == "bf16";
+  // The embedding table is kept in bf16 when its values are (a bf16 checkpoint).
+  // Frozen matrices are kept in bf16 when their values are (a bf16 checkpoint).
+  const bool owner = config.mode == "expert" || config.mode == "dense";
+  s.bf16_frozen = s.bf16_embeddings = s.bf16_autocast && owner && model->torch_dtype == "bfloat16";
   return PlanTrainingMemory(*model, s);
 }
 
@@ -195,6 +201,16 @@ absl::Status TrainConfig::Validate() const {
     return Bad("--tokenizer is for --pretrain only; experts use the anchor's tokenizer");
   }
   if (precision != "auto" && precision != "fp32" && precision != "bf16") return Bad("precision must be auto, fp32 or bf16");
+  if (optimizer_moments != "fp32" && optimizer_moments != "bf16") return Bad("optimizer_moments must be fp32 or bf16");
+  if (optimizer_moments == "bf16" && beta2 > 0.99) {
+    // bf16 resolves 2⁻⁸ of a value: with 1 − β2 below ~1% most updates of v would round away.
+    return Bad("--optimizer-moments bf16 needs beta2 ≤ 0.99 (bf16 cannot hold smaller updates of the second moment); "
+               "use fp32 moments or a lower beta2");
+  }
+  if (activation_checkpointing && dp_max_grad_norm > 0) {
+    return Bad("--activation-checkpointing does not combine with DP-SGD (its per-sequence norms need every layer's "
+               "activations); drop one, or lower --batch-size to fit");
+  }
   if (dp_max_grad_norm < 0) return Bad("--dp-max-grad-norm must not be negative (0 = no differential privacy)");
   if (!dp()) {
     if (dp_noise_multiplier >= 0 || dp_epsilon > 0) {
@@ -226,13 +242,14 @@ json TrainConfig::IdentityJson() const {
           {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}, {"grad_clip", grad_clip},
           {"z_loss", z_loss}, {"router_bias", router_bias}, {"top_k", top_k}, {"seed", seed}, {"preset", preset}, {"tokenizer", tokenizer},
           {"dp_max_grad_norm", dp_max_grad_norm}, {"dp_noise_multiplier", dp_noise_multiplier}, {"dp_epsilon", dp_epsilon},
-          {"dp_delta", dp_delta}};
+          {"dp_delta", dp_delta}, {"optimizer_moments", optimizer_moments}};
 }
 
 json TrainConfig::ToJson() const {
   json j = IdentityJson();
   j.update({{"val_every", val_every}, {"val_batches", val_batches}, {"checkpoint_every", checkpoint_every},
-            {"keep_checkpoints", keep_checkpoints}, {"log_every", log_every}, {"device", device}, {"precision", precision}, {"threads", threads}});
+            {"keep_checkpoints", keep_checkpoints}, {"log_every", log_every}, {"device", device}, {"precision", precision}, {"threads", threads},
+            {"activation_checkpointing", activation_checkpointing}});
   return j;
 }
 
@@ -266,6 +283,7 @@ absl::StatusOr<TrainConfig> TrainConfig::FromJson(const json& j, const std::stri
   get("tokenizer", c.tokenizer);
   get("dp_max_grad_norm", c.dp_max_grad_norm); get("dp_noise_multiplier", c.dp_noise_multiplier);
   get("dp_epsilon", c.dp_epsilon); get("dp_delta", c.dp_delta);
+  get("optimizer_moments", c.optimizer_moments); get("activation_checkpointing", c.activation_checkpointing);
   if (absl::Status s = c.Validate(); !s.ok()) return Bad(absl::StrCat(source, ": ", s.message()));
   return c;
 }
@@ -389,11 +407,25 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     };
     std::vector<LayerWeights> layers = base.layers();  // shares the anchor's tensors (frozen)
     const bool has_lm_head = !mc.tie_word_embeddings;
+    // Under bf16 autocast the frozen matrices and the embedding table of a bf16 checkpoint (every
+    // OLMo-2 release) are kept in bf16: their values are bf16 already, and the products read them in
+    // bf16 anyway — the same numbers at half the memory (MemoryPlanSettings::bf16_frozen). A tensor
+    // whose values bf16 cannot hold exactly stays fp32, so the frozen weights stay the anchor's to
+    // the bit (export checks them). Norms and r_pub stay fp32; the trained copies are made first.
+    const bool compact = t->autocast_ == at::kBFloat16;
+    auto frozen = [&](const at::Tensor& w) {
+      if (!compact) return w;
+      at::Tensor narrow = w.to(at::kBFloat16);
+      return narrow.to(w.scalar_type()).equal(w) ? narrow : w;
+    };
+    at::Tensor embed = frozen(find("model.embed_tokens.weight"));
+    at::Tensor lm_head = has_lm_head ? frozen(find("lm_head.weight")) : at::Tensor();
     for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
       const ExpertWeights& ffn = base.layers()[l].experts[0];
       // The trained FFN starts as a copy of the anchor's (fp32 master weights for the optimizer).
       ExpertWeights trained{ffn.gate_proj.clone().requires_grad_(true), ffn.up_proj.clone().requires_grad_(true),
                             ffn.down_proj.clone().requires_grad_(true)};
+      for (at::Tensor* w : {&layers[l].q_proj, &layers[l].k_proj, &layers[l].v_proj, &layers[l].o_proj}) *w = frozen(*w);
       const std::string p = absl::StrCat("layers.", l, ".");
       t->trainable_.push_back({p + "gate_proj.weight", trained.gate_proj});
       t->trainable_.push_back({p + "up_proj.weight", trained.up_proj});
@@ -401,7 +433,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
       if (config.mode == "dense") {
         layers[l].experts = {trained};
       } else {
-        layers[l].experts = {ffn, trained};
+        layers[l].experts = {ExpertWeights{frozen(ffn.gate_proj), frozen(ffn.up_proj), frozen(ffn.down_proj)}, trained};
       }
     }
     if (config.mode == "expert") {
@@ -430,13 +462,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
       mc.num_experts_per_tok = config.top_k;
       mc.norm_topk_prob = false;
     }
-    absl::StatusOr<FlexOlmoModel> m = FlexOlmoModel::Assemble(
-        mc, find("model.embed_tokens.weight"), std::move(layers), find("model.norm.weight"),
-        has_lm_head ? find("lm_head.weight") : at::Tensor());
+    absl::StatusOr<FlexOlmoModel> m =
+        FlexOlmoModel::Assemble(mc, embed, std::move(layers), find("model.norm.weight"), lm_head);
     if (!m.ok()) return m.status();
     t->model_ = *std::move(m);
     t->Compose();
   }
+
+  t->model_->set_activation_checkpointing(config.activation_checkpointing);
 
   // Data.
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok =
@@ -475,7 +508,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
       t->dp_sigma_ = *sigma;
     }
   }
-  AdamWOptions aopts{config.beta1, config.beta2, config.eps, config.weight_decay};
+  AdamWOptions aopts{config.beta1, config.beta2, config.eps, config.weight_decay,
+                     config.optimizer_moments == "bf16" ? at::kBFloat16 : at::kFloat};
   std::vector<bool> owned;
   if (group != nullptr) {
     std::vector<int64_t> numels;
@@ -544,7 +578,9 @@ std::vector<NamedTensor> Trainer::FrozenTensors() const {
 std::string Trainer::ComputeDescription() const {
   std::string where = device_.str();
   if (device_.is_cpu()) where += absl::StrCat(" (", at::get_num_threads(), " threads)");
-  return absl::StrCat(where, autocast_ ? ", bf16 autocast (fp32 master weights)" : ", fp32");
+  return absl::StrCat(where, autocast_ ? ", bf16 autocast (fp32 master weights, bf16 frozen matrices)" : ", fp32",
+                      config_.optimizer_moments == "bf16" ? ", bf16 AdamW moments" : "",
+                      config_.activation_checkpointing ? ", activation checkpointing" : "");
 }
 
 void Trainer::Compose() {
@@ -739,8 +775,8 @@ std::vector<NamedTensor> Trainer::FullOptimizerState() {
   for (size_t i = 0; i < trainable_.size(); ++i) {
     const at::Tensor& p = trainable_[i].tensor;
     const bool mine = optimizer_->owns(i);
-    at::Tensor m = mine ? optimizer_->exp_avg(i) : at::empty(p.sizes(), p.options().dtype(at::kFloat).requires_grad(false));
-    at::Tensor v = mine ? optimizer_->exp_avg_sq(i) : at::empty(p.sizes(), p.options().dtype(at::kFloat).requires_grad(false));
+    at::Tensor m = mine ? optimizer_->exp_avg(i) : at::empty(p.sizes(), p.options().dtype(optimizer_->moment_dtype()).requires_grad(false));
+    at::Tensor v = mine ? optimizer_->exp_avg_sq(i) : at::empty(p.sizes(), p.options().dtype(optimizer_->moment_dtype()).requires_grad(false));
     group_->Broadcast(m, state_owner_[i]);
     group_->Broadcast(v, state_owner_[i]);
     if (lead()) {

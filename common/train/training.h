@@ -58,6 +58,10 @@ struct TrainConfig {
   std::string device = "auto";     // auto | cpu | cuda (auto: the first GPU when there is one)
   std::string precision = "auto";  // auto | fp32 | bf16 (bf16 autocast; auto: bf16 on a GPU, fp32 on the CPU)
   int threads = 0;              // 0 = all cores
+  // Memory (docs/OWNER_GUIDE.md "Memory"). Under bf16 autocast the frozen matrices of a bf16 anchor
+  // are kept in bf16 (the products read them in bf16 anyway: the same numbers, half the memory).
+  bool activation_checkpointing = false;  // keep each layer's input only; recompute the layer in the backward
+  std::string optimizer_moments = "fp32";  // fp32 | bf16: the dtype AdamW keeps its two moments in
   std::string preset = "tiny";  // pretrain: the model size (docs/ARCHITECTURE.md §8)
   std::string tokenizer;        // pretrain: a folder with tokenizer.json (and tokenizer_config.json); "" = bytes
   // Differential privacy (DP-SGD, docs/PRIVACY.md; expert and dense modes): each step trains on a

@@ -40,6 +40,21 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "public" + " --public --out " + dir / "anchor/router_pub.safetensors", &out) == 0);
   // The owner's side.
   REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "mine" + " --out " + dir / "r.safetensors", &out) == 0);
+  {  // the memory plan, as data, before anything is allocated or written
+    REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
+                           dir / "mine" + " --run " + dir / "planned" + " --steps 8 --memory-report --json" + small, &out) == 0);
+    const nlohmann::json full = nlohmann::json::parse(out);
+    REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
+                           dir / "mine" + " --run " + dir / "planned" + " --steps 8 --memory-report --json" +
+                           " --activation-checkpointing --optimizer-moments bf16" + small, &out) == 0);
+    const nlohmann::json compact = nlohmann::json::parse(out);
+    CHECK(compact["fits"] == true);
+    CHECK(compact["total_bytes"].get<int64_t>() < full["total_bytes"].get<int64_t>());
+    CHECK(compact["parts"][3]["bytes"].get<int64_t>() * 2 == full["parts"][3]["bytes"].get<int64_t>());  // bf16 moments
+    CHECK_THAT(compact["parts"][3]["detail"].get<std::string>(), Catch::Contains("bf16"));
+    CHECK_THAT(compact.dump(), Catch::Contains("checkpointed"));
+    CHECK_FALSE(fs::exists(dir / "planned"));
+  }
   REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
                          dir / "mine" + " --run " + dir / "run" + " --steps 8" + small, &out) == 0);
   CHECK_THAT(out, Catch::Contains("step 8/8"));

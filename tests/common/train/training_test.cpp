@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/model/anchor.h"
+#include "common/model/autocast.h"
 #include "common/model/moe.h"
 #include "common/merge/expert_export.h"
 #include "common/core/file_util.h"
@@ -119,6 +120,16 @@ struct World {
     REQUIRE(WriteRouterEmbedding(math_router, math_row).ok());
   }
   TrainInputs Inputs(const std::string& run) const { return {anchor, math_router, Run(run), cache}; }
+  // The anchor rounded to bf16 and saved as a bf16 checkpoint (as real anchors are), with r_pub.
+  std::string Bf16Anchor() {
+    const std::string out = dir / "anchor_bf16";
+    if (!fs::exists(out)) {
+      fs::copy(anchor, out, fs::copy_options::recursive);
+      const FlexOlmoModel m = ValueOrDie(FlexOlmoModel::Load(anchor, at::kBFloat16));
+      REQUIRE(m.Save(out).ok());
+    }
+    return out;
+  }
   std::string Run(const std::string& run) const { return dir / ("runs/" + run); }
 };
 
@@ -315,20 +326,25 @@ TEST_CASE("resuming gives the weights and losses of an uninterrupted run", "[tra
   c.grad_accum = 2;
   c.checkpoint_every = 0;
   c.log_every = 1;
+  const bool compact = GENERATE(false, true);  // bf16 moments (saved and restored as bf16), checkpointing
+  INFO((compact ? "bf16 moments, activation checkpointing" : "fp32 moments"));
+  c.optimizer_moments = compact ? "bf16" : "fp32";
+  c.activation_checkpointing = compact;
+  const std::string tag = compact ? "-compact" : "";
   // Straight: 12 steps.
-  auto straight = ValueOrDie(Trainer::Create(c, w.Inputs("straight"), false));
+  auto straight = ValueOrDie(Trainer::Create(c, w.Inputs("straight" + tag), false));
   std::vector<double> straight_losses;
   for (int i = 0; i < 12; ++i) straight_losses.push_back(straight->Step());
 
   // Interrupted: 5 steps, a stop (checkpoint), then a new process resumes for 7 more.
   std::vector<double> losses;
   {
-    auto first = ValueOrDie(Trainer::Create(c, w.Inputs("resumed"), false));
+    auto first = ValueOrDie(Trainer::Create(c, w.Inputs("resumed" + tag), false));
     std::atomic<bool> stop{false};
     for (int i = 0; i < 5; ++i) losses.push_back(first->Step());
     REQUIRE(first->SaveCheckpoint().ok());
   }
-  auto second = ValueOrDie(Trainer::Create(c, w.Inputs("resumed"), /*resume=*/true));
+  auto second = ValueOrDie(Trainer::Create(c, w.Inputs("resumed" + tag), /*resume=*/true));
   CHECK(second->step() == 5);
   for (int i = 0; i < 7; ++i) losses.push_back(second->Step());
   REQUIRE(losses.size() == straight_losses.size());
@@ -684,17 +700,24 @@ int64_t HeapInUse() {
 
 TEST_CASE("the memory plan: weights, gradients and moments exact; activations as measured", "[training]") {
   World& w = TheWorld();
-  for (const bool bf16 : {false, true}) {
+  struct Variant {
+    bool bf16, checkpointing, bf16_moments;
+  };
+  for (const Variant v : {Variant{false, false, false}, Variant{true, false, false}, Variant{false, true, false},
+                          Variant{true, true, true}}) {
     for (const std::string mode : {"expert", "dense"}) {
-      INFO(mode << (bf16 ? ", bf16 autocast" : ", fp32"));
+      INFO(mode << (v.bf16 ? ", bf16 autocast" : ", fp32") << (v.checkpointing ? ", checkpointing" : "")
+                << (v.bf16_moments ? ", bf16 moments" : ""));
       TempDir run;
       TrainConfig c = SmallRun({w.math});
       c.mode = mode;
       c.batch_size = 8;
       c.seq_len = 128;
-      c.precision = bf16 ? "bf16" : "fp32";
+      c.precision = v.bf16 ? "bf16" : "fp32";
+      c.activation_checkpointing = v.checkpointing;
+      c.optimizer_moments = v.bf16_moments ? "bf16" : "fp32";
       c.threads = 1;  // every tensor from the main thread's heap, which HeapInUse counts
-      const TrainInputs inputs{w.anchor, mode == "expert" ? w.math_router : "", run / "run", w.cache};
+      const TrainInputs inputs{v.bf16 ? w.Bf16Anchor() : w.anchor, mode == "expert" ? w.math_router : "", run / "run", w.cache};
       const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, inputs, 1));
       auto part = [&](const std::string& name) {
         for (const MemoryPlanPart& p : plan.parts) {
@@ -706,12 +729,19 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
       auto trainer = ValueOrDie(Trainer::Create(c, inputs, false));
       int64_t trained = 0, frozen = 0;
       for (const NamedTensor& nt : trainer->trainable()) trained += nt.tensor.numel() * 4;
-      for (const NamedTensor& nt : trainer->FrozenTensors()) frozen += nt.tensor.numel() * 4;
+      for (const NamedTensor& nt : trainer->FrozenTensors()) {
+        frozen += static_cast<int64_t>(nt.tensor.nbytes());
+        // Under bf16 autocast a bf16 anchor's frozen matrices and embeddings are bf16; vectors fp32.
+        const bool matrix = nt.tensor.dim() == 2 && nt.tensor.size(0) > 1;
+        INFO(nt.name);
+        CHECK(nt.tensor.scalar_type() == (v.bf16 && matrix ? at::kBFloat16 : at::kFloat));
+      }
       CHECK(part("trained weights") == trained);
       CHECK(part("gradients") == trained);
-      CHECK(part("optimizer state") == 2 * trained);
+      CHECK(part("optimizer state") == 2 * trained / (v.bf16_moments ? 2 : 1));
       CHECK(part("frozen weights") == frozen);
-      // What the forward leaves alive for the backward: the plan's activations and the loss's saved part.
+      // What the forward leaves alive for the backward: the plan's activations (with checkpointing,
+      // their kept part) and the loss's saved part.
       std::vector<int64_t> sequences(8);
       std::iota(sequences.begin(), sequences.end(), 0);
       c10::AutoGradMode grad_on(true);
@@ -720,8 +750,13 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
       at::Tensor losses = trainer->SequenceLosses(sequences, trace);
       const int64_t kept = HeapInUse() - before;
       const ModelConfig& mc = trainer->model().config();
-      const int64_t loss_saved = 8 * 128 * (mc.hidden_size * ((bf16 ? 2 : 4) + 4) + 12);  // the loss part's kept share
-      const double planned = static_cast<double>(part("activations") + loss_saved);
+      MemoryPlanSettings s;
+      s.mode = mode;
+      s.bf16_autocast = v.bf16;
+      s.activation_checkpointing = v.checkpointing;
+      const int64_t loss_saved = 8 * 128 * (mc.hidden_size * ((v.bf16 ? 2 : 4) + 4) + 12);  // the loss part's kept share
+      CHECK(part("activations") == 8 * 128 * ActivationBytesPerToken(mc, s));
+      const double planned = static_cast<double>(8 * 128 * KeptActivationBytesPerToken(mc, s) + loss_saved);
       CHECK(kept > 0.85 * planned);
       CHECK(kept < 1.15 * planned);
     }
@@ -736,7 +771,7 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
   CHECK(two.parts[3].bytes == one.parts[3].bytes / 2);  // 8 layers × 3 equal matrices split evenly; rows and biases balance
 }
 
-TEST_CASE("the memory plan at the 7B shape: what does not fit is refused before allocating", "[training]") {
+TEST_CASE("the memory plan at the 7B shape: fp32 state does not fit 80 GB; the compact plan fits 75 GB", "[training]") {
   const ModelConfig seven = ValueOrDie(ModelConfig::Preset("7b"));
   MemoryPlanSettings s;
   s.micro_batch = 4;
@@ -746,8 +781,166 @@ TEST_CASE("the memory plan at the 7B shape: what does not fit is refused before 
   // fp32 frozen anchor (7.3 B), trained FFN 4.3 B: masters, gradients, two moments.
   CHECK(plan.parts[0].bytes == Approx(7.3e9 * 4).epsilon(0.02));
   CHECK(plan.parts[1].bytes == Approx(4.33e9 * 4).epsilon(0.01));
-  CHECK(plan.total() > int64_t{80} << 30);  // as built today, a 7B expert does not fit one 80 GB GPU
+  CHECK(plan.total() > int64_t{80} << 30);
   CHECK_THAT(plan.Table(), Catch::Contains("total"));
+  // The 7B recipe (docs/OWNER_GUIDE.md "Memory"): bf16 frozen matrices and embeddings (an OLMo-2
+  // checkpoint is bf16), bf16 moments, activation checkpointing; fp32 masters and gradients.
+  s.bf16_frozen = s.bf16_embeddings = s.bf16_moments = s.activation_checkpointing = true;
+  s.micro_batch = 1;
+  const MemoryPlan compact = PlanTrainingMemory(seven, s);
+  INFO(compact.Table());
+  CHECK(compact.parts[0].bytes == Approx(7.3e9 * 2).epsilon(0.02));
+  CHECK(compact.parts[3].bytes == Approx(4.33e9 * 4).epsilon(0.01));  // two bf16 moments
+  CHECK(compact.total() < int64_t{75} * 1000 * 1000 * 1000);
+  // Checkpointing keeps a tenth of the activations or less: 2 × 4096 tokens per micro-batch fit 80 GB.
+  MemoryPlanSettings all = s;
+  all.activation_checkpointing = false;
+  CHECK(ActivationBytesPerToken(seven, s) * 10 < ActivationBytesPerToken(seven, all));
+  s.micro_batch = 2;
+  CHECK(PlanTrainingMemory(seven, s).total() < int64_t{80} * 1000 * 1000 * 1000);
+}
+
+TEST_CASE("activation checkpointing: the plain step's loss and gradients, one layer's activations", "[training]") {
+  World& w = TheWorld();
+  for (const std::string mode : {"expert", "dense", "pretrain"}) {
+    for (const bool bf16 : {false, true}) {
+      INFO(mode << (bf16 ? ", bf16 autocast" : ", fp32"));
+      TrainConfig c = SmallRun({mode == "pretrain" ? w.pub : w.math});
+      c.mode = mode;
+      c.preset = "test";
+      c.precision = bf16 ? "bf16" : "fp32";
+      c.z_loss = 1e-2;  // the router logits' gradient flows through the checkpointed layers too
+      TrainInputs in = w.Inputs("");
+      if (mode != "expert") in.router_init = "";
+      if (mode == "pretrain") in.anchor_dir = "";
+      std::unique_ptr<Trainer> t[2];
+      for (int on = 0; on < 2; ++on) {
+        c.activation_checkpointing = on == 1;
+        in.run_dir = w.Run(absl::StrCat("ckpt-", mode, bf16, on));
+        t[on] = ValueOrDie(Trainer::Create(c, in, false));
+        CHECK(t[on]->model().activation_checkpointing() == (on == 1));
+      }
+      c10::AutoGradMode grad_on(true);
+      const std::vector<int64_t> batch = {4, 1, 9, 2};
+      at::Tensor loss[2];
+      for (int on = 0; on < 2; ++on) {
+        ForwardTrace trace;
+        loss[on] = t[on]->SequenceLosses(batch, trace);
+        if (mode == "expert") CHECK(trace.router_logits.size() == 2);
+        loss[on].sum().backward();
+      }
+      CHECK(at::equal(loss[0], loss[1]));
+      for (size_t i = 0; i < t[0]->trainable().size(); ++i) {
+        const at::Tensor& g0 = t[0]->trainable()[i].tensor.grad();
+        const at::Tensor& g1 = t[1]->trainable()[i].tensor.grad();
+        INFO(t[0]->trainable()[i].name);
+        REQUIRE(g0.defined());
+        REQUIRE(g1.defined());
+        CHECK(testing::RelativeError(g1, g0) <= 1e-6);
+      }
+      // Steps: the same weights (the gradients above are left in place; each step starts afresh).
+      for (int on = 0; on < 2; ++on) {
+        for (const NamedTensor& nt : t[on]->trainable()) nt.tensor.mutable_grad() = at::Tensor();
+        for (int i = 0; i < 3; ++i) t[on]->Step();
+      }
+      for (size_t i = 0; i < t[0]->trainable().size(); ++i) {
+        INFO(t[0]->trainable()[i].name);
+        CHECK(testing::RelativeError(t[1]->trainable()[i].tensor, t[0]->trainable()[i].tensor) <= 1e-6);
+      }
+    }
+  }
+}
+
+TEST_CASE("under bf16 autocast, bf16 frozen matrices give the fp32 ones' numbers", "[training]") {
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.precision = "bf16";
+  // An fp32 anchor's values are not bf16: its frozen weights stay fp32, the anchor's to the bit.
+  {
+    auto fp32_anchor = ValueOrDie(Trainer::Create(c, w.Inputs("frozen-fp32"), false));
+    CHECK(fp32_anchor->model().layers()[0].q_proj.scalar_type() == at::kFloat);
+    CHECK(fp32_anchor->model().embed_tokens().scalar_type() == at::kFloat);
+  }
+  TrainInputs in = w.Inputs("frozen-bf16");
+  in.anchor_dir = w.Bf16Anchor();
+  auto t = ValueOrDie(Trainer::Create(c, in, false));
+  const FlexOlmoModel& compact = t->model();
+  CHECK(compact.embed_tokens().scalar_type() == at::kBFloat16);
+  // The same model with every frozen matrix widened back to fp32 (exact).
+  std::vector<LayerWeights> layers = compact.layers();
+  int widened = 0;
+  for (LayerWeights& lw : layers) {
+    for (at::Tensor* m : {&lw.q_proj, &lw.k_proj, &lw.v_proj, &lw.o_proj, &lw.experts[0].gate_proj, &lw.experts[0].up_proj,
+                          &lw.experts[0].down_proj}) {
+      CHECK(m->scalar_type() == at::kBFloat16);
+      *m = m->to(at::kFloat);
+      ++widened;
+    }
+    CHECK(lw.post_attention_layernorm.scalar_type() == at::kFloat);
+    CHECK(lw.experts[1].gate_proj.scalar_type() == at::kFloat);
+  }
+  CHECK(widened == 14);
+  const FlexOlmoModel wide = ValueOrDie(FlexOlmoModel::Assemble(compact.config(), compact.embed_tokens(), layers,
+                                                                compact.norm(), compact.lm_head()));
+  at::manual_seed(3);
+  const at::Tensor ids = at::randint(0, 256, {2, 32}, at::kLong);
+  at::Tensor a, b;
+  {
+    AutocastScope autocast(at::kCPU, at::kBFloat16);
+    a = compact.ForwardHidden(ids);
+    b = wide.ForwardHidden(ids);
+  }
+  CHECK(a.scalar_type() == at::kFloat);  // the residual stream stays fp32
+  CHECK(at::equal(a, b));
+  // The owner's model is written in fp32: the frozen matrices widened, exactly.
+  REQUIRE(t->WriteModel().ok());
+  const FlexOlmoModel written = ValueOrDie(FlexOlmoModel::Load(w.Run("frozen-bf16") + "/model"));
+  CHECK(written.dtype() == at::kFloat);
+  CHECK(at::equal(written.layers()[1].q_proj, compact.layers()[1].q_proj.to(at::kFloat)));
+  CHECK(at::equal(written.layers()[1].experts[1].up_proj, compact.layers()[1].experts[1].up_proj));
+}
+
+TEST_CASE("the 7B recipe on CPU: bf16 frozen matrices and moments, checkpointing, against the fp32 run", "[training]") {
+  // The accuracy check of the compact memory plan over a short run: the recipe's loss curve and
+  // weights against full fp32 (fp32 frozen weights, fp32 moments, every activation kept).
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.max_steps = 30;
+  c.val_batches = 4;
+  std::vector<double> losses[3];
+  double val[3];
+  std::vector<std::unique_ptr<Trainer>> t;
+  for (int run = 0; run < 3; ++run) {
+    // 0: fp32; 1: fp32 with bf16 moments (the moments' own effect); 2: the whole recipe.
+    c.precision = run == 2 ? "bf16" : "fp32";
+    c.optimizer_moments = run >= 1 ? "bf16" : "fp32";
+    c.activation_checkpointing = run == 2;
+    TrainInputs in = w.Inputs(absl::StrCat("recipe-", run));
+    in.anchor_dir = w.Bf16Anchor();
+    t.push_back(ValueOrDie(Trainer::Create(c, in, false)));
+    for (int i = 0; i < 30; ++i) losses[run].push_back(t.back()->Step());
+    val[run] = t.back()->Validate().loss;
+  }
+  double moments_gap = 0, recipe_gap = 0;
+  for (int i = 0; i < 30; ++i) {
+    moments_gap = std::max(moments_gap, std::abs(losses[1][i] - losses[0][i]) / losses[0][i]);
+    recipe_gap = std::max(recipe_gap, std::abs(losses[2][i] - losses[0][i]) / losses[0][i]);
+  }
+  double weight_gap = 0;
+  for (size_t i = 0; i < t[0]->trainable().size(); ++i) {
+    const at::Tensor start = t[0]->trainable()[i].tensor;
+    weight_gap = std::max(weight_gap, testing::RelativeError(t[1]->trainable()[i].tensor, start));
+  }
+  INFO("loss " << losses[0].front() << " → " << losses[0].back() << " (fp32), " << losses[1].back() << " (bf16 moments), "
+               << losses[2].back() << " (recipe); largest gap " << moments_gap << " / " << recipe_gap
+               << "; validation " << val[0] << " / " << val[1] << " / " << val[2] << "; weights " << weight_gap);
+  CHECK(losses[0].back() < losses[0].front() - 0.3);  // it learns
+  CHECK(moments_gap < 0.01);
+  CHECK(recipe_gap < 0.05);
+  CHECK(std::abs(val[1] - val[0]) < 0.01 * val[0]);
+  CHECK(std::abs(val[2] - val[0]) < 0.03 * val[0]);
+  CHECK(weight_gap < 1e-2);
+  CHECK(weight_gap > 0);  // the moments really are bf16
 }
 
 // ------------------------------------------------------------------------ the chunked loss
@@ -780,6 +973,23 @@ TEST_CASE("the chunked cross-entropy equals the whole-logits one, values and gra
   loss.sum().backward();
   CHECK(hidden.grad().defined());
   CHECK_FALSE(frozen.grad().defined());
+  // A trained output head under bf16 autocast (pretraining on a GPU): its gradient is summed in
+  // fp32 over the chunks. Regression: the fp32 sum was fed bf16 operands and the backward threw.
+  {
+    at::Tensor head = (at::randn({v, h}) * 0.3).requires_grad_(), x = at::randn({n, h}).requires_grad_();
+    at::Tensor chunked;
+    {
+      AutocastScope autocast(at::kCPU, at::kBFloat16);
+      chunked = ChunkedCrossEntropy(x, head, targets, 8);
+    }
+    chunked.sum().backward();
+    REQUIRE(head.grad().defined());
+    CHECK(head.grad().scalar_type() == at::kFloat);
+    at::Tensor x32 = x.detach().requires_grad_(), head32 = head.detach().requires_grad_();
+    at::cross_entropy_loss(at::linear(x32, head32), targets, {}, at::Reduction::Sum).backward();
+    CHECK(testing::RelativeError(head.grad(), head32.grad()) < 2e-2);
+    CHECK(testing::RelativeError(x.grad(), x32.grad()) < 2e-2);
+  }
   CHECK(DefaultLossChunk(100352) == 334);  // a [334, 100352] fp32 block: 128 MiB
   CHECK(DefaultLossChunk(259) == (int64_t{128} << 20) / 4 / 259);
 }
@@ -916,6 +1126,22 @@ TEST_CASE("DP settings that cannot work are refused with the fix", "[privacy]") 
   c.mode = "pretrain";
   c.preset = "test";
   CHECK_THAT(std::string(Trainer::Create(c, {"", "", w.Run("dp_bad3"), w.cache}, false).status().message()), Catch::Contains("owner's expert"));
+  c.mode = "expert";
+  c.activation_checkpointing = true;  // per-sequence norms need every layer's activations
+  CHECK_THAT(std::string(Trainer::Create(c, w.Inputs("dp_bad4"), false).status().message()),
+             Catch::Contains("--activation-checkpointing does not combine with DP-SGD"));
+}
+
+TEST_CASE("bf16 moments with a β2 whose updates bf16 cannot hold are refused with the fix", "[training]") {
+  World& w = TheWorld();
+  TrainConfig c = SmallRun({w.math});
+  c.optimizer_moments = "bf16";
+  c.beta2 = 0.999;
+  CHECK_THAT(std::string(Trainer::Create(c, w.Inputs("moments_bad"), false).status().message()),
+             Catch::Contains("needs beta2 ≤ 0.99"));
+  c.optimizer_moments = "fp16";
+  CHECK_THAT(std::string(Trainer::Create(c, w.Inputs("moments_bad2"), false).status().message()),
+             Catch::Contains("fp32 or bf16"));
 }
 
 TEST_CASE("Poisson samples: deterministic per step, at the rate asked, in order", "[privacy]") {
