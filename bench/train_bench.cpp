@@ -7,10 +7,12 @@
 // the same sequences, in the same run, and prints the ratio.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
+#include <malloc.h>
 #include <sys/resource.h>
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <random>
 
@@ -36,6 +38,23 @@ double PeakRssBytes() {
   return u.ru_maxrss * 1024.0;
 }
 
+// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1.
+double ProcStatusBytes(const std::string& field) {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) * 1024.0;
+  }
+  return -1;
+}
+
+// Resets the process's resident high-water mark (VmHWM) to its current size; false where the
+// kernel does not allow it.
+bool ResetPeakRss() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+  return static_cast<bool>(clear.flush());
+}
+
 // ~2 MB of word salad: enough windows for any batch here; its content does not matter.
 void WriteText(const std::string& path) {
   std::mt19937 rng(1);
@@ -52,7 +71,8 @@ int main(int argc, char** argv) {
   int threads = 2;
   std::string preset = "small", device = "cpu", precision = "auto";
   std::vector<std::string> shapes = {"4x512", "1x256"};
-  bool dp = false;
+  bool dp = false, checkpointing = false, measure_memory = false;
+  std::string moments = "fp32";
   int64_t layers = 0;
   std::string profile;
   app.add_option("--threads", threads, "Intra-op threads (match the Python side)");
@@ -64,9 +84,21 @@ int main(int argc, char** argv) {
   app.add_option("--profile", profile,
                  "Also record two more steps of each shape with LibTorch's profiler: a Chrome trace FILE.SHAPE.json "
                  "(bench/profile_ops.py sums it per operation)");
+  app.add_flag("--activation-checkpointing", checkpointing, "Recompute each layer in the backward (train --activation-checkpointing)");
+  app.add_option("--optimizer-moments", moments, "fp32 or bf16 AdamW moments")->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_flag("--measure-memory", measure_memory,
+               "CPU: measure what one step adds at its peak (step_peak_growth_bytes, against the plan's "
+               "planned_step_bytes); large allocations then go straight to the system, which slows the step");
   app.add_flag("--dp", dp, "Also time the DP-SGD step (clip 1, noise 1) on the same sequences; print the cost ratio");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
+  if (measure_memory) {
+    // Every allocation of 1 MiB or more straight from the system and back when freed (a fixed
+    // threshold also stops glibc from raising it): the resident size then follows the live
+    // tensors, so a step's peak is measured rather than the heap's high-water mark. It costs time
+    // (fresh pages for every large tensor): tokens/s from such a run are not comparable.
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  }
 
   const fs::path dir = fs::temp_directory_path() / ("flexfed-train-bench-" + std::to_string(getpid()));
   fs::create_directories(dir);
@@ -104,6 +136,8 @@ int main(int argc, char** argv) {
     c.threads = threads;
     c.device = device;
     c.precision = precision;
+    c.activation_checkpointing = checkpointing;
+    c.optimizer_moments = moments;
     c.validation_fraction = 0;
     double plain_seconds = 0, plain_rss = 0;
     for (const bool private_step : dp ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
@@ -137,6 +171,16 @@ int main(int argc, char** argv) {
         step();
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       }
+      // What one step adds to the resident memory at its peak (gradients, activations, the loss's
+      // block and every temporary) on the CPU, against the plan's parts for them.
+      double step_growth = -1;
+      if (measure_memory && !cuda && ResetPeakRss()) {
+        malloc_trim(0);  // freed heap memory back to the system first: the growth is the step's own
+        ResetPeakRss();
+        const double before = ProcStatusBytes("VmRSS");
+        step();
+        step_growth = ProcStatusBytes("VmHWM") - before;
+      }
       if (!profile.empty() && !private_step) {
         torch::autograd::profiler::RecordProfile record(profile + "." + text + ".json");
         step();
@@ -152,9 +196,18 @@ int main(int argc, char** argv) {
                           {"mfu", (*trainer)->flops_per_token() * tokens / best / gemm}, {"gemm_flops_per_s", gemm},
                           {"peak_rss_bytes", PeakRssBytes()},
                           {"memory", {{"frozen_weights", frozen_bytes}, {"trained_weights", trained_bytes},
-                                      {"trained_grads", trained_bytes}, {"adam_states", 2 * trained_bytes}}}};
+                                      {"trained_grads", trained_bytes},
+                                      {"adam_states", 2 * trained_bytes / (moments == "bf16" ? 2 : 1)}}}};
       if (absl::StatusOr<MemoryPlan> plan = PlanRunMemory(cc, {(dir / "anchor").string(), "", run, ""}, 1); plan.ok()) {
         j["planned_bytes"] = plan->total();  // the memory plan, to compare with the measured peak
+        double per_step = 0;
+        for (const MemoryPlanPart& part : plan->parts) {
+          if (part.name == "gradients" || part.name == "activations" || part.name == "loss" || part.name == "autocast copies") {
+            per_step += static_cast<double>(part.bytes);
+          }
+        }
+        j["planned_step_bytes"] = per_step;
+        if (step_growth >= 0) j["step_peak_growth_bytes"] = step_growth;
       }
 #if FLEXFED_WITH_CUDA
       if (cuda) {
@@ -163,6 +216,8 @@ int main(int argc, char** argv) {
       }
 #endif
       j["layers"] = config.num_hidden_layers;
+      j["activation_checkpointing"] = checkpointing;
+      j["optimizer_moments"] = moments;
       if (private_step) {
         // Peak RSS only grows in a process: the private step's extra memory shows as the growth.
         j["dp_time_ratio"] = best / plain_seconds;

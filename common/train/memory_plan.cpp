@@ -135,11 +135,19 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
                      s.world_size > 1 ? absl::StrFormat("AdamW moments, %s, this rank's ZeRO-1 shard of %d", moment_type, s.world_size)
                                       : absl::StrFormat("AdamW moments, %s", moment_type)});
   if (s.bf16_autocast) {
-    if (s.activation_checkpointing) {
-      p.parts.push_back({"autocast copies", (trained / layers) * 2, "bf16 casts of one layer's trained matrices at a time"});
-    } else {
-      p.parts.push_back({"autocast copies", trained * 2, "bf16 casts of the trained matrices, kept for the step"});
+    // Casts a product's backward keeps: of the trained matrices, and of frozen matrices held in
+    // fp32 (an fp32 anchor's) — a frozen layer's only where a gradient passes through it (not
+    // layer 0, whose input is the frozen embedding's), the output head's always.
+    int64_t frozen_casts = 0;
+    if (s.mode != "pretrain" && !s.bf16_frozen) {
+      const int64_t per_layer = h * q + 2 * h * kv + q * h + (s.mode == "expert" ? ffn : 0);
+      frozen_casts = (s.activation_checkpointing ? 1 : layers - 1) * per_layer * 2 + v * h * 2;
     }
+    const int64_t trained_casts = s.activation_checkpointing ? (trained / layers) * 2 : trained * 2;
+    p.parts.push_back({"autocast copies", trained_casts + frozen_casts,
+                       absl::StrCat("bf16 casts of ", s.activation_checkpointing ? "one layer's" : "the",
+                                    " trained matrices", frozen_casts > 0 ? " and fp32 frozen ones" : "",
+                                    s.activation_checkpointing ? " at a time" : ", kept for the step")});
   }
   p.parts.push_back({"activations", tokens * ActivationBytesPerToken(c, s),
                      s.activation_checkpointing
