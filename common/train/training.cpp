@@ -113,8 +113,7 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   s.world_size = world_size;
   s.activation_checkpointing = config.activation_checkpointing;
   s.bf16_moments = config.optimizer_moments == "bf16";
-  // The embedding table is kept in bf16 when its values are (a bf16 checkpoint).
-  // Frozen matrices are kept in bf16 when their values are (a bf16 checkpoint).
+  // Frozen matrices and embeddings are kept in bf16 when their values are (a bf16 checkpoint).
   const bool owner = config.mode == "expert" || config.mode == "dense";
   s.bf16_frozen = s.bf16_embeddings = s.bf16_autocast && owner && model->torch_dtype == "bfloat16";
   return PlanTrainingMemory(*model, s);
@@ -578,7 +577,11 @@ std::vector<NamedTensor> Trainer::FrozenTensors() const {
 std::string Trainer::ComputeDescription() const {
   std::string where = device_.str();
   if (device_.is_cpu()) where += absl::StrCat(" (", at::get_num_threads(), " threads)");
-  return absl::StrCat(where, autocast_ ? ", bf16 autocast (fp32 master weights, bf16 frozen matrices)" : ", fp32",
+  const bool bf16_frozen = !model_->layers().empty() && model_->layers()[0].q_proj.scalar_type() == at::kBFloat16;
+  return absl::StrCat(where,
+                      !autocast_   ? ", fp32"
+                      : bf16_frozen ? ", bf16 autocast (fp32 master weights, bf16 frozen matrices)"
+                                    : ", bf16 autocast (fp32 master weights)",
                       config_.optimizer_moments == "bf16" ? ", bf16 AdamW moments" : "",
                       config_.activation_checkpointing ? ", activation checkpointing" : "");
 }
@@ -775,13 +778,14 @@ std::vector<NamedTensor> Trainer::FullOptimizerState() {
   for (size_t i = 0; i < trainable_.size(); ++i) {
     const at::Tensor& p = trainable_[i].tensor;
     const bool mine = optimizer_->owns(i);
-    at::Tensor m = mine ? optimizer_->exp_avg(i) : at::empty(p.sizes(), p.options().dtype(optimizer_->moment_dtype()).requires_grad(false));
-    at::Tensor v = mine ? optimizer_->exp_avg_sq(i) : at::empty(p.sizes(), p.options().dtype(optimizer_->moment_dtype()).requires_grad(false));
+    // Sent as fp32 whatever the moments' dtype (bf16 widens exactly; every backend carries fp32).
+    at::Tensor m = mine ? optimizer_->exp_avg(i).to(at::kFloat) : at::empty(p.sizes(), p.options().dtype(at::kFloat).requires_grad(false));
+    at::Tensor v = mine ? optimizer_->exp_avg_sq(i).to(at::kFloat) : at::empty(p.sizes(), p.options().dtype(at::kFloat).requires_grad(false));
     group_->Broadcast(m, state_owner_[i]);
     group_->Broadcast(v, state_owner_[i]);
     if (lead()) {
-      full.push_back({trainable_[i].name + ".exp_avg", m});
-      full.push_back({trainable_[i].name + ".exp_avg_sq", v});
+      full.push_back({trainable_[i].name + ".exp_avg", m.to(optimizer_->moment_dtype())});
+      full.push_back({trainable_[i].name + ".exp_avg_sq", v.to(optimizer_->moment_dtype())});
     }
   }
   return full;

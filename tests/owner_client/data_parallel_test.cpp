@@ -167,6 +167,23 @@ TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two o
   CHECK(fs::file_size(fs::path(dir / "two/checkpoints") / latest / "optimizer.safetensors") ==
         fs::file_size(fs::path(dir / "one/checkpoints") / latest / "optimizer.safetensors"));
 
+  // The 7B recipe's settings (bf16 moments, checkpointed layers) split over two processes: the same
+  // run, its bf16 moments gathered into the one-process checkpoint.
+  const std::string compact = "--optimizer-moments bf16 --activation-checkpointing --checkpoint-every 3";
+  REQUIRE(RunCommand(train("one_compact", 6, compact), &out) == 0);
+  REQUIRE(RunCommand(train("two_compact", 6, "--nproc-per-node 2 " + compact), &out) == 0);
+  CHECK_THAT(out, Catch::Contains("bf16 AdamW moments, activation checkpointing"));
+  const std::vector<double> one_c = Losses(dir / "one_compact"), two_c = Losses(dir / "two_compact");
+  REQUIRE(one_c.size() == 6);
+  REQUIRE(two_c.size() == 6);
+  for (size_t i = 0; i < one_c.size(); ++i) CHECK(std::abs(two_c[i] - one_c[i]) <= 1e-6 * std::abs(one_c[i]));
+  CHECK(WeightDifference(dir / "two_compact/model", dir / "one_compact/model") <= 1e-6);
+  const std::string step6 = ValueOrDie(ReadFile(dir / "two_compact/checkpoints/latest"));
+  CHECK(fs::file_size(fs::path(dir / "two_compact/checkpoints") / step6 / "optimizer.safetensors") ==
+        fs::file_size(fs::path(dir / "one_compact/checkpoints") / step6 / "optimizer.safetensors"));
+  CHECK(fs::file_size(fs::path(dir / "two_compact/checkpoints") / step6 / "optimizer.safetensors") <
+        fs::file_size(fs::path(dir / "one/checkpoints") / latest / "optimizer.safetensors") * 6 / 10);  // bf16: half
+
   // Rank 1 killed with SIGKILL once a checkpoint exists: the launcher stops rank 0 and fails.
   const int steps = 300;
   REQUIRE(RunCommand(train("whole", steps, "--nproc-per-node 2 --checkpoint-every 4"), &out) == 0);
