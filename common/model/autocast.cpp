@@ -26,4 +26,10 @@ std::optional<at::ScalarType> AutocastDtype(at::DeviceType device) {
   return at::autocast::get_autocast_dtype(device);
 }
 
+NoAutocastCache::NoAutocastCache() : was_enabled_(at::autocast::is_autocast_cache_enabled()) {
+  at::autocast::set_autocast_cache_enabled(false);
+}
+
+NoAutocastCache::~NoAutocastCache() { at::autocast::set_autocast_cache_enabled(was_enabled_); }
+
 }  // namespace flexfed

@@ -28,6 +28,19 @@ class AutocastScope {
 // The dtype autocast computes matrix products in on `device`, or nullopt when it is off there.
 std::optional<at::ScalarType> AutocastDtype(at::DeviceType device);
 
+// Autocast's cast cache off until destroyed (then as it was): every use of an fp32 leaf casts it
+// anew, and nothing outlives the op that needed it. One thread.
+class NoAutocastCache {
+ public:
+  NoAutocastCache();
+  ~NoAutocastCache();
+  NoAutocastCache(const NoAutocastCache&) = delete;
+  NoAutocastCache& operator=(const NoAutocastCache&) = delete;
+
+ private:
+  bool was_enabled_;
+};
+
 // Ops under this guard run in the dtypes they are given, whatever the autocast state (the router
 // logits must be fp32, docs/METHOD.md §2).
 class NoAutocast {

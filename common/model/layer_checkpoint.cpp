@@ -1,6 +1,5 @@
 #include "common/model/layer_checkpoint.h"
 
-#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -30,19 +29,6 @@ std::vector<at::Tensor*> TrainedTensors(LayerWeights& w) {
   return trained;
 }
 
-// Autocast's cast cache off for a scope: a forward that keeps nothing for a backward drops each
-// bf16 copy of a trained matrix after its product instead of holding all of them to the end.
-class NoAutocastCache {
- public:
-  NoAutocastCache() : was_(at::autocast::is_autocast_cache_enabled()) { at::autocast::set_autocast_cache_enabled(false); }
-  ~NoAutocastCache() { at::autocast::set_autocast_cache_enabled(was_); }
-  NoAutocastCache(const NoAutocastCache&) = delete;
-  NoAutocastCache& operator=(const NoAutocastCache&) = delete;
-
- private:
-  bool was_;
-};
-
 struct LayerCall {
   const FlexOlmoModel* model;
   int64_t layer;
@@ -59,6 +45,8 @@ struct LayerFunction : torch::autograd::Function<LayerFunction> {
     {
       // With a graph, freed at once: the operations the recomputation will run (without one, some
       // take other paths, e.g. RmsNorm's fused CPU loop) — so the backward sees this forward's values.
+      // No cast cache: each bf16 copy of a trained matrix is dropped after its product instead of
+      // being held to the end of the forward.
       at::AutoGradMode grad_on(true);
       NoAutocastCache no_cache;
       out = call.model->DecoderLayer(call.layer, call.model->layers()[call.layer], h.detach(), 0, nullptr,

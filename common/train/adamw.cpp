@@ -42,13 +42,13 @@ void AdamW::Step(double lr) {
   // fp32 parameters: ATen's fused AdamW, one vectorised pass over each parameter's memory (the
   // kernel torch.optim.AdamW(fused=True) runs) instead of eight elementwise passes — the update is
   // memory-bound. Grouped by device, as the kernel wants one device per call.
+  auto fusable = [&](const at::Tensor& p) {
+    return p.scalar_type() == at::kFloat && p.is_contiguous() && options_.moment_dtype == at::kFloat;
+  };
   std::vector<std::pair<at::Device, std::array<std::vector<at::Tensor>, 4>>> fused;  // training uses one device
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].tensor;
-    if (!owned_[i] || !p.grad().defined() || p.scalar_type() != at::kFloat || !p.is_contiguous() ||
-        options_.moment_dtype != at::kFloat) {
-      continue;
-    }
+    if (!owned_[i] || !p.grad().defined() || !fusable(p)) continue;
     auto it = std::find_if(fused.begin(), fused.end(), [&](const auto& g) { return g.first == p.device(); });
     if (it == fused.end()) it = fused.insert(fused.end(), {p.device(), {}});
     auto& group = it->second;
@@ -66,7 +66,7 @@ void AdamW::Step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor p = params_[i].tensor;
     if (!owned_[i] || !p.grad().defined()) continue;
-    if (p.scalar_type() == at::kFloat && p.is_contiguous() && options_.moment_dtype == at::kFloat) continue;  // stepped above
+    if (fusable(p)) continue;  // stepped above
     at::Tensor g = p.grad().to(at::kFloat);
     // Moments and the update in fp32 whatever the parameter's and the moments' dtypes; bf16
     // moments are widened for the update and rounded back (to nearest) after it.
