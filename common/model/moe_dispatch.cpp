@@ -111,7 +111,10 @@ struct Plan {
   std::vector<int64_t> offsets;    // [E + 1] on the host: the experts' slices
 };
 
-Plan Align(const at::Tensor& indices, int64_t experts) {
+// `every_expert`: each token chose every expert (top-k of k, none excluded), so expert e's slice is
+// [e·N, (e+1)·N) and the host knows it without reading the counts back — no device→host copy, so a
+// GPU step keeps running ahead of the host (the owner's expert training, top-2 of 2, is this case).
+Plan Align(const at::Tensor& indices, int64_t experts, bool every_expert) {
   const int64_t m = indices.numel();
   const at::TensorOptions int32 = indices.options().dtype(at::kInt);
   at::Tensor counts = at::empty({experts}, int32), offsets = at::empty({experts + 1}, int32);
@@ -132,6 +135,11 @@ Plan Align(const at::Tensor& indices, int64_t experts) {
                  m,
                  static_cast<int>(experts)};
   FLEXFED_RUN_OP(Align, a, indices);
+  if (every_expert) {
+    const int64_t tokens = indices.size(0);
+    for (int64_t e = 0; e <= experts; ++e) plan.offsets.push_back(e * tokens);
+    return plan;
+  }
   const at::Tensor host = offsets.to(at::kCPU).to(at::kLong);  // the one device→host copy per layer
   plan.offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + experts + 1);
   return plan;
@@ -312,7 +320,7 @@ DispatchMoeOutput DispatchMoe(const at::Tensor& x, const at::Tensor& router, con
   const variable_list routed = RouterFunction::apply(raw, b, allowed, top_k, norm_topk_prob);
   const at::Tensor &logits = routed[0], &weights = routed[1], &indices = routed[2];
 
-  const Plan plan = Align(indices, num_experts);
+  const Plan plan = Align(indices, num_experts, /*every_expert=*/top_k == num_experts && !mask.defined());
   const at::Tensor rows = GatherFunction::apply(x.to(compute).contiguous(), plan.sorted_slot, plan.slot_position, top_k);
   std::vector<at::Tensor> w;
   for (const ExpertWeights& e : experts) {

@@ -651,13 +651,16 @@ at::Tensor Trainer::SequenceLosses(const std::vector<int64_t>& sequences, Forwar
     }
   }
   tokens_ += inputs.numel();
-  if (routing_counts_.size() != trace.expert_indices.size()) {
-    routing_counts_.assign(trace.expert_indices.size(), std::vector<double>(mc.num_experts, 0.0));
-  }
-  for (size_t l = 0; l < trace.expert_indices.size(); ++l) {
-    at::Tensor top1 = at::bincount(trace.expert_indices[l].select(1, 0).to(at::kCPU), {}, mc.num_experts).contiguous();
-    const int64_t* counts = top1.data_ptr<int64_t>();
-    for (int64_t e = 0; e < mc.num_experts; ++e) routing_counts_[l][e] += static_cast<double>(counts[e]);
+  if (!trace.expert_indices.empty()) {
+    // Each layer's first choices, counted on the device in one scatter: row l, column e.
+    const int64_t layers = static_cast<int64_t>(trace.expert_indices.size()), experts = mc.num_experts;
+    std::vector<at::Tensor> first;
+    for (const at::Tensor& chosen : trace.expert_indices) first.push_back(chosen.select(1, 0));
+    const at::Tensor cells = at::stack(first) + at::arange(layers, first[0].options()).unsqueeze(1) * experts;
+    if (!routing_counts_.defined() || routing_counts_.size(0) != layers || routing_counts_.device() != cells.device()) {
+      routing_counts_ = at::zeros({layers, experts}, cells.options());
+    }
+    routing_counts_.view({-1}).scatter_add_(0, cells.reshape({-1}), at::ones_like(cells).reshape({-1}));
   }
   return losses;
 }
@@ -752,22 +755,24 @@ bool Trainer::AnyRank(bool flag) {
   return f.item<float>() > 0;
 }
 
-void Trainer::SumRoutingCounts() {
-  if (group_ == nullptr || model_->config().model_type != "flex_olmo") return;
+std::vector<std::vector<double>> Trainer::TakeRoutingFractions() {
+  const bool moe = model_->config().model_type == "flex_olmo";
+  if (!moe || (group_ == nullptr && !routing_counts_.defined())) return {};
   // Every rank contributes a [layers, experts] table, zeros where it routed nothing.
   const int64_t layers = model_->config().num_hidden_layers, experts = model_->config().num_experts;
-  at::Tensor counts = at::zeros({layers, experts}, at::kDouble);
-  for (size_t l = 0; l < routing_counts_.size() && static_cast<int64_t>(l) < layers; ++l) {
-    for (int64_t e = 0; e < experts && e < static_cast<int64_t>(routing_counts_[l].size()); ++e) {
-      counts[static_cast<int64_t>(l)][e] = routing_counts_[l][e];
-    }
+  at::Tensor counts = routing_counts_.defined() ? routing_counts_.to(at::kCPU).to(at::kDouble)
+                                                : at::zeros({layers, experts}, at::kDouble);
+  routing_counts_ = at::Tensor();
+  if (group_ != nullptr) group_->SumInPlace({counts});
+  counts = counts.contiguous();
+  const double* c = counts.data_ptr<double>();
+  std::vector<std::vector<double>> fractions(static_cast<size_t>(counts.size(0)));
+  for (int64_t l = 0; l < counts.size(0); ++l) {
+    double sum = 0;
+    for (int64_t e = 0; e < experts; ++e) sum += c[l * experts + e];
+    for (int64_t e = 0; e < experts; ++e) fractions[l].push_back(sum > 0 ? c[l * experts + e] / sum : 0.0);
   }
-  group_->SumInPlace({counts});
-  routing_counts_.assign(layers, std::vector<double>(experts, 0.0));
-  const at::Tensor c = counts.contiguous();
-  for (int64_t l = 0; l < layers; ++l) {
-    for (int64_t e = 0; e < experts; ++e) routing_counts_[l][e] = c.data_ptr<double>()[l * experts + e];
-  }
+  return fractions;
 }
 
 std::vector<NamedTensor> Trainer::FullOptimizerState() {
@@ -846,7 +851,7 @@ at::Tensor Trainer::SequenceGradientNormsSq(const std::vector<int64_t>& sequence
   const int64_t tokens = tokens_;
   at::Tensor norms_sq = GradientNormsSq(SequenceLosses(sequences, trace), trace);
   tokens_ = tokens;  // a measurement, not training
-  routing_counts_.clear();
+  routing_counts_ = at::Tensor();
   return norms_sq;
 }
 
@@ -1011,23 +1016,12 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
       json j = {{"step", step_}, {"tokens", tokens_}, {"loss", window_loss / window_steps}, {"lr", LearningRate(step_ - 1)},
                 {"grad_norm", last_grad_norm_}, {"tokens_per_s", tps}, {"mfu", mfu}};
       std::string privacy;
-      SumRoutingCounts();
+      const std::vector<std::vector<double>> routing = TakeRoutingFractions();
       if (std::optional<DpAccount> dp = Privacy()) {
         j["epsilon"] = dp->epsilon;
         privacy = absl::StrFormat(" | ε %.3g", dp->epsilon);
       }
-      if (!routing_counts_.empty()) {
-        json fractions = json::array();
-        for (const auto& counts : routing_counts_) {
-          double sum = 0;
-          for (double c : counts) sum += c;
-          json row = json::array();
-          for (double c : counts) row.push_back(sum > 0 ? c / sum : 0.0);
-          fractions.push_back(row);
-        }
-        j["routing"] = fractions;  // per layer, fraction of tokens whose first choice is each expert
-        routing_counts_.clear();
-      }
+      if (!routing.empty()) j["routing"] = routing;  // per layer, fraction of tokens whose first choice is each expert
       metrics << j.dump() << "\n" << std::flush;
       if (progress != nullptr) {
         const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();

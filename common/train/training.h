@@ -166,12 +166,16 @@ class Trainer {
   ForwardTrace DpTrace() const;  // a trace that records the trained FFN and the router inputs
   // Per-sequence squared gradient norms [B] fp64 from the losses and their trace (graph kept).
   at::Tensor GradientNormsSq(const at::Tensor& losses, const ForwardTrace& trace);
-  std::vector<std::vector<double>> routing_counts_;  // [layer][expert] top-1 counts since last log
+  // [layers, experts] int64 top-1 counts since the last log, on the training device: added to on the
+  // device each step, read back once per log (a per-layer read would stall a GPU every layer).
+  at::Tensor routing_counts_;
   bool lead() const;  // writes the run folder: the only process, or rank 0
   void SumGradients();  // data-parallel: every rank's gradients summed (undefined where all are)
   void BroadcastUpdated();  // data-parallel: each tensor from the rank that stepped it
   bool AnyRank(bool flag);  // data-parallel: whether any rank's flag is set (the flag alone otherwise)
-  void SumRoutingCounts();
+  // The routing counts since the last log as fractions per layer (summed over ranks), then cleared;
+  // empty when there are none (a dense model, or no step since).
+  std::vector<std::vector<double>> TakeRoutingFractions();
   std::vector<NamedTensor> FullOptimizerState();  // data-parallel: gathered from the shards (rank 0's is whole)
 
   DataParallelGroup* group_ = nullptr;

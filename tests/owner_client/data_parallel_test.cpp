@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -73,6 +74,17 @@ std::vector<double> Losses(const fs::path& run) {
   for (std::string line; std::getline(in, line);) {
     const nlohmann::json j = nlohmann::json::parse(line);
     if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+  }
+  return out;
+}
+
+// The routing logged at every step: per layer, the share of tokens whose first choice is each expert.
+std::vector<nlohmann::json> Routing(const fs::path& run) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out.push_back(j.value("routing", nlohmann::json()));
   }
   return out;
 }
@@ -162,6 +174,22 @@ TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two o
     CHECK(std::abs(two[i] - one[i]) <= 1e-6 * std::abs(one[i]));
   }
   CHECK(WeightDifference(dir / "two/model", dir / "one/model") <= 1e-6);
+  // The routing counts (kept on the device, summed over the ranks at each log) give the same shares.
+  const std::vector<nlohmann::json> routing_one = Routing(dir / "one"), routing_two = Routing(dir / "two");
+  REQUIRE(routing_one.size() == 12);
+  REQUIRE(routing_two.size() == 12);
+  for (size_t i = 0; i < routing_one.size(); ++i) {
+    INFO("step " << i + 1);
+    REQUIRE(routing_one[i].size() == 2);  // the test preset's layers
+    for (size_t l = 0; l < 2; ++l) {
+      const double a = routing_one[i][l][0].get<double>(), b = routing_one[i][l][1].get<double>();
+      CHECK(a + b == Approx(1.0));
+      CHECK(a * 512 == Approx(std::round(a * 512)).margin(1e-9));  // whole tokens were counted
+      // 512 tokens a step: a token or two may flip where the two runs' logits differ in the last bits.
+      CHECK(routing_two[i][l][0].get<double>() == Approx(a).margin(2.0 / 512));
+      CHECK(routing_two[i][l][1].get<double>() == Approx(b).margin(2.0 / 512));
+    }
+  }
   // The checkpoint is the one-process format: both runs' optimizer files hold the same tensors.
   const std::string latest = ValueOrDie(ReadFile(dir / "two/checkpoints/latest"));
   CHECK(fs::file_size(fs::path(dir / "two/checkpoints") / latest / "optimizer.safetensors") ==

@@ -6,13 +6,18 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
+#if FLEXFED_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "common/core/model_config.h"
 #include "common/model/autocast.h"
+#include "common/model/model.h"
 #include "common/model/moe.h"
 #include "common/model/moe_dispatch.h"
 #include "kernels/moe_ops.h"
@@ -175,6 +180,18 @@ TEST_CASE("the dispatch path equals the LibTorch path, forward and backward (fp3
     CompareWithLibTorch(MakeLayer(50, 16, 20, 5, at::kFloat, true), mask, 3, false, 1e-5);
   }
   {
+    // Top-k of k with nothing excluded: the slices are known on the host (no counts read back),
+    // which must hold even for an expert whose probability underflows to exactly 0.
+    INFO("k = E, one expert's probability 0 for every token (the owner's top-2 of 2, bias -1e4)");
+    Layer l = MakeLayer(45, 16, 20, 2, at::kFloat, true);
+    {
+      at::NoGradGuard no_grad;
+      l.bias[1] = -1e4;
+    }
+    REQUIRE(at::all(Route(l.x, l.router, l.bias, {}, 2, false).weights.select(1, 1) == 0).item<bool>());
+    CompareWithLibTorch(l, {}, 2, false, 1e-5);
+  }
+  {
     INFO("one expert: every token to it");
     CompareWithLibTorch(MakeLayer(33, 16, 20, 1, at::kFloat, false), {}, 1, false, 1e-5);
   }
@@ -244,6 +261,46 @@ TEST_CASE("on a GPU the kernels equal the LibTorch path, forward and backward", 
     INFO("bf16, 8 experts, k = 2");
     CompareWithLibTorch(MakeLayer(4096, 128, 256, 8, at::kBFloat16, true, gpu), {}, 2, false, 3e-2);
   }
+}
+
+// The owner's step routes every token to both experts (top-2 of 2): the experts' slices are known on
+// the host, so no layer waits for the GPU to report its counts, forward or backward.
+TEST_CASE("on a GPU the owner's training forward and backward never wait for the device", "[gpu]") {
+  if (!UseDispatchMoe(at::empty({1}, at::TensorOptions().device(at::hasCUDA() ? at::kCUDA : at::kCPU)))) {
+    WARN("no CUDA device, or a build without the CUDA kernels: this [gpu] test is skipped (docs/GPU.md)");
+    return;
+  }
+#if FLEXFED_WITH_CUDA
+  at::manual_seed(11);
+  const at::Device gpu(at::kCUDA, 0);
+  const ModelConfig config = *ModelConfig::Preset("test", 2, 2);
+  FlexOlmoModel model = *FlexOlmoModel::Create(config, at::kFloat, 3, /*with_router_bias=*/true);
+  model.To(gpu);
+  std::vector<at::Tensor> trained;
+  for (const LayerWeights& w : model.layers()) {
+    for (const at::Tensor& t : {w.experts[1].gate_proj, w.experts[1].up_proj, w.experts[1].down_proj, w.router}) {
+      trained.push_back(t);
+      t.requires_grad_(true);
+    }
+  }
+  const at::Tensor ids = at::randint(0, config.vocab_size, {2, 48}, at::TensorOptions().dtype(at::kLong).device(gpu));
+  c10::cuda::device_synchronize();
+  struct SyncIsAnError {  // any synchronising call (a device→host copy, .item(), a stream wait) throws
+    SyncIsAnError() { c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR); }
+    ~SyncIsAnError() { c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED); }
+  };
+  {
+    const SyncIsAnError guard;
+    const AutocastScope bf16(at::kCUDA, at::kBFloat16);
+    ForwardTrace trace;
+    const at::Tensor hidden = model.ForwardHidden(ids, {}, nullptr, &trace);
+    REQUIRE(trace.expert_indices.size() == static_cast<size_t>(config.num_hidden_layers));
+    at::Tensor loss = hidden.to(at::kFloat).pow(2).mean();
+    for (const at::Tensor& logits : trace.router_logits) loss = loss + at::logsumexp(logits, -1).pow(2).mean();
+    CHECK_NOTHROW(loss.backward());
+  }
+  for (const at::Tensor& t : trained) CHECK(t.grad().defined());
+#endif
 }
 
 }  // namespace
