@@ -4,7 +4,9 @@
 // per configuration. bench/run_train_bench.sh runs it on the CPU beside bench/train_bench.py (plain
 // PyTorch); bench/gpu/run.sh runs it on a GPU with --device cuda --preset 1b. With --dp it times
 // DP-SGD's step (per-sequence norms and clipping, noise; docs/PRIVACY.md) against the plain step on
-// the same sequences, in the same run, and prints the ratio.
+// the same sequences, in the same run, and prints the ratio. With --elementwise it times instead the
+// step's fused elementwise ops against the ATen compositions they replace (forward + backward, at
+// each shape's [tokens, FFN width]), in the same process.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <malloc.h>
@@ -17,12 +19,14 @@
 #include <random>
 
 #include "common/core/file_util.h"
+#include "common/core/processes.h"
 #include <torch/cuda.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #if FLEXFED_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include "common/model/layers.h"
 #include "common/model/router_embedding.h"
 #include "common/train/training.h"
 #include <nlohmann/json.hpp>
@@ -53,6 +57,40 @@ bool ResetPeakRss() {
   std::ofstream clear("/proc/self/clear_refs");
   clear << "5";
   return static_cast<bool>(clear.flush());
+}
+
+// Best of `rounds` wall times of fn(), after one warm-up call.
+template <typename Fn>
+double BestSeconds(int rounds, Fn&& fn) {
+  fn();
+  double best = 1e30;
+  for (int i = 0; i < rounds; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+// silu(gate)·up forward and backward at [tokens, width]: SiluMul (fused on the CPU in training)
+// against ATen's silu and mul under autograd, alternated, best of each.
+nlohmann::json ElementwiseLine(int64_t tokens, int64_t width) {
+  at::manual_seed(1);
+  const at::Tensor a = at::randn({tokens, width}).requires_grad_(), b = at::randn({tokens, width}).requires_grad_();
+  const at::Tensor probe = at::randn({tokens, width});
+  auto run = [&](bool fused) {
+    const at::Tensor h = fused ? SiluMul(a, b) : at::silu(a) * b;
+    h.backward(probe);
+    a.mutable_grad() = at::Tensor();
+    b.mutable_grad() = at::Tensor();
+  };
+  double fused = 1e30, aten = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    fused = std::min(fused, BestSeconds(5, [&] { run(true); }));
+    aten = std::min(aten, BestSeconds(5, [&] { run(false); }));
+  }
+  return {{"impl", "elementwise"}, {"op", "silu_mul"}, {"shape", {tokens, width}}, {"fused_seconds", fused},
+          {"aten_seconds", aten}, {"speedup", aten / fused}};
 }
 
 // ~2 MB of word salad: enough windows for any batch here; its content does not matter.
@@ -89,6 +127,9 @@ int main(int argc, char** argv) {
   app.add_flag("--measure-memory", measure_memory,
                "CPU: measure what one step adds at its peak (step_peak_growth_bytes, against the plan's "
                "planned_step_bytes); large allocations then go straight to the system, which slows the step");
+  bool elementwise = false;
+  app.add_flag("--elementwise", elementwise,
+               "Time only the fused elementwise ops against the ATen compositions they replace (CPU), one line per shape");
   app.add_flag("--dp", dp, "Also time the DP-SGD step (clip 1, noise 1) on the same sequences; print the cost ratio");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
@@ -100,6 +141,19 @@ int main(int argc, char** argv) {
     mallopt(M_MMAP_THRESHOLD, 1 << 20);
   }
 
+  if (elementwise) {
+    KeepFreedMemoryForReuse();  // as in training on the CPU
+    const ModelConfig config = *ModelConfig::Preset(preset);
+    for (const std::string& text : shapes) {
+      int64_t batch = 0, seq = 0;
+      if (std::sscanf(text.c_str(), "%ldx%ld", &batch, &seq) != 2 || batch < 1 || seq < 2) {
+        std::cerr << "--shape " << text << ": expected BATCHxSEQ, e.g. 4x2048\n";
+        return 2;
+      }
+      std::cout << ElementwiseLine(batch * seq, config.intermediate_size).dump() << std::endl;
+    }
+    return 0;
+  }
   const fs::path dir = fs::temp_directory_path() / ("flexfed-train-bench-" + std::to_string(getpid()));
   fs::create_directories(dir);
   ModelConfig config = *ModelConfig::Preset(preset);
@@ -154,6 +208,8 @@ int main(int argc, char** argv) {
         return 1;
       }
       const bool cuda = (*trainer)->device().is_cuda();
+      // As `flexfed-owner train` does on the CPU (a step's peak is measured with the opposite setting).
+      if (!cuda && !measure_memory) KeepFreedMemoryForReuse();
 #if FLEXFED_WITH_CUDA
       if (cuda) c10::cuda::CUDACachingAllocator::resetPeakStats((*trainer)->device().index());
 #endif

@@ -2,6 +2,9 @@
 
 #include <arpa/inet.h>
 #include <csignal>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -148,6 +151,15 @@ int RunWorkers(const WorkerLaunch& launch, std::string* failure) {
   }
   if (failed) return 1;
   return forwarded ? 128 + stop_signal : 0;
+}
+
+bool KeepFreedMemoryForReuse() {
+#if defined(__GLIBC__)
+  // mallopt(3): M_MMAP_MAX 0 serves no allocation by mmap; M_TRIM_THRESHOLD -1 disables trimming.
+  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, -1) == 1;
+#else
+  return false;
+#endif
 }
 
 }  // namespace flexfed

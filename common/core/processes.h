@@ -15,6 +15,15 @@ namespace flexfed {
 const std::atomic<bool>& InstallStopSignals();
 int StopSignal();  // the signal that set the flag (0: none)
 
+// For a process that trains on the CPU: keeps the memory it frees for its next allocations. glibc
+// otherwise hands every freed block of 32 MiB or more back to the system, and the next one faults
+// in fresh zeroed pages — a training step frees and allocates the same activations every time, so
+// the bigger its tensors (more tokens per step) the more of it went to page faults (measured:
+// docs/PERFORMANCE.md, issue #15). Large blocks then come from the heap, and its top is never
+// trimmed: the resident size stays at the step's high-water mark, which every step reaches anyway.
+// Process-wide and for the rest of the process; a no-op without glibc. Returns whether it applied.
+bool KeepFreedMemoryForReuse();
+
 // Where the workers of one machine stand in a data-parallel group (common/train/distributed.h).
 struct WorkerLaunch {
   int nproc_per_node = 1;

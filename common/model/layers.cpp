@@ -2,8 +2,12 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -38,7 +42,138 @@ bool UseFusedCpu(const at::Tensor& x, const at::Tensor& weight) {
          (weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type());
 }
 
+// SiluMul's CPU passes: GCC/Clang vector types of 16 floats (one AVX-512 register, two AVX2 or
+// four SSE ones), compiled for each of these instruction sets and picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FLEXFED_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FLEXFED_CPU_CLONES
+#endif
+
+// The helpers below take and return these vectors: always inlined into each clone, so the calling
+// convention GCC warns about (-Wpsabi, reported at the end of the file) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define FLEXFED_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kLanes = 8;
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+FLEXFED_INLINE Floats Load(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FLEXFED_INLINE void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
+FLEXFED_INLINE Floats Splat(float f) { return Floats{} + f; }
+
+// Lanewise min and max (NaN stays NaN: the comparison is false, x kept).
+FLEXFED_INLINE Floats Select(Ints take_a, Floats a, Floats b) { return (Floats)(((Ints)a & take_a) | ((Ints)b & ~take_a)); }
+FLEXFED_INLINE Floats Max(Floats x, Floats low) { return Select(x < low, low, x); }
+FLEXFED_INLINE Floats Min(Floats x, Floats high) { return Select(x > high, high, x); }
+
+// exp(x), the single-precision Cephes method: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 in two parts),
+// exp(r) by a polynomial, 2ⁿ built in the exponent bits; within 2 ulp of the exact value.
+// x is clamped to [-87.3, 88] (exp stays a normal float); NaN stays NaN.
+FLEXFED_INLINE Floats Exp(Floats x) {
+  x = Min(Max(x, Splat(-87.3f)), Splat(88.0f));
+  const Floats shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5·2²³: rounds n to nearest
+  const Floats n = shifted - 12582912.0f;
+  const Floats r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  Floats p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const Ints exponent = ((Ints)shifted - 0x4B400000 + 127) << 23;  // n + bias, in the exponent field
+  return p * (Floats)exponent;
+}
+
+// h = s·b with s = a / (1 + exp(-a)) = silu(a), kLanes at a time.
+FLEXFED_INLINE Floats SiluMulLanes(Floats a, Floats b) { return a / (1.0f + Exp(-a)) * b; }
+
+// With σ = 1 / (1 + exp(-a)): db = dh·s, da = dh·b·σ·(1 + a·(1 - σ)) (silu's derivative).
+FLEXFED_INLINE void SiluMulBackwardLanes(Floats a, Floats b, Floats dh, Floats* da, Floats* db) {
+  const Floats e = 1.0f + Exp(-a), sigma = 1.0f / e;
+  *db = dh * (a / e);
+  *da = dh * b * (sigma * (1.0f + a * (1.0f - sigma)));
+}
+
+// The spans: whole vectors, then the tail through a zero-padded vector (the same arithmetic).
+FLEXFED_CPU_CLONES void SiluMulSpan(const float* a, const float* b, float* h, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) Store(h + i, SiluMulLanes(Load(a + i), Load(b + i)));
+  if (i == n) return;
+  float ta[kLanes] = {}, tb[kLanes] = {}, th[kLanes];
+  std::copy(a + i, a + n, ta);
+  std::copy(b + i, b + n, tb);
+  Store(th, SiluMulLanes(Load(ta), Load(tb)));
+  std::copy(th, th + (n - i), h + i);
+}
+
+FLEXFED_CPU_CLONES void SiluMulBackwardSpan(const float* a, const float* b, const float* dh, float* da, float* db,
+                                            int64_t n) {
+  int64_t i = 0;
+  Floats va, vb;
+  for (; i + kLanes <= n; i += kLanes) {
+    SiluMulBackwardLanes(Load(a + i), Load(b + i), Load(dh + i), &va, &vb);
+    Store(da + i, va);
+    Store(db + i, vb);
+  }
+  if (i == n) return;
+  float ta[kLanes] = {}, tb[kLanes] = {}, tg[kLanes] = {}, out_a[kLanes], out_b[kLanes];
+  std::copy(a + i, a + n, ta);
+  std::copy(b + i, b + n, tb);
+  std::copy(dh + i, dh + n, tg);
+  SiluMulBackwardLanes(Load(ta), Load(tb), Load(tg), &va, &vb);
+  Store(out_a, va);
+  Store(out_b, vb);
+  std::copy(out_a, out_a + (n - i), da + i);
+  std::copy(out_b, out_b + (n - i), db + i);
+}
+
+constexpr int64_t kElementwiseGrain = 32768;  // ATen's grain for elementwise loops
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct SiluMulFunction : torch::autograd::Function<SiluMulFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    at::Tensor h = at::empty_like(ac);
+    const float *pa = ac.data_ptr<float>(), *pb = bc.data_ptr<float>();
+    float* ph = h.data_ptr<float>();
+    at::parallel_for(0, ac.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      SiluMulSpan(pa + begin, pb + begin, ph + begin, end - begin);
+    });
+    ctx->save_for_backward({ac, bc});
+    return h;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor dh = grads[0].contiguous();
+    at::Tensor da = at::empty_like(saved[0]), db = at::empty_like(saved[1]);
+    const float *pa = saved[0].data_ptr<float>(), *pb = saved[1].data_ptr<float>(), *pg = dh.data_ptr<float>();
+    float *pda = da.data_ptr<float>(), *pdb = db.data_ptr<float>();
+    at::parallel_for(0, dh.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      SiluMulBackwardSpan(pa + begin, pb + begin, pg + begin, pda + begin, pdb + begin, end - begin);
+    });
+    return {da, db};
+  }
+};
+
 }  // namespace
+
+at::Tensor SiluMul(const at::Tensor& a, const at::Tensor& b) {
+  if (at::GradMode::is_enabled() && a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat &&
+      b.scalar_type() == at::kFloat && a.sizes() == b.sizes()) {
+    return SiluMulFunction::apply(a, b);
+  }
+  return at::silu(a) * b;
+}
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (UseFusedCpu(x, weight)) {
@@ -100,7 +235,7 @@ at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {
-  return at::linear(at::silu(at::linear(x, gate)) * at::linear(x, up), down);
+  return at::linear(SiluMul(at::linear(x, gate), at::linear(x, up)), down);
 }
 
 }  // namespace flexfed

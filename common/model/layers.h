@@ -37,6 +37,13 @@ at::Tensor RepeatKv(const at::Tensor& x, int64_t groups);
 // inputs' dtype.
 at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale);
 
+// silu(a) · b, elementwise. In training on the CPU (gradients on, fp32) one vectorised pass forward
+// and one backward (da and db together), keeping a and b but not silu(a) — where autograd's ATen
+// composition takes five passes and keeps three tensors; its exp is a polynomial within 2 ulp of
+// the exact one, so values may differ from ATen's in the last bit (tested). Elsewhere (inference,
+// other dtypes, CUDA) the ATen ops, as HF computes them.
+at::Tensor SiluMul(const at::Tensor& a, const at::Tensor& b);
+
 // down(silu(x·gateᵀ) * (x·upᵀ)). x: [N, H], gate/up: [F, H], down: [H, F] → [N, H].
 at::Tensor SwiGlu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
 

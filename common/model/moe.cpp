@@ -30,7 +30,7 @@ at::Tensor SwiGluRecorded(const at::Tensor& x, const ExpertWeights& w, FfnActiva
   record->x = x;
   record->a = at::linear(x, w.gate_proj);
   record->b = at::linear(x, w.up_proj);
-  record->h = at::silu(record->a) * record->b;
+  record->h = SiluMul(record->a, record->b);
   record->y = at::linear(record->h, w.down_proj);
   return record->y;
 }

@@ -51,14 +51,15 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
   if (pretrain) attention += h * kF32 + q * a;     // trained q, k, v, o keep their inputs
   int64_t ffn = h * kF32;                           // the post-feedforward norm's input
   const int64_t cast = s.bf16_autocast ? h * a : 0;  // a trained product's input, cast for autocast
+  const int64_t silu = s.fused_silu ? 0 : f * a;   // silu(gate), unless fused with its product
   int64_t frozen_expert_ffn = 0;
   if (expert) {
-    frozen_expert_ffn = 3 * f * a;                   // the public expert: gate, up, silu(gate)
+    frozen_expert_ffn = 2 * f * a + silu;            // the public expert: gate, up (, silu(gate))
     ffn += h * kF32                                  // the router's input (the residual)
-           + frozen_expert_ffn + 4 * f * a + cast    // the owner's expert also keeps the product for its down matrix
+           + frozen_expert_ffn + 3 * f * a + silu + cast  // the owner's expert also keeps the product for its down matrix
            + 2 * h * kF32;                           // each expert's output, weighted in fp32
   } else {
-    ffn += 4 * f * a + (s.bf16_autocast ? cast : h * kF32);  // the trained dense FFN and its input
+    ffn += 3 * f * a + silu + (s.bf16_autocast ? cast : h * kF32);  // the trained dense FFN and its input
   }
   if (s.activation_checkpointing) {
     // The layer's input (fp32 residual); a MoE layer's router logits (fp32, kept by the z-loss) and

@@ -24,6 +24,7 @@ struct MemoryPlanSettings {
   bool bf16_embeddings = false;  // ... the embedding table too (its values are bf16: a bf16 checkpoint)
   bool bf16_moments = false;    // AdamW's moments in bf16
   bool activation_checkpointing = false;  // each layer's input kept; one layer recomputed at a time
+  bool fused_silu = false;      // silu(gate)·up fused, silu(gate) not kept (the CPU's fp32 training: SiluMul)
 };
 
 struct MemoryPlanPart {

@@ -138,6 +138,7 @@ absl::Status Run(Options& o) {
   }
   absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(config, o.inputs, o.resume, group.get());
   if (!trainer.ok()) return trainer.status();
+  if ((*trainer)->device().is_cpu()) KeepFreedMemoryForReuse();  // no page faults on every step's activations
   const std::atomic<bool>& stop = InstallStopSignals();
   std::signal(SIGPIPE, SIG_IGN);  // a closed log reader must not kill hours of training
   const bool lead = group == nullptr || group->rank() == 0;

@@ -113,6 +113,7 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   s.world_size = world_size;
   s.activation_checkpointing = config.activation_checkpointing;
   s.bf16_moments = config.optimizer_moments == "bf16";
+  s.fused_silu = device->is_cpu() && !s.bf16_autocast;  // SiluMul's fused training pass (common/model/layers.h)
   // Frozen matrices and embeddings are kept in bf16 when their values are (a bf16 checkpoint).
   const bool owner = config.mode == "expert" || config.mode == "dense";
   s.bf16_frozen = s.bf16_embeddings = s.bf16_autocast && owner && model->torch_dtype == "bfloat16";

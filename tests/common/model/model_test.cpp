@@ -6,7 +6,9 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include "common/model/checkpoint.h"
 #include "common/core/file_util.h"
@@ -108,6 +110,43 @@ TEST_CASE("the fused inference RMSNorm equals the ATen reference", "[model]") {
   at::Tensor y = RmsNorm(x, w, 1e-6);
   CHECK(y.requires_grad());
   CHECK(at::equal(y, RmsNormReference(x, w, 1e-6)));
+}
+
+TEST_CASE("the fused training silu(a)·b equals ATen's, values and gradients, at any length", "[model]") {
+  at::manual_seed(21);
+  // Lengths around the vector width and the thread grain; values out to where exp leaves float's range.
+  for (int64_t n : {1, 7, 8, 9, 100, 32768 * 2 + 5}) {
+    INFO(n << " elements");
+    at::Tensor a = (4 * at::randn({n})).requires_grad_(), b = at::randn({n}).requires_grad_();
+    if (n > 8) {
+      at::NoGradGuard no_grad;
+      a[0] = 90.0;
+      a[1] = -90.0;
+      a[2] = 0.0;
+      a[3] = -30.0;
+    }
+    const at::Tensor probe = at::randn({n});
+    at::Tensor h = SiluMul(a, b);
+    REQUIRE(h.requires_grad());
+    const torch::autograd::variable_list got = torch::autograd::grad({(h * probe).sum()}, {a, b});
+    at::Tensor reference = at::silu(a) * b;
+    const torch::autograd::variable_list want = torch::autograd::grad({(reference * probe).sum()}, {a, b});
+    // Elementwise within a few ulp of ATen's (its exp is another polynomial), not just on average;
+    // an absolute floor where silu's derivative crosses zero (a ≈ -1.28) and far out where both are ~0.
+    auto close = [](const at::Tensor& x, const at::Tensor& y) { return at::allclose(x, y, /*rtol=*/2e-6, /*atol=*/1e-6); };
+    CHECK(close(h.detach(), reference.detach()));
+    CHECK(close(got[0], want[0]));
+    CHECK(close(got[1], want[1]));
+  }
+  // NaN in, NaN out; without gradients the ATen ops themselves (HF's inference numbers, bit for bit).
+  at::Tensor a = at::randn({20}), b = at::randn({20});
+  a[5] = std::numeric_limits<float>::quiet_NaN();
+  {
+    at::AutoGradMode grad(true);
+    CHECK(std::isnan(SiluMul(a, b)[5].item<float>()));
+  }
+  at::NoGradGuard no_grad;
+  CHECK(at::equal(SiluMul(a.nan_to_num(), b), at::silu(a.nan_to_num()) * b));
 }
 
 TEST_CASE("causal attention equals full masked attention, values and gradients", "[model]") {
