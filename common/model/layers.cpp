@@ -165,6 +165,93 @@ struct SiluMulFunction : torch::autograd::Function<SiluMulFunction> {
   }
 };
 
+// Σ of a vector's lanes.
+FLEXFED_INLINE float Sum(Floats v) {
+  float out = 0;
+  for (int64_t i = 0; i < kLanes; ++i) out += v[i];
+  return out;
+}
+
+// RMSNorm's training passes over rows of `width` (fp32): y = w · (x · r) with r = 1 / √(mean(x²) + ε),
+// r kept per row; backward with g = w · dy and x̂ = x · r: dx = r · (g − x̂ · mean(g · x̂)).
+FLEXFED_CPU_CLONES void RmsNormForwardRows(const float* x, const float* w, float* y, float* inv, int64_t rows,
+                                           int64_t width, float eps) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * width;
+    float* yr = y + row * width;
+    Floats acc = {};
+    int64_t i = 0;
+    for (; i + kLanes <= width; i += kLanes) {
+      const Floats v = Load(xr + i);
+      acc += v * v;
+    }
+    float sum = Sum(acc);
+    for (int64_t j = i; j < width; ++j) sum += xr[j] * xr[j];
+    const float r = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+    inv[row] = r;
+    for (i = 0; i + kLanes <= width; i += kLanes) Store(yr + i, Load(w + i) * (Load(xr + i) * r));
+    for (int64_t j = i; j < width; ++j) yr[j] = w[j] * (xr[j] * r);
+  }
+}
+
+FLEXFED_CPU_CLONES void RmsNormBackwardRows(const float* x, const float* w, const float* inv, const float* dy, float* dx,
+                                            int64_t rows, int64_t width) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const float *xr = x + row * width, *gr = dy + row * width;
+    float* dxr = dx + row * width;
+    const float r = inv[row];
+    Floats acc = {};
+    int64_t i = 0;
+    for (; i + kLanes <= width; i += kLanes) acc += Load(w + i) * Load(gr + i) * (Load(xr + i) * r);
+    float dot = Sum(acc);
+    for (int64_t j = i; j < width; ++j) dot += w[j] * gr[j] * (xr[j] * r);
+    const float c = dot / static_cast<float>(width);
+    for (i = 0; i + kLanes <= width; i += kLanes) {
+      const Floats xhat = Load(xr + i) * r;
+      Store(dxr + i, r * (Load(w + i) * Load(gr + i) - xhat * c));
+    }
+    for (int64_t j = i; j < width; ++j) dxr[j] = r * (w[j] * gr[j] - xr[j] * r * c);
+  }
+}
+
+// Rows per task: about ATen's elementwise grain of elements.
+int64_t RowGrain(int64_t width) { return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, width)); }
+
+struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    const int64_t width = x.size(-1), rows = x.numel() / width;
+    at::Tensor y = at::empty_like(xc), inv = at::empty({rows}, xc.options());
+    const float *px = xc.data_ptr<float>(), *pw = wc.data_ptr<float>();
+    float *py = y.data_ptr<float>(), *pi = inv.data_ptr<float>();
+    at::parallel_for(0, rows, RowGrain(width), [&](int64_t begin, int64_t end) {
+      RmsNormForwardRows(px + begin * width, pw, py + begin * width, pi + begin, end - begin, width, static_cast<float>(eps));
+    });
+    ctx->save_for_backward({xc, wc, inv});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &inv = saved[2];
+    const at::Tensor dy = grads[0].contiguous();
+    const int64_t width = x.size(-1), rows = x.numel() / width;
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::empty_like(x);
+      const float *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>(), *pi = inv.data_ptr<float>();
+      const float* pg = dy.data_ptr<float>();
+      float* pdx = dx.data_ptr<float>();
+      at::parallel_for(0, rows, RowGrain(width), [&](int64_t begin, int64_t end) {
+        RmsNormBackwardRows(px + begin * width, pw, pi + begin, pg + begin * width, pdx + begin * width, end - begin, width);
+      });
+    }
+    at::Tensor dw;  // a trained norm (pretraining): Σ over rows of dy · x̂
+    if (ctx->needs_input_grad(1)) dw = (dy.view({rows, width}) * (x.view({rows, width}) * inv.unsqueeze(1))).sum(0);
+    return {dx, dw, at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor SiluMul(const at::Tensor& a, const at::Tensor& b) {
@@ -176,6 +263,10 @@ at::Tensor SiluMul(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (at::GradMode::is_enabled() && x.is_cpu() && weight.is_cpu() && x.scalar_type() == at::kFloat &&
+      weight.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == weight.numel() && x.numel() > 0) {
+    return RmsNormFunction::apply(x, weight, eps);
+  }
   if (UseFusedCpu(x, weight)) {
     at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty_like(xc);

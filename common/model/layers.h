@@ -8,9 +8,10 @@
 namespace flexfed {
 
 // RMSNorm computed in fp32; the weight multiplies the fp32 result before the cast back to x's
-// dtype (HF FlexOlmoRMSNorm). x: [..., W], weight: [W]. With gradients off on CPU it runs as one
-// fused pass per row (decoding is dominated by such small ops); RmsNormReference() is the plain
-// ATen composition it is tested against and the path autograd uses.
+// dtype (HF FlexOlmoRMSNorm). x: [..., W], weight: [W]. On the CPU it runs fused: with gradients
+// off as one pass per row (decoding is dominated by such small ops); in fp32 training as one
+// vectorised pass per row each way, keeping x and one scale per row. RmsNormReference() is the
+// plain ATen composition both are tested against, and the path everywhere else (CUDA, bf16).
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& weight, double eps);
 

@@ -104,12 +104,33 @@ TEST_CASE("the fused inference RMSNorm equals the ATen reference", "[model]") {
     at::Tensor xt = x.transpose(0, 1);
     CHECK(at::equal(RmsNorm(xt, w, 1e-6), RmsNorm(xt.contiguous(), w, 1e-6)));
   }
-  // With gradients on, the reference (differentiable) path runs.
+}
+
+TEST_CASE("the fused training RMSNorm equals the ATen reference, values and gradients", "[model]") {
+  at::manual_seed(22);
   at::AutoGradMode grad(true);
-  at::Tensor x = at::randn({2, 16}).requires_grad_(), w = at::ones({16});
-  at::Tensor y = RmsNorm(x, w, 1e-6);
-  CHECK(y.requires_grad());
-  CHECK(at::equal(y, RmsNormReference(x, w, 1e-6)));
+  // Widths around the vector width (tails), a model's; rows across the thread grain; a trained
+  // weight (pretraining) and a frozen one (an owner's anchor norms).
+  for (int64_t width : {7, 8, 200, 512}) {
+    for (bool trained_weight : {false, true}) {
+      INFO("width " << width << (trained_weight ? ", trained weight" : ", frozen weight"));
+      at::Tensor x = (3 * at::randn({3, 70, width}) + 0.5).requires_grad_();
+      at::Tensor w = (1 + at::randn({width})).requires_grad_(trained_weight);
+      const at::Tensor probe = at::randn({3, 70, width});
+      std::vector<at::Tensor> leaves = {x};
+      if (trained_weight) leaves.push_back(w);
+      const at::Tensor y = RmsNorm(x, w, 1e-6), want = RmsNormReference(x, w, 1e-6);
+      REQUIRE(y.requires_grad());
+      const auto got_grads = torch::autograd::grad({(y * probe).sum()}, leaves);
+      const auto want_grads = torch::autograd::grad({(want * probe).sum()}, leaves);
+      CHECK(at::allclose(y, want, /*rtol=*/2e-6, /*atol=*/1e-6));
+      CHECK(at::allclose(got_grads[0], want_grads[0], /*rtol=*/1e-5, /*atol=*/1e-5));
+      if (trained_weight) CHECK(RelativeError(got_grads[1], want_grads[1]) < 1e-5);
+    }
+  }
+  // bf16 input: the reference composition itself.
+  at::Tensor xb = at::randn({4, 16}).to(at::kBFloat16).requires_grad_(), w = at::ones({16});
+  CHECK(at::equal(RmsNorm(xb, w, 1e-6), RmsNormReference(xb, w, 1e-6)));
 }
 
 TEST_CASE("the fused training silu(a)·b equals ATen's, values and gradients, at any length", "[model]") {
