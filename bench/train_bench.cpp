@@ -93,6 +93,25 @@ nlohmann::json ElementwiseLine(int64_t tokens, int64_t width) {
           {"aten_seconds", aten}, {"speedup", aten / fused}};
 }
 
+// RMSNorm forward and backward at [tokens, width] with a frozen weight (an owner's anchor norm):
+// RmsNorm (fused on the CPU in training) against the ATen composition, alternated, best of each.
+nlohmann::json RmsNormLine(int64_t tokens, int64_t width) {
+  at::manual_seed(2);
+  const at::Tensor x = at::randn({tokens, width}).requires_grad_(), w = 1 + at::randn({width});
+  const at::Tensor probe = at::randn({tokens, width});
+  auto run = [&](bool fused) {
+    (fused ? RmsNorm(x, w, 1e-6) : RmsNormReference(x, w, 1e-6)).backward(probe);
+    x.mutable_grad() = at::Tensor();
+  };
+  double fused = 1e30, aten = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    fused = std::min(fused, BestSeconds(5, [&] { run(true); }));
+    aten = std::min(aten, BestSeconds(5, [&] { run(false); }));
+  }
+  return {{"impl", "elementwise"}, {"op", "rms_norm"}, {"shape", {tokens, width}}, {"fused_seconds", fused},
+          {"aten_seconds", aten}, {"speedup", aten / fused}};
+}
+
 // ~2 MB of word salad: enough windows for any batch here; its content does not matter.
 void WriteText(const std::string& path) {
   std::mt19937 rng(1);
@@ -151,6 +170,7 @@ int main(int argc, char** argv) {
         return 2;
       }
       std::cout << ElementwiseLine(batch * seq, config.intermediate_size).dump() << std::endl;
+      std::cout << RmsNormLine(batch * seq, config.hidden_size).dump() << std::endl;
     }
     return 0;
   }
