@@ -72,44 +72,42 @@ double BestSeconds(int rounds, Fn&& fn) {
   return best;
 }
 
-// silu(gate)·up forward and backward at [tokens, width]: SiluMul (fused on the CPU in training)
-// against ATen's silu and mul under autograd, alternated, best of each.
-nlohmann::json ElementwiseLine(int64_t tokens, int64_t width) {
-  at::manual_seed(1);
-  const at::Tensor a = at::randn({tokens, width}).requires_grad_(), b = at::randn({tokens, width}).requires_grad_();
-  const at::Tensor probe = at::randn({tokens, width});
-  auto run = [&](bool fused) {
-    const at::Tensor h = fused ? SiluMul(a, b) : at::silu(a) * b;
-    h.backward(probe);
-    a.mutable_grad() = at::Tensor();
-    b.mutable_grad() = at::Tensor();
-  };
+// One line comparing a fused op with the ATen composition it replaces: run(true) and run(false)
+// (forward + backward each) alternated in three rounds, best of each.
+template <typename Run>
+nlohmann::json FusedVsAten(const char* op, int64_t tokens, int64_t width, Run&& run) {
   double fused = 1e30, aten = 1e30;
   for (int round = 0; round < 3; ++round) {
     fused = std::min(fused, BestSeconds(5, [&] { run(true); }));
     aten = std::min(aten, BestSeconds(5, [&] { run(false); }));
   }
-  return {{"impl", "elementwise"}, {"op", "silu_mul"}, {"shape", {tokens, width}}, {"fused_seconds", fused},
+  return {{"impl", "elementwise"}, {"op", op}, {"shape", {tokens, width}}, {"fused_seconds", fused},
           {"aten_seconds", aten}, {"speedup", aten / fused}};
 }
 
-// RMSNorm forward and backward at [tokens, width] with a frozen weight (an owner's anchor norm):
-// RmsNorm (fused on the CPU in training) against the ATen composition, alternated, best of each.
+// silu(gate)·up at [tokens, FFN width]: SiluMul (fused on the CPU in training) against ATen's silu
+// and mul under autograd.
+nlohmann::json SiluMulLine(int64_t tokens, int64_t width) {
+  at::manual_seed(1);
+  const at::Tensor a = at::randn({tokens, width}).requires_grad_(), b = at::randn({tokens, width}).requires_grad_();
+  const at::Tensor probe = at::randn({tokens, width});
+  return FusedVsAten("silu_mul", tokens, width, [&](bool fused) {
+    (fused ? SiluMul(a, b) : at::silu(a) * b).backward(probe);
+    a.mutable_grad() = at::Tensor();
+    b.mutable_grad() = at::Tensor();
+  });
+}
+
+// RMSNorm at [tokens, hidden] with a frozen weight (an owner's anchor norm): RmsNorm (fused on the
+// CPU in training) against the ATen composition.
 nlohmann::json RmsNormLine(int64_t tokens, int64_t width) {
   at::manual_seed(2);
   const at::Tensor x = at::randn({tokens, width}).requires_grad_(), w = 1 + at::randn({width});
   const at::Tensor probe = at::randn({tokens, width});
-  auto run = [&](bool fused) {
+  return FusedVsAten("rms_norm", tokens, width, [&](bool fused) {
     (fused ? RmsNorm(x, w, 1e-6) : RmsNormReference(x, w, 1e-6)).backward(probe);
     x.mutable_grad() = at::Tensor();
-  };
-  double fused = 1e30, aten = 1e30;
-  for (int round = 0; round < 3; ++round) {
-    fused = std::min(fused, BestSeconds(5, [&] { run(true); }));
-    aten = std::min(aten, BestSeconds(5, [&] { run(false); }));
-  }
-  return {{"impl", "elementwise"}, {"op", "rms_norm"}, {"shape", {tokens, width}}, {"fused_seconds", fused},
-          {"aten_seconds", aten}, {"speedup", aten / fused}};
+  });
 }
 
 // ~2 MB of word salad: enough windows for any batch here; its content does not matter.
@@ -169,7 +167,7 @@ int main(int argc, char** argv) {
         std::cerr << "--shape " << text << ": expected BATCHxSEQ, e.g. 4x2048\n";
         return 2;
       }
-      std::cout << ElementwiseLine(batch * seq, config.intermediate_size).dump() << std::endl;
+      std::cout << SiluMulLine(batch * seq, config.intermediate_size).dump() << std::endl;
       std::cout << RmsNormLine(batch * seq, config.hidden_size).dump() << std::endl;
     }
     return 0;
