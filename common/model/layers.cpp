@@ -42,8 +42,9 @@ bool UseFusedCpu(const at::Tensor& x, const at::Tensor& weight) {
          (weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type());
 }
 
-// SiluMul's CPU passes: GCC/Clang vector types of 16 floats (one AVX-512 register, two AVX2 or
-// four SSE ones), compiled for each of these instruction sets and picked at load time.
+// The fused training passes (SiluMul, RmsNorm): GCC vector types of 8 floats (one AVX register,
+// two SSE ones), each pass compiled for x86-64-v4 (AVX-512), v3 (AVX2, FMA) and baseline x86-64,
+// the one the CPU supports picked when the program loads.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FLEXFED_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
