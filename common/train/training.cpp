@@ -682,6 +682,7 @@ double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
       group_ != nullptr ? ShareOfStep(step_sequences, group_->rank(), group_->world_size()) : step_sequences;
   const int64_t tokens_before = tokens_;
   double loss_sum = 0;
+  at::Tensor micro_losses;  // Σ of the plain micro-batches' losses, on the device: read once, after them all
   for (size_t begin = 0; begin < sequences.size(); begin += config_.batch_size) {
     const std::vector<int64_t> micro(sequences.begin() + begin,
                                      sequences.begin() + std::min(sequences.size(), begin + config_.batch_size));
@@ -692,9 +693,11 @@ double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
       ForwardTrace trace;
       at::Tensor losses = SequenceLosses(micro, trace);
       (losses.sum() / static_cast<double>(step_sequences.size())).backward();
-      loss_sum += losses.sum().item<double>();
+      const at::Tensor sum = losses.detach().sum().to(at::kDouble);
+      micro_losses = micro_losses.defined() ? micro_losses + sum : sum;
     }
   }
+  if (micro_losses.defined()) loss_sum += micro_losses.item<double>();
   if (group_ != nullptr) {
     SumGradients();
     at::Tensor totals = at::tensor({loss_sum, static_cast<double>(tokens_ - tokens_before)}, at::kDouble);
