@@ -658,9 +658,7 @@ at::Tensor Trainer::SequenceLosses(const std::vector<int64_t>& sequences, Forwar
     std::vector<at::Tensor> first;
     for (const at::Tensor& chosen : trace.expert_indices) first.push_back(chosen.select(1, 0));
     const at::Tensor cells = at::stack(first) + at::arange(layers, first[0].options()).unsqueeze(1) * experts;
-    if (!routing_counts_.defined() || routing_counts_.size(0) != layers || routing_counts_.device() != cells.device()) {
-      routing_counts_ = at::zeros({layers, experts}, cells.options());
-    }
+    if (!routing_counts_.defined()) routing_counts_ = at::zeros({layers, experts}, cells.options());
     routing_counts_.view({-1}).scatter_add_(0, cells.reshape({-1}), at::ones_like(cells).reshape({-1}));
   }
   return losses;

@@ -10,9 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -228,7 +226,6 @@ TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two o
     for (size_t l = 0; l < 2; ++l) {
       const double a = routing_one[i][l][0].get<double>(), b = routing_one[i][l][1].get<double>();
       CHECK(a + b == Approx(1.0));
-      CHECK(a * 512 == Approx(std::round(a * 512)).margin(1e-9));  // whole tokens were counted
       // 512 tokens a step: a token or two may flip where the two runs' logits differ in the last bits.
       CHECK(routing_two[i][l][0].get<double>() == Approx(a).margin(2.0 / 512));
       CHECK(routing_two[i][l][1].get<double>() == Approx(b).margin(2.0 / 512));
