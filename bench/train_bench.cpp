@@ -266,7 +266,7 @@ int main(int argc, char** argv) {
       const double tokens = static_cast<double>(shape.batch * shape.seq);
       const double gemm = (*trainer)->gemm_rate();
       nlohmann::json j = {{"impl", "flexfed"}, {"device", cuda ? "cuda" : "cpu"}, {"preset", preset}, {"dp", private_step},
-                          {"tokens_per_step", tokens}, {"seconds", best}, {"tokens_per_s", tokens / best},
+                          {"batch", shape.batch}, {"seq_len", shape.seq}, {"tokens_per_step", tokens}, {"seconds", best}, {"tokens_per_s", tokens / best},
                           {"mfu", (*trainer)->flops_per_token() * tokens / best / gemm}, {"gemm_flops_per_s", gemm},
                           {"peak_rss_bytes", PeakRssBytes()},
                           {"memory", {{"frozen_weights", frozen_bytes}, {"trained_weights", trained_bytes},

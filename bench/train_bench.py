@@ -91,7 +91,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         step()
         best = min(timed(step) for _ in range(4 if batch * seq >= 2048 else 12))
-        line = {"impl": "python", "preset": args.preset, "layers": cfg["num_hidden_layers"], "device": args.device, "tokens_per_step": batch * seq,
+        line = {"impl": "python", "preset": args.preset, "layers": cfg["num_hidden_layers"], "device": args.device, "batch": batch, "seq_len": seq, "tokens_per_step": batch * seq,
                 "seconds": best, "tokens_per_s": batch * seq / best,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
         if args.device == "cuda":

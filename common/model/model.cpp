@@ -462,7 +462,7 @@ at::Tensor FlexOlmoModel::Moe(const LayerWeights& w, const at::Tensor& x, const 
     }
     return SwiGlu(x, e.gate_proj, e.up_proj, e.down_proj);
   }
-  if (record == nullptr && UseDispatchMoe(x)) {  // CUDA kernels (common/model/moe_dispatch.h)
+  if (record == nullptr && UseDispatchMoe(x.device())) {  // CUDA kernels (common/model/moe_dispatch.h)
     DispatchMoeOutput r = DispatchMoe(x, w.router, w.router_bias, routing_mask, top_k, config_.norm_topk_prob, w.experts);
     if (trace != nullptr) {
       trace->router_logits.push_back(r.logits);

@@ -294,13 +294,13 @@ struct CombineFunction : torch::autograd::Function<CombineFunction> {
 
 bool CudaKernelsBuilt() { return FLEXFED_WITH_CUDA != 0; }
 
-bool UseDispatchMoe(const at::Tensor& x) {
-  if (!CudaKernelsBuilt() || !x.is_cuda()) return false;
-  static const bool forced_libtorch = [] {
-    const char* v = std::getenv("FLEXFED_MOE");
-    return v != nullptr && std::strcmp(v, "libtorch") == 0;
-  }();
-  return !forced_libtorch;
+bool UseDispatchMoe(const at::Device& device) {
+  // Read at each call (once per MoE layer's forward; the variable rarely changes, but a test that
+  // sets it must be obeyed from then on).
+  const char* v = std::getenv("FLEXFED_MOE");
+  if (v != nullptr && std::strcmp(v, "libtorch") == 0) return false;
+  if (v != nullptr && std::strcmp(v, "dispatch") == 0) return !device.is_cuda() || CudaKernelsBuilt();
+  return CudaKernelsBuilt() && device.is_cuda();
 }
 
 DispatchMoeOutput DispatchMoe(const at::Tensor& x, const at::Tensor& router, const at::Tensor& bias,

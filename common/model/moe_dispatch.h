@@ -18,9 +18,11 @@ namespace flexfed {
 // True when this build has the CUDA kernels and a CUDA LibTorch (FLEXFED_CUDA, CMakeLists.txt).
 bool CudaKernelsBuilt();
 
-// Whether the model runs the MoE block of `x` through DispatchMoe: CUDA tensors in a build with the
-// kernels, unless the environment sets FLEXFED_MOE=libtorch (for comparisons).
-bool UseDispatchMoe(const at::Tensor& x);
+// Whether the model runs a MoE block on `device` through DispatchMoe: CUDA tensors in a build with
+// the kernels. The environment's FLEXFED_MOE=libtorch turns it off (for comparisons);
+// FLEXFED_MOE=dispatch also takes it on the CPU, through the ops' references (slow: for tests that
+// check what the GPU path keeps, such as the memory plan's).
+bool UseDispatchMoe(const at::Device& device);
 
 struct DispatchMoeOutput {
   at::Tensor out;      // [N, H] in x's dtype

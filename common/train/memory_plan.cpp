@@ -50,10 +50,22 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
                       + h * kF32;                   // the post-attention norm's input
   if (pretrain) attention += h * kF32 + q * a;     // trained q, k, v, o keep their inputs
   int64_t ffn = h * kF32;                           // the post-feedforward norm's input
-  const int64_t cast = s.bf16_autocast ? h * a : 0;  // a trained product's input, cast for autocast
+  // A trained FFN's input, cast for autocast by its gate and by its up product (each op casts an
+  // activation anew; only weights are cast once per step).
+  const int64_t cast = s.bf16_autocast ? 2 * h * a : 0;
   const int64_t silu = s.fused_silu ? 0 : f * a;   // silu(gate), unless fused with its product
   int64_t frozen_expert_ffn = 0;
-  if (expert) {
+  if (expert && s.dispatch_moe) {
+    // The dispatch path (common/model/moe_dispatch.cpp) keeps, for each token and each of its k
+    // experts, the gathered row, the expert's gate and up products and its output, in the compute
+    // dtype — silu and the down product's input are recomputed in the backward — whether the expert
+    // is trained or not, in every layer; and the routing: logits (fp32, 2 experts), weights (fp32),
+    // chosen experts (int32, and int64 for the step's routing counts), the rows' order both ways (int32).
+    const int64_t k = s.top_k;
+    ffn += h * kF32                           // the router's input (the residual)
+           + k * (2 * h * a + 2 * f * a)      // rows and outputs; gate and up
+           + 2 * kF32 + k * (4 * kF32 + 8);   // the routing
+  } else if (expert) {
     frozen_expert_ffn = 2 * f * a + silu;            // the public expert: gate, up (, silu(gate))
     ffn += h * kF32                                  // the router's input (the residual)
            + frozen_expert_ffn + 3 * f * a + silu + cast  // the owner's expert also keeps the product for its down matrix
@@ -68,7 +80,8 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
     return {layers * (h * kF32 + routing), attention + ffn};
   }
   int64_t total = layers * (attention + ffn);
-  if (!pretrain) total -= attention + frozen_expert_ffn;  // layer 0: no gradient reaches them
+  if (!pretrain) total -= attention + frozen_expert_ffn;  // layer 0: no gradient reaches them (the dispatch
+                                                          // path keeps its FFN's all the same)
   return {total, 0};
 }
 
@@ -143,6 +156,8 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
     if (s.mode != "pretrain" && !s.bf16_frozen) {
       const int64_t per_layer = h * q + 2 * h * kv + q * h + (s.mode == "expert" ? ffn : 0);
       frozen_casts = (s.activation_checkpointing ? 1 : layers - 1) * per_layer * 2 + v * h * 2;
+      // The dispatch path keeps its experts' casts in layer 0 too.
+      if (s.mode == "expert" && s.dispatch_moe && !s.activation_checkpointing) frozen_casts += ffn * 2;
     }
     const int64_t trained_casts = s.activation_checkpointing ? (trained / layers) * 2 : trained * 2;
     p.parts.push_back({"autocast copies", trained_casts + frozen_casts,

@@ -25,6 +25,8 @@ struct MemoryPlanSettings {
   bool bf16_moments = false;    // AdamW's moments in bf16
   bool activation_checkpointing = false;  // each layer's input kept; one layer recomputed at a time
   bool fused_silu = false;      // silu(gate)·up fused, silu(gate) not kept (the CPU's fp32 training: SiluMul)
+  bool dispatch_moe = false;    // the expert's MoE block through the dispatch ops (a GPU's: moe_dispatch.h)
+  int64_t top_k = 2;            // experts per token (the dispatch path keeps one row per token and expert)
 };
 
 struct MemoryPlanPart {

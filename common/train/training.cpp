@@ -114,6 +114,10 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   s.activation_checkpointing = config.activation_checkpointing;
   s.bf16_moments = config.optimizer_moments == "bf16";
   s.fused_silu = device->is_cpu() && !s.bf16_autocast;  // SiluMul's fused training pass (common/model/layers.h)
+  // The expert's MoE block through the dispatch ops (a GPU's); DP-SGD's per-sequence norms record the
+  // LibTorch path's activations instead (FlexOlmoModel::Moe).
+  s.dispatch_moe = config.mode == "expert" && !config.dp() && UseDispatchMoe(*device);
+  s.top_k = config.top_k;
   // Frozen matrices and embeddings are kept in bf16 when their values are (a bf16 checkpoint).
   const bool owner = config.mode == "expert" || config.mode == "dense";
   s.bf16_frozen = s.bf16_embeddings = s.bf16_autocast && owner && model->torch_dtype == "bfloat16";

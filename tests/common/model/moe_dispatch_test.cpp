@@ -241,7 +241,7 @@ TEST_CASE("under autocast the experts run in bf16 and the router stays fp32", "[
 }
 
 TEST_CASE("on a GPU the kernels equal the LibTorch path, forward and backward", "[gpu]") {
-  if (!UseDispatchMoe(at::empty({1}, at::TensorOptions().device(at::hasCUDA() ? at::kCUDA : at::kCPU)))) {
+  if (!at::hasCUDA() || !UseDispatchMoe(at::Device(at::kCUDA, 0))) {
     WARN("no CUDA device, or a build without the CUDA kernels: this [gpu] test is skipped (docs/GPU.md)");
     return;
   }
@@ -266,7 +266,7 @@ TEST_CASE("on a GPU the kernels equal the LibTorch path, forward and backward", 
 // The owner's step routes every token to both experts (top-2 of 2): the experts' slices are known on
 // the host, so no layer waits for the GPU to report its counts, forward or backward.
 TEST_CASE("on a GPU the owner's training forward and backward never wait for the device", "[gpu]") {
-  if (!UseDispatchMoe(at::empty({1}, at::TensorOptions().device(at::hasCUDA() ? at::kCUDA : at::kCPU)))) {
+  if (!at::hasCUDA() || !UseDispatchMoe(at::Device(at::kCUDA, 0))) {
     WARN("no CUDA device, or a build without the CUDA kernels: this [gpu] test is skipped (docs/GPU.md)");
     return;
   }
