@@ -17,11 +17,12 @@
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <set>
 
 #include "common/core/file_util.h"
 #include "common/core/processes.h"
 #include <torch/cuda.h>
-#include <torch/csrc/autograd/profiler_legacy.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #if FLEXFED_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -256,9 +257,17 @@ int main(int argc, char** argv) {
         step_growth = ProcStatusBytes("VmHWM") - before;
       }
       if (!profile.empty() && !private_step) {
-        torch::autograd::profiler::RecordProfile record(profile + "." + text + ".json");
+        // LibTorch's Kineto profiler: the operations on the CPU and, on a GPU, every kernel with its
+        // time on the device (bench/profile_ops.py sums both).
+        namespace prof = torch::profiler::impl;
+        const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+        std::set<prof::ActivityType> activities = {prof::ActivityType::CPU};
+        if (cuda) activities.insert(prof::ActivityType::CUDA);
+        torch::autograd::profiler::prepareProfiler(config, activities);
+        torch::autograd::profiler::enableProfiler(config, activities);
         step();
         step();
+        torch::autograd::profiler::disableProfiler()->save(profile + "." + text + ".json");
       }
       double frozen_bytes = 0, trained_bytes = 0;
       for (const NamedTensor& nt : (*trainer)->trainable()) trained_bytes += nt.tensor.nbytes();

@@ -74,6 +74,9 @@ step peer_7b 60 "$python" bench/train_bench.py --device cuda --preset 7b --layer
 # peak ≤ 75 GB on one 80 GB card): bf16 frozen matrices, bf16 AdamW moments, activation checkpointing.
 step memory_7b 240 "$build_dir/bench/flexfed_train_bench" --device cuda --preset 7b --shape 1x4096 \
   --activation-checkpointing --optimizer-moments bf16
+# Last, as time allows: two more 1b steps under LibTorch's Kineto profiler, every kernel's device
+# time (where the step's time goes, and how long the GPU waits for the host).
+step profile_1b 60 "$build_dir/bench/flexfed_train_bench" --device cuda --preset 1b --shape 4x2048 --profile "$out/profile_1b"
 cat "$out"/train_1b.jsonl "$out"/train_1b_checkpointing.jsonl "$out"/train_7b.jsonl "$out"/memory_7b.jsonl > "$out/train.jsonl"
 cat "$out"/peer_1b.jsonl "$out"/peer_7b.jsonl > "$out/peer.jsonl"
 
@@ -115,7 +118,11 @@ for t in ok(train, "tokens_per_s"):
           + (f"{p['tokens_per_s']:.0f} | {t['tokens_per_s'] / p['tokens_per_s']:.2f}× | " if p else "— | — | ")
           + f"{t['mfu']:.1%} of {t['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s | {peak / gib:.1f} ({t.get('planned_bytes', 0) / gib:.1f}) | {goal} | "
           + (f"{p['peak_device_bytes'] / gib:.1f} |" if p else "— |"))
-for f in failures(kernels + moe + train + peers):
+for f in failures(kernels + moe + train + peers + load("profile_1b.jsonl")):
     print(f"\nNot measured: {f}.")
 print("\nGoals (issues #6, #15): kernels ≥ 70% of copy bandwidth; router+permute+combine ≤ 10% of the layer (the share of the E=2, k=2 layer spent in the router, align, gather and combine kernels, forward and backward, timed alone); owner step ≥ 60% of the GEMM rate and ≥ 1.5× the PyTorch peer; the 1b step at 16×2048 and 8×4096 tokens within 40 GB; the whole 7b expert (checkpointing, bf16 moments) within 75 GB.")
 PY
+if [[ -f $out/profile_1b.4x2048.json ]]; then
+  { echo; echo "Profile of two 1b owner steps at 4 × 2048 tokens (bench/profile_ops.py --markdown):"; echo
+    timeout 60 "$python" bench/profile_ops.py "$out/profile_1b.4x2048.json" --markdown --top 15 || echo "(profile_ops.py failed)"; } | tee -a "$out/table.md"
+fi
