@@ -138,7 +138,7 @@ int main(int argc, char** argv) {
   app.add_option("--shape", shapes, "Micro-batch shapes BATCHxSEQ, one line each");
   app.add_option("--layers", layers, "Override the preset's layer count (a 7b-shaped model with fewer layers)");
   app.add_option("--profile", profile,
-                 "Also record two more steps of each shape with LibTorch's profiler: a Chrome trace FILE.SHAPE.json "
+                 "Also record two more steps of each shape with LibTorch's Kineto profiler (on a GPU its kernels too): a Chrome trace FILE.SHAPE.json "
                  "(bench/profile_ops.py sums it per operation)");
   app.add_flag("--activation-checkpointing", checkpointing, "Recompute each layer in the backward (train --activation-checkpointing)");
   app.add_option("--optimizer-moments", moments, "fp32 or bf16 AdamW moments")->check(CLI::IsMember({"fp32", "bf16"}));
