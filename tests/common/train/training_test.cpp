@@ -1047,6 +1047,19 @@ TEST_CASE("the chunked cross-entropy equals the whole-logits one, values and gra
     std::vector<at::Tensor> gg = torch::autograd::grad({got}, {hidden, weight}, {g});
     CHECK(testing::RelativeError(gg[0], gw[0]) < 1e-5);
     CHECK(testing::RelativeError(gg[1], gw[1]) < 1e-5);
+    // A frozen head (the owner's): the hidden state's gradient is formed in the forward.
+    const at::Tensor head = weight.detach();
+    at::Tensor frozen_got = ChunkedCrossEntropy(hidden, head, targets, chunk);
+    CHECK(testing::RelativeError(frozen_got, want) < 1e-6);
+    const at::Tensor frozen_grad = torch::autograd::grad({frozen_got}, {hidden}, {g})[0];
+    CHECK(testing::RelativeError(frozen_grad, gw[0]) < 1e-5);
+  }
+  // Without gradients (validation) the frozen head's forward alone runs: the same values.
+  {
+    const at::Tensor hidden = at::randn({n, h}), head = at::randn({v, h});
+    c10::AutoGradMode no_grad(false);
+    const at::Tensor want = at::cross_entropy_loss(at::linear(hidden, head), targets, {}, at::Reduction::None);
+    CHECK(testing::RelativeError(ChunkedCrossEntropy(hidden, head, targets, 8), want) < 1e-6);
   }
   // A frozen output head gets no gradient; bf16 operands compute in bf16 and reduce in fp32.
   at::Tensor hidden = at::randn({n, h}).requires_grad_(), frozen = at::randn({v, h});
@@ -1056,8 +1069,13 @@ TEST_CASE("the chunked cross-entropy equals the whole-logits one, values and gra
                                                 targets, {}, at::Reduction::None);
   CHECK(testing::RelativeError(loss, reference) < 1e-5);
   loss.sum().backward();
-  CHECK(hidden.grad().defined());
+  REQUIRE(hidden.grad().defined());
   CHECK_FALSE(frozen.grad().defined());
+  {
+    at::Tensor x = hidden.detach().to(at::kBFloat16).to(at::kFloat).requires_grad_();
+    at::cross_entropy_loss(at::linear(x, frozen.to(at::kBFloat16).to(at::kFloat)), targets, {}, at::Reduction::Sum).backward();
+    CHECK(testing::RelativeError(hidden.grad(), x.grad()) < 2e-2);  // bf16 products and gradients
+  }
   // A trained output head under bf16 autocast (pretraining on a GPU): its gradient is summed in
   // fp32 over the chunks. Regression: the fp32 sum was fed bf16 operands and the backward threw.
   {
