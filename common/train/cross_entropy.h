@@ -15,8 +15,9 @@ namespace flexfed {
 // head (the owner's) the forward also forms each chunk's (softmax − one-hot)·W while it has the
 // logits, and the backward scales those rows by the incoming gradient; with a trained head the
 // backward forms each chunk again and takes (softmax − one-hot)·g into both gradients. So memory
-// holds one [chunk_tokens, V] block instead of [N, V] fp32 logits, their softmax and its gradient. The values equal log_softmax + gather on the whole logits
-// computed in the same dtype, to fp32 rounding. chunk_tokens <= 0 chooses DefaultLossChunk(V).
+// holds one [chunk_tokens, V] block instead of [N, V] fp32 logits, their softmax and its gradient.
+// The values equal log_softmax + gather on the whole logits computed in the same dtype, to fp32
+// rounding. chunk_tokens <= 0 chooses DefaultLossChunk(V).
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                int64_t chunk_tokens = 0);
 
