@@ -15,7 +15,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plain_flex_olmo import apply_rope, moe, rms_norm, rope_tables  # noqa: E402
 
-PRESETS = {"tiny": (4, 256, 4, 688, 259), "small": (8, 512, 8, 1376, 259)}
+# (layers, hidden, heads, FFN, vocabulary): FlexFed's presets (common/core/model_config.cpp; the
+# test tests/scripts/bench_presets_test.py keeps the two tables equal).
+PRESETS = {"test": (2, 64, 4, 176, 259), "mini": (4, 128, 4, 344, 259), "tiny": (4, 256, 4, 688, 259),
+           "small": (8, 512, 8, 1376, 259), "1b": (16, 2048, 16, 8192, 100352), "7b": (32, 4096, 32, 11008, 100352)}
 
 
 def config(preset, experts, k):
