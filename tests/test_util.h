@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <malloc.h>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -83,6 +84,13 @@ inline std::string BinaryFromEnv(const char* variable) {
   const char* path = std::getenv(variable);
   if (path == nullptr) throw std::runtime_error(std::string("set ") + variable + " (ctest does)");
   return path;
+}
+
+// Bytes glibc's allocator has handed out and not taken back (heap and mmapped chunks), as seen from
+// the calling thread's arena: the memory tests run LibTorch on one thread.
+inline int64_t HeapInUse() {
+  const struct mallinfo2 m = mallinfo2();
+  return static_cast<int64_t>(m.uordblks + m.hblkhd);
 }
 
 // Sets (or, with nullptr, removes) an environment variable for a scope; restores it after.

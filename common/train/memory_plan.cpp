@@ -43,7 +43,8 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
   const int64_t a = s.bf16_autocast ? 2 : kF32;
   const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
   const int64_t f = c.intermediate_size, layers = c.num_hidden_layers;
-  const bool pretrain = s.mode == "pretrain", expert = s.mode == "expert";
+  const bool pretrain = s.mode == "pretrain", expert = s.mode == "expert", router = s.mode == "router";
+  const int64_t k = s.top_k > 0 ? s.top_k : s.experts;  // experts per token
   int64_t attention = (q + kv) * kF32            // QK-norms' inputs
                       + (q + 2 * kv + q) * a        // attention's q, k, v and output
                       + c.num_attention_heads * kF32  // its log-sum-exp
@@ -55,16 +56,26 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
   const int64_t cast = s.bf16_autocast ? 2 * h * a : 0;
   const int64_t silu = s.fused_silu ? 0 : f * a;   // silu(gate), unless fused with its product
   int64_t frozen_expert_ffn = 0;
-  if (expert && s.dispatch_moe) {
+  const int64_t experts = expert ? 2 : s.experts;
+  if ((expert || router) && s.dispatch_moe) {
     // The dispatch path (common/model/moe_dispatch.cpp) keeps, for each token and each of its k
     // experts, the gathered row, the expert's gate and up products and its output, in the compute
     // dtype — silu and the down product's input are recomputed in the backward — whether the expert
-    // is trained or not, in every layer; and the routing: logits (fp32, 2 experts), weights (fp32),
-    // chosen experts (int32, and int64 for the step's routing counts), the rows' order both ways (int32).
-    const int64_t k = s.top_k;
-    ffn += h * kF32                           // the router's input (the residual)
-           + k * (2 * h * a + 2 * f * a)      // rows and outputs; gate and up
-           + 2 * kF32 + k * (4 * kF32 + 8);   // the routing
+    // is trained or not, in every layer; and the routing: logits (fp32), weights (fp32), chosen
+    // experts (int32, and int64 for the step's routing counts), the rows' order both ways (int32).
+    ffn += h * kF32                               // the router's input (the residual)
+           + k * (2 * h * a + 2 * f * a)          // rows and outputs; gate and up
+           + experts * kF32 + k * (4 * kF32 + 8);  // the routing
+    // Router tuning trains no expert: in layer 0, which no gradient reaches, the experts keep nothing.
+    if (router) frozen_expert_ffn = k * (h * a + 2 * f * a);
+  } else if (router) {
+    // Router tuning: every expert frozen; the gradient reaches the routers of earlier layers through
+    // each chosen expert's FFN (gate, up, silu kept) and the weighting keeps each expert's output (fp32).
+    frozen_expert_ffn = k * (2 * f * a + silu);
+    ffn += h * kF32 + frozen_expert_ffn + k * h * kF32;
+    // With fewer experts per token than experts, each runs on its own tokens (moe.cpp): its weighted
+    // output is kept once more by the scatter back into the tokens' rows, with the rows' indices.
+    if (k < experts) ffn += k * (h * kF32 + 2 * 8);
   } else if (expert) {
     frozen_expert_ffn = 2 * f * a + silu;            // the public expert: gate, up (, silu(gate))
     ffn += h * kF32                                  // the router's input (the residual)
@@ -76,12 +87,12 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
   if (s.activation_checkpointing) {
     // The layer's input (fp32 residual); a MoE layer's router logits (fp32, kept by the z-loss) and
     // chosen experts (int64).
-    const int64_t routing = c.is_moe() || expert ? 2 * kF32 + 2 * 8 : 0;
+    const int64_t routing = c.is_moe() || expert || router ? experts * kF32 + k * 8 : 0;
     return {layers * (h * kF32 + routing), attention + ffn};
   }
   int64_t total = layers * (attention + ffn);
   if (!pretrain) total -= attention + frozen_expert_ffn;  // layer 0: no gradient reaches them (the dispatch
-                                                          // path keeps its FFN's all the same)
+                                                          // path keeps a trained expert's all the same)
   return {total, 0};
 }
 
@@ -109,6 +120,16 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
     if (!c.tie_word_embeddings) trained_tensors.push_back(v * h);
     for (int64_t l = 0; l < layers; ++l) {
       for (int64_t n : {h * q, h * kv, h * kv, q * h, h * f, h * f, h * f}) trained_tensors.push_back(n);
+    }
+  } else if (s.mode == "router") {
+    // The merged model in fp32, every expert's FFN frozen; each layer's router rows [E, H] and
+    // biases [E] trained (the public expert's too).
+    frozen = embeddings + layers * (attention + s.experts * ffn);
+    frozen_bytes = frozen * kF32;
+    trained = layers * s.experts * (h + 1);
+    for (int64_t l = 0; l < layers; ++l) {
+      trained_tensors.push_back(s.experts * h);
+      trained_tensors.push_back(s.experts);
     }
   } else {
     frozen = embeddings + layers * attention + (s.mode == "expert" ? layers * (ffn + h) : 0);  // + r_pub rows
@@ -154,12 +175,14 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
     // layer 0, whose input is the frozen embedding's), the output head's always.
     int64_t frozen_casts = 0;
     if (s.mode != "pretrain" && !s.bf16_frozen) {
-      const int64_t per_layer = h * q + 2 * h * kv + q * h + (s.mode == "expert" ? ffn : 0);
+      const int64_t frozen_ffn = s.mode == "expert" ? ffn : s.mode == "router" ? s.experts * ffn : 0;
+      const int64_t per_layer = h * q + 2 * h * kv + q * h + frozen_ffn;
       frozen_casts = (s.activation_checkpointing ? 1 : layers - 1) * per_layer * 2 + v * h * 2;
-      // The dispatch path keeps its experts' casts in layer 0 too.
-      if (s.mode == "expert" && s.dispatch_moe && !s.activation_checkpointing) frozen_casts += ffn * 2;
+      // The dispatch path keeps its experts' casts in layer 0 too, where an expert there trains.
+      if (s.dispatch_moe && s.mode == "expert" && !s.activation_checkpointing) frozen_casts += frozen_ffn * 2;
     }
-    const int64_t trained_casts = s.activation_checkpointing ? (trained / layers) * 2 : trained * 2;
+    // Routers run in fp32: router tuning casts nothing it trains.
+    const int64_t trained_casts = s.mode == "router" ? 0 : s.activation_checkpointing ? (trained / layers) * 2 : trained * 2;
     p.parts.push_back({"autocast copies", trained_casts + frozen_casts,
                        absl::StrCat("bf16 casts of ", s.activation_checkpointing ? "one layer's" : "the",
                                     " trained matrices", frozen_casts > 0 ? " and fp32 frozen ones" : "",

@@ -14,7 +14,7 @@
 namespace flexfed {
 
 struct MemoryPlanSettings {
-  std::string mode = "expert";  // expert | dense | pretrain
+  std::string mode = "expert";  // expert | dense | pretrain | router (router tuning of a merged model)
   int64_t micro_batch = 8;      // sequences per forward (--batch-size)
   int64_t seq_len = 256;
   bool bf16_autocast = false;   // products and their saved outputs in bf16; norms, router, loss in fp32
@@ -26,7 +26,8 @@ struct MemoryPlanSettings {
   bool activation_checkpointing = false;  // each layer's input kept; one layer recomputed at a time
   bool fused_silu = false;      // silu(gate)·up fused, silu(gate) not kept (the CPU's fp32 training: SiluMul)
   bool dispatch_moe = false;    // the expert's MoE block through the dispatch ops (a GPU's: moe_dispatch.h)
-  int64_t top_k = 2;            // experts per token (the dispatch path keeps one row per token and expert)
+  int64_t top_k = 2;            // experts per token (0: all; the dispatch path keeps one row per token and expert)
+  int64_t experts = 2;          // router mode: the merged model's experts (the public one and the modules)
 };
 
 struct MemoryPlanPart {

@@ -106,7 +106,8 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   absl::StatusOr<at::Device> device = TrainingDevice(config.device);
   if (!device.ok()) return device.status();
   MemoryPlanSettings s;
-  s.mode = config.mode == "router" ? "dense" : config.mode;
+  s.mode = config.mode;
+  s.experts = config.mode == "router" ? static_cast<int64_t>(inputs.modules.size()) + 1 : 2;  // + the public expert
   s.micro_batch = config.batch_size;
   s.seq_len = config.seq_len;
   s.bf16_autocast = config.precision == "bf16" || (config.precision == "auto" && device->is_cuda());
@@ -116,7 +117,7 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   s.fused_silu = device->is_cpu() && !s.bf16_autocast;  // SiluMul's fused training pass (common/model/layers.h)
   // The expert's MoE block through the dispatch ops (a GPU's); DP-SGD's per-sequence norms record the
   // LibTorch path's activations instead (FlexOlmoModel::Moe).
-  s.dispatch_moe = config.mode == "expert" && !config.dp() && UseDispatchMoe(*device);
+  s.dispatch_moe = (config.mode == "expert" || config.mode == "router") && !config.dp() && UseDispatchMoe(*device);
   s.top_k = config.top_k;
   // Frozen matrices and embeddings are kept in bf16 when their values are (a bf16 checkpoint).
   const bool owner = config.mode == "expert" || config.mode == "dense";

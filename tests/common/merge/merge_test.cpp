@@ -2,7 +2,10 @@
 // common/train/loss.h, common/model/generation.h).
 #include <catch2/catch.hpp>
 
+#include <ATen/core/grad_mode.h>
+
 #include <filesystem>
+#include <numeric>
 #include <random>
 
 #include "common/model/anchor.h"
@@ -11,6 +14,7 @@
 #include "common/model/generation.h"
 #include "common/merge/merge.h"
 #include "common/merge/router_tuning.h"
+#include "common/train/memory_plan.h"
 #include "common/train/training.h"
 #include "common/model/model.h"
 #include "common/model/router_embedding.h"
@@ -122,6 +126,64 @@ TEST_CASE("merge refuses what does not fit, and leaves nothing behind", "[merge]
              Catch::Contains("SHA-256"));
   ValueOrDie(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out"));
   CHECK(absl::IsAlreadyExists(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out").status()));
+}
+
+// Router tuning's memory plan (flexfed-owner router-tune --memory-report, and the refusal of a run
+// that cannot fit): the merged model's every FFN frozen, the routers trained. Regression: it was
+// planned as a dense run (one trained FFN, no frozen experts).
+TEST_CASE("router tuning's memory plan: weights and moments exact, activations as measured", "[merge]") {
+  Federation f;
+  const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2)};
+  std::string proxy;
+  for (int i = 0; i < 300; ++i) proxy += "the proxy text number " + std::to_string(i % 17) + " says hello.\n";
+  REQUIRE(WriteFileAtomically(f.dir / "proxy.txt", proxy).ok());
+  struct Variant {
+    int64_t top_k;  // 0: every expert
+    bool dispatch;  // the MoE block through the dispatch ops, as on a GPU (here their CPU references)
+  };
+  for (const Variant v : {Variant{0, false}, Variant{2, false}, Variant{0, true}, Variant{2, true}}) {
+    const int64_t top_k = v.top_k;
+    INFO("top-k " << top_k << (v.dispatch ? ", dispatch path" : ""));
+    testing::ScopedEnv moe("FLEXFED_MOE", v.dispatch ? "dispatch" : nullptr);
+    TrainConfig c;
+    c.mode = "router";
+    c.top_k = top_k;
+    c.data = {f.dir / "proxy.txt"};
+    c.seq_len = 64;
+    c.batch_size = 8;
+    c.max_steps = 1;
+    c.validation_fraction = 0;
+    c.threads = 1;  // every tensor from the main thread's heap, which HeapInUse counts
+    const TrainInputs in{f.anchor_dir, "", f.dir / ("plan" + std::to_string(top_k) + (v.dispatch ? "d" : "")), f.dir / "cache", modules};
+    const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, in, 1));
+    auto part = [&](const std::string& name) {
+      for (const MemoryPlanPart& p : plan.parts) {
+        if (p.name == name) return p.bytes;
+      }
+      FAIL("no part " << name);
+      return int64_t{0};
+    };
+    auto trainer = ValueOrDie(Trainer::Create(c, in, false));
+    int64_t trained = 0, frozen = 0;
+    for (const NamedTensor& nt : trainer->trainable()) trained += static_cast<int64_t>(nt.tensor.nbytes());
+    for (const NamedTensor& nt : trainer->FrozenTensors()) frozen += static_cast<int64_t>(nt.tensor.nbytes());
+    CHECK(part("trained weights") == trained);
+    CHECK(part("gradients") == trained);
+    CHECK(part("optimizer state") == 2 * trained);
+    CHECK(part("frozen weights") == frozen);
+    // What the forward leaves alive for the backward: the activations and the loss's kept part.
+    std::vector<int64_t> sequences(8);
+    std::iota(sequences.begin(), sequences.end(), 0);
+    c10::AutoGradMode grad_on(true);
+    const int64_t before = testing::HeapInUse();
+    ForwardTrace trace;
+    const at::Tensor losses = trainer->SequenceLosses(sequences, trace);
+    const int64_t kept = testing::HeapInUse() - before;
+    const int64_t tokens = 8 * 64, h = f.config.hidden_size;
+    const double planned = static_cast<double>(part("activations") + tokens * (h * 8 + 12));
+    CHECK(kept > 0.97 * planned);
+    CHECK(kept < 1.08 * planned);
+  }
 }
 
 // The paper's optional router tuning (docs/METHOD.md §4): only the merged model's routers train, on

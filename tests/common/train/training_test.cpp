@@ -33,6 +33,7 @@
 namespace flexfed {
 namespace {
 
+using testing::HeapInUse;
 using testing::ScopedEnv;
 using testing::TempDir;
 using testing::ValueOrDie;
@@ -692,12 +693,6 @@ TEST_CASE("pretraining with a tokenizer.json: the model takes its vocabulary and
 }
 
 // ------------------------------------------------------------------------ the memory plan
-
-// Bytes the allocator has handed out and not taken back (heap and mmapped chunks).
-int64_t HeapInUse() {
-  const struct mallinfo2 m = mallinfo2();
-  return static_cast<int64_t>(m.uordblks + m.hblkhd);
-}
 
 TEST_CASE("the memory plan: weights, gradients and moments exact; activations as measured", "[training]") {
   World& w = TheWorld();
