@@ -18,6 +18,13 @@ int64_t MemoryPlan::total() const {
   return sum;
 }
 
+const MemoryPlanPart* MemoryPlan::Find(const std::string& name) const {
+  for (const MemoryPlanPart& p : parts) {
+    if (p.name == name) return &p;
+  }
+  return nullptr;
+}
+
 std::string MemoryPlan::Table() const {
   std::string out;
   for (const MemoryPlanPart& p : parts) out += absl::StrFormat("  %-22s %9.2f GiB  %s\n", p.name, p.bytes / 1073741824.0, p.detail);

@@ -39,6 +39,7 @@ struct MemoryPlanPart {
 struct MemoryPlan {
   std::vector<MemoryPlanPart> parts;
   int64_t total() const;
+  const MemoryPlanPart* Find(const std::string& name) const;  // the part of that name, or null
   std::string Table() const;  // one line per part and the total, in GiB
   nlohmann::json ToJson() const;
 };

@@ -128,15 +128,22 @@ TEST_CASE("merge refuses what does not fit, and leaves nothing behind", "[merge]
   CHECK(absl::IsAlreadyExists(MergeToCheckpoint(f.anchor_dir, {code}, o, f.dir / "out").status()));
 }
 
+// Public proxy text for router tuning: the federation folder's proxy.txt, 300 short lines.
+std::string WriteProxyText(const Federation& f) {
+  std::string proxy;
+  for (int i = 0; i < 300; ++i) proxy += "the proxy text number " + std::to_string(i % 17) + " says hello.\n";
+  const std::string path = f.dir / "proxy.txt";
+  REQUIRE(WriteFileAtomically(path, proxy).ok());
+  return path;
+}
+
 // Router tuning's memory plan (flexfed-owner router-tune --memory-report, and the refusal of a run
 // that cannot fit): the merged model's every FFN frozen, the routers trained. Regression: it was
 // planned as a dense run (one trained FFN, no frozen experts).
 TEST_CASE("router tuning's memory plan: weights and moments exact, activations as measured", "[merge]") {
   Federation f;
   const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2)};
-  std::string proxy;
-  for (int i = 0; i < 300; ++i) proxy += "the proxy text number " + std::to_string(i % 17) + " says hello.\n";
-  REQUIRE(WriteFileAtomically(f.dir / "proxy.txt", proxy).ok());
+  const std::string proxy = WriteProxyText(f);
   struct Variant {
     int64_t top_k;  // 0: every expert
     bool dispatch;  // the MoE block through the dispatch ops, as on a GPU (here their CPU references)
@@ -148,7 +155,7 @@ TEST_CASE("router tuning's memory plan: weights and moments exact, activations a
     TrainConfig c;
     c.mode = "router";
     c.top_k = top_k;
-    c.data = {f.dir / "proxy.txt"};
+    c.data = {proxy};
     c.seq_len = 64;
     c.batch_size = 8;
     c.max_steps = 1;
@@ -157,11 +164,9 @@ TEST_CASE("router tuning's memory plan: weights and moments exact, activations a
     const TrainInputs in{f.anchor_dir, "", f.dir / ("plan" + std::to_string(top_k) + (v.dispatch ? "d" : "")), f.dir / "cache", modules};
     const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, in, 1));
     auto part = [&](const std::string& name) {
-      for (const MemoryPlanPart& p : plan.parts) {
-        if (p.name == name) return p.bytes;
-      }
-      FAIL("no part " << name);
-      return int64_t{0};
+      const MemoryPlanPart* p = plan.Find(name);
+      REQUIRE(p != nullptr);
+      return p->bytes;
     };
     auto trainer = ValueOrDie(Trainer::Create(c, in, false));
     int64_t trained = 0, frozen = 0;
@@ -191,13 +196,11 @@ TEST_CASE("router tuning's memory plan: weights and moments exact, activations a
 TEST_CASE("router tuning trains only the routers, for exactly the modules it was made with", "[merge]") {
   Federation f;
   const std::vector<std::string> modules = {f.Module("code", 1), f.Module("math", 2)};
-  std::string proxy;
-  for (int i = 0; i < 300; ++i) proxy += "the proxy text number " + std::to_string(i % 17) + " says hello.\n";
-  REQUIRE(WriteFileAtomically(f.dir / "proxy.txt", proxy).ok());
+  const std::string proxy = WriteProxyText(f);
   TrainConfig c;
   c.mode = "router";
   c.top_k = 0;
-  c.data = {f.dir / "proxy.txt"};
+  c.data = {proxy};
   c.seq_len = 32;
   c.batch_size = 4;
   c.max_steps = 20;

@@ -720,11 +720,9 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
       const TrainInputs inputs{v.bf16 ? w.Bf16Anchor() : w.anchor, mode == "expert" ? w.math_router : "", run / "run", w.cache};
       const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, inputs, 1));
       auto part = [&](const std::string& name) {
-        for (const MemoryPlanPart& p : plan.parts) {
-          if (p.name == name) return p.bytes;
-        }
-        FAIL("no part " << name);
-        return int64_t{0};
+        const MemoryPlanPart* p = plan.Find(name);
+        REQUIRE(p != nullptr);
+        return p->bytes;
       };
       auto trainer = ValueOrDie(Trainer::Create(c, inputs, false));
       int64_t trained = 0, frozen = 0;
