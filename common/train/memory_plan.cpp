@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/train/distributed.h"
 
@@ -169,7 +170,9 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
                                      !s.bf16_frozen          ? "fp32"
                                      : s.bf16_embeddings     ? "bf16 matrices and embeddings, fp32 norms"
                                                              : "bf16 matrices, fp32 embeddings and norms",
-                                     s.mode == "expert" ? ", the public FFN" : "")});
+                                     s.mode == "expert"   ? ", the public FFN"
+                                     : s.mode == "router" ? absl::StrCat(", the ", s.experts, " experts' FFNs")
+                                                          : std::string())});
   p.parts.push_back({"trained weights", trained * kF32, absl::StrFormat("%.3g B parameters, fp32 masters", trained / 1e9)});
   p.parts.push_back({"gradients", trained * kF32, "fp32, of the trained tensors only"});
   const char* moment_type = s.bf16_moments ? "bf16" : "fp32";
@@ -192,7 +195,9 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
     const int64_t trained_casts = s.mode == "router" ? 0 : s.activation_checkpointing ? (trained / layers) * 2 : trained * 2;
     p.parts.push_back({"autocast copies", trained_casts + frozen_casts,
                        absl::StrCat("bf16 casts of ", s.activation_checkpointing ? "one layer's" : "the",
-                                    " trained matrices", frozen_casts > 0 ? " and fp32 frozen ones" : "",
+                                    trained_casts > 0 ? " trained matrices" : "",
+                                    trained_casts > 0 && frozen_casts > 0 ? " and" : "",
+                                    frozen_casts > 0 ? " fp32 frozen matrices" : "",
                                     s.activation_checkpointing ? " at a time" : ", kept for the step")});
   }
   p.parts.push_back({"activations", tokens * ActivationBytesPerToken(c, s),
