@@ -159,24 +159,35 @@ int main(int argc, char** argv) {
     mallopt(M_MMAP_THRESHOLD, 1 << 20);
   }
 
+  // The arguments, checked before anything is built.
+  struct Shape { int64_t batch, seq; std::string text; };
+  std::vector<Shape> parsed;
+  for (const std::string& text : shapes) {
+    Shape shape{0, 0, text};
+    if (std::sscanf(text.c_str(), "%ldx%ld", &shape.batch, &shape.seq) != 2 || shape.batch < 1 || shape.seq < 2) {
+      std::cerr << "--shape " << text << ": expected BATCHxSEQ, e.g. 4x2048\n";
+      return 2;
+    }
+    parsed.push_back(shape);
+  }
+  absl::StatusOr<ModelConfig> preset_config = ModelConfig::Preset(preset);
+  if (!preset_config.ok()) {
+    std::cerr << "--preset: " << preset_config.status().message() << "\n";
+    return 2;
+  }
+  ModelConfig config = *preset_config;
+  if (layers > 0) config.num_hidden_layers = layers;
+
   if (elementwise) {
     KeepFreedMemoryForReuse();  // as in training on the CPU
-    const ModelConfig config = *ModelConfig::Preset(preset);
-    for (const std::string& text : shapes) {
-      int64_t batch = 0, seq = 0;
-      if (std::sscanf(text.c_str(), "%ldx%ld", &batch, &seq) != 2 || batch < 1 || seq < 2) {
-        std::cerr << "--shape " << text << ": expected BATCHxSEQ, e.g. 4x2048\n";
-        return 2;
-      }
-      std::cout << SiluMulLine(batch * seq, config.intermediate_size).dump() << std::endl;
-      std::cout << RmsNormLine(batch * seq, config.hidden_size).dump() << std::endl;
+    for (const Shape& shape : parsed) {
+      std::cout << SiluMulLine(shape.batch * shape.seq, config.intermediate_size).dump() << std::endl;
+      std::cout << RmsNormLine(shape.batch * shape.seq, config.hidden_size).dump() << std::endl;
     }
     return 0;
   }
   const fs::path dir = fs::temp_directory_path() / ("flexfed-train-bench-" + std::to_string(getpid()));
   fs::create_directories(dir);
-  ModelConfig config = *ModelConfig::Preset(preset);
-  if (layers > 0) config.num_hidden_layers = layers;
   {
     // bf16 halves the 1b anchor on disk; the trainer loads fp32 master weights either way.
     FlexOlmoModel anchor = *FlexOlmoModel::Create(config, config.vocab_size > 1000 ? at::kBFloat16 : at::kFloat, 1);
@@ -192,13 +203,8 @@ int main(int argc, char** argv) {
     if (!WriteRouterEmbedding((dir / "mine.safetensors").string(), mine).ok()) return 1;
     WriteText((dir / "data.txt").string());
   }
-  struct Shape { int64_t batch, seq; };
-  for (const std::string& text : shapes) {
-    Shape shape{};
-    if (std::sscanf(text.c_str(), "%ldx%ld", &shape.batch, &shape.seq) != 2 || shape.batch < 1 || shape.seq < 2) {
-      std::cerr << "--shape " << text << ": expected BATCHxSEQ, e.g. 4x2048\n";
-      return 2;
-    }
+  for (const Shape& shape : parsed) {
+    const std::string& text = shape.text;
     TrainConfig c;
     c.data = {(dir / "data.txt").string()};
     c.seq_len = shape.seq;
@@ -239,13 +245,7 @@ int main(int argc, char** argv) {
         (*trainer)->StepOn(ids);
         if (cuda) torch::cuda::synchronize();
       };
-      step();  // warm-up
-      double best = 1e30;
-      for (int i = 0; i < (shape.seq >= 512 ? 4 : 12); ++i) {
-        auto start = std::chrono::steady_clock::now();
-        step();
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-      }
+      const double best = BestSeconds(shape.seq >= 512 ? 4 : 12, step);  // after a warm-up step
       // What one step adds to the resident memory at its peak (gradients, activations, the loss's
       // block and every temporary) on the CPU, against the plan's parts for them.
       double step_growth = -1;
