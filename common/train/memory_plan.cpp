@@ -26,6 +26,11 @@ const MemoryPlanPart* MemoryPlan::Find(const std::string& name) const {
   return nullptr;
 }
 
+std::string FormatMemory(int64_t bytes) {
+  const double mib = static_cast<double>(bytes) / 1048576.0;
+  return mib >= 1024.0 ? absl::StrFormat("%.1f GiB", mib / 1024.0) : absl::StrFormat("%.1f MiB", mib);
+}
+
 std::string MemoryPlan::Table() const {
   std::string out;
   for (const MemoryPlanPart& p : parts) out += absl::StrFormat("  %-22s %9.2f GiB  %s\n", p.name, p.bytes / 1073741824.0, p.detail);

@@ -44,6 +44,9 @@ struct MemoryPlan {
   nlohmann::json ToJson() const;
 };
 
+// "12.3 GiB", or "45.6 MiB" below a GiB: sizes in one-line messages.
+std::string FormatMemory(int64_t bytes);
+
 // The plan of one rank: frozen weights (fp32, or bf16 matrices), the trained tensors' fp32
 // masters and gradients, AdamW's two moments (this rank's largest ZeRO-1 shard), autocast's bf16
 // copies of the trained matrices (one layer's with checkpointing), the activations the backward

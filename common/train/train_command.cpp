@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/core/file_util.h"
 #include "common/core/processes.h"
 #include "common/train/train_command.h"
@@ -25,6 +26,7 @@ struct Options {
   std::string config_file;
   TrainInputs inputs{"", "", "", DefaultTokenCacheDir()};
   bool resume = false, dense = false, plain = false, memory_report = false, json = false;
+  double memory_limit_gib = 0;  // --memory-limit: 0 = the device's free memory
   std::string pretrain;
   std::string program;  // "flexfed-owner train", "flexfedctl router-tune"
   WorkerLaunch launch;  // --nproc-per-node and friends: this process starts the data-parallel workers
@@ -101,12 +103,38 @@ absl::Status Run(Options& o) {
         TrainingMemoryCapacity(config, local, *distributed ? (*distributed)->local_rank : 0);
     if (!capacity.ok()) return capacity.status();
     const double gib = 1073741824.0;
+    if (o.memory_limit_gib > 0) {  // --memory-limit: plan against the smaller of it and the device's
+      const auto limit = static_cast<int64_t>(o.memory_limit_gib * gib);
+      if (limit < capacity->first) {
+        *capacity = {limit, absl::StrCat("--memory-limit (", capacity->second, ": ", FormatMemory(capacity->first), ")")};
+      }
+    }
+    const bool fits = plan->total() <= capacity->first;
+    absl::StatusOr<MemoryFits> fitting = FittingSettings(config, o.inputs, world, capacity->first);
+    if (!fitting.ok()) return fitting.status();
+    // What to change, as one line: the settings that fit (same sequences per step), else the least any needs.
+    std::vector<std::string> options;
+    for (const MemoryFit& f : fitting->fits) options.push_back(absl::StrCat(f.args, " (", FormatMemory(f.total_bytes), ")"));
+    const std::string advice =
+        !options.empty()
+            ? absl::StrCat("these fit, training on the same sequences per step: ", absl::StrJoin(options, "; or "))
+            : absl::StrCat(fitting->smallest.args.empty()
+                               ? std::string("a smaller micro-batch, checkpointing or bf16 moments cannot shrink it")
+                               : absl::StrCat("even with ", fitting->smallest.args, " it needs ",
+                                              FormatMemory(fitting->smallest.total_bytes)),
+                           ": lower --seq-len, shard the optimizer state over more processes (--nproc-per-node) or use "
+                           "a device with more memory");
     if (o.memory_report && o.json) {
       nlohmann::json j = plan->ToJson();
       j["processes"] = world;
       j["available_bytes"] = capacity->first;
       j["available"] = capacity->second;
-      j["fits"] = plan->total() <= capacity->first;
+      j["fits"] = fits;
+      if (!fits) {
+        j["fitting"] = nlohmann::json::array();
+        for (const MemoryFit& f : fitting->fits) j["fitting"].push_back({{"args", f.args}, {"total_bytes", f.total_bytes}});
+        if (fitting->fits.empty()) j["smallest"] = {{"args", fitting->smallest.args}, {"total_bytes", fitting->smallest.total_bytes}};
+      }
       std::cout << j.dump(2) << "\n";
       return absl::OkStatus();
     }
@@ -114,16 +142,18 @@ absl::Status Run(Options& o) {
       std::cout << "memory plan (per process" << (world > 1 ? absl::StrCat(", ", world, " processes") : "") << "):\n"
                 << plan->Table()
                 << absl::StrFormat("  %-22s %9.2f GiB  %s\n", "available", capacity->first / gib, capacity->second)
-                << (plan->total() <= capacity->first ? "fits\n" : "does not fit\n");
+                << (fits ? "fits\n" : absl::StrCat("does not fit; ", advice, "\n"));
       return absl::OkStatus();
     }
-    if (plan->total() > capacity->first) {
+    if (!fits) {
       std::cerr << "memory plan:\n" << plan->Table();
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "the run needs about %.1f GiB and %s has %.1f GiB: lower --batch-size or --seq-len (activations grow with "
-          "both), add --activation-checkpointing and --optimizer-moments bf16, or shard the optimizer state over more "
-          "processes (--nproc-per-node); --memory-report shows the plan",
-          plan->total() / gib, capacity->second, capacity->first / gib));
+      return absl::ResourceExhaustedError(absl::StrCat("the run needs about ", FormatMemory(plan->total()), " and ",
+                                                       capacity->second, " has ", FormatMemory(capacity->first), "; ",
+                                                       advice));
+    }
+    if (o.memory_limit_gib > 0) {
+      absl::Status held = LimitDeviceMemory(config, *distributed ? (*distributed)->local_rank : 0, capacity->first);
+      if (!held.ok()) return held;
     }
   }
   std::unique_ptr<DataParallelGroup> group;
@@ -284,6 +314,10 @@ void AddTrainCommand(CLI::App& app, TrainCommandKind kind,
                 "Print the run's memory plan (weights, gradients, optimizer state, activations, loss) against what the "
                 "device has, and exit without training");
   cmd->add_flag("--json", o->json, "With --memory-report: the plan as JSON (parts in bytes, available, fits)");
+  cmd->add_option("--memory-limit", o->memory_limit_gib,
+                  "GiB this process may use (default: the GPU's free memory, or this machine's available memory): the "
+                  "plan is held to it, and on a GPU so is PyTorch's allocator — leave room for other work")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--nproc-per-node", o->launch.nproc_per_node,
                   "Data-parallel: train with this many processes on this machine (one per GPU; on a CPU they share the "
                   "cores); each step's sequences are split between them")

@@ -4,6 +4,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 #if FLEXFED_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -21,6 +23,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/model/anchor.h"
 #include "common/model/autocast.h"
@@ -94,7 +97,11 @@ absl::StatusOr<at::Device> TrainingDevice(const std::string& device) {
 
 }  // namespace
 
-absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainInputs& inputs, int world_size) {
+namespace {
+
+// What PlanRunMemory plans from: the model's shape and the plan's settings for `config`.
+absl::StatusOr<std::pair<ModelConfig, MemoryPlanSettings>> RunMemorySettings(const TrainConfig& config,
+                                                                           const TrainInputs& inputs, int world_size) {
   absl::StatusOr<ModelConfig> model = config.mode == "pretrain" ? ModelConfig::Preset(config.preset)
                                                                 : ReadModelConfig((fs::path(inputs.anchor_dir) / "config.json").string());
   if (!model.ok()) return model.status();
@@ -122,26 +129,129 @@ absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainI
   // Frozen matrices and embeddings are kept in bf16 when their values are (a bf16 checkpoint).
   const bool owner = config.mode == "expert" || config.mode == "dense";
   s.bf16_frozen = s.bf16_embeddings = s.bf16_autocast && owner && model->torch_dtype == "bfloat16";
-  return PlanTrainingMemory(*model, s);
+  return std::pair<ModelConfig, MemoryPlanSettings>(*std::move(model), s);
+}
+
+}  // namespace
+
+absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainInputs& inputs, int world_size) {
+  absl::StatusOr<std::pair<ModelConfig, MemoryPlanSettings>> run = RunMemorySettings(config, inputs, world_size);
+  if (!run.ok()) return run.status();
+  return PlanTrainingMemory(run->first, run->second);
+}
+
+absl::StatusOr<MemoryFits> FittingSettings(const TrainConfig& config, const TrainInputs& inputs, int world_size,
+                                           int64_t capacity) {
+  absl::StatusOr<std::pair<ModelConfig, MemoryPlanSettings>> run = RunMemorySettings(config, inputs, world_size);
+  if (!run.ok()) return run.status();
+  const ModelConfig& model = run->first;
+  struct Candidate {
+    bool checkpointing, bf16_moments;
+    int64_t batch;
+    int64_t bytes;
+  };
+  std::vector<Candidate> found;
+  MemoryFits out;
+  out.smallest.total_bytes = std::numeric_limits<int64_t>::max();
+  // The micro-batches that divide --batch-size: the step's sequences and the validation's stay the same.
+  std::vector<int64_t> batches;
+  for (int64_t b = config.batch_size; b >= 1; --b) {
+    if (config.batch_size % b == 0) batches.push_back(b);
+  }
+  auto fit = [&](bool checkpointing, bool bf16_moments, int64_t batch, int64_t bytes) {
+    MemoryFit f{"", config, bytes};
+    std::vector<std::string> a;
+    if (batch != config.batch_size) {
+      const int64_t times = config.batch_size / batch;
+      f.config.batch_size = batch;
+      f.config.grad_accum *= times;
+      f.config.val_batches *= times;
+      a.push_back(absl::StrCat("--batch-size ", batch, " --grad-accum ", f.config.grad_accum));
+      if (config.val_batches > 0) a.push_back(absl::StrCat("--val-batches ", f.config.val_batches));
+    }
+    if (checkpointing != config.activation_checkpointing) a.push_back("--activation-checkpointing");
+    if (bf16_moments != (config.optimizer_moments == "bf16")) a.push_back("--optimizer-moments bf16");
+    f.config.activation_checkpointing = checkpointing;
+    if (bf16_moments) f.config.optimizer_moments = "bf16";
+    f.args = absl::StrJoin(a, " ");
+    return f;
+  };
+  if (PlanTrainingMemory(model, run->second).total() <= capacity) return out;  // it fits as it is
+  // Checkpointing is not for DP-SGD (its per-sequence norms need every layer's activations); bf16
+  // moments need beta2 ≤ 0.99 (TrainConfig::Validate).
+  std::vector<bool> checkpointing_options = {config.activation_checkpointing};
+  if (!config.activation_checkpointing && !config.dp()) checkpointing_options.push_back(true);
+  std::vector<bool> moments_options = {config.optimizer_moments == "bf16"};
+  if (config.optimizer_moments != "bf16" && config.beta2 <= 0.99) moments_options.push_back(true);
+  for (const bool checkpointing : checkpointing_options) {
+    for (const bool bf16_moments : moments_options) {
+      for (const int64_t batch : batches) {
+        MemoryPlanSettings s = run->second;
+        s.activation_checkpointing = checkpointing;
+        s.bf16_moments = bf16_moments;
+        s.micro_batch = batch;
+        const int64_t bytes = PlanTrainingMemory(model, s).total();
+        if (bytes < out.smallest.total_bytes) out.smallest = fit(checkpointing, bf16_moments, batch, bytes);
+        if (bytes <= capacity) {
+          found.push_back({checkpointing, bf16_moments, batch, bytes});
+          break;  // the largest micro-batch that fits with these settings
+        }
+      }
+    }
+  }
+  // `found` runs from fewer changes to more (the loops' order). A combination is left out when one
+  // with a subset of its changes fits an equal or larger micro-batch.
+  auto subset = [](const Candidate& a, const Candidate& b) {  // a's changes are a strict subset of b's
+    return (a.checkpointing <= b.checkpointing && a.bf16_moments <= b.bf16_moments) &&
+           (a.checkpointing != b.checkpointing || a.bf16_moments != b.bf16_moments);
+  };
+  for (const Candidate& c : found) {
+    const bool dominated = std::any_of(found.begin(), found.end(), [&](const Candidate& other) {
+      return subset(other, c) && other.batch >= c.batch;
+    });
+    if (!dominated) out.fits.push_back(fit(c.checkpointing, c.bf16_moments, c.batch, c.bytes));
+  }
+  return out;
+}
+
+namespace {
+// {free, total} bytes of the GPU this process trains on (a data-parallel worker's is cuda:local_rank),
+// made current; nullopt when `config` trains on the CPU.
+absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> TrainingGpuMemory(const TrainConfig& config, int local_rank) {
+  absl::StatusOr<at::Device> device = TrainingDevice(config.device);
+  if (!device.ok()) return device.status();
+  if (!device->is_cuda()) return std::nullopt;
+#if FLEXFED_WITH_CUDA
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaSetDevice(local_rank) == cudaSuccess && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+    return std::pair<int64_t, int64_t>(static_cast<int64_t>(free_bytes), static_cast<int64_t>(total_bytes));
+  }
+#endif
+  return absl::FailedPreconditionError(absl::StrCat("cannot read the free memory of cuda:", local_rank,
+                                                    "; check nvidia-smi and CUDA_VISIBLE_DEVICES"));
+}
+}  // namespace
+
+absl::Status LimitDeviceMemory(const TrainConfig& config, int local_rank, int64_t bytes) {
+  absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> gpu = TrainingGpuMemory(config, local_rank);
+  if (!gpu.ok()) return gpu.status();
+#if FLEXFED_WITH_CUDA
+  if (gpu->has_value()) {
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(
+        std::min(1.0, static_cast<double>(bytes) / static_cast<double>((*gpu)->second)),
+        static_cast<c10::DeviceIndex>(local_rank));
+  }
+#else
+  (void)bytes;
+#endif
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes,
                                                                        int local_rank) {
-  absl::StatusOr<at::Device> device = TrainingDevice(config.device);
-  if (!device.ok()) return device.status();
-#if FLEXFED_WITH_CUDA
-  if (device->is_cuda()) {
-    // The GPU this process will train on: a data-parallel worker's is its local rank's.
-    size_t free_bytes = 0, total_bytes = 0;
-    if (cudaSetDevice(local_rank) != cudaSuccess || cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
-      return absl::FailedPreconditionError(absl::StrCat("cannot read the free memory of cuda:", local_rank,
-                                                        "; check nvidia-smi and CUDA_VISIBLE_DEVICES"));
-    }
-    return std::pair<int64_t, std::string>(static_cast<int64_t>(free_bytes), absl::StrCat("cuda:", local_rank, " (free memory)"));
-  }
-#else
-  (void)local_rank;
-#endif
+  absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> gpu = TrainingGpuMemory(config, local_rank);
+  if (!gpu.ok()) return gpu.status();
+  if (gpu->has_value()) return std::pair<int64_t, std::string>((*gpu)->first, absl::StrCat("cuda:", local_rank, " (free memory)"));
   std::ifstream meminfo("/proc/meminfo");
   for (std::string line; std::getline(meminfo, line);) {
     int64_t kib = 0;

@@ -210,11 +210,32 @@ class Trainer {
 // `world_size`, before anything is loaded: the anchor's config.json is read (for pretraining, the
 // preset's shape with the tokenizer's vocabulary).
 absl::StatusOr<MemoryPlan> PlanRunMemory(const TrainConfig& config, const TrainInputs& inputs, int world_size);
+// Changes of settings that make a run's plan fit `capacity` bytes while training on the same
+// sequences per step (and validating on the same ones): a micro-batch that divides --batch-size with
+// more accumulation, activation checkpointing (one more forward per step), bf16 AdamW moments. Each
+// combination with its largest micro-batch that fits, fewest changes first, leaving out one that a
+// subset of its changes matches with an equal or larger micro-batch. Empty when the run fits as it is
+// or when nothing fits; `smallest` is then the least any combination needs (set only then).
+struct MemoryFit {
+  std::string args;         // the flags that change, e.g. "--batch-size 2 --grad-accum 8 --activation-checkpointing"
+  TrainConfig config;       // the run's settings with them
+  int64_t total_bytes = 0;  // the plan with them
+};
+struct MemoryFits {
+  std::vector<MemoryFit> fits;
+  MemoryFit smallest;
+};
+absl::StatusOr<MemoryFits> FittingSettings(const TrainConfig& config, const TrainInputs& inputs, int world_size,
+                                           int64_t capacity);
 // What one of `processes` processes on this machine, training on the device `config.device`
 // chooses, may hold: the free memory of its GPU (cuda:local_rank), or the machine's available
 // memory (MemAvailable) shared among them. With the device's name.
 absl::StatusOr<std::pair<int64_t, std::string>> TrainingMemoryCapacity(const TrainConfig& config, int processes,
                                                                        int local_rank = 0);
+
+// Holds PyTorch's CUDA allocator on cuda:local_rank to `bytes` (an allocation beyond fails as out of
+// memory) when `config` trains on a GPU; nothing on the CPU, where the limit only plans.
+absl::Status LimitDeviceMemory(const TrainConfig& config, int local_rank, int64_t bytes);
 
 // The newest complete checkpoint folder of a run, or NotFound.
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& run_dir);

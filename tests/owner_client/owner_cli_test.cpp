@@ -4,6 +4,8 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_format.h"
 #include "common/core/file_util.h"
 #include "tests/test_util.h"
 #include <nlohmann/json.hpp>
@@ -53,6 +55,31 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
     CHECK(compact["parts"][3]["bytes"].get<int64_t>() * 2 == full["parts"][3]["bytes"].get<int64_t>());  // bf16 moments
     CHECK_THAT(compact["parts"][3]["detail"].get<std::string>(), Catch::Contains("bf16"));
     CHECK_THAT(compact.dump(), Catch::Contains("checkpointed"));
+    CHECK_FALSE(fs::exists(dir / "planned"));
+    // Held to less than it plans (--memory-limit), the run is refused with the settings that fit,
+    // each of which the plan then accepts; nothing is written.
+    const std::string plan_args = o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" +
+                                  " --data " + dir / "mine" + " --run " + dir / "planned" + " --steps 8" + small;
+    const std::string limit = absl::StrFormat(" --memory-limit %.9f", 0.8 * full["total_bytes"].get<double>() / 1073741824.0);
+    REQUIRE(RunCommand(plan_args + limit + " --memory-report --json", &out) == 0);
+    const nlohmann::json held = nlohmann::json::parse(out);
+    CHECK(held["fits"] == false);
+    CHECK_THAT(held["available"].get<std::string>(), Catch::Contains("--memory-limit"));
+    REQUIRE(held["fitting"].size() >= 1);
+    for (const auto& f : held["fitting"]) {
+      const std::string args = f["args"].get<std::string>();
+      INFO(args);
+      // The test's --batch-size 4 and --seq-len 64 stay where the suggestion does not change them.
+      std::string changed = plan_args;
+      if (args.find("--batch-size") != std::string::npos) changed = absl::StrReplaceAll(changed, {{" --batch-size 4", ""}});
+      REQUIRE(RunCommand(changed + " " + args + limit + " --memory-report --json", &out) == 0);
+      const nlohmann::json refit = nlohmann::json::parse(out);
+      CHECK(refit["fits"] == true);
+      CHECK(refit["total_bytes"] == f["total_bytes"]);
+    }
+    CHECK(RunCommand(plan_args + limit, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("these fit, training on the same sequences per step: " +
+                                    held["fitting"][0]["args"].get<std::string>()));
     CHECK_FALSE(fs::exists(dir / "planned"));
   }
   REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +

@@ -12,6 +12,9 @@
 
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
+#if FLEXFED_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include "absl/strings/str_cat.h"
 #include "common/model/anchor.h"
@@ -800,6 +803,101 @@ TEST_CASE("the memory plan at the 7B shape: fp32 state does not fit 80 GB; the c
   CHECK(ActivationBytesPerToken(seven, s) * 10 < ActivationBytesPerToken(seven, all));
   s.micro_batch = 2;
   CHECK(PlanTrainingMemory(seven, s).total() < int64_t{80} * 1000 * 1000 * 1000);
+}
+
+TEST_CASE("a run that does not fit: the settings that would, on the same sequences per step", "[training]") {
+  World& w = TheWorld();
+  TempDir run;
+  TrainConfig c = SmallRun({w.math});
+  c.batch_size = 12;
+  c.grad_accum = 2;
+  c.seq_len = 128;
+  c.precision = "fp32";
+  c.device = "cpu";
+  const TrainInputs inputs{w.anchor, w.math_router, run / "run", w.cache};
+  const int64_t full = ValueOrDie(PlanRunMemory(c, inputs, 1)).total();
+  CHECK(ValueOrDie(FittingSettings(c, inputs, 1, full)).fits.empty());  // it fits as it is
+
+  // Every suggestion fits, trains on the same sequences per step and validates on the same ones, and
+  // is the largest micro-batch (a divisor of 12) its other changes allow.
+  auto check_fits = [&](const TrainConfig& base, int64_t capacity) {
+    const MemoryFits fits = ValueOrDie(FittingSettings(base, inputs, 1, capacity));
+    for (const MemoryFit& f : fits.fits) {
+      INFO(f.args);
+      CHECK(ValueOrDie(PlanRunMemory(f.config, inputs, 1)).total() == f.total_bytes);
+      CHECK(f.total_bytes <= capacity);
+      CHECK(f.config.batch_size * f.config.grad_accum == base.batch_size * base.grad_accum);
+      CHECK(f.config.batch_size * f.config.val_batches == base.batch_size * base.val_batches);
+      CHECK(f.config.Validate().ok());
+      for (int64_t larger = f.config.batch_size + 1; larger <= base.batch_size; ++larger) {
+        if (base.batch_size % larger != 0) continue;
+        TrainConfig bigger = f.config;
+        bigger.batch_size = larger;
+        CHECK(ValueOrDie(PlanRunMemory(bigger, inputs, 1)).total() > capacity);
+        break;
+      }
+    }
+    return fits;
+  };
+  const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, inputs, 1));
+  const int64_t activations = plan.Find("activations")->bytes + plan.Find("loss")->bytes;
+  const int64_t fixed = full - activations;
+  {  // room for a third of the activations: a smaller micro-batch alone does it, and first
+    const MemoryFits fits = check_fits(c, fixed + activations / 3 + 4096);
+    REQUIRE_FALSE(fits.fits.empty());
+    CHECK(fits.fits[0].args == "--batch-size 4 --grad-accum 6 --val-batches 12");
+    CHECK(fits.fits[0].config.batch_size == 4);
+    for (const MemoryFit& f : fits.fits) {
+      // Each later one adds a change and gets a larger micro-batch for it.
+      if (&f != &fits.fits[0]) CHECK(f.config.batch_size > 4);
+    }
+  }
+  {  // less than a micro-batch of one needs without checkpointing, even with bf16 moments
+    TrainConfig one = c;
+    one.batch_size = 1;
+    one.optimizer_moments = "bf16";
+    const MemoryFits fits = check_fits(c, ValueOrDie(PlanRunMemory(one, inputs, 1)).total() - 1);
+    REQUIRE_FALSE(fits.fits.empty());
+    for (const MemoryFit& f : fits.fits) CHECK_THAT(f.args, Catch::Contains("--activation-checkpointing"));
+  }
+  {  // DP-SGD: never checkpointing; beta2 above 0.99: never bf16 moments
+    TrainConfig dp = c;
+    dp.dp_max_grad_norm = 1.0;
+    dp.dp_noise_multiplier = 1.0;
+    dp.beta2 = 0.999;
+    const MemoryPlan dp_plan = ValueOrDie(PlanRunMemory(dp, inputs, 1));
+    const int64_t dp_activations = dp_plan.Find("activations")->bytes + dp_plan.Find("loss")->bytes;
+    const MemoryFits fits = check_fits(dp, dp_plan.total() - dp_activations / 3);
+    REQUIRE_FALSE(fits.fits.empty());
+    for (const MemoryFit& f : fits.fits) {
+      CHECK_THAT(f.args, !Catch::Contains("--activation-checkpointing"));
+      CHECK_THAT(f.args, !Catch::Contains("bf16"));
+    }
+  }
+  {  // nothing fits: the least any combination needs — every change at once
+    const MemoryFits none = ValueOrDie(FittingSettings(c, inputs, 1, 1024));
+    CHECK(none.fits.empty());
+    CHECK(none.smallest.args == "--batch-size 1 --grad-accum 24 --val-batches 48 --activation-checkpointing --optimizer-moments bf16");
+    CHECK(none.smallest.total_bytes == ValueOrDie(PlanRunMemory(none.smallest.config, inputs, 1)).total());
+  }
+}
+
+TEST_CASE("train --memory-limit holds PyTorch's allocator on a GPU to the limit", "[gpu]") {
+  if (!at::hasCUDA()) {
+    WARN("no CUDA device: this [gpu] test is skipped (docs/GPU.md)");
+    return;
+  }
+#if FLEXFED_WITH_CUDA
+  TrainConfig c;
+  c.device = "cuda";
+  c10::cuda::CUDACachingAllocator::emptyCache();  // no cached block may serve the allocation below
+  REQUIRE(LimitDeviceMemory(c, 0, int64_t{512} << 20).ok());
+  CHECK_THROWS(at::empty({int64_t{1} << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, 0)));
+  CHECK_NOTHROW(at::empty({int64_t{256} << 20}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, 0)));
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(1.0, 0);  // the other tests' whole device back
+#else
+  WARN("a build without CUDA: this [gpu] test is skipped (docs/GPU.md)");
+#endif
 }
 
 TEST_CASE("activation checkpointing: the plain step's loss and gradients, one layer's activations", "[training]") {
