@@ -281,7 +281,16 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     }
     return y;
   }
+  if (x.is_cuda() && weight.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == weight.numel()) {
+    return RmsNormFp32Fused(x, weight, eps);
+  }
   return RmsNormReference(x, weight, eps);
+}
+
+at::Tensor RmsNormFp32Fused(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "RmsNormFp32Fused: the weight must be fp32, got ", weight.scalar_type());
+  const at::Tensor y = std::get<0>(at::_fused_rms_norm(x.to(at::kFloat), {x.size(-1)}, weight, eps));
+  return y.to(x.scalar_type());
 }
 
 at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& weight, double eps) {

@@ -10,10 +10,15 @@ namespace flexfed {
 // RMSNorm computed in fp32; the weight multiplies the fp32 result before the cast back to x's
 // dtype (HF FlexOlmoRMSNorm). x: [..., W], weight: [W]. On the CPU it runs fused: with gradients
 // off as one pass per row (decoding is dominated by such small ops); in fp32 training as one
-// vectorised pass per row each way, keeping x and one scale per row. RmsNormReference() is the
-// plain ATen composition both are tested against, and the path everywhere else (CUDA, bf16).
+// vectorised pass per row each way, keeping x and one scale per row. On a GPU (an fp32 weight, as
+// every FlexFed norm's) it runs as RmsNormFp32Fused. RmsNormReference() is the plain ATen
+// composition all are tested against, and the path everywhere else (CPU bf16 training).
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& weight, double eps);
+// The same through ATen's fused RMSNorm on x cast to fp32 (one kernel each way on a GPU, where the
+// composition takes about eight forward and fifteen backward; it keeps the fp32 input and one scale
+// per row, as the composition does). weight: fp32. Any device; on the CPU ATen composes it.
+at::Tensor RmsNormFp32Fused(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // cat(-x[..., D/2:], x[..., :D/2]).
 at::Tensor RotateHalf(const at::Tensor& x);

@@ -133,6 +133,46 @@ TEST_CASE("the fused training RMSNorm equals the ATen reference, values and grad
   CHECK(at::equal(RmsNorm(xb, w, 1e-6), RmsNormReference(xb, w, 1e-6)));
 }
 
+// The GPU's RMSNorm (ATen's fused one on the fp32 cast) against the reference: here on the CPU, where
+// ATen composes it, and on a GPU its kernels (the [gpu] case below).
+void CheckFp32FusedRmsNorm(const at::Device& device, bool through_rms_norm) {
+  at::manual_seed(23);
+  at::AutoGradMode grad(true);
+  for (at::ScalarType x_type : {at::kFloat, at::kBFloat16}) {
+    for (bool trained_weight : {false, true}) {
+      INFO(c10::toString(x_type) << " x" << (trained_weight ? ", trained weight" : ", frozen weight") << " on " << device);
+      const at::Tensor x = (3 * at::randn({3, 70, 512}) + 0.5).to(device, x_type).requires_grad_();
+      const at::Tensor w = (1 + at::randn({512})).to(device).requires_grad_(trained_weight);
+      const at::Tensor probe = at::randn({3, 70, 512}).to(device, x_type);
+      std::vector<at::Tensor> leaves = {x};
+      if (trained_weight) leaves.push_back(w);
+      const at::Tensor y = through_rms_norm ? RmsNorm(x, w, 1e-6) : RmsNormFp32Fused(x, w, 1e-6);
+      const at::Tensor want = RmsNormReference(x, w, 1e-6);
+      REQUIRE(y.scalar_type() == x_type);
+      const auto got_grads = torch::autograd::grad({(y.to(at::kFloat) * probe.to(at::kFloat)).sum()}, leaves);
+      const auto want_grads = torch::autograd::grad({(want.to(at::kFloat) * probe.to(at::kFloat)).sum()}, leaves);
+      // fp32: the sum of squares in another order; bf16: the same fp32 values rounded once (an ulp at most).
+      const double tol = x_type == at::kFloat ? 1e-5 : 8e-3;
+      CHECK(RelativeError(y.to(at::kFloat), want.to(at::kFloat)) < tol);
+      CHECK(got_grads[0].scalar_type() == x_type);
+      CHECK(RelativeError(got_grads[0].to(at::kFloat), want_grads[0].to(at::kFloat)) < tol);
+      if (trained_weight) CHECK(RelativeError(got_grads[1], want_grads[1]) < (x_type == at::kFloat ? 1e-5 : 1e-3));
+    }
+  }
+}
+
+TEST_CASE("the GPU's RMSNorm (ATen's fused, in fp32) equals the reference, values and gradients", "[model]") {
+  CheckFp32FusedRmsNorm(at::kCPU, /*through_rms_norm=*/false);
+}
+
+TEST_CASE("on a GPU RMSNorm runs ATen's fused kernels and equals the reference", "[gpu]") {
+  if (!at::hasCUDA()) {
+    WARN("no CUDA device: this [gpu] test is skipped (docs/GPU.md)");
+    return;
+  }
+  CheckFp32FusedRmsNorm(at::Device(at::kCUDA, 0), /*through_rms_norm=*/true);
+}
+
 TEST_CASE("the fused training silu(a)·b equals ATen's, values and gradients, at any length", "[model]") {
   at::manual_seed(21);
   // Lengths around the vector width and the thread grain; values out to where exp leaves float's range.
