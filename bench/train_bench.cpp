@@ -8,6 +8,7 @@
 // step's fused elementwise ops against the ATen compositions they replace (forward + backward, at
 // each shape's [tokens, FFN width]), in the same process.
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 #include <sys/resource.h>
@@ -19,6 +20,7 @@
 #include <random>
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "common/core/file_util.h"
 #include "common/core/processes.h"
 #include <torch/cuda.h>
@@ -28,6 +30,7 @@
 #endif
 
 #include "common/model/layers.h"
+#include "common/train/adamw.h"
 #include "common/model/router_embedding.h"
 #include "common/train/training.h"
 #include <nlohmann/json.hpp>
@@ -111,6 +114,40 @@ nlohmann::json RmsNormLine(int64_t tokens, int64_t width) {
   });
 }
 
+// AdamW's step over the expert's trained matrices (gate, up, down of every layer) with bf16 moments:
+// the one pass (AdamW::Step) against the ATen composition it replaces (moments widened, the fp32
+// update's eight operations, rounded back). Shape: [layers, elements a layer].
+nlohmann::json AdamWLine(const ModelConfig& config) {
+  at::manual_seed(3);
+  const AdamWOptions options{0.9, 0.95, 1e-8, 0.1, at::kBFloat16};
+  std::vector<NamedTensor> params;
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    for (const char* name : {"gate", "up", "down"}) {
+      const bool down = std::string(name) == "down";
+      at::Tensor p = at::randn(down ? std::vector<int64_t>{config.hidden_size, config.intermediate_size}
+                                    : std::vector<int64_t>{config.intermediate_size, config.hidden_size})
+                         .requires_grad_();
+      p.mutable_grad() = 0.01 * at::randn_like(p);
+      params.push_back({absl::StrCat(l, ".", name), p});
+    }
+  }
+  AdamW opt(params, options);
+  return FusedVsAten("adamw_bf16_moments", config.num_hidden_layers, 3 * config.intermediate_size * config.hidden_size,
+                     [&](bool fused) {
+                       if (fused) {
+                         opt.Step(1e-4);
+                         return;
+                       }
+                       c10::NoGradGuard no_grad;
+                       for (size_t i = 0; i < params.size(); ++i) {
+                         at::Tensor p = params[i].tensor, m = opt.exp_avg(i).to(at::kFloat), v = opt.exp_avg_sq(i).to(at::kFloat);
+                         AdamWUpdate(p, p.grad(), m, v, 1e-4, options, 1);
+                         opt.exp_avg(i).copy_(m);
+                         opt.exp_avg_sq(i).copy_(v);
+                       }
+                     });
+}
+
 // ~2 MB of word salad: enough windows for any batch here; its content does not matter.
 void WriteText(const std::string& path) {
   std::mt19937 rng(1);
@@ -184,6 +221,7 @@ int main(int argc, char** argv) {
       std::cout << SiluMulLine(shape.batch * shape.seq, config.intermediate_size).dump() << std::endl;
       std::cout << RmsNormLine(shape.batch * shape.seq, config.hidden_size).dump() << std::endl;
     }
+    std::cout << AdamWLine(config).dump() << std::endl;
     return 0;
   }
   const fs::path dir = fs::temp_directory_path() / ("flexfed-train-bench-" + std::to_string(getpid()));

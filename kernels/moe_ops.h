@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace flexfed::kernels {
 
@@ -156,8 +157,21 @@ void CombineBackwardReference(const CombineBackwardArgs& a);
 void SwiGluReference(const SwiGluArgs& a);
 void SwiGluBackwardReference(const SwiGluBackwardArgs& a);
 
-// bf16 ↔ fp32 as the kernels convert (round to nearest even; NaN stays NaN).
-float Bf16ToFloat(uint16_t v);
-uint16_t FloatToBf16(float f);
+// bf16 ↔ fp32 as the kernels convert (round to nearest even; NaN stays NaN). Inline: the
+// references' loops (AdamW's over whole parameters) vectorise through them.
+inline float Bf16ToFloat(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t FloatToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even
+  return static_cast<uint16_t>(nan ? (bits >> 16) | 0x40u : rounded);     // a NaN stays a (quiet) NaN
+}
 
 }  // namespace flexfed::kernels

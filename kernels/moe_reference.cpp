@@ -55,21 +55,6 @@ float RankKey(float p) { return std::isnan(p) ? -0.5f : p; }
 
 }  // namespace
 
-float Bf16ToFloat(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-uint16_t FloatToBf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);  // keep it a (quiet) NaN
-  bits += 0x7fff + ((bits >> 16) & 1);                                    // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 void RouterReference(const RouterArgs& a) {
   RequireShape("router", a.tokens, a.experts, a.top_k);
   const int e_count = a.experts, k = a.top_k;

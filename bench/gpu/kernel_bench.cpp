@@ -19,6 +19,7 @@
 #include "kernels/moe_combine.cuh"
 #include "kernels/moe_router.cuh"
 #include "kernels/swiglu.cuh"
+#include "kernels/adamw.cuh"
 #include <nlohmann/json.hpp>
 
 namespace k = flexfed::kernels;
@@ -127,6 +128,23 @@ int main(int argc, char** argv) {
   void* grad_gate = Random(m * ffn * es, bf16, 13);
   void* grad_up = Random(m * ffn * es, bf16, 14);
 
+  // AdamW with bf16 moments over one layer's trained expert (gate, up, down): fp32 weights and
+  // gradients; the second moment starts at zero (a square root of a negative would do as well).
+  const int64_t params = 3 * ffn * h;
+  float* master = static_cast<float*>(Random(params * 4, false, 15));
+  float* grad = static_cast<float*>(Random(params * 4, false, 16));
+  void* exp_avg = Random(params * 2, true, 17);
+  void* exp_avg_sq = nullptr;
+  FLEXFED_CUDA_CHECK(cudaMalloc(&exp_avg_sq, params * 2));
+  FLEXFED_CUDA_CHECK(cudaMemset(exp_avg_sq, 0, params * 2));
+  k::AdamWArgs adamw = k::AdamWStepScalars(1e-6, 0.9, 0.95, 1e-8, 0.1, 10);
+  adamw.param = master;
+  adamw.grad = grad;
+  adamw.exp_avg = exp_avg;
+  adamw.exp_avg_sq = exp_avg_sq;
+  adamw.count = params;
+  adamw.moments = k::DType::kBF16;
+
   const k::RouterArgs router{logits, nullptr, nullptr, logits_out, weights, indices, n, experts, top_k, false};
   k::Router(router, nullptr);
   const k::AlignArgs align{indices, counts, offsets, sorted, position, workspace, m, experts};
@@ -152,6 +170,7 @@ int main(int argc, char** argv) {
       {"swiglu", 3.0 * m * fs, [&] { k::SwiGlu({gate, up, act, m * ffn, t}, nullptr); }},
       {"swiglu_backward", 5.0 * m * fs,
        [&] { k::SwiGluBackward({act, gate, up, grad_gate, grad_up, m * ffn, t}, nullptr); }},
+      {"adamw_bf16_moments", 22.0 * params, [&] { k::AdamW(adamw, nullptr); }},
   };
   nlohmann::json base = {{"device", prop.name}, {"tokens", n}, {"hidden", h}, {"ffn", ffn}, {"experts", experts},
                          {"top_k", top_k}, {"dtype", dtype}, {"copy_gb_per_s", copy_bw / 1e9}};

@@ -11,6 +11,8 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu_clones.h"
+
 namespace flexfed {
 namespace {
 
@@ -44,12 +46,7 @@ bool UseFusedCpu(const at::Tensor& x, const at::Tensor& weight) {
 
 // The fused training passes (SiluMul, RmsNorm): GCC vector types of 8 floats (one AVX register,
 // two SSE ones), each pass compiled for x86-64-v4 (AVX-512), v3 (AVX2, FMA) and baseline x86-64,
-// the one the CPU supports picked when the program loads.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FLEXFED_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FLEXFED_CPU_CLONES
-#endif
+// the one the CPU supports picked when the program loads (FLEXFED_CPU_CLONES).
 
 // The helpers below take and return these vectors: always inlined into each clone, so the calling
 // convention GCC warns about (-Wpsabi, reported at the end of the file) never applies.

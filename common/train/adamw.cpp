@@ -1,6 +1,13 @@
 #include "common/train/adamw.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
+#if FLEXFED_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/adamw.cuh"
+#endif
 
 #include <algorithm>
 #include <array>
@@ -8,6 +15,8 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "common/model/moe_dispatch.h"  // CudaKernelsBuilt
+#include "kernels/adamw_ops.h"
 
 namespace flexfed {
 
@@ -34,6 +43,38 @@ void AdamWUpdate(at::Tensor& p32, const at::Tensor& g, at::Tensor& exp_avg, at::
   exp_avg_sq.mul_(o.beta2).addcmul_(g, g, 1.0 - o.beta2);
   at::Tensor denom = (exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(o.eps);
   p32.addcdiv_(exp_avg, denom, -lr / bias1);
+}
+
+bool AdamW::StepInOnePass(at::Tensor& p, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr) {
+  if (p.scalar_type() != at::kFloat || !p.is_contiguous() || !exp_avg.is_contiguous() || !exp_avg_sq.is_contiguous()) {
+    return false;
+  }
+  if (p.is_cuda() && !CudaKernelsBuilt()) return false;
+  const at::Tensor g = p.grad().to(at::kFloat).contiguous();
+  kernels::AdamWArgs a = kernels::AdamWStepScalars(lr, options_.beta1, options_.beta2, options_.eps,
+                                                   options_.weight_decay, step_);
+  a.moments = options_.moment_dtype == at::kFloat ? kernels::DType::kF32 : kernels::DType::kBF16;
+  const int64_t width = options_.moment_dtype == at::kFloat ? 4 : 2;
+  auto slice = [&](int64_t begin, int64_t end) {
+    kernels::AdamWArgs s = a;
+    s.param = p.data_ptr<float>() + begin;
+    s.grad = g.data_ptr<float>() + begin;
+    s.exp_avg = static_cast<char*>(exp_avg.data_ptr()) + begin * width;
+    s.exp_avg_sq = static_cast<char*>(exp_avg_sq.data_ptr()) + begin * width;
+    s.count = end - begin;
+    return s;
+  };
+#if FLEXFED_WITH_CUDA
+  if (p.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(p.device());
+    kernels::AdamW(slice(0, p.numel()), c10::cuda::getCurrentCUDAStream(p.device().index()).stream());
+    return true;
+  }
+#endif
+  at::parallel_for(0, p.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    kernels::AdamWReference(slice(begin, end));
+  });
+  return true;
 }
 
 void AdamW::Step(double lr) {
@@ -67,6 +108,7 @@ void AdamW::Step(double lr) {
     at::Tensor p = params_[i].tensor;
     if (!owned_[i] || !p.grad().defined()) continue;
     if (fusable(p)) continue;  // stepped above
+    if (StepInOnePass(p, exp_avg_[i], exp_avg_sq_[i], lr)) continue;
     at::Tensor g = p.grad().to(at::kFloat);
     // Moments and the update in fp32 whatever the parameter's and the moments' dtypes; bf16
     // moments are widened for the update and rounded back (to nearest) after it.

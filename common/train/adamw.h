@@ -56,6 +56,11 @@ class AdamW {
   std::vector<NamedTensor> params_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;  // undefined for parameters not owned
   std::vector<bool> owned_;
+  // The update of one fp32 parameter whose moments are not fp32 (ATen's fused AdamW wants them in
+  // the weights' dtype): one pass (kernels/adamw_ops.h: the CUDA kernel on a GPU, the vectorised
+  // loop on the CPU). False, with nothing changed, where it does not apply.
+  bool StepInOnePass(at::Tensor& p, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr);
+
   AdamWOptions options_;
   int64_t step_ = 0;
 };

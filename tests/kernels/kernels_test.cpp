@@ -1,4 +1,4 @@
-// Every MoE kernel against its CPU reference (kernels/moe_ops.h) on fresh random inputs, by relative
+// Every kernel (the MoE ops, AdamW) against its CPU reference (kernels/moe_ops.h) on fresh random inputs, by relative
 // error, in fp32 and bf16, on the shapes that break dispatch code: all tokens to one expert, experts
 // with no tokens, excluded experts, k = E, ties, odd sizes. Torch-free: it needs only the CUDA
 // runtime, and without a GPU every case is skipped with a message saying so.
@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/adamw.cuh"
 #include "kernels/cuda_check.cuh"
 #include "kernels/moe_align.cuh"
 #include "kernels/moe_combine.cuh"
@@ -329,6 +330,41 @@ TEST_CASE("SwiGLU kernel matches its reference", "[gpu]") {
       CHECK(RelativeError(Decode(d_out.Host(), t), Decode(want, t)) < Tolerance(t));
       CHECK(RelativeError(Decode(d_dg.Host(), t), Decode(want_dg, t)) < Tolerance(t));
       CHECK(RelativeError(Decode(d_du.Host(), t), Decode(want_du, t)) < Tolerance(t));
+    }
+  }
+}
+
+TEST_CASE("AdamW kernel matches its reference, fp32 and bf16 moments", "[gpu]") {
+  if (!HaveGpu()) return;
+  for (DType t : {DType::kF32, DType::kBF16}) {
+    for (int64_t count : {int64_t{1} << 20, int64_t{100003}, int64_t{7}}) {
+      INFO(Name(t) << " moments, count " << count);
+      std::vector<float> param = Normal(count), grad = Normal(count, 0.01f);
+      std::vector<uint8_t> m = Encode(Normal(count, 0.01f), t), v;
+      std::vector<float> v_values = Normal(count, 1e-4f);
+      for (float& x : v_values) x = x * x;  // a second moment is not negative
+      v = Encode(v_values, t);
+      DeviceBuffer<float> d_param(param), d_grad(grad);
+      DeviceBuffer<uint8_t> d_m(m), d_v(v);
+      AdamWArgs a = AdamWStepScalars(3e-4, 0.9, 0.95, 1e-8, 0.1, 7);
+      a.moments = t;
+      a.count = count;
+      AdamWArgs host = a;
+      host.param = param.data();
+      host.grad = grad.data();
+      host.exp_avg = m.data();
+      host.exp_avg_sq = v.data();
+      AdamWReference(host);
+      AdamWArgs device = a;
+      device.param = d_param.get();
+      device.grad = d_grad.get();
+      device.exp_avg = d_m.get();
+      device.exp_avg_sq = d_v.get();
+      AdamW(device, nullptr);
+      // fp32 throughout: the same operations, contracted into fused multiply-adds differently.
+      CHECK(RelativeError(d_param.Host(), param) < 1e-6);
+      CHECK(RelativeError(Decode(d_m.Host(), t), Decode(m, t)) < Tolerance(t));
+      CHECK(RelativeError(Decode(d_v.Host(), t), Decode(v, t)) < Tolerance(t));
     }
   }
 }

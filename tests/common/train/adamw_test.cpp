@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <tuple>
 
 #include "common/train/adamw.h"
 #include "tests/test_util.h"
@@ -46,6 +47,55 @@ TEST_CASE("AdamW follows torch.optim.AdamW's update", "[training]") {
     }
     at::Tensor expected = at::tensor(want.p, at::kDouble);
     CHECK(RelativeError(p.detach(), expected) < 1e-5);
+  }
+}
+
+TEST_CASE("AdamW with bf16 moments: one pass, the fp32 update rounded as the ATen composition rounds it", "[training]") {
+  at::manual_seed(31);
+  const AdamWOptions o{0.9, 0.95, 1e-8, 0.1, at::kBFloat16};
+  // Sizes across the vector width and ATen's parallel grain (the pass runs in chunks on threads).
+  for (int64_t n : {int64_t{7}, int64_t{1000}, int64_t{100003}}) {
+    INFO(n << " elements");
+    at::Tensor p = at::randn({n}).requires_grad_(true);
+    AdamW opt({{"p", p}}, o);
+    for (int t = 1; t <= 6; ++t) {
+      INFO("step " << t);
+      // Each step from the optimizer's own state: the composition the pass replaces (moments
+      // widened, the fp32 update, rounded back) against the pass.
+      at::Tensor p32 = p.detach().clone();
+      at::Tensor mf = opt.exp_avg(0).to(at::kFloat), vf = opt.exp_avg_sq(0).to(at::kFloat);
+      const at::Tensor m_prev = mf.clone(), v_prev = vf.clone();
+      const at::Tensor g = 0.01 * at::randn({n});
+      p.mutable_grad() = g.clone();
+      opt.Step(1e-3 * t);
+      AdamWUpdate(p32, g, mf, vf, 1e-3 * t, o, t);
+      CHECK(opt.exp_avg(0).scalar_type() == at::kBFloat16);
+      CHECK(RelativeError(p.detach(), p32) < 1e-6);
+      // The moments: the same bf16 values, but where the fp32 value fell near a rounding boundary (a
+      // fused multiply-add rounds once where the composition rounds twice): an ulp of bf16, plus
+      // fp32's rounding of the two terms where they cancel (m near zero).
+      const at::Tensor m_terms = o.beta1 * m_prev.abs() + (1 - o.beta1) * g.abs();
+      const at::Tensor v_terms = o.beta2 * v_prev.abs() + (1 - o.beta2) * g * g;
+      for (auto [got, want, terms] : {std::tuple{opt.exp_avg(0), mf.to(at::kBFloat16), m_terms},
+                                      {opt.exp_avg_sq(0), vf.to(at::kBFloat16), v_terms}}) {
+        const at::Tensor bound = want.to(at::kFloat).abs() * (1.0 / 128) + terms * 2.5e-7;
+        CHECK(((got.to(at::kFloat) - want.to(at::kFloat)).abs() <= bound).all().item<bool>());
+        CHECK(at::ne(got, want).sum().item<int64_t>() <= std::max<int64_t>(1, n / 1000));
+      }
+    }
+  }
+  {  // a non-contiguous parameter takes the composition, with the same result
+    at::Tensor base = at::randn({40, 30});
+    at::Tensor strided = base.t().contiguous().t().requires_grad_(true);  // column-major storage
+    at::Tensor dense = base.clone().requires_grad_(true);
+    REQUIRE_FALSE(strided.is_contiguous());
+    AdamW a({{"p", strided}}, o), b({{"p", dense}}, o);
+    const at::Tensor g = at::randn({40, 30});
+    strided.mutable_grad() = g.clone();
+    dense.mutable_grad() = g.clone();
+    a.Step(1e-2);
+    b.Step(1e-2);
+    CHECK(RelativeError(strided.detach(), dense.detach()) < 1e-6);
   }
 }
 
