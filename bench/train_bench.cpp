@@ -77,16 +77,21 @@ double BestSeconds(int rounds, Fn&& fn) {
 }
 
 // One line comparing a fused op with the ATen composition it replaces: run(true) and run(false)
-// (forward + backward each) alternated in three rounds, best of each.
+// (forward + backward each) alternated in three rounds, best of each; on `device` (a GPU's work
+// is waited for inside each timing).
 template <typename Run>
-nlohmann::json FusedVsAten(const char* op, int64_t tokens, int64_t width, Run&& run) {
+nlohmann::json FusedVsAten(const char* op, int64_t tokens, int64_t width, const at::Device& device, Run&& run) {
+  auto finished = [&](bool fused) {
+    run(fused);
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
   double fused = 1e30, aten = 1e30;
   for (int round = 0; round < 3; ++round) {
-    fused = std::min(fused, BestSeconds(5, [&] { run(true); }));
-    aten = std::min(aten, BestSeconds(5, [&] { run(false); }));
+    fused = std::min(fused, BestSeconds(5, [&] { finished(true); }));
+    aten = std::min(aten, BestSeconds(5, [&] { finished(false); }));
   }
-  return {{"impl", "elementwise"}, {"op", op}, {"shape", {tokens, width}}, {"fused_seconds", fused},
-          {"aten_seconds", aten}, {"speedup", aten / fused}};
+  return {{"impl", "elementwise"}, {"device", device.is_cuda() ? "cuda" : "cpu"}, {"op", op}, {"shape", {tokens, width}},
+          {"fused_seconds", fused}, {"aten_seconds", aten}, {"speedup", aten / fused}};
 }
 
 // silu(gate)·up at [tokens, FFN width]: SiluMul (fused on the CPU in training) against ATen's silu
@@ -95,7 +100,7 @@ nlohmann::json SiluMulLine(int64_t tokens, int64_t width) {
   at::manual_seed(1);
   const at::Tensor a = at::randn({tokens, width}).requires_grad_(), b = at::randn({tokens, width}).requires_grad_();
   const at::Tensor probe = at::randn({tokens, width});
-  return FusedVsAten("silu_mul", tokens, width, [&](bool fused) {
+  return FusedVsAten("silu_mul", tokens, width, at::kCPU, [&](bool fused) {
     (fused ? SiluMul(a, b) : at::silu(a) * b).backward(probe);
     a.mutable_grad() = at::Tensor();
     b.mutable_grad() = at::Tensor();
@@ -103,12 +108,14 @@ nlohmann::json SiluMulLine(int64_t tokens, int64_t width) {
 }
 
 // RMSNorm at [tokens, hidden] with a frozen weight (an owner's anchor norm): RmsNorm (fused on the
-// CPU in training) against the ATen composition.
-nlohmann::json RmsNormLine(int64_t tokens, int64_t width) {
+// CPU in fp32 training; on a GPU ATen's fused RMSNorm, here on a bf16 input as the QK-norms' under
+// autocast) against the ATen composition.
+nlohmann::json RmsNormLine(int64_t tokens, int64_t width, const at::Device& device) {
   at::manual_seed(2);
-  const at::Tensor x = at::randn({tokens, width}).requires_grad_(), w = 1 + at::randn({width});
-  const at::Tensor probe = at::randn({tokens, width});
-  return FusedVsAten("rms_norm", tokens, width, [&](bool fused) {
+  const at::ScalarType type = device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  const at::Tensor x = at::randn({tokens, width}).to(device, type).requires_grad_(), w = (1 + at::randn({width})).to(device);
+  const at::Tensor probe = at::randn({tokens, width}).to(device, type);
+  return FusedVsAten("rms_norm", tokens, width, device, [&](bool fused) {
     (fused ? RmsNorm(x, w, 1e-6) : RmsNormReference(x, w, 1e-6)).backward(probe);
     x.mutable_grad() = at::Tensor();
   });
@@ -117,7 +124,7 @@ nlohmann::json RmsNormLine(int64_t tokens, int64_t width) {
 // AdamW's step over the expert's trained matrices (gate, up, down of every layer) with bf16 moments:
 // the one pass (AdamW::Step) against the ATen composition it replaces (moments widened, the fp32
 // update's eight operations, rounded back). Shape: [layers, elements a layer].
-nlohmann::json AdamWLine(const ModelConfig& config) {
+nlohmann::json AdamWLine(const ModelConfig& config, const at::Device& device) {
   at::manual_seed(3);
   const AdamWOptions options{0.9, 0.95, 1e-8, 0.1, at::kBFloat16};
   std::vector<NamedTensor> params;
@@ -126,6 +133,7 @@ nlohmann::json AdamWLine(const ModelConfig& config) {
       const bool down = std::string(name) == "down";
       at::Tensor p = at::randn(down ? std::vector<int64_t>{config.hidden_size, config.intermediate_size}
                                     : std::vector<int64_t>{config.intermediate_size, config.hidden_size})
+                         .to(device)
                          .requires_grad_();
       p.mutable_grad() = 0.01 * at::randn_like(p);
       params.push_back({absl::StrCat(l, ".", name), p});
@@ -133,7 +141,7 @@ nlohmann::json AdamWLine(const ModelConfig& config) {
   }
   AdamW opt(params, options);
   return FusedVsAten("adamw_bf16_moments", config.num_hidden_layers, 3 * config.intermediate_size * config.hidden_size,
-                     [&](bool fused) {
+                     device, [&](bool fused) {
                        if (fused) {
                          opt.Step(1e-4);
                          return;
@@ -184,7 +192,8 @@ int main(int argc, char** argv) {
                "planned_step_bytes); large allocations then go straight to the system, which slows the step");
   bool elementwise = false;
   app.add_flag("--elementwise", elementwise,
-               "Time only the fused elementwise ops against the ATen compositions they replace (CPU), one line per shape");
+               "Time only the fused elementwise ops against the ATen compositions they replace (on --device), one line per shape "
+               "and one for AdamW with bf16 moments over the expert's matrices");
   app.add_flag("--dp", dp, "Also time the DP-SGD step (clip 1, noise 1) on the same sequences; print the cost ratio");
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(threads);
@@ -217,11 +226,13 @@ int main(int argc, char** argv) {
 
   if (elementwise) {
     KeepFreedMemoryForReuse();  // as in training on the CPU
+    const at::Device on = device == "cuda" ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
     for (const Shape& shape : parsed) {
-      std::cout << SiluMulLine(shape.batch * shape.seq, config.intermediate_size).dump() << std::endl;
-      std::cout << RmsNormLine(shape.batch * shape.seq, config.hidden_size).dump() << std::endl;
+      // silu·up has no fused training pass on a GPU (the dispatch path's SwiGLU kernel is kernel_bench's).
+      if (!on.is_cuda()) std::cout << SiluMulLine(shape.batch * shape.seq, config.intermediate_size).dump() << std::endl;
+      std::cout << RmsNormLine(shape.batch * shape.seq, config.hidden_size, on).dump() << std::endl;
     }
-    std::cout << AdamWLine(config).dump() << std::endl;
+    std::cout << AdamWLine(config, on).dump() << std::endl;
     return 0;
   }
   const fs::path dir = fs::temp_directory_path() / ("flexfed-train-bench-" + std::to_string(getpid()));

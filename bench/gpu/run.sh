@@ -4,7 +4,8 @@
 #   2. runs the [gpu] kernel tests and the dispatch-path tests (a failure is reported and fails the
 #      script at the end; the measurements still run),
 #   3. measures each kernel's GB/s against the device-to-device copy bandwidth of the same run,
-#      the MoE layer's forward+backward (kernels vs the plain LibTorch layer), and the owner
+#      the MoE layer's forward+backward (kernels vs the plain LibTorch layer), the fused RMSNorm and
+#      AdamW (bf16 moments) against the compositions they replace, and the owner
 #      training step in bf16 on the 1b config at 4×2048, 16×2048 and 8×4096 tokens and on a
 #      7b-shaped model with 8 layers, each beside the plain PyTorch peer (bench/train_bench.py) on
 #      the same shapes: tokens/s, MFU against a GEMM rate of the same run, peak device memory and
@@ -69,6 +70,9 @@ step() {  # NAME SECONDS COMMAND...: runs it within its limit and the budget, it
 }
 step kernels 30 "$build_dir/bench/flexfed_kernel_bench" --experts 2 --top-k 2  # 1b shapes: 16384 tokens, H 2048, F 8192, bf16
 step moe 30 "$build_dir/bench/flexfed_moe_bench" --experts 2x2 --experts 4x2     # one MoE layer, forward + backward
+# The step's fused ops against the compositions they replace, same run: RMSNorm (ATen's fused, bf16
+# input) at the 1b step's [8192, 2048] and AdamW with bf16 moments over 2 layers of the 1b expert.
+step elementwise 30 "$build_dir/bench/flexfed_train_bench" --device cuda --preset 1b --layers 2 --elementwise --shape 4x2048
 # Owner steps, FlexFed and the plain PyTorch peer (bench/train_bench.py: eager, SDPA, bf16 autocast,
 # fused AdamW) on the same shapes.
 shapes=(--shape 4x2048 --shape 16x2048 --shape 8x4096)

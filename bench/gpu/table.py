@@ -1,5 +1,5 @@
 """The table of bench/gpu/run.sh (markdown, for docs/PERFORMANCE.md) from the JSON lines its steps
-wrote into OUT_DIR: kernels.jsonl, moe.jsonl, train.jsonl (FlexFed's owner steps), peer.jsonl (the
+wrote into OUT_DIR: kernels.jsonl, moe.jsonl, elementwise.jsonl, train.jsonl (FlexFed's owner steps), peer.jsonl (the
 plain PyTorch peer's), profile_1b.jsonl, and gpu.txt. A line {"failed": NAME, "why": ...} is a step
 that failed or was not run; it is listed, and what the other steps measured is still shown.
 Usage: bench/gpu/table.py OUT_DIR"""
@@ -45,6 +45,14 @@ def main():
             print(f"| E={m['experts']}, k={m['top_k']} | {m['tokens']} | {m['libtorch_seconds'] * 1e3:.2f} | "
                   f"{m['dispatch_seconds'] * 1e3:.2f} | {m['speedup']:.2f}× | {m['dispatch_tflops']:.0f} | {share} |")
 
+    elementwise = measured(load("elementwise.jsonl"), "speedup")
+    if elementwise:
+        print("\n| fused op (fwd+bwd; AdamW: one step) | shape | fused ms | ATen composition ms | speed-up |\n"
+              "|---|---|---:|---:|---:|")
+        for e in elementwise:
+            print(f"| {e['op']} | {' × '.join(map(str, e['shape']))} | {e['fused_seconds'] * 1e3:.3f} | "
+                  f"{e['aten_seconds'] * 1e3:.3f} | {e['speedup']:.2f}× |")
+
     # The peer keeps every activation; a FlexFed row with checkpointing is compared with it all the same.
     def shape(r):
         return r["preset"], r["layers"], r["batch"], r["seq_len"]
@@ -68,7 +76,7 @@ def main():
         print(f"| {name} | {t['layers']} | {t['batch']} × {t['seq_len']} | {t['tokens_per_s']:.0f} | {ratio} | "
               f"{t['mfu']:.1%} of {t['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s | {gib(peak)} ({gib(t.get('planned_bytes'))}) | "
               f"{goal} | {gib(p.get('peak_device_bytes')) if p else '—'} |")
-    for rows in (kernels, moe, train, peers, load("profile_1b.jsonl")):
+    for rows in (kernels, moe, load("elementwise.jsonl"), train, peers, load("profile_1b.jsonl")):
         for r in rows:
             if "failed" in r:
                 print(f"\nNot measured: {r['failed']}: {r['why']}.")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """bench/gpu/table.py reads what the real benchmarks print: FlexFed's owner step
-(flexfed_train_bench), the plain-PyTorch peer (bench/train_bench.py) and the MoE layer benchmark
+(flexfed_train_bench, and its --elementwise lines), the plain-PyTorch peer (bench/train_bench.py) and the MoE layer benchmark
 (flexfed_moe_bench) are run here on the CPU at the `test` size and their JSON lines, named as
 bench/gpu/run.sh names them, go through the table. The kernel benchmark needs a GPU: its lines are
 written by hand in its format. Checks: a FlexFed row beside the peer's with their ratio, the
@@ -30,6 +30,8 @@ with tempfile.TemporaryDirectory() as out:
                                     for k in ("router", "align", "gather", "combine", "swiglu", "swiglu_backward")))
     write("moe.jsonl", run(moe_bench, "--device", "cpu", "--tokens", "64", "--hidden", "32", "--ffn", "48",
                            "--experts", "2x2", "--reps", "1", "--threads", "1"))
+    write("elementwise.jsonl", run(train_bench, "--threads", "1", "--preset", "test", "--layers", "1", "--elementwise",
+                                   "--shape", "2x16"))
     train = run(train_bench, "--threads", "1", "--preset", "test", "--shape", "2x16")
     train += run(train_bench, "--threads", "1", "--preset", "test", "--shape", "2x16", "--activation-checkpointing",
                  "--optimizer-moments", "bf16")
@@ -46,4 +48,6 @@ assert compact.startswith("| test, checkpointing, bf16 moments | 2 | 2 × 16 | "
 assert re.search(r"\| E=2, k=2 \| 64 \| [\d.]+ \| [\d.]+ \| [\d.]+× \| \d+ \| [\d.]+% \|", table), table
 assert "Not measured: memory_7b: exit 124, time limit of 44 s." in table, table
 assert "| swiglu_backward | 10.0 | 3000 | 75% | met |" in table, table
+assert re.search(r"\| rms_norm \| 32 × 64 \| [\d.]+ \| [\d.]+ \| [\d.]+× \|", table), table
+assert re.search(r"\| adamw_bf16_moments \| 1 × \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+× \|", table), table
 print(table)
