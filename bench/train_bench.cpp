@@ -345,6 +345,9 @@ int main(int argc, char** argv) {
       if (cuda) {
         const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((*trainer)->device().index());
         j["peak_device_bytes"] = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+        // What the caching allocator held from the device at its peak: the plan is compared with the
+        // allocated peak, and the difference is the headroom a run needs beyond its plan.
+        j["peak_reserved_bytes"] = stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
       }
 #endif
       j["layers"] = config.num_hidden_layers;

@@ -59,8 +59,8 @@ def main():
 
     peer = {shape(p): p for p in measured(peers, "tokens_per_s")}
     print("\n| owner step | layers | batch × seq | FlexFed tokens/s | PyTorch peer tokens/s | ratio (goal ≥ 1.5×) | "
-          "FlexFed MFU (goal ≥ 60%) | peak GiB (plan) | memory goal | peer peak GiB |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+          "FlexFed MFU (goal ≥ 60%) | peak GiB (plan) | reserved GiB | memory goal | peer peak GiB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for t in measured(train, "tokens_per_s"):
         name = (t["preset"] + (", checkpointing" if t.get("activation_checkpointing") else "")
                 + (", bf16 moments" if t.get("optimizer_moments") == "bf16" else ""))
@@ -75,7 +75,7 @@ def main():
         ratio = f"{p['tokens_per_s']:.0f} | {t['tokens_per_s'] / p['tokens_per_s']:.2f}×" if p else "— | —"
         print(f"| {name} | {t['layers']} | {t['batch']} × {t['seq_len']} | {t['tokens_per_s']:.0f} | {ratio} | "
               f"{t['mfu']:.1%} of {t['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s | {gib(peak)} ({gib(t.get('planned_bytes'))}) | "
-              f"{goal} | {gib(p.get('peak_device_bytes')) if p else '—'} |")
+              f"{gib(t.get('peak_reserved_bytes'))} | {goal} | {gib(p.get('peak_device_bytes')) if p else '—'} |")
     for rows in (kernels, moe, load("elementwise.jsonl"), train, peers, load("profile_1b.jsonl")):
         for r in rows:
             if "failed" in r:
