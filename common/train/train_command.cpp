@@ -110,13 +110,14 @@ absl::Status Run(Options& o) {
       }
     }
     const bool fits = plan->total() <= capacity->first;
-    absl::StatusOr<MemoryFits> fitting = FittingSettings(config, o.inputs, world, capacity->first);
+    absl::StatusOr<MemoryFits> fitting = fits ? MemoryFits{} : FittingSettings(config, o.inputs, world, capacity->first);
     if (!fitting.ok()) return fitting.status();
     // What to change, as one line: the settings that fit (same sequences per step), else the least any needs.
     std::vector<std::string> options;
     for (const MemoryFit& f : fitting->fits) options.push_back(absl::StrCat(f.args, " (", FormatMemory(f.total_bytes), ")"));
     const std::string advice =
-        !options.empty()
+        fits ? std::string()
+        : !options.empty()
             ? absl::StrCat("these fit, training on the same sequences per step: ", absl::StrJoin(options, "; or "))
             : absl::StrCat(fitting->smallest.args.empty()
                                ? std::string("a smaller micro-batch, checkpointing or bf16 moments cannot shrink it")
