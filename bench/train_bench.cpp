@@ -46,15 +46,6 @@ double PeakRssBytes() {
   return u.ru_maxrss * 1024.0;
 }
 
-// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1.
-double ProcStatusBytes(const std::string& field) {
-  std::ifstream status("/proc/self/status");
-  for (std::string line; std::getline(status, line);) {
-    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) * 1024.0;
-  }
-  return -1;
-}
-
 // Resets the process's resident high-water mark (VmHWM) to its current size; false where the
 // kernel does not allow it.
 bool ResetPeakRss() {
@@ -301,9 +292,9 @@ int main(int argc, char** argv) {
       if (measure_memory && !cuda && ResetPeakRss()) {
         malloc_trim(0);  // freed heap memory back to the system first: the growth is the step's own
         ResetPeakRss();
-        const double before = ProcStatusBytes("VmRSS");
+        const double before = static_cast<double>(ProcessStatusBytes("VmRSS"));
         step();
-        step_growth = ProcStatusBytes("VmHWM") - before;
+        step_growth = static_cast<double>(ProcessStatusBytes("VmHWM")) - before;
       }
       if (!profile.empty() && !private_step) {
         // LibTorch's Kineto profiler: the operations on the CPU and, on a GPU, every kernel with its

@@ -153,6 +153,18 @@ int RunWorkers(const WorkerLaunch& launch, std::string* failure) {
   return forwarded ? 128 + stop_signal : 0;
 }
 
+int64_t ProcessStatusBytes(const std::string& field) {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind(field + ":", 0) != 0) continue;
+    const char* value = line.c_str() + field.size() + 1;
+    char* end = nullptr;
+    const long long kib = std::strtoll(value, &end, 10);
+    return end == value ? -1 : static_cast<int64_t>(kib) * 1024;
+  }
+  return -1;
+}
+
 bool KeepFreedMemoryForReuse() {
 #if defined(__GLIBC__)
   // mallopt(3): M_MMAP_MAX 0 serves no allocation by mmap; M_TRIM_THRESHOLD -1 disables trimming.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -23,6 +24,9 @@ int StopSignal();  // the signal that set the flag (0: none)
 // trimmed: the resident size stays at the step's high-water mark, which every step reaches anyway.
 // Process-wide and for the rest of the process; a no-op without glibc. Returns whether it applied.
 bool KeepFreedMemoryForReuse();
+
+// A size field of /proc/self/status in bytes ("VmRSS": resident now, "VmHWM": its peak), or -1.
+int64_t ProcessStatusBytes(const std::string& field);
 
 // Where the workers of one machine stand in a data-parallel group (common/train/distributed.h).
 struct WorkerLaunch {

@@ -31,6 +31,7 @@
 #include "common/merge/router_tuning.h"
 #include "common/model/hf_tokenizer.h"
 #include "common/core/file_util.h"
+#include "common/core/processes.h"
 #include "common/model/moe_dispatch.h"
 #include "common/model/router_embedding.h"
 #include "common/train/cross_entropy.h"
@@ -1102,6 +1103,35 @@ absl::Status Trainer::WriteModel() {
   return WriteFileAtomically((dir / "flexfed_tokenizer.json").string(), "{\"type\": \"bytes\"}\n");
 }
 
+void Trainer::ReportMemory(std::ostream& metrics, ProgressReporter* progress) const {
+  json j = {{"step", step_}};
+  std::string planned;
+  if (absl::StatusOr<MemoryPlan> plan = PlanRunMemory(config_, inputs_, group_ != nullptr ? group_->world_size() : 1); plan.ok()) {
+    j["planned_bytes"] = plan->total();
+    planned = absl::StrCat(" (plan: ", FormatMemory(plan->total()), ")");
+  }
+  std::string line;
+#if FLEXFED_WITH_CUDA
+  if (device_.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index());
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    j["peak_device_bytes"] = stats.allocated_bytes[all].peak;
+    j["peak_reserved_bytes"] = stats.reserved_bytes[all].peak;
+    line = absl::StrCat("memory after the first step: peak ", FormatMemory(stats.allocated_bytes[all].peak), " allocated",
+                        planned, ", ", FormatMemory(stats.reserved_bytes[all].peak), " reserved by PyTorch's allocator");
+  }
+#endif
+  if (line.empty()) {
+    const int64_t peak = ProcessStatusBytes("VmHWM");
+    if (peak < 0) return;
+    j["peak_resident_bytes"] = peak;
+    line = absl::StrCat("memory after the first step: peak resident ", FormatMemory(peak), planned,
+                        "; the process also holds freed memory for reuse");
+  }
+  metrics << j.dump() << "\n" << std::flush;
+  if (progress != nullptr) progress->Line(line);
+}
+
 absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, ProgressReporter* progress) {
   std::ofstream metrics;  // rank 0's; the other ranks log nothing
   if (lead()) {
@@ -1124,6 +1154,7 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
     window_tokens += tokens_ - tokens_before;
     window_loss += loss;
     ++window_steps;
+    if (step_ == first_step + 1 && lead()) ReportMemory(metrics, progress);
     const bool stopping = AnyRank(stop != nullptr && stop->load());
     const bool last = step_ == total_steps_;
     if (step_ % config_.log_every == 0 || last || stopping) {

@@ -173,6 +173,10 @@ class Trainer {
   void SumGradients();  // data-parallel: every rank's gradients summed (undefined where all are)
   void BroadcastUpdated();  // data-parallel: each tensor from the rank that stepped it
   bool AnyRank(bool flag);  // data-parallel: whether any rank's flag is set (the flag alone otherwise)
+  // After the first step of a run (or of its resumption): the memory it reached against the memory
+  // plan, into metrics.jsonl and as a progress line — on a GPU PyTorch's peak allocated and reserved
+  // bytes, on the CPU the peak resident size.
+  void ReportMemory(std::ostream& metrics, ProgressReporter* progress) const;
   // The routing counts since the last log as fractions per layer (summed over ranks), then cleared;
   // empty when there are none (a dense model, or no step since).
   std::vector<std::vector<double>> TakeRoutingFractions();

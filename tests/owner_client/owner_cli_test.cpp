@@ -2,6 +2,8 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <optional>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
@@ -42,10 +44,12 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "public" + " --public --out " + dir / "anchor/router_pub.safetensors", &out) == 0);
   // The owner's side.
   REQUIRE(RunCommand(o + " router-init --anchor " + dir / "anchor" + " --data " + dir / "mine" + " --out " + dir / "r.safetensors", &out) == 0);
+  int64_t planned_total = 0;
   {  // the memory plan, as data, before anything is allocated or written
     REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
                            dir / "mine" + " --run " + dir / "planned" + " --steps 8 --memory-report --json" + small, &out) == 0);
     const nlohmann::json full = nlohmann::json::parse(out);
+    planned_total = full["total_bytes"].get<int64_t>();
     REQUIRE(RunCommand(o + " train --anchor " + dir / "anchor" + " --router-init " + dir / "r.safetensors" + " --data " +
                            dir / "mine" + " --run " + dir / "planned" + " --steps 8 --memory-report --json" +
                            " --activation-checkpointing --optimizer-moments bf16" + small, &out) == 0);
@@ -87,6 +91,19 @@ TEST_CASE("an owner's workflow: router-init, train, export, inspect, eval", "[ow
   CHECK_THAT(out, Catch::Contains("step 8/8"));
   CHECK_THAT(out, Catch::Contains(at::hasCUDA() ? "training on cuda:0, bf16 autocast" : "training on cpu ("));
   CHECK(fs::exists(dir / "run/metrics.jsonl"));
+  {  // after the first step, what it reached beside the plan --memory-report printed
+    CHECK_THAT(out, Catch::Contains("memory after the first step: peak resident"));
+    std::ifstream metrics(dir / "run/metrics.jsonl");
+    std::optional<nlohmann::json> memory;
+    for (std::string line; std::getline(metrics, line);) {
+      const nlohmann::json j = nlohmann::json::parse(line);
+      if (j.contains("peak_resident_bytes")) memory = j;
+    }
+    REQUIRE(memory.has_value());
+    CHECK((*memory)["step"] == 1);
+    CHECK((*memory)["planned_bytes"].get<int64_t>() == planned_total);
+    CHECK((*memory)["peak_resident_bytes"].get<int64_t>() > planned_total);  // the program itself, on top
+  }
   CHECK(fs::exists(dir / "run/train_config.json"));
   // The extraction audit of the trained model, on the owner's data; export records its summary.
   REQUIRE(RunCommand(o + " audit --run " + dir / "run" + " --data " + dir / "mine" +
