@@ -78,7 +78,7 @@ step elementwise 30 "$build_dir/bench/flexfed_train_bench" --device cuda --prese
 shapes=(--shape 4x2048 --shape 16x2048 --shape 8x4096)
 step train_1b 90 "$build_dir/bench/flexfed_train_bench" --device cuda --preset 1b "${shapes[@]}"
 step peer_1b 90 "$python" bench/train_bench.py --device cuda --preset 1b "${shapes[@]}"
-# The 40 GB goal at 32768 tokens per micro-batch: every activation kept, the 1b step plans 84 GiB
+# The 40 GB goal at 32768 tokens per micro-batch: every activation kept, the 1b step plans 82 GiB
 # (docs/PERFORMANCE.md); with checkpointing 24 GiB.
 step train_1b_checkpointing 60 "$build_dir/bench/flexfed_train_bench" --device cuda --preset 1b \
   --shape 16x2048 --shape 8x4096 --activation-checkpointing

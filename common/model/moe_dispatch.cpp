@@ -181,11 +181,17 @@ void SwiGluInto(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
 // Inputs: rows [M, H] in the compute dtype, the slices' offsets (host), and the weights as one list
 // (gate_0, up_0, down_0, gate_1, ...) in any dtype: they are cast to the compute dtype here and
 // their gradients cast back. Saves the gate and up products [M, F] for the backward.
+// `shared`: every token chose every expert, so each slice's rows are the tokens themselves in order:
+// `rows` is then x [N, H] (not gathered E times) and every slice reads all of it; the rows' gradient
+// sums the experts' contributions.
 struct ExpertsFunction : torch::autograd::Function<ExpertsFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& rows, std::vector<int64_t> offsets,
-                            at::TensorList weights) {
-    const int64_t m = rows.size(0), h = rows.size(1), experts = static_cast<int64_t>(weights.size()) / 3;
+                            bool shared, at::TensorList weights) {
+    const int64_t h = rows.size(1), experts = static_cast<int64_t>(weights.size()) / 3;
+    const int64_t m = offsets.back();
     const int64_t f = weights[0].size(0);
+    TORCH_CHECK(shared ? m == experts * rows.size(0) : m == rows.size(0), "MoE dispatch: ", rows.size(0),
+                " rows for ", m, " routed slots");
     at::Tensor gate = at::empty({m, f}, rows.options()), up = at::empty({m, f}, rows.options());
     at::Tensor ys = at::empty({m, h}, rows.options());
     std::vector<at::Tensor> cast;
@@ -194,7 +200,7 @@ struct ExpertsFunction : torch::autograd::Function<ExpertsFunction> {
       const int64_t begin = offsets[e], count = offsets[e + 1] - offsets[e];
       if (count == 0) continue;
       TORCH_CHECK(cast[3 * e].size(0) == f, "MoE dispatch: experts have different FFN widths");
-      const at::Tensor xs = rows.narrow(0, begin, count);
+      const at::Tensor xs = shared ? rows : rows.narrow(0, begin, count);
       at::Tensor g = gate.narrow(0, begin, count), u = up.narrow(0, begin, count);
       at::mm_out(g, xs, cast[3 * e].t());
       at::mm_out(u, xs, cast[3 * e + 1].t());
@@ -207,6 +213,7 @@ struct ExpertsFunction : torch::autograd::Function<ExpertsFunction> {
     saved.insert(saved.end(), cast.begin(), cast.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["offsets"] = offsets;
+    ctx->saved_data["shared"] = shared;
     std::vector<int64_t> dtypes;
     for (const at::Tensor& w : weights) dtypes.push_back(static_cast<int64_t>(w.scalar_type()));
     ctx->saved_data["dtypes"] = dtypes;
@@ -217,22 +224,24 @@ struct ExpertsFunction : torch::autograd::Function<ExpertsFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &rows = saved[0], &gate = saved[1], &up = saved[2];
     const std::vector<int64_t> offsets = ctx->saved_data["offsets"].toIntVector();
+    const bool shared = ctx->saved_data["shared"].toBool();
     const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
     const int64_t experts = static_cast<int64_t>(dtypes.size()) / 3, f = gate.size(1);
     const at::Tensor grad_ys = grads[0].to(rows.scalar_type()).contiguous();
     const bool want_rows = ctx->needs_input_grad(0);
     at::Tensor grad_rows = want_rows ? at::empty_like(rows) : at::Tensor();
-    // Returned: one entry per forward argument (rows, offsets, then each weight); needs_input_grad
-    // counts tensors only (rows is 0, weight i is 1 + i).
-    variable_list out(2 + dtypes.size());
+    bool rows_written = false;  // shared rows: the first expert writes their gradient, the others add
+    // Returned: one entry per forward argument (rows, offsets, shared, then each weight);
+    // needs_input_grad counts tensors only (rows is 0, weight i is 1 + i).
+    variable_list out(3 + dtypes.size());
     for (int64_t e = 0; e < experts; ++e) {
       const int64_t begin = offsets[e], count = offsets[e + 1] - offsets[e];
       if (count == 0) continue;  // no tokens: zero gradient, left undefined
       const at::Tensor &w_gate = saved[3 + 3 * e], &w_up = saved[4 + 3 * e], &w_down = saved[5 + 3 * e];
-      const at::Tensor xs = rows.narrow(0, begin, count), dy = grad_ys.narrow(0, begin, count);
+      const at::Tensor xs = shared ? rows : rows.narrow(0, begin, count), dy = grad_ys.narrow(0, begin, count);
       const at::Tensor g = gate.narrow(0, begin, count), u = up.narrow(0, begin, count);
       auto weight_grad = [&](int64_t i, const at::Tensor& grad) {
-        out[2 + i] = grad.to(static_cast<at::ScalarType>(dtypes[i]));
+        out[3 + i] = grad.to(static_cast<at::ScalarType>(dtypes[i]));
       };
       if (ctx->needs_input_grad(1 + 3 * e + 2)) {
         at::Tensor act = at::empty({count, f}, rows.options());
@@ -245,9 +254,14 @@ struct ExpertsFunction : torch::autograd::Function<ExpertsFunction> {
                               d_up.data_ptr(),  d_act.numel(), KernelType(d_act)};
       FLEXFED_RUN_OP(SwiGluBackward, a, d_act);
       if (want_rows) {
-        at::Tensor dx = grad_rows.narrow(0, begin, count);
-        at::mm_out(dx, d_gate, w_gate);
+        at::Tensor dx = shared ? grad_rows : grad_rows.narrow(0, begin, count);
+        if (shared && rows_written) {
+          dx.addmm_(d_gate, w_gate);
+        } else {
+          at::mm_out(dx, d_gate, w_gate);
+        }
         dx.addmm_(d_up, w_up);
+        rows_written = true;
       }
       if (ctx->needs_input_grad(1 + 3 * e)) weight_grad(3 * e, d_gate.t().mm(xs));
       if (ctx->needs_input_grad(1 + 3 * e + 1)) weight_grad(3 * e + 1, d_up.t().mm(xs));
@@ -320,15 +334,20 @@ DispatchMoeOutput DispatchMoe(const at::Tensor& x, const at::Tensor& router, con
   const variable_list routed = RouterFunction::apply(raw, b, allowed, top_k, norm_topk_prob);
   const at::Tensor &logits = routed[0], &weights = routed[1], &indices = routed[2];
 
-  const Plan plan = Align(indices, num_experts, /*every_expert=*/top_k == num_experts && !mask.defined());
-  const at::Tensor rows = GatherFunction::apply(x.to(compute).contiguous(), plan.sorted_slot, plan.slot_position, top_k);
+  // Every token to every expert (the owner's training, top-2 of 2): each expert's slice is the tokens
+  // in order, so the experts read x itself — no gather, and one copy kept for the backward, not E.
+  const bool every_expert = top_k == num_experts && !mask.defined();
+  const Plan plan = Align(indices, num_experts, every_expert);
+  const at::Tensor xc = x.to(compute).contiguous();
+  const at::Tensor rows =
+      every_expert ? xc : GatherFunction::apply(xc, plan.sorted_slot, plan.slot_position, top_k);
   std::vector<at::Tensor> w;
   for (const ExpertWeights& e : experts) {
     w.push_back(e.gate_proj);
     w.push_back(e.up_proj);
     w.push_back(e.down_proj);
   }
-  const at::Tensor ys = ExpertsFunction::apply(rows, plan.offsets, at::TensorList(w));
+  const at::Tensor ys = ExpertsFunction::apply(rows, plan.offsets, every_expert, at::TensorList(w));
   const at::Tensor out = CombineFunction::apply(ys, weights, plan.sorted_slot, plan.slot_position);
   return {out.to(x.scalar_type()), logits, indices.to(at::kLong)};
 }

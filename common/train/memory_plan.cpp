@@ -76,11 +76,14 @@ static std::pair<int64_t, int64_t> ActivationParts(const ModelConfig& c, const M
     // dtype — silu and the down product's input are recomputed in the backward — whether the expert
     // is trained or not, in every layer; and the routing: logits (fp32), weights (fp32), chosen
     // experts (int32, and int64 for the step's routing counts), the rows' order both ways (int32).
+    // When every token takes every expert (k = E: the owner's top-2 of 2, router tuning over all)
+    // nothing is gathered: the experts read the token's row itself, kept once.
+    const int64_t rows = k == experts ? h * a : k * h * a;
     ffn += h * kF32                               // the router's input (the residual)
-           + k * (2 * h * a + 2 * f * a)          // rows and outputs; gate and up
+           + rows + k * h * a + k * 2 * f * a     // rows, outputs; gate and up
            + experts * kF32 + k * (4 * kF32 + 8);  // the routing
     // Router tuning trains no expert: in layer 0, which no gradient reaches, the experts keep nothing.
-    if (router) frozen_expert_ffn = k * (h * a + 2 * f * a);
+    if (router) frozen_expert_ffn = rows + k * 2 * f * a;
   } else if (router) {
     // Router tuning: every expert frozen; the gradient reaches the routers of earlier layers through
     // each chosen expert's FFN (gate, up, silu kept) and the weighting keeps each expert's output (fp32).

@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #if FLEXFED_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
@@ -210,6 +211,44 @@ TEST_CASE("the dispatch path equals the LibTorch path, forward and backward (fp3
     CompareWithLibTorch(l, {}, 2, false, 1e-5);
     INFO("k = 1: all tokens to expert 1");
     CompareWithLibTorch(l, {}, 1, false, 1e-5);
+  }
+}
+
+// Top-k of k with nothing opted out (the owner's training): the experts read the tokens' rows in
+// place. The same numbers as the gathered path (forced here by a mask that allows every expert),
+// with the E gathered copies of the rows no longer kept for the backward.
+TEST_CASE("every token to every expert: no gather, the gathered path's numbers, fewer rows kept", "[moe]") {
+  at::manual_seed(41);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);  // every tensor from the main thread's heap, which HeapInUse counts
+  const Layer l = MakeLayer(512, 64, 96, 2, at::kFloat, true);
+  const at::Tensor all_allowed = at::zeros({2});
+  const at::Tensor probe = at::randn({512, 64});
+  auto kept = [&](const at::Tensor& mask) {  // heap the forward leaves alive for the backward
+    const int64_t before = testing::HeapInUse();
+    DispatchMoeOutput r = DispatchMoe(l.x, l.router, l.bias, mask, 2, false, l.experts);
+    return testing::HeapInUse() - before;
+  };
+  kept({});
+  kept(all_allowed);  // first calls allocate what stays for later ones
+  const int64_t in_place = kept({}), gathered = kept(all_allowed);
+  // The gathered path keeps the 2 × 512 rows of 64 fp32 (x is already fp32: in place, nothing is copied).
+  CHECK(gathered - in_place >= 2 * 512 * 64 * 4);
+  CHECK(gathered - in_place < 2 * 512 * 64 * 4 + 64 * 1024);
+  const Result a = RunPath(l, probe, [&] {
+    DispatchMoeOutput r = DispatchMoe(l.x, l.router, l.bias, {}, 2, false, l.experts);
+    return std::make_tuple(r.out, r.logits, r.indices);
+  });
+  const Result b = RunPath(l, probe, [&] {
+    DispatchMoeOutput r = DispatchMoe(l.x, l.router, l.bias, all_allowed, 2, false, l.experts);
+    return std::make_tuple(r.out, r.logits, r.indices);
+  });
+  at::set_num_threads(threads);
+  CHECK(at::equal(a.out, b.out));  // the same products on the same values
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    INFO("gradient of leaf " << i);
+    // x's: the experts' contributions summed by the products (in place) or by the gather's adjoint.
+    CHECK(RelativeError(a.grads[i], b.grads[i]) < 1e-6);
   }
 }
 
