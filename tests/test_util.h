@@ -14,9 +14,11 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <stdexcept>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/train/memory_plan.h"
 #include "tests/temp_dir.h"
 
 namespace flexfed::testing {
@@ -84,6 +86,13 @@ inline std::string BinaryFromEnv(const char* variable) {
   const char* path = std::getenv(variable);
   if (path == nullptr) throw std::runtime_error(std::string("set ") + variable + " (ctest does)");
   return path;
+}
+
+// The bytes of a memory plan's part `name`; throws (failing the test) when the plan has no such part.
+inline int64_t PlanPartBytes(const MemoryPlan& plan, const std::string& name) {
+  const MemoryPlanPart* part = plan.Find(name);
+  if (part == nullptr) throw std::runtime_error("the memory plan has no part '" + name + "'");
+  return part->bytes;
 }
 
 // Bytes glibc's allocator has handed out and not taken back (heap and mmapped chunks), as seen from

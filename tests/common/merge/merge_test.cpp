@@ -29,6 +29,7 @@ namespace flexfed {
 namespace {
 
 using testing::Federation;
+using testing::PlanPartBytes;
 using testing::RelativeError;
 using testing::TempDir;
 using testing::ValueOrDie;
@@ -163,19 +164,14 @@ TEST_CASE("router tuning's memory plan: weights and moments exact, activations a
     c.threads = 1;  // every tensor from the main thread's heap, which HeapInUse counts
     const TrainInputs in{f.anchor_dir, "", f.dir / ("plan" + std::to_string(top_k) + (v.dispatch ? "d" : "")), f.dir / "cache", modules};
     const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, in, 1));
-    auto part = [&](const std::string& name) {
-      const MemoryPlanPart* p = plan.Find(name);
-      REQUIRE(p != nullptr);
-      return p->bytes;
-    };
     auto trainer = ValueOrDie(Trainer::Create(c, in, false));
     int64_t trained = 0, frozen = 0;
     for (const NamedTensor& nt : trainer->trainable()) trained += static_cast<int64_t>(nt.tensor.nbytes());
     for (const NamedTensor& nt : trainer->FrozenTensors()) frozen += static_cast<int64_t>(nt.tensor.nbytes());
-    CHECK(part("trained weights") == trained);
-    CHECK(part("gradients") == trained);
-    CHECK(part("optimizer state") == 2 * trained);
-    CHECK(part("frozen weights") == frozen);
+    CHECK(PlanPartBytes(plan, "trained weights") == trained);
+    CHECK(PlanPartBytes(plan, "gradients") == trained);
+    CHECK(PlanPartBytes(plan, "optimizer state") == 2 * trained);
+    CHECK(PlanPartBytes(plan, "frozen weights") == frozen);
     // What the forward leaves alive for the backward: the activations and the loss's kept part.
     std::vector<int64_t> sequences(8);
     std::iota(sequences.begin(), sequences.end(), 0);
@@ -185,7 +181,7 @@ TEST_CASE("router tuning's memory plan: weights and moments exact, activations a
     const at::Tensor losses = trainer->SequenceLosses(sequences, trace);
     const int64_t kept = testing::HeapInUse() - before;
     const int64_t tokens = 8 * 64, h = f.config.hidden_size;
-    const double planned = static_cast<double>(part("activations") + tokens * (h * 8 + 12));
+    const double planned = static_cast<double>(PlanPartBytes(plan, "activations") + tokens * (h * 8 + 12));
     CHECK(kept > 0.97 * planned);
     CHECK(kept < 1.08 * planned);
   }

@@ -37,6 +37,7 @@ namespace flexfed {
 namespace {
 
 using testing::HeapInUse;
+using testing::PlanPartBytes;
 using testing::ScopedEnv;
 using testing::TempDir;
 using testing::ValueOrDie;
@@ -722,11 +723,6 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
       c.threads = 1;  // every tensor from the main thread's heap, which HeapInUse counts
       const TrainInputs inputs{v.bf16 ? w.Bf16Anchor() : w.anchor, mode == "expert" ? w.math_router : "", run / "run", w.cache};
       const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, inputs, 1));
-      auto part = [&](const std::string& name) {
-        const MemoryPlanPart* p = plan.Find(name);
-        REQUIRE(p != nullptr);
-        return p->bytes;
-      };
       auto trainer = ValueOrDie(Trainer::Create(c, inputs, false));
       int64_t trained = 0, frozen = 0;
       for (const NamedTensor& nt : trainer->trainable()) trained += nt.tensor.numel() * 4;
@@ -737,10 +733,10 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
         INFO(nt.name);
         CHECK(nt.tensor.scalar_type() == (v.bf16 && matrix ? at::kBFloat16 : at::kFloat));
       }
-      CHECK(part("trained weights") == trained);
-      CHECK(part("gradients") == trained);
-      CHECK(part("optimizer state") == 2 * trained / (v.bf16_moments ? 2 : 1));
-      CHECK(part("frozen weights") == frozen);
+      CHECK(PlanPartBytes(plan, "trained weights") == trained);
+      CHECK(PlanPartBytes(plan, "gradients") == trained);
+      CHECK(PlanPartBytes(plan, "optimizer state") == 2 * trained / (v.bf16_moments ? 2 : 1));
+      CHECK(PlanPartBytes(plan, "frozen weights") == frozen);
       // What the forward leaves alive for the backward: the plan's activations (with checkpointing,
       // their kept part) and the loss's saved part.
       std::vector<int64_t> sequences(8);
@@ -758,7 +754,7 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
       s.fused_silu = !v.bf16;  // the CPU's fp32 training keeps no silu(gate)
       s.dispatch_moe = v.dispatch;
       const int64_t loss_saved = 8 * 128 * (mc.hidden_size * ((v.bf16 ? 2 : 4) + 4) + 12);  // the loss part's kept share
-      CHECK(part("activations") == 8 * 128 * ActivationBytesPerToken(mc, s));
+      CHECK(PlanPartBytes(plan, "activations") == 8 * 128 * ActivationBytesPerToken(mc, s));
       const double planned = static_cast<double>(8 * 128 * KeptActivationBytesPerToken(mc, s) + loss_saved);
       // Within a few percent (the tensors' headers and the allocator's rounding on top), which also
       // tells the two MoE paths apart: the LibTorch path's plan is 18% above what the dispatch path keeps.
@@ -840,7 +836,7 @@ TEST_CASE("a run that does not fit: the settings that would, on the same sequenc
     return fits;
   };
   const MemoryPlan plan = ValueOrDie(PlanRunMemory(c, inputs, 1));
-  const int64_t activations = plan.Find("activations")->bytes + plan.Find("loss")->bytes;
+  const int64_t activations = PlanPartBytes(plan, "activations") + PlanPartBytes(plan, "loss");
   const int64_t fixed = full - activations;
   {  // room for a third of the activations: a smaller micro-batch alone does it, and first
     const MemoryFits fits = check_fits(c, fixed + activations / 3 + 4096);
@@ -866,7 +862,7 @@ TEST_CASE("a run that does not fit: the settings that would, on the same sequenc
     dp.dp_noise_multiplier = 1.0;
     dp.beta2 = 0.999;
     const MemoryPlan dp_plan = ValueOrDie(PlanRunMemory(dp, inputs, 1));
-    const int64_t dp_activations = dp_plan.Find("activations")->bytes + dp_plan.Find("loss")->bytes;
+    const int64_t dp_activations = PlanPartBytes(dp_plan, "activations") + PlanPartBytes(dp_plan, "loss");
     const MemoryFits fits = check_fits(dp, dp_plan.total() - dp_activations / 3);
     REQUIRE_FALSE(fits.fits.empty());
     for (const MemoryFit& f : fits.fits) {
