@@ -94,6 +94,7 @@ absl::Status Run(Options& o) {
                                                                                 : "--anchor DIR is required (except with --pretrain)");
   }
   // The memory plan: printed on request; a run that cannot fit is refused before anything is allocated.
+  int64_t planned_bytes = 0;
   {
     const int world = *distributed ? (*distributed)->world_size : o.launch.nproc_per_node * o.launch.nnodes;
     const int local = *distributed ? (*distributed)->local_world_size : o.launch.nproc_per_node;
@@ -109,6 +110,7 @@ absl::Status Run(Options& o) {
         *capacity = {limit, absl::StrCat("--memory-limit (", capacity->second, ": ", FormatMemory(capacity->first), ")")};
       }
     }
+    planned_bytes = plan->total();
     const bool fits = plan->total() <= capacity->first;
     absl::StatusOr<MemoryFits> fitting = fits ? MemoryFits{} : FittingSettings(config, o.inputs, world, capacity->first);
     if (!fitting.ok()) return fitting.status();
@@ -169,6 +171,7 @@ absl::Status Run(Options& o) {
   }
   absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(config, o.inputs, o.resume, group.get());
   if (!trainer.ok()) return trainer.status();
+  (*trainer)->set_planned_bytes(planned_bytes);
   if ((*trainer)->device().is_cpu()) KeepFreedMemoryForReuse();  // no page faults on every step's activations
   const std::atomic<bool>& stop = InstallStopSignals();
   std::signal(SIGPIPE, SIG_IGN);  // a closed log reader must not kill hours of training

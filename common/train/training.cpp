@@ -1106,9 +1106,9 @@ absl::Status Trainer::WriteModel() {
 void Trainer::ReportMemory(std::ostream& metrics, ProgressReporter* progress) const {
   json j = {{"step", step_}};
   std::string planned;
-  if (absl::StatusOr<MemoryPlan> plan = PlanRunMemory(config_, inputs_, group_ != nullptr ? group_->world_size() : 1); plan.ok()) {
-    j["planned_bytes"] = plan->total();
-    planned = absl::StrCat(" (plan: ", FormatMemory(plan->total()), ")");
+  if (planned_bytes_ >= 0) {
+    j["planned_bytes"] = planned_bytes_;
+    planned = absl::StrCat(" (plan: ", FormatMemory(planned_bytes_), ")");
   }
   std::string line;
 #if FLEXFED_WITH_CUDA

@@ -143,6 +143,8 @@ class Trainer {
   absl::Status WriteModel();  // RUN/model; router mode: RUN/router_tuning.safetensors
 
   int64_t step() const { return step_; }
+  // The run's memory plan total (PlanRunMemory), reported beside what the first step reached.
+  void set_planned_bytes(int64_t bytes) { planned_bytes_ = bytes; }
   int64_t total_steps() const { return total_steps_; }
   const FlexOlmoModel& model() const { return *model_; }
   const std::vector<NamedTensor>& trainable() const { return trainable_; }
@@ -173,8 +175,8 @@ class Trainer {
   void SumGradients();  // data-parallel: every rank's gradients summed (undefined where all are)
   void BroadcastUpdated();  // data-parallel: each tensor from the rank that stepped it
   bool AnyRank(bool flag);  // data-parallel: whether any rank's flag is set (the flag alone otherwise)
-  // After the first step of a run (or of its resumption): the memory it reached against the memory
-  // plan, into metrics.jsonl and as a progress line — on a GPU PyTorch's peak allocated and reserved
+  // After the first step of a run (or of its resumption): the memory it reached beside the memory
+  // plan (set_planned_bytes), into metrics.jsonl and as a progress line — on a GPU PyTorch's peak allocated and reserved
   // bytes, on the CPU the peak resident size.
   void ReportMemory(std::ostream& metrics, ProgressReporter* progress) const;
   // The routing counts since the last log as fractions per layer (summed over ranks), then cleared;
@@ -206,6 +208,7 @@ class Trainer {
   at::Device device_ = at::kCPU;
   std::optional<at::ScalarType> autocast_;  // bf16 when the forward runs under autocast
   double gemm_rate_ = 0;  // FLOP/s measured at start, for MFU
+  int64_t planned_bytes_ = -1;  // the memory plan's total, when the caller planned the run
   double flops_per_token_ = 0;
   double dp_sigma_ = 0, dp_q_ = 0;  // DP-SGD: noise multiplier and sampling rate
 };
