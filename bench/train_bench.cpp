@@ -179,8 +179,9 @@ int main(int argc, char** argv) {
   app.add_flag("--activation-checkpointing", checkpointing, "Recompute each layer in the backward (train --activation-checkpointing)");
   app.add_option("--optimizer-moments", moments, "fp32 or bf16 AdamW moments")->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_flag("--measure-memory", measure_memory,
-               "CPU: measure what one step adds at its peak (step_peak_growth_bytes, against the plan's "
-               "planned_step_bytes); large allocations then go straight to the system, which slows the step");
+               "CPU: measure what one step adds at its peak, to the resident size (step_peak_growth_bytes) and in tensors "
+               "(step_peak_tensor_bytes), against the plan's planned_step_bytes; large allocations then go straight to the "
+               "system, which slows the step");
   bool elementwise = false;
   app.add_flag("--elementwise", elementwise,
                "Time only the fused elementwise ops against the ATen compositions they replace (on --device), one line per shape "
@@ -288,13 +289,17 @@ int main(int argc, char** argv) {
       const double best = BestSeconds(shape.seq >= 512 ? 4 : 12, step);  // after a warm-up step
       // What one step adds to the resident memory at its peak (gradients, activations, the loss's
       // block and every temporary) on the CPU, against the plan's parts for them.
-      double step_growth = -1;
+      double step_growth = -1, step_tensors = -1;
       if (measure_memory && !cuda && ResetPeakRss()) {
         malloc_trim(0);  // freed heap memory back to the system first: the growth is the step's own
         ResetPeakRss();
         const double before = static_cast<double>(ProcessStatusBytes("VmRSS"));
         step();
         step_growth = static_cast<double>(ProcessStatusBytes("VmHWM")) - before;
+        // The same step at the tensors' level: what LibTorch's allocator handed out at the peak.
+        const TensorMemoryMeter meter;
+        step();
+        step_tensors = static_cast<double>(meter.peak_bytes());
       }
       if (!profile.empty() && !private_step) {
         // LibTorch's Kineto profiler: the operations on the CPU and, on a GPU, every kernel with its
@@ -331,6 +336,7 @@ int main(int argc, char** argv) {
         }
         j["planned_step_bytes"] = per_step;
         if (step_growth >= 0) j["step_peak_growth_bytes"] = step_growth;
+        if (step_tensors >= 0) j["step_peak_tensor_bytes"] = step_tensors;
       }
 #if FLEXFED_WITH_CUDA
       if (cuda) {

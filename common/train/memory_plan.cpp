@@ -1,6 +1,10 @@
 #include "common/train/memory_plan.h"
 
 #include <algorithm>
+#include <atomic>
+
+#include <c10/core/Allocator.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -220,5 +224,32 @@ MemoryPlan PlanTrainingMemory(const ModelConfig& c, const MemoryPlanSettings& s)
                      absl::StrFormat("final norm and output head %d tokens at a time (never [tokens, vocabulary])", chunk)});
   return p;
 }
+
+struct TensorMemoryMeter::Listener : c10::MemoryReportingInfoBase {
+  std::atomic<int64_t> now{0}, peak{0};
+  void reportMemoryUsage(void*, int64_t bytes, size_t, size_t, c10::Device device) override {
+    if (!device.is_cpu()) return;
+    const int64_t held = now.fetch_add(bytes) + bytes;
+    int64_t seen = peak.load();
+    while (held > seen && !peak.compare_exchange_weak(seen, held)) {
+    }
+  }
+  bool memoryProfilingEnabled() const override { return true; }
+};
+
+struct TensorMemoryMeter::Installed {
+  explicit Installed(std::shared_ptr<Listener> listener) : guard(c10::DebugInfoKind::PROFILER_STATE, std::move(listener)) {}
+  c10::DebugInfoGuard guard;  // pops the listener when the meter ends (same thread, nested like any guard)
+};
+
+TensorMemoryMeter::TensorMemoryMeter() : listener_(std::make_shared<Listener>()) {
+  installed_ = std::make_unique<Installed>(listener_);
+}
+
+TensorMemoryMeter::~TensorMemoryMeter() = default;
+
+int64_t TensorMemoryMeter::peak_bytes() const { return listener_->peak.load(); }
+
+int64_t TensorMemoryMeter::net_bytes() const { return listener_->now.load(); }
 
 }  // namespace flexfed

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -60,5 +61,27 @@ int64_t ActivationBytesPerToken(const ModelConfig& anchor, const MemoryPlanSetti
 // With checkpointing, the part a forward leaves alive until the backward (each layer's input and
 // routing): ActivationBytesPerToken less one layer's recomputation. Without, all of it.
 int64_t KeptActivationBytesPerToken(const ModelConfig& anchor, const MemoryPlanSettings& settings);
+
+// The tensor memory the CPU allocator hands out on this thread while it lives — what a plan
+// predicts, without the heap's or the system's view of it (fragmentation, pages kept, libraries'
+// own buffers): its peak and its net change since construction, counting only tensors allocated
+// since then (a tensor freed that predates it counts nothing). It listens where LibTorch's memory
+// profiler does, so it cannot run beside that profiler. Benchmarks and tests measure a step with it.
+class TensorMemoryMeter {
+ public:
+  TensorMemoryMeter();
+  ~TensorMemoryMeter();
+  TensorMemoryMeter(const TensorMemoryMeter&) = delete;
+  TensorMemoryMeter& operator=(const TensorMemoryMeter&) = delete;
+
+  int64_t peak_bytes() const;  // the most held at once, above what was held at construction
+  int64_t net_bytes() const;   // held now, above what was held at construction
+
+ private:
+  struct Listener;
+  std::shared_ptr<Listener> listener_;
+  struct Installed;
+  std::unique_ptr<Installed> installed_;
+};
 
 }  // namespace flexfed

@@ -760,6 +760,27 @@ TEST_CASE("the memory plan: weights, gradients and moments exact; activations as
       // tells the two MoE paths apart: the LibTorch path's plan is 18% above what the dispatch path keeps.
       CHECK(kept > 0.97 * planned);
       CHECK(kept < 1.08 * planned);
+      // A whole step at the tensors' level (after a first step has made the optimizer's moments):
+      // its peak stays within the plan's per-step parts — gradients, activations, the loss's and
+      // autocast's — and is most of them: the plan adds the whole gradient to the activations, while
+      // the backward frees each layer's activations as its gradients appear (with checkpointing, the
+      // recomputed layer's too; here 2 layers, so a layer's gradients are half of them).
+      losses = at::Tensor();
+      trace = ForwardTrace();
+      REQUIRE(HeapInUse() - before < 64 * 1024);  // the forward's graph is gone
+      trainer->StepOn(sequences);
+      int64_t peak = 0;
+      {
+        const TensorMemoryMeter meter;
+        trainer->StepOn(sequences);
+        peak = meter.peak_bytes();
+        CHECK(meter.net_bytes() < 4096);  // nothing of the step outlives it
+      }
+      int64_t step_planned = PlanPartBytes(plan, "gradients") + PlanPartBytes(plan, "activations") + PlanPartBytes(plan, "loss");
+      if (v.bf16) step_planned += PlanPartBytes(plan, "autocast copies");
+      INFO("step peak " << peak << " of " << step_planned << " planned");
+      CHECK(peak <= step_planned);
+      CHECK(peak > (v.checkpointing ? 0.7 : 0.9) * step_planned);
     }
   }
   // ZeRO-1: each of two ranks keeps about half of the moments.
