@@ -50,28 +50,33 @@ cp -r "$work/anchor_run/model" "$work/anchor"
 "$owner" router-init --anchor "$work/anchor" --data "$work/public.txt" --public --out "$work/anchor/router_pub.safetensors" >/dev/null
 "$owner" router-init --anchor "$work/anchor" --data "$work/mine.txt" --out "$work/r.safetensors" >/dev/null
 
-run() {  # run NAME EXTRA-ARGS...: one training run; prints its mean tokens/s after the first step
+run() {  # run NAME EXTRA-ARGS...: one training run; prints, over the steps after the first, its mean
+         # tokens/s and the share of the step time spent communicating (0 on one process)
   local name=$1; shift
   "$owner" train --anchor "$work/anchor" --router-init "$work/r.safetensors" --data "$work/mine.txt" --run "$work/$name" \
     --steps "$steps" --seq-len "$seq_len" --batch-size "$batch" --warmup 1 --val-every 0 --val-batches 1 --log-every 1 \
     --device "$device" --plain "$@" >"$work/$name.log" 2>&1 || { cat "$work/$name.log" >&2; exit 1; }
-  /usr/bin/python3 - "$work/$name/metrics.jsonl" <<'PY'
+  /usr/bin/python3 - "$work/$name/metrics.jsonl" "$(( batch * seq_len ))" <<'PY'
 import json, sys
-rates = [json.loads(l)["tokens_per_s"] for l in open(sys.argv[1]) if '"tokens_per_s"' in l][1:]
-print(sum(rates) / len(rates))
+steps = [j for j in map(json.loads, open(sys.argv[1])) if "tokens_per_s" in j][1:]
+rate = sum(j["tokens_per_s"] for j in steps) / len(steps)
+seconds = sum(int(sys.argv[2]) / j["tokens_per_s"] for j in steps)
+print(rate, sum(j.get("communication_s", 0) for j in steps) / seconds)
 PY
 }
-one=0 many=0
+one=0 many=0 share=0
 for round in 1 2; do
   echo "round $round/2: 1 process × $threads threads" >&2
-  r=$(run "one_$round" --threads "$threads"); one=$(/usr/bin/python3 -c "print(max($one, $r))")
+  read -r r _ < <(run "one_$round" --threads "$threads"); one=$(/usr/bin/python3 -c "print(max($one, $r))")
   echo "round $round/2: $processes processes × $per_process threads" >&2
-  r=$(run "many_$round" --nproc-per-node "$processes" --threads "$per_process"); many=$(/usr/bin/python3 -c "print(max($many, $r))")
+  read -r r s < <(run "many_$round" --nproc-per-node "$processes" --threads "$per_process")
+  if /usr/bin/python3 -c "import sys; sys.exit(0 if $r > $many else 1)"; then many=$r share=$s; fi
 done
-/usr/bin/python3 - "$preset" "$shape" "$threads" "$processes" "$per_process" "$one" "$many" <<'PY'
+/usr/bin/python3 - "$preset" "$shape" "$threads" "$processes" "$per_process" "$one" "$many" "$share" <<'PY'
 import sys
-preset, shape, threads, processes, per_process, one, many = sys.argv[1:6] + [float(x) for x in sys.argv[6:]]
+preset, shape, threads, processes, per_process, one, many, share = sys.argv[1:6] + [float(x) for x in sys.argv[6:]]
 print(f"{preset} expert step, {shape} tokens, same global batch:")
 print(f"  1 process × {threads} threads: {one:.0f} tok/s")
-print(f"  {processes} processes × {per_process} threads: {many:.0f} tok/s ({many / one:.2f}×)")
+print(f"  {processes} processes × {per_process} threads: {many:.0f} tok/s ({many / one:.2f}×), "
+      f"{100 * share:.1f}% of the step exchanging gradients and weights")
 PY

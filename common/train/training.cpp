@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/cuda.h>
 #if FLEXFED_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
@@ -811,13 +812,16 @@ double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
       micro_losses = micro_losses.defined() ? micro_losses + sum : sum;
     }
   }
-  if (micro_losses.defined()) loss_sum += micro_losses.item<double>();
+  if (micro_losses.defined()) loss_sum += micro_losses.item<double>();  // the step's work done (a GPU's too)
   if (group_ != nullptr) {
+    const auto start = Clock::now();
     SumGradients();
     at::Tensor totals = at::tensor({loss_sum, static_cast<double>(tokens_ - tokens_before)}, at::kDouble);
     group_->SumInPlace({totals});
     loss_sum = totals[0].item<double>();
     tokens_ = tokens_before + static_cast<int64_t>(totals[1].item<double>());
+    FinishDeviceWork();  // NCCL's collectives run on their own stream: counted until they are done
+    communication_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
   }
   if (config_.dp()) {
     // Σ_s c_s ∇ℓ_s + N(0, σ²C²), over the expected batch (the same divisor whatever was drawn).
@@ -831,13 +835,23 @@ double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
     last_grad_norm_ = ClipGradNorm(trainable_, config_.grad_clip);
   }
   optimizer_->Step(LearningRate(step_));
-  if (group_ != nullptr) BroadcastUpdated();
+  if (group_ != nullptr) {
+    FinishDeviceWork();  // the update itself is not communication
+    const auto start = Clock::now();
+    BroadcastUpdated();
+    FinishDeviceWork();
+    communication_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+  }
   optimizer_->ZeroGrad();
   ++step_;
   return step_sequences.empty() ? 0.0 : loss_sum / static_cast<double>(step_sequences.size());
 }
 
 bool Trainer::lead() const { return group_ == nullptr || group_->rank() == 0; }
+
+void Trainer::FinishDeviceWork() const {
+  if (device_.is_cuda()) torch::cuda::synchronize(device_.index());
+}
 
 void Trainer::SumGradients() {
   at::NoGradGuard no_grad;
@@ -1147,6 +1161,7 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
   int64_t window_tokens = 0;
   double window_loss = 0;
   int64_t window_steps = 0;
+  communication_seconds_ = 0;
   while (step_ < total_steps_) {
     const int64_t tokens_before = tokens_;
     const double loss = Step();
@@ -1170,13 +1185,19 @@ absl::StatusOr<TrainOutcome> Trainer::Run(const std::atomic<bool>* stop, Progres
         privacy = absl::StrFormat(" | ε %.3g", dp->epsilon);
       }
       if (!routing.empty()) j["routing"] = routing;  // per layer, fraction of tokens whose first choice is each expert
+      std::string communication;
+      if (group_ != nullptr) {
+        j["communication_s"] = communication_seconds_ / window_steps;  // per step, this window
+        communication = absl::StrFormat(" | comm %.0f%%", 100 * communication_seconds_ / std::max(seconds, 1e-9));
+        communication_seconds_ = 0;
+      }
       metrics << j.dump() << "\n" << std::flush;
       if (progress != nullptr) {
         const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
         const double eta = elapsed / std::max<int64_t>(1, step_ - first_step) * (total_steps_ - step_);
         progress->Update(step_, total_steps_,
-                         absl::StrFormat("loss %.4f | lr %.2e | %.0f tok/s | MFU %.0f%%%s", window_loss / window_steps,
-                                         LearningRate(step_ - 1), tps, 100 * mfu, privacy),
+                         absl::StrFormat("loss %.4f | lr %.2e | %.0f tok/s | MFU %.0f%%%s%s", window_loss / window_steps,
+                                         LearningRate(step_ - 1), tps, 100 * mfu, communication, privacy),
                          eta);
       }
       window_start = Clock::now();

@@ -172,6 +172,7 @@ class Trainer {
   // device each step, read back once per log (a per-layer read would stall a GPU every layer).
   at::Tensor routing_counts_;
   bool lead() const;  // writes the run folder: the only process, or rank 0
+  void FinishDeviceWork() const;  // on a GPU, waits until the device has done everything queued
   void SumGradients();  // data-parallel: every rank's gradients summed (undefined where all are)
   void BroadcastUpdated();  // data-parallel: each tensor from the rank that stepped it
   bool AnyRank(bool flag);  // data-parallel: whether any rank's flag is set (the flag alone otherwise)
@@ -186,6 +187,9 @@ class Trainer {
 
   DataParallelGroup* group_ = nullptr;
   std::vector<int> state_owner_;  // ZeRO-1: the rank keeping each trainable tensor's optimizer state
+  // Data-parallel: seconds this rank's steps have spent exchanging gradients, loss totals and
+  // updated weights (on a GPU until the device finished them), since the last log.
+  double communication_seconds_ = 0;
 
   TrainConfig config_;
   TrainInputs inputs_;

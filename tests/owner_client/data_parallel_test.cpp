@@ -109,27 +109,26 @@ TEST_CASE("CPU training keeps freed memory for reuse: no page faults for a step'
   CHECK(FaultsOnReuse(true) == 0);
 }
 
-// The losses logged at every step of a run.
-std::vector<double> Losses(const fs::path& run) {
-  std::vector<double> out;
-  std::ifstream in(run / "metrics.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    const nlohmann::json j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
-
-// The routing logged at every step: per layer, the share of tokens whose first choice is each expert.
-std::vector<nlohmann::json> Routing(const fs::path& run) {
+// Field `name` of every logged step's entry in a run's metrics.jsonl (null where an entry lacks it).
+std::vector<nlohmann::json> StepField(const fs::path& run, const std::string& name) {
   std::vector<nlohmann::json> out;
   std::ifstream in(run / "metrics.jsonl");
   for (std::string line; std::getline(in, line);) {
     const nlohmann::json j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j.value("routing", nlohmann::json()));
+    if (j.contains("loss")) out.push_back(j.value(name, nlohmann::json()));
   }
   return out;
 }
+
+// The losses logged at every step of a run.
+std::vector<double> Losses(const fs::path& run) {
+  std::vector<double> out;
+  for (const nlohmann::json& loss : StepField(run, "loss")) out.push_back(loss.get<double>());
+  return out;
+}
+
+// The routing logged at every step: per layer, the share of tokens whose first choice is each expert.
+std::vector<nlohmann::json> Routing(const fs::path& run) { return StepField(run, "routing"); }
 
 // The largest relative difference between two trained models' tensors.
 double WeightDifference(const fs::path& a, const fs::path& b) {
@@ -216,6 +215,18 @@ TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two o
     CHECK(std::abs(two[i] - one[i]) <= 1e-6 * std::abs(one[i]));
   }
   CHECK(WeightDifference(dir / "two/model", dir / "one/model") <= 1e-6);
+  // Each step of the two-process run says how long it spent exchanging gradients, totals and
+  // weights: a part of the step (its tokens/s gives the step's time); the one-process run says nothing.
+  const std::vector<nlohmann::json> communication = StepField(dir / "two", "communication_s"),
+                                    tokens_per_s = StepField(dir / "two", "tokens_per_s");
+  for (size_t i = 0; i < communication.size(); ++i) {
+    INFO("step " << i + 1);
+    REQUIRE(communication[i].is_number());
+    CHECK(communication[i].get<double>() > 0);
+    CHECK(communication[i].get<double>() < 8 * 64 / tokens_per_s[i].get<double>());  // 8 sequences of 64 tokens
+  }
+  for (const nlohmann::json& c : StepField(dir / "one", "communication_s")) CHECK(c.is_null());
+  CHECK_THAT(out, Catch::Contains("| comm "));
   // The routing counts (kept on the device, summed over the ranks at each log) give the same shares.
   const std::vector<nlohmann::json> routing_one = Routing(dir / "one"), routing_two = Routing(dir / "two");
   REQUIRE(routing_one.size() == 12);
