@@ -3,7 +3,8 @@
 # process using every thread and as --nproc-per-node P processes sharing them, alternated A B A B;
 # tokens/s from each run's metrics (every step after the first), best of the two rounds each.
 # On a CPU the processes split the same cores, so the ratio is what the gradient all-reduce, the
-# ZeRO-1 broadcasts and the smaller per-process products cost; on P GPUs it is the scaling.
+# ZeRO-1 broadcasts and the smaller per-process products cost; on P GPUs it is the scaling. The P
+# processes run twice: summing the gradients while the backward runs (the default) and after it.
 # Usage: bench/dp_bench.sh [--preset small] [--processes 2] [--threads N] [--shape 4x512] [--steps 6] [--device cpu]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ while [[ $# -gt 0 ]]; do
     --shape) shape=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
-    -h|--help) sed -n 2,7p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
     *) echo "dp_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -64,19 +65,25 @@ seconds = sum(int(sys.argv[2]) / j["tokens_per_s"] for j in steps)
 print(rate, sum(j.get("communication_s", 0) for j in steps) / seconds)
 PY
 }
-one=0 many=0 share=0
+one=0 many=0 share=0 after=0 after_share=0
 for round in 1 2; do
   echo "round $round/2: 1 process × $threads threads" >&2
   read -r r _ < <(run "one_$round" --threads "$threads"); one=$(/usr/bin/python3 -c "print(max($one, $r))")
   echo "round $round/2: $processes processes × $per_process threads" >&2
   read -r r s < <(run "many_$round" --nproc-per-node "$processes" --threads "$per_process")
   if /usr/bin/python3 -c "import sys; sys.exit(0 if $r > $many else 1)"; then many=$r share=$s; fi
+  echo "round $round/2: $processes processes × $per_process threads, gradients summed after the backward" >&2
+  read -r r s < <(FLEXFED_GRADIENT_OVERLAP=off run "after_$round" --nproc-per-node "$processes" --threads "$per_process")
+  if /usr/bin/python3 -c "import sys; sys.exit(0 if $r > $after else 1)"; then after=$r after_share=$s; fi
 done
-/usr/bin/python3 - "$preset" "$shape" "$threads" "$processes" "$per_process" "$one" "$many" "$share" <<'PY'
+/usr/bin/python3 - "$preset" "$shape" "$threads" "$processes" "$per_process" "$one" "$many" "$share" "$after" "$after_share" <<'PY'
 import sys
-preset, shape, threads, processes, per_process, one, many, share = sys.argv[1:6] + [float(x) for x in sys.argv[6:]]
+preset, shape, threads, processes, per_process = sys.argv[1:6]
+one, many, share, after, after_share = (float(x) for x in sys.argv[6:])
 print(f"{preset} expert step, {shape} tokens, same global batch:")
 print(f"  1 process × {threads} threads: {one:.0f} tok/s")
 print(f"  {processes} processes × {per_process} threads: {many:.0f} tok/s ({many / one:.2f}×), "
-      f"{100 * share:.1f}% of the step exchanging gradients and weights")
+      f"{100 * share:.1f}% of the step waiting on the exchange (gradients summed during the backward)")
+print(f"  {processes} processes × {per_process} threads: {after:.0f} tok/s ({after / one:.2f}×), "
+      f"{100 * after_share:.1f}% (gradients summed after the backward, FLEXFED_GRADIENT_OVERLAP=off)")
 PY

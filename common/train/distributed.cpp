@@ -16,9 +16,13 @@
 #define FLEXFED_WITH_NCCL 0
 #endif
 
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
 #include <numeric>
 
 #include "absl/strings/numbers.h"
@@ -158,6 +162,150 @@ void DataParallelGroup::Broadcast(const at::Tensor& tensor, int root) {
 }
 
 void DataParallelGroup::Barrier() { impl_->gloo->barrier()->wait(); }
+
+struct OverlappedGradientSum::State {
+  struct Bucket {
+    std::vector<size_t> members;  // indices into params
+    size_t ready = 0;             // members whose gradient is final for the step
+    at::Tensor flat;              // the members' gradients in one buffer (several members only)
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+  DataParallelGroup* group = nullptr;
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of;  // per param
+  std::vector<bool> arrived;      // per param, this step
+  std::vector<Bucket> buckets;
+  size_t next = 0;                // the first bucket not started
+  bool armed = false;
+  std::mutex mutex;  // a GPU's backward calls the hooks from the autograd engine's device thread
+
+  // Runs after the engine has accumulated a trained tensor's gradient for this backward.
+  struct Hook : torch::autograd::PostAccumulateGradHook {
+    Hook(State* state, size_t index) : state(state), index(index) {}
+    void operator()(const torch::autograd::Variable&) override { state->Arrive(index); }
+    State* state;
+    size_t index;
+  };
+
+  void Arrive(size_t i) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!armed) return;
+    Bucket& b = buckets[bucket_of[i]];
+    TORCH_CHECK(!b.work, "data-parallel: the gradient of trained tensor ", i, " changed after its all-reduce started");
+    if (arrived[i]) return;
+    arrived[i] = true;
+    ++b.ready;
+    StartReady();
+  }
+
+  void StartReady() {
+    while (next < buckets.size() && buckets[next].ready == buckets[next].members.size()) Start(buckets[next++]);
+  }
+
+  void Start(Bucket& b) {
+    std::vector<at::Tensor> grads;
+    for (size_t i : b.members) {
+      at::Tensor& g = params[i].mutable_grad();
+      if (!g.defined()) {
+        g = at::zeros_like(params[i]);
+      } else if (!g.is_contiguous()) {
+        g = g.contiguous();
+      }
+      grads.push_back(g.view({-1}));
+    }
+    std::vector<at::Tensor> one = {grads.size() == 1 ? grads[0] : at::cat(grads)};
+    if (grads.size() > 1) b.flat = one[0];
+    b.work = group->impl_->For(one[0]).allreduce(one);
+  }
+};
+
+namespace {
+
+constexpr int64_t kOverlapBucketBytes = int64_t{1} << 20;
+
+}  // namespace
+
+OverlappedGradientSum::OverlappedGradientSum(DataParallelGroup& group, std::vector<at::Tensor> params)
+    : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.group = &group;
+  s.params = std::move(params);
+  s.bucket_of.assign(s.params.size(), 0);
+  s.arrived.assign(s.params.size(), false);
+  int64_t open_bytes = 0;  // of the last bucket, while it takes small tensors
+  for (size_t k = s.params.size(); k-- > 0;) {
+    const int64_t bytes = static_cast<int64_t>(s.params[k].nbytes());
+    const bool alone = bytes >= kOverlapBucketBytes;
+    if (alone || s.buckets.empty() || open_bytes < 0 || open_bytes + bytes > kOverlapBucketBytes ||
+        s.params[k].scalar_type() != s.params[s.buckets.back().members[0]].scalar_type() ||
+        s.params[k].device() != s.params[s.buckets.back().members[0]].device()) {
+      s.buckets.emplace_back();
+      open_bytes = 0;
+    }
+    s.buckets.back().members.push_back(k);
+    s.bucket_of[k] = s.buckets.size() - 1;
+    open_bytes = alone ? -1 : open_bytes + bytes;  // a large tensor's bucket takes nothing more
+  }
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks(s.params[i], std::make_unique<State::Hook>(&s, i));
+  }
+}
+
+OverlappedGradientSum::~OverlappedGradientSum() {
+  for (const at::Tensor& p : state_->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+}
+
+size_t OverlappedGradientSum::buckets() const { return state_->buckets.size(); }
+
+size_t OverlappedGradientSum::started() const {
+  const std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->next;
+}
+
+void OverlappedGradientSum::Arm() {
+  const std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->armed = true;
+}
+
+void OverlappedGradientSum::Finish() {
+  State& s = *state_;
+  at::NoGradGuard no_grad;
+  // Whether each tensor had a gradient here: summed over the ranks below, after the buckets (every
+  // rank issues the buckets' all-reduces first, then this one).
+  at::Tensor had = at::zeros({static_cast<int64_t>(s.params.size())}, at::kFloat);
+  {
+    const std::lock_guard<std::mutex> lock(s.mutex);
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      if (s.params[i].grad().defined()) had[static_cast<int64_t>(i)] = 1.0f;
+    }
+    // The buckets not started yet (this rank had no backward, or it did not reach one of their
+    // tensors in the last micro-batch): their gradients as they are, zeros where undefined.
+    for (State::Bucket& b : s.buckets) b.ready = b.members.size();
+    s.StartReady();
+    s.armed = false;
+  }
+  for (State::Bucket& b : s.buckets) {
+    b.work->wait();
+    b.work.reset();
+    if (b.flat.defined()) {
+      int64_t offset = 0;
+      for (size_t i : b.members) {
+        const int64_t n = s.params[i].numel();
+        s.params[i].mutable_grad().view({-1}).copy_(b.flat.narrow(0, offset, n));
+        offset += n;
+      }
+      b.flat = at::Tensor();
+    }
+    b.ready = 0;
+  }
+  s.next = 0;
+  std::fill(s.arrived.begin(), s.arrived.end(), false);
+  s.group->SumInPlace({had});
+  const float* any = had.data_ptr<float>();
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    if (any[i] == 0.0f) s.params[i].mutable_grad() = at::Tensor();
+  }
+}
 
 std::vector<int> ShardOptimizerState(const std::vector<int64_t>& numels, int world_size) {
   std::vector<size_t> order(numels.size());

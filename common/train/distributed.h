@@ -58,10 +58,37 @@ class DataParallelGroup {
   void Barrier();
 
  private:
+  friend class OverlappedGradientSum;
   DataParallelGroup() = default;
   struct Impl;
   std::unique_ptr<Impl> impl_;
   DistributedSettings settings_;
+};
+
+// Sums the gradients of `params` (trained leaves) across the ranks while the backward runs, so
+// that the exchange overlaps the backward's compute (data-parallel training without DP-SGD). The
+// tensors, in reverse order — about the order a backward finishes their gradients — form buckets:
+// one per tensor of 1 MiB or more (summed in place), smaller neighbours grouped up to that. Once every tensor of a
+// bucket has its gradient for the step, the bucket's all-reduce starts, the buckets strictly in
+// order, so every rank issues the same collectives in the same order whenever its gradients
+// arrive. Finish() starts the rest (a tensor this rank has no gradient for adds zeros), waits,
+// and leaves each sum in its tensor's gradient; a tensor no rank had a gradient for is left
+// without one. The gradients that arrive before Arm() (earlier micro-batches) are left alone.
+class OverlappedGradientSum {
+ public:
+  OverlappedGradientSum(DataParallelGroup& group, std::vector<at::Tensor> params);
+  ~OverlappedGradientSum();  // removes the hooks
+  OverlappedGradientSum(const OverlappedGradientSum&) = delete;
+  OverlappedGradientSum& operator=(const OverlappedGradientSum&) = delete;
+
+  void Arm();     // the next backward is the step's last: start each bucket as it fills
+  void Finish();  // after that backward (or when this rank had none): every gradient summed
+  size_t buckets() const;
+  size_t started() const;  // buckets whose all-reduce has started this step (before Finish: overlapped)
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
 };
 
 // ZeRO-1's sharding: the rank that keeps the optimizer state of each of the tensors with these

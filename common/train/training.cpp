@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <limits>
@@ -635,6 +636,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& conf
     for (int r : t->state_owner_) owned.push_back(r == group->rank());
   }
   t->optimizer_ = std::make_unique<AdamW>(t->trainable_, aopts, owned);
+  const char* overlap = std::getenv("FLEXFED_GRADIENT_OVERLAP");
+  if (group != nullptr && !config.dp() && !(overlap != nullptr && std::string(overlap) == "off")) {
+    std::vector<at::Tensor> params;
+    for (const NamedTensor& nt : t->trainable_) params.push_back(nt.tensor);
+    t->overlapped_sum_ = std::make_unique<OverlappedGradientSum>(*group, std::move(params));
+  }
   t->order_ = Permutation(t->train_->size(), config.seed);
 
   // MFU: 6 FLOPs per trained weight and 4 per frozen weight used (forward + input gradient) per
@@ -807,6 +814,8 @@ double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
       // The mean over every sequence of the step: each micro-batch's share of it.
       ForwardTrace trace;
       at::Tensor losses = SequenceLosses(micro, trace);
+      // The step's last backward: its gradients are final, summed across the ranks as they arrive.
+      if (overlapped_sum_ != nullptr && begin + config_.batch_size >= sequences.size()) overlapped_sum_->Arm();
       (losses.sum() / static_cast<double>(step_sequences.size())).backward();
       const at::Tensor sum = losses.detach().sum().to(at::kDouble);
       micro_losses = micro_losses.defined() ? micro_losses + sum : sum;
@@ -815,7 +824,11 @@ double Trainer::StepOn(const std::vector<int64_t>& step_sequences) {
   if (micro_losses.defined()) loss_sum += micro_losses.item<double>();  // the step's work done (a GPU's too)
   if (group_ != nullptr) {
     const auto start = Clock::now();
-    SumGradients();
+    if (overlapped_sum_ != nullptr) {
+      overlapped_sum_->Finish();
+    } else {
+      SumGradients();
+    }
     at::Tensor totals = at::tensor({loss_sum, static_cast<double>(tokens_ - tokens_before)}, at::kDouble);
     group_->SumInPlace({totals});
     loss_sum = totals[0].item<double>();

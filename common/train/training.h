@@ -186,6 +186,9 @@ class Trainer {
   std::vector<NamedTensor> FullOptimizerState();  // data-parallel: gathered from the shards (rank 0's is whole)
 
   DataParallelGroup* group_ = nullptr;
+  // Data-parallel without DP-SGD: the gradients summed while the step's last backward runs
+  // (FLEXFED_GRADIENT_OVERLAP=off sums them after it instead, as DP-SGD does: SumGradients).
+  std::unique_ptr<OverlappedGradientSum> overlapped_sum_;
   std::vector<int> state_owner_;  // ZeRO-1: the rank keeping each trainable tensor's optimizer state
   // Data-parallel: seconds this rank's steps have spent exchanging gradients, loss totals and
   // updated weights (on a GPU until the device finished them), since the last log.

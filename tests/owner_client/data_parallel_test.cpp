@@ -4,9 +4,11 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -68,6 +70,65 @@ TEST_CASE("launcher settings in the environment are read and checked", "[data_pa
   setenv("RANK", "x", 1);
   CHECK_THAT(std::string(DistributedSettings::FromEnvironment().status().message()), Catch::Contains("RANK=x"));
   for (const char* v : {"RANK", "WORLD_SIZE", "MASTER_PORT"}) unsetenv(v);
+}
+
+// A TCP port on loopback that no one listens on now.
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
+  REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+TEST_CASE("gradients are summed while the last backward runs, bucket by bucket in order", "[data_parallel]") {
+  DistributedSettings one;
+  one.master_port = FreePort();
+  one.timeout_seconds = 60;
+  const std::unique_ptr<DataParallelGroup> group = ValueOrDie(DataParallelGroup::Join(one, false));
+  at::manual_seed(15);
+  // Reverse order: c opens a bucket of small tensors, b (8 MB) has its own, and a (0.4 MB) opens the
+  // next — small, but the bucket before it holds a large tensor alone.
+  at::Tensor a = at::randn({100, 1000}).requires_grad_(true), b = at::randn({2000, 1000}).requires_grad_(true),
+             c = at::randn({10}).requires_grad_(true);
+  OverlappedGradientSum sum(*group, {a, b, c});
+  CHECK(sum.buckets() == 3);
+  auto backward = [&](bool with_c) {
+    at::Tensor loss = (a * 2).sum() + b.pow(2).sum();
+    if (with_c) loss = loss + c.sum();
+    loss.backward();
+  };
+  // Two micro-batches: the first's gradients stay as they are; the second's start their buckets as
+  // they arrive, all three before the backward returns.
+  backward(true);
+  CHECK(sum.started() == 0);
+  sum.Arm();
+  backward(true);
+  CHECK(sum.started() == 3);
+  sum.Finish();
+  CHECK(sum.started() == 0);
+  CHECK(at::equal(a.grad(), at::full_like(a, 4.0)));
+  CHECK(at::allclose(b.grad(), 4 * b.detach(), 1e-6, 0));
+  CHECK(at::equal(c.grad(), at::full_like(c, 2.0)));
+  // A step whose backward misses c: c's bucket — the first — waits for Finish, and so do the buckets
+  // after it (every rank starts them in the same order); c is left without a gradient, as no rank has one.
+  for (at::Tensor* t : {&a, &b, &c}) t->mutable_grad() = at::Tensor();
+  sum.Arm();
+  backward(false);
+  CHECK(sum.started() == 0);
+  sum.Finish();
+  CHECK_FALSE(c.grad().defined());
+  CHECK(at::equal(a.grad(), at::full_like(a, 2.0)));
+  // A gradient that changes after its bucket started is an error, not a wrong sum.
+  for (at::Tensor* t : {&a, &b, &c}) t->mutable_grad() = at::Tensor();
+  sum.Arm();
+  backward(true);
+  CHECK_THROWS_WITH(backward(true), Catch::Contains("changed after its all-reduce started"));
+  sum.Finish();
 }
 
 // Minor page faults of this process so far.
@@ -227,6 +288,21 @@ TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two o
   }
   for (const nlohmann::json& c : StepField(dir / "one", "communication_s")) CHECK(c.is_null());
   CHECK_THAT(out, Catch::Contains("| comm "));
+  // The gradients summed after the backward instead of during it (as DP-SGD does): the same run.
+  REQUIRE(RunCommand("FLEXFED_GRADIENT_OVERLAP=off " + train("two_after", 12, "--nproc-per-node 2"), &out) == 0);
+  const std::vector<double> after = Losses(dir / "two_after");
+  REQUIRE(after.size() == 12);
+  for (size_t i = 0; i < after.size(); ++i) CHECK(std::abs(after[i] - one[i]) <= 1e-6 * std::abs(one[i]));
+  CHECK(WeightDifference(dir / "two_after/model", dir / "one/model") <= 1e-6);
+  // DP-SGD over two processes: the same Poisson batches, clipping and noise as one process.
+  const std::string dp = "--dp-max-grad-norm 1 --dp-noise-multiplier 0.5";
+  REQUIRE(RunCommand(train("one_dp", 4, dp), &out) == 0);
+  REQUIRE(RunCommand(train("two_dp", 4, "--nproc-per-node 2 " + dp), &out) == 0);
+  const std::vector<double> one_dp = Losses(dir / "one_dp"), two_dp = Losses(dir / "two_dp");
+  REQUIRE(one_dp.size() == 4);
+  REQUIRE(two_dp.size() == 4);
+  for (size_t i = 0; i < one_dp.size(); ++i) CHECK(std::abs(two_dp[i] - one_dp[i]) <= 1e-6 * std::abs(one_dp[i]));
+  CHECK(WeightDifference(dir / "two_dp/model", dir / "one_dp/model") <= 1e-6);
   // The routing counts (kept on the device, summed over the ranks at each log) give the same shares.
   const std::vector<nlohmann::json> routing_one = Routing(dir / "one"), routing_two = Routing(dir / "two");
   REQUIRE(routing_one.size() == 12);
