@@ -1,6 +1,8 @@
 // Data-parallel owner training (common/train/distributed.h) with real processes: flexfed-owner train
-// --nproc-per-node 2 over Gloo gives the one-process run's losses and weights; a rank killed with
-// SIGKILL stops the group, and the run resumes from its last checkpoint at 2 or at 1 process.
+// --nproc-per-node 2 over Gloo — or two launchers with --nnodes 2, or workers started with torchrun's
+// variables — gives the one-process run's losses and weights (the gradients summed during the
+// backward or after it; DP-SGD too); a rank killed with SIGKILL stops the group, and the run resumes
+// from its last checkpoint at 2 or at 1 process.
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
@@ -303,6 +305,31 @@ TEST_CASE("two Gloo processes train as one; a killed rank's run resumes at two o
   REQUIRE(two_dp.size() == 4);
   for (size_t i = 0; i < one_dp.size(); ++i) CHECK(std::abs(two_dp[i] - one_dp[i]) <= 1e-6 * std::abs(one_dp[i]));
   CHECK(WeightDifference(dir / "two_dp/model", dir / "one_dp/model") <= 1e-6);
+
+  // Across machines, here two on loopback, each with its own run folder: `--nnodes 2 --node-rank K
+  // --master-addr --master-port` on each, and workers started by another launcher with torchrun's
+  // variables. Both give the one-process run; only rank 0 writes a model.
+  for (const bool own_launcher : {false, true}) {
+    INFO((own_launcher ? "workers started with RANK, WORLD_SIZE, …" : "--nnodes 2"));
+    const int port = FreePort();
+    const std::string name = own_launcher ? "env" : "nodes";
+    auto node = [&](int k) {
+      const std::string run = absl::StrCat(name, k);
+      if (own_launcher) {
+        return absl::StrCat("RANK=", k, " WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=", port,
+                            " ", train(run, 12, ""));
+      }
+      return train(run, 12, absl::StrCat("--nnodes 2 --node-rank ", k, " --master-addr 127.0.0.1 --master-port ", port));
+    };
+    const std::string log1 = dir / (name + "1.log");
+    REQUIRE(RunCommand("(" + node(1) + " >" + log1 + " 2>&1) & second=$!; " + node(0) + "; first=$?; wait $second; second=$?; " +
+                           "[ $first -eq 0 ] && [ $second -eq 0 ]", &out) == 0);
+    const std::vector<double> spread = Losses(dir / (name + "0"));
+    REQUIRE(spread.size() == 12);
+    for (size_t i = 0; i < spread.size(); ++i) CHECK(std::abs(spread[i] - one[i]) <= 1e-6 * std::abs(one[i]));
+    CHECK(WeightDifference(dir / (name + "0/model"), dir / "one/model") <= 1e-6);
+    CHECK_FALSE(fs::exists(dir / (name + "1/model")));
+  }
   // The routing counts (kept on the device, summed over the ranks at each log) give the same shares.
   const std::vector<nlohmann::json> routing_one = Routing(dir / "one"), routing_two = Routing(dir / "two");
   REQUIRE(routing_one.size() == 12);
