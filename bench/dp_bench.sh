@@ -17,7 +17,7 @@ while [[ $# -gt 0 ]]; do
     --shape) shape=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
-    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
     *) echo "dp_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
