@@ -93,14 +93,14 @@ TEST_CASE("gradients are summed while the last backward runs, bucket by bucket i
   one.timeout_seconds = 60;
   const std::unique_ptr<DataParallelGroup> group = ValueOrDie(DataParallelGroup::Join(one, false));
   at::manual_seed(15);
-  // Reverse order: c opens a bucket of small tensors, b (8 MB) has its own, and a (0.4 MB) opens the
-  // next — small, but the bucket before it holds a large tensor alone.
+  // Reverse order: d opens a bucket of small tensors and c joins it (one flattened buffer), b (8 MB)
+  // has its own, and a (0.4 MB) opens the next — small, but the bucket before holds a large tensor alone.
   at::Tensor a = at::randn({100, 1000}).requires_grad_(true), b = at::randn({2000, 1000}).requires_grad_(true),
-             c = at::randn({10}).requires_grad_(true);
-  OverlappedGradientSum sum(*group, {a, b, c});
+             c = at::randn({10}).requires_grad_(true), d = at::randn({3, 7}).requires_grad_(true);
+  OverlappedGradientSum sum(*group, {a, b, c, d});
   CHECK(sum.buckets() == 3);
   auto backward = [&](bool with_c) {
-    at::Tensor loss = (a * 2).sum() + b.pow(2).sum();
+    at::Tensor loss = (a * 2).sum() + b.pow(2).sum() + (d * 3).sum();
     if (with_c) loss = loss + c.sum();
     loss.backward();
   };
@@ -116,17 +116,19 @@ TEST_CASE("gradients are summed while the last backward runs, bucket by bucket i
   CHECK(at::equal(a.grad(), at::full_like(a, 4.0)));
   CHECK(at::allclose(b.grad(), 4 * b.detach(), 1e-6, 0));
   CHECK(at::equal(c.grad(), at::full_like(c, 2.0)));
+  CHECK(at::equal(d.grad(), at::full_like(d, 6.0)));  // from its own place in the flattened buffer
   // A step whose backward misses c: c's bucket — the first — waits for Finish, and so do the buckets
   // after it (every rank starts them in the same order); c is left without a gradient, as no rank has one.
-  for (at::Tensor* t : {&a, &b, &c}) t->mutable_grad() = at::Tensor();
+  for (at::Tensor* t : {&a, &b, &c, &d}) t->mutable_grad() = at::Tensor();
   sum.Arm();
   backward(false);
   CHECK(sum.started() == 0);
   sum.Finish();
   CHECK_FALSE(c.grad().defined());
+  CHECK(at::equal(d.grad(), at::full_like(d, 3.0)));  // its bucket's other member summed all the same
   CHECK(at::equal(a.grad(), at::full_like(a, 2.0)));
   // A gradient that changes after its bucket started is an error, not a wrong sum.
-  for (at::Tensor* t : {&a, &b, &c}) t->mutable_grad() = at::Tensor();
+  for (at::Tensor* t : {&a, &b, &c, &d}) t->mutable_grad() = at::Tensor();
   sum.Arm();
   backward(true);
   CHECK_THROWS_WITH(backward(true), Catch::Contains("changed after its all-reduce started"));
