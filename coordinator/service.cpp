@@ -80,74 +80,86 @@ absl::Status Fill(absl::StatusOr<T> result, T* response) {
 // overlaps with storing the last (at most kInFlight chunks per stream), so a transfer runs at about
 // the slower of network and disk rather than their sum. Every chunk received and not yet stored
 // holds one of the server's chunk slots, so memory stays bounded however many streams are open.
+//
+// Lifetime: gRPC owns the reactor from UploadChunks' return until OnDone, where it deletes itself;
+// gRPC calls OnDone once Finish was called and every reaction (OnReadDone) has returned. It knows
+// nothing of the work this reactor posts to the work queue or parks in ChunkSlots, so the reactor
+// calls Finish only when none of that is left: the thread that, under mu_, finds no read pending
+// (`read_` is kEnded) and no chunk in flight calls it, once, and touches nothing after. Each piece
+// of outstanding work is recorded (`read_` = kPending, ++in_flight_) in the same critical section
+// that starts it, and only that work's own end clears it, in one critical section with everything
+// else it does to the reactor (slots included: ChunkSlots never runs a callback inline, so it may
+// be called with mu_ held). (Before issue #34 a half-close cleared "read pending" and set "reading
+// done" in two steps; a chunk stored in between started a read that outlived the call.)
 class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
  public:
   // `role` as Authorize's: the Admin service's uploads are for operators only.
   UploadReactor(Coordinator* c, WorkQueue* work, ChunkSlots* slots, CallbackServerContext* ctx, v1::UploadStatus* response,
                 const std::string& role)
       : coordinator_(c), work_(work), slots_(slots), ctx_(ctx), response_(response) {
-    work_->Post([this, role] {
-      absl::StatusOr<PeerIdentity> who;
-      try {
-        who = Authorize(coordinator_, ctx_, role, &pem_);
-      } catch (const std::exception& e) {
-        who = HandlerFailed(ctx_, e.what());
-      }
-      if (!who.ok()) {
-        Finish(ToGrpc(who.status()));
-        return;
-      }
-      who_ = *who;
-      caller_ = who_.role + "/" + who_.id;
-      read_pending_ = true;
-      slots_->Acquire(caller_, [this] { ReadNext(); });
-    });
+    work_->Post([this, role] { Start(role); });
   }
 
   void OnReadDone(bool ok) override {
     std::unique_lock<std::mutex> lock(mu_);
-    read_pending_ = false;
     if (!ok) {  // the client finished sending (or went away): the read's slot goes back
-      lock.unlock();
       slots_->Release(caller_);
-      lock.lock();
-      reading_done_ = true;
-      MaybeFinish(lock);
+      read_ = Reading::kEnded;
+      Advance(lock);
       return;
     }
+    read_ = Reading::kIdle;
     if (!chunk_.session_id().empty()) session_ = chunk_.session_id();
     chunk_.set_session_id(session_);
     auto mine = std::make_shared<v1::UploadChunk>();
     mine->Swap(&chunk_);
-    ++in_flight_;  // holds the read's slot until stored
-    // With room for another chunk, receive it while this one is stored.
-    const bool more = in_flight_ < kInFlight && error_.ok();
-    if (more) read_pending_ = true;
-    lock.unlock();
+    ++in_flight_;  // keeps the read's slot until stored
     work_->Post([this, mine] { Stored(*mine); });
-    if (more) slots_->Acquire(caller_, [this] { ReadNext(); });
+    Advance(lock);
   }
   void OnDone() override { delete this; }
 
  private:
   static constexpr int kInFlight = 4;
+  // kPending: a read is outstanding or waiting for its slot (and, at first, Start() is to run);
+  // kIdle: no read, one may start; kEnded: no read will start again (the client finished, or the
+  // call is failing).
+  enum class Reading { kPending, kIdle, kEnded };
+
+  // On the work queue: authorizes the caller, then asks for the first chunk.
+  void Start(const std::string& role) {
+    absl::StatusOr<PeerIdentity> who;
+    try {
+      who = Authorize(coordinator_, ctx_, role, &pem_);
+    } catch (const std::exception& e) {
+      who = HandlerFailed(ctx_, e.what());
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!who.ok()) {
+      error_ = who.status();
+      read_ = Reading::kEnded;
+      Advance(lock);
+      return;
+    }
+    who_ = *who;
+    caller_ = who_.role + "/" + who_.id;
+    slots_->Acquire(caller_, [this] { ReadNext(); });  // read_ stays kPending
+  }
 
   // On the work queue, holding a slot: asks for the next chunk, unless the call is failing.
   void ReadNext() {
     std::unique_lock<std::mutex> lock(mu_);
     if (error_.ok()) {
-      StartRead(&chunk_);
+      lock.unlock();
+      StartRead(&chunk_);  // read_ stays kPending until OnReadDone
       return;
     }
-    read_pending_ = false;
-    lock.unlock();
     slots_->Release(caller_);
-    lock.lock();
-    reading_done_ = true;
-    MaybeFinish(lock);
+    read_ = Reading::kEnded;
+    Advance(lock);
   }
 
-  // On the work queue: stores one chunk, gives its slot back, then reads the next one or finishes.
+  // On the work queue: stores one chunk and gives its slot back.
   void Stored(const v1::UploadChunk& mine) {
     bool failed_already;
     {
@@ -155,23 +167,44 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
       failed_already = !error_.ok();
     }
     absl::StatusOr<v1::UploadStatus> put = failed_already ? absl::StatusOr<v1::UploadStatus>(absl::AbortedError("")) : Store(mine);
-    slots_->Release(caller_);
     std::unique_lock<std::mutex> lock(mu_);
+    slots_->Release(caller_);
     --in_flight_;
     if (!put.ok() && error_.ok()) error_ = put.status();
-    if (!error_.ok()) {
-      // Stop asking for chunks; finish once nothing is in flight and no read is outstanding.
-      if (!read_pending_) reading_done_ = true;
-      MaybeFinish(lock);
-      return;
-    }
-    if (!read_pending_ && !reading_done_) {
-      read_pending_ = true;
-      lock.unlock();
+    Advance(lock);
+  }
+
+  // Called with mu_ held, which it releases: starts the next read when there is room for one and
+  // the call is not failing, or finishes the call once no read is pending and no chunk is in
+  // flight. Finishing is the last thing done with the reactor.
+  void Advance(std::unique_lock<std::mutex>& lock) {
+    if (!error_.ok() && read_ == Reading::kIdle) read_ = Reading::kEnded;  // stop asking for chunks
+    if (read_ == Reading::kIdle && in_flight_ < kInFlight) {
+      read_ = Reading::kPending;
       slots_->Acquire(caller_, [this] { ReadNext(); });
+      lock.unlock();
       return;
     }
-    MaybeFinish(lock);
+    if (read_ != Reading::kEnded || in_flight_ > 0 || finished_) {
+      lock.unlock();
+      return;
+    }
+    finished_ = true;
+    lock.unlock();
+    Finish(ToGrpc(Result()));
+  }
+
+  // The call's answer, once nothing is outstanding: the first error, or what the session still lacks.
+  absl::Status Result() {
+    if (!error_.ok()) return error_;
+    if (session_.empty()) return absl::InvalidArgumentError("no chunk was sent");
+    try {
+      absl::StatusOr<v1::UploadStatus> status = coordinator_->QueryMissing(who_, session_);
+      if (status.ok()) *response_ = *status;
+      return status.status();
+    } catch (const std::exception& e) {
+      return HandlerFailed(ctx_, e.what());
+    }
   }
 
   // Every chunk is authorized again: a revocation (or a certificate replaced by re-enrollment)
@@ -186,38 +219,21 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
     }
   }
 
-  // Called with mu_ held: finishes the call once reading ended and no chunk is being stored.
-  void MaybeFinish(std::unique_lock<std::mutex>& lock) {
-    if (!reading_done_ || in_flight_ > 0 || finished_) return;
-    finished_ = true;
-    absl::Status result = error_;
-    if (result.ok()) {
-      if (session_.empty()) {
-        result = absl::InvalidArgumentError("no chunk was sent");
-      } else {
-        absl::StatusOr<v1::UploadStatus> status = coordinator_->QueryMissing(who_, session_);
-        if (status.ok()) *response_ = *status;
-        result = status.status();
-      }
-    }
-    lock.unlock();
-    Finish(ToGrpc(result));
-  }
-
-  Coordinator* coordinator_;
-  WorkQueue* work_;
-  ChunkSlots* slots_;
-  CallbackServerContext* ctx_;
-  v1::UploadStatus* response_;
+  Coordinator* const coordinator_;
+  WorkQueue* const work_;
+  ChunkSlots* const slots_;
+  CallbackServerContext* const ctx_;
+  v1::UploadStatus* const response_;
+  // Set by Start() (under mu_) before the first read; read-only afterwards.
   PeerIdentity who_;
   std::string caller_;  // role/id: whose share of the chunk slots this stream uses
   std::string pem_;
-  v1::UploadChunk chunk_;  // the read buffer gRPC fills
-  std::mutex mu_;
+  v1::UploadChunk chunk_;  // the read buffer gRPC fills; touched only by StartRead and OnReadDone
+  std::mutex mu_;          // guards what follows
   std::string session_;
-  int in_flight_ = 0;
-  bool read_pending_ = false;  // a read is outstanding, or waiting for its slot
-  bool reading_done_ = false, finished_ = false;
+  Reading read_ = Reading::kPending;
+  int in_flight_ = 0;  // chunks received and not yet stored
+  bool finished_ = false;
   absl::Status error_;
 };
 

@@ -5,7 +5,10 @@
 #include <stdlib.h>
 
 #include <filesystem>
+#include <stdexcept>
 #include <string>
+
+#include "absl/status/statusor.h"
 
 namespace flexfed::testing {
 
@@ -26,5 +29,12 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// The value, or an exception (failing the test) with the status's message.
+template <typename T>
+T ValueOrDie(absl::StatusOr<T> v) {
+  if (!v.ok()) throw std::runtime_error(std::string(v.status().message()));
+  return *std::move(v);
+}
 
 }  // namespace flexfed::testing

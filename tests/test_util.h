@@ -135,10 +135,4 @@ inline double RelativeError(const at::Tensor& a, const at::Tensor& b) {
   return (a64 - b64).abs().max().item<double>() / (scale > 0 ? scale : 1.0);
 }
 
-template <typename T>
-T ValueOrDie(absl::StatusOr<T> v) {
-  if (!v.ok()) throw std::runtime_error(std::string(v.status().message()));
-  return *std::move(v);
-}
-
 }  // namespace flexfed::testing

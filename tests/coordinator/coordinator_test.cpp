@@ -3,25 +3,24 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <thread>
 
-#include "common/model/checkpoint.h"
 
 #include <sqlite3.h>
 
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "common/model/anchor.h"
-#include "common/merge/expert_export.h"
+#include "common/core/anchor_manifest.h"
 #include "common/core/file_util.h"
 #include "common/core/release.h"
 #include "common/core/sha256.h"
 #include "coordinator/coordinator.h"
 #include "tests/coordinator/site.h"
-#include "tests/test_util.h"
+#include "tests/temp_dir.h"
 
 namespace flexfed {
 namespace {
@@ -149,28 +148,22 @@ TEST_CASE("every kind of bad module is rejected with its own reason and nothing 
     CHECK(e.state() == v1::EXPERT_STATE_REGISTERED);
     return r.rejection();
   };
-  CHECK(reject(site.Module("wrong_anchor", [](ExpertTensors&, ExpertModuleMetadata& m) { m.anchor_sha256 = std::string(64, 'f'); })) == "anchor_mismatch");
-  CHECK(reject(site.Module("shape", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[1].up_proj = at::zeros({3, 3}); })) == "shape");
-  CHECK(reject(site.Module("nan", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].down_proj[2][3] = NAN; })) == "non_finite");
+  CHECK(reject(site.Module("wrong_anchor", [](testing::RawTensors&, ExpertModuleMetadata& m) { m.anchor_sha256 = std::string(64, 'f'); })) == "anchor_mismatch");
+  CHECK(reject(site.Module("shape", [](testing::RawTensors& t, ExpertModuleMetadata&) { t["layers.1.up_proj.weight"] = testing::RawTensor::Zeros(Dtype::kF32, {3, 3}); })) == "shape");
+  CHECK(reject(site.Module("nan", [&](testing::RawTensors& t, ExpertModuleMetadata&) { t["layers.0.down_proj.weight"].SetF32(2 * site.config.intermediate_size + 3, NAN); })) == "non_finite");
   {  // issue #13, row 8: a tokens_trained past int64 threw in std::stoll and left the upload open for good
-    auto good = ValueOrDie(SafetensorsFile::Open(site.Module("huge_tokens")));
-    std::vector<NamedTensor> tensors;
-    for (const std::string& name : good->Names()) tensors.push_back({name, ValueOrDie(good->Get(name))});
-    std::map<std::string, std::string> meta = good->metadata();
+    auto [tensors, meta] = ValueOrDie(testing::ReadRawSafetensors(site.Module("huge_tokens")));
     meta["tokens_trained"] = "99999999999999999999";
     const std::string path = site.dir / "huge_tokens2.safetensors";
-    REQUIRE(WriteSafetensors(path, tensors, meta).ok());
+    REQUIRE(testing::WriteRawSafetensors(path, tensors, meta).ok());
     CHECK(reject(path) == "metadata");
   }
-  CHECK(reject(site.Module("dtype", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].gate_proj = t.ffn[0].gate_proj.to(at::kBFloat16); })) == "dtype");
+  CHECK(reject(site.Module("dtype", [](testing::RawTensors& t, ExpertModuleMetadata&) { t["layers.0.gate_proj.weight"].ToBf16(); })) == "dtype");
   {
     // An extra tensor: the file is written by hand, as a malicious owner would.
-    const std::string good = site.Module("base");
-    auto file = ValueOrDie(SafetensorsFile::Open(good));
-    std::vector<NamedTensor> tensors;
-    for (const std::string& n : file->Names()) tensors.push_back({n, ValueOrDie(file->Get(n))});
-    tensors.push_back({"model.embed_tokens.weight", at::zeros({259, 64})});
-    REQUIRE(WriteSafetensors(site.dir / "extra.safetensors", tensors, file->metadata()).ok());
+    auto [tensors, meta] = ValueOrDie(testing::ReadRawSafetensors(site.Module("base")));
+    tensors["model.embed_tokens.weight"] = testing::RawTensor::Zeros(Dtype::kF32, {259, 64});
+    REQUIRE(testing::WriteRawSafetensors(site.dir / "extra.safetensors", tensors, meta).ok());
     CHECK(reject(site.dir / "extra.safetensors") == "unexpected_tensor");
   }
   REQUIRE(WriteFileAtomically(site.dir / "garbage.safetensors", std::string("\xff\xff\xff\xff\xff\xff\xff\x7f garbage", 16)).ok());
@@ -205,7 +198,7 @@ TEST_CASE("the operator's privacy policy refuses modules without the audit or DP
   auto [acme, cert] = site.Enroll("acme");
   const std::string expert = site.Register("acme", "math");
   auto upload = [&](const std::string& name, const std::string& privacy) {
-    const std::string path = site.Module(name, [&](ExpertTensors&, ExpertModuleMetadata& m) { m.privacy = privacy; });
+    const std::string path = site.Module(name, [&](testing::RawTensors&, ExpertModuleMetadata& m) { m.privacy = privacy; });
     return ValueOrDie(Upload(*site.coordinator, acme, expert, path));
   };
   const std::string audit_ok = R"("extraction": {"audited": 200, "extracted": 1, "rate": 0.005, "complete": true})";
@@ -578,8 +571,9 @@ TEST_CASE("releases: active experts in registration order; immutable; disabling 
   v1::BuildReleaseRequest build;
   CHECK(absl::IsFailedPrecondition(site.coordinator->BuildRelease(site.admin, build).status()));  // nothing active yet
   CHECK(absl::IsNotFound(site.coordinator->GetRelease("").status()));
-  const std::string m1 = site.Module("m1"), m2 = site.Module("m2", [](ExpertTensors& t, ExpertModuleMetadata& m) {
-    t.router_rows[0] = t.router_rows[0] * 2;
+  const std::string m1 = site.Module("m1"), m2 = site.Module("m2", [](testing::RawTensors& t, ExpertModuleMetadata& m) {
+    testing::RawTensor& row = t["layers.0.router.weight"];
+    for (int64_t i = 0; i < row.numel(); ++i) row.SetF32(i, 2 * row.F32(i));
     m.owner = "beta";
   });
   REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, code, m1)).rejection().empty());

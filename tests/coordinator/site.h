@@ -1,18 +1,25 @@
 // A coordinator site for tests: a CA, a Coordinator on a temporary data directory with an
 // injected clock, a published `test` anchor, and helpers to enroll owners and make modules.
+// Torch-free, as the coordinator is: anchors and modules are written as safetensors bytes
+// (common/core/safetensors.h), so these tests also run in the sanitizer builds (docs/BUILD.md).
 #pragma once
 
 #include <catch2/catch.hpp>
 
+#include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
+#include <random>
 
-#include "common/model/anchor.h"
-#include "common/merge/expert_export.h"
+#include "common/core/anchor_manifest.h"
+#include "common/core/expert_module.h"
 #include "common/core/file_util.h"
+#include "common/core/identity.h"
+#include "common/core/safetensors.h"
 #include "common/core/sha256.h"
 #include "coordinator/coordinator.h"
-#include "tests/test_util.h"
+#include "tests/temp_dir.h"
 
 namespace flexfed::testing {
 
@@ -48,7 +55,7 @@ inline v1::UploadChunk ChunkOf(const std::string& path, const std::string& sessi
 
 // Uploads a file chunk by chunk (only the missing ones) and commits.
 inline absl::StatusOr<v1::CommitUploadResponse> Upload(Coordinator& c, const PeerIdentity& who, const std::string& expert_id,
-                                                const std::string& path) {
+                                                       const std::string& path) {
   v1::Manifest m = ManifestOf(path);
   absl::StatusOr<v1::UploadStatus> status = c.BeginUpload(who, expert_id, m);
   if (!status.ok()) return status.status();
@@ -64,6 +71,73 @@ inline absl::StatusOr<v1::CommitUploadResponse> Upload(Coordinator& c, const Pee
   return c.CommitUpload(who, status->session_id());
 }
 
+// The tensors of a safetensors file as bytes, for tests that write files a hostile owner would.
+struct RawTensor {
+  Dtype dtype = Dtype::kF32;
+  std::vector<int64_t> shape;
+  std::string bytes;  // little-endian elements, row-major
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  // Element i of an F32 tensor.
+  void SetF32(int64_t i, float v) { std::memcpy(bytes.data() + 4 * i, &v, 4); }
+  float F32(int64_t i) const {
+    float v;
+    std::memcpy(&v, bytes.data() + 4 * i, 4);
+    return v;
+  }
+  // F32 → BF16 (the upper half of each element).
+  void ToBf16() {
+    std::string out(bytes.size() / 2, '\0');
+    for (size_t i = 0; i < bytes.size() / 4; ++i) std::memcpy(out.data() + 2 * i, bytes.data() + 4 * i + 2, 2);
+    bytes = std::move(out);
+    dtype = Dtype::kBF16;
+  }
+  static RawTensor Zeros(Dtype dtype, std::vector<int64_t> shape) {
+    RawTensor t{dtype, std::move(shape), ""};
+    t.bytes.assign(static_cast<size_t>(t.numel()) * DtypeSize(dtype), '\0');
+    return t;
+  }
+  // Seeded normal values times `scale`, as F32.
+  static RawTensor Random(std::vector<int64_t> shape, std::mt19937_64& rng, float scale = 1.0f) {
+    RawTensor t = Zeros(Dtype::kF32, std::move(shape));
+    std::normal_distribution<float> normal;
+    for (int64_t i = 0; i < t.numel(); ++i) t.SetF32(i, scale * normal(rng));
+    return t;
+  }
+};
+using RawTensors = std::map<std::string, RawTensor>;
+
+inline absl::Status WriteRawSafetensors(const std::string& path, const RawTensors& tensors,
+                                        const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorInfo> infos;
+  for (const auto& [name, t] : tensors) infos.push_back({name, t.dtype, t.shape, 0, 0});
+  absl::StatusOr<std::string> header = BuildSafetensorsHeader(infos, metadata);
+  if (!header.ok()) return header.status();
+  std::string file = *header;
+  for (const TensorInfo& info : infos) file += tensors.at(info.name).bytes;  // in the header's data order
+  return WriteFileAtomically(path, file);
+}
+
+inline absl::StatusOr<std::pair<RawTensors, std::map<std::string, std::string>>> ReadRawSafetensors(const std::string& path) {
+  absl::StatusOr<std::string> bytes = ReadFile(path);
+  if (!bytes.ok()) return bytes.status();
+  absl::StatusOr<SafetensorsLayout> layout = ParseSafetensors(path, reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size());
+  if (!layout.ok()) return layout.status();
+  RawTensors out;
+  for (const TensorInfo& t : layout->tensors) {
+    out[t.name] = {t.dtype, t.shape, bytes->substr(layout->data_offset + t.begin, t.end - t.begin)};
+  }
+  return std::make_pair(std::move(out), layout->metadata);
+}
+
+inline std::string ModuleTensorName(int64_t layer, const std::string& what) {
+  return "layers." + std::to_string(layer) + "." + what;
+}
+
 struct Site {
   TempDir dir;
   std::unique_ptr<Coordinator> coordinator;
@@ -72,35 +146,51 @@ struct Site {
   int64_t now = 1'800'000'000;  // the coordinator's clock: tests move it by hand
   ModelConfig config;
   PrivacyPolicy policy;  // the operator's; takes effect at the next Reopen()
+  std::mt19937_64 rng{20261207};
 
   Site() {
     auto [key, ca] = ValueOrDie(MakeCa("test CA", 30));
     ca_key = key;
     ca_cert = ca.certificate_pem;
-    coordinator = ValueOrDie(Coordinator::Open({dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }}));
-    // An anchor: a `test` model, r_pub, published file by file.
+    coordinator = ValueOrDie(Coordinator::Open(Options()));
+    // An anchor of the `test` shape: its config, dense weights and r_pub, published file by file.
     config = ValueOrDie(ModelConfig::Preset("test"));
     anchor_dir = dir / "anchor";
-    REQUIRE(ValueOrDie(FlexOlmoModel::Create(config, at::kFloat, 3)).Save(anchor_dir).ok());
-    RouterEmbedding pub;
-    for (int64_t l = 0; l < config.num_hidden_layers; ++l) pub.rows.push_back(at::randn({config.hidden_size}));
-    REQUIRE(WriteRouterEmbedding(anchor_dir + "/router_pub.safetensors", pub).ok());
+    fs::create_directories(anchor_dir);
+    REQUIRE(WriteFileAtomically(anchor_dir + "/config.json", config.ToJson().dump(2)).ok());
+    const int64_t h = config.hidden_size, f = config.intermediate_size;
+    RawTensors weights = {{"model.embed_tokens.weight", RawTensor::Random({config.vocab_size, h}, rng, 0.02f)},
+                          {"model.norm.weight", RawTensor::Random({h}, rng)}};
+    RawTensors pub;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.0.";
+      weights[p + "gate_proj.weight"] = RawTensor::Random({f, h}, rng, 0.02f);
+      weights[p + "up_proj.weight"] = RawTensor::Random({f, h}, rng, 0.02f);
+      weights[p + "down_proj.weight"] = RawTensor::Random({h, f}, rng, 0.02f);
+      pub[ModuleTensorName(l, "router.weight")] = RawTensor::Random({h}, rng);
+    }
+    REQUIRE(WriteRawSafetensors(anchor_dir + "/model.safetensors", weights, {}).ok());
+    REQUIRE(WriteRawSafetensors(anchor_dir + "/router_pub.safetensors", pub, {}).ok());
     v1::PublishAnchorRequest publish;
     for (const auto& entry : fs::directory_iterator(anchor_dir)) {
       v1::CommitUploadResponse r = ValueOrDie(Upload(*coordinator, admin, "", entry.path().string()));
       REQUIRE(r.rejection().empty());
-      v1::AnchorFile* f = publish.add_files();
-      f->set_name(entry.path().filename().string());
-      f->mutable_blob()->set_sha256(ValueOrDie(Sha256File(entry.path().string())));
-      f->mutable_blob()->set_size(fs::file_size(entry.path()));
+      v1::AnchorFile* file = publish.add_files();
+      file->set_name(entry.path().filename().string());
+      file->mutable_blob()->set_sha256(ValueOrDie(Sha256File(entry.path().string())));
+      file->mutable_blob()->set_size(fs::file_size(entry.path()));
     }
     anchor_id = ValueOrDie(coordinator->PublishAnchor(admin, publish)).anchor_id();
+  }
+
+  CoordinatorOptions Options() {
+    return {dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }, policy};
   }
 
   // A restart: the coordinator closed and opened again on the same data directory.
   void Reopen() {
     coordinator.reset();
-    coordinator = ValueOrDie(Coordinator::Open({dir / "coordinator", ca_key, ca_cert, 30, 3600, [this] { return now; }, policy}));
+    coordinator = ValueOrDie(Coordinator::Open(Options()));
   }
 
   // Adds and enrolls an owner; returns its authenticated identity and certificate (its private
@@ -127,23 +217,28 @@ struct Site {
     return ValueOrDie(coordinator->RegisterExpert(admin, r)).expert_id();
   }
 
-  // A valid module for this anchor; `edit` may spoil it first.
-  std::string Module(const std::string& name, const std::function<void(ExpertTensors&, ExpertModuleMetadata&)>& edit = {}) {
-    Anchor a = ValueOrDie(LoadAnchor(anchor_dir));
-    ExpertTensors t;
-    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
-      const ExpertWeights& e = a.model.layers()[l].experts[0];
-      t.ffn.push_back({e.gate_proj + 0.01, e.up_proj.clone(), e.down_proj.clone()});
-      t.router_rows.push_back(at::randn({config.hidden_size}));
-      t.router_bias.push_back(at::tensor({-0.5f}));
+  // A valid module for this anchor (every tensor of the allow-list, seeded random values, a
+  // negative bias); `edit` may spoil it first.
+  using ModuleEdit = std::function<void(RawTensors&, ExpertModuleMetadata&)>;
+  std::string Module(const std::string& name, const ModuleEdit& edit = {}) {
+    RawTensors t;
+    for (const AllowedTensor& a : ExpertModuleAllowList(config, Dtype::kF32, /*with_bias=*/true)) {
+      t[a.name] = RawTensor::Random(a.shape, rng, a.shape.size() == 2 ? 0.02f : 1.0f);
     }
-    ExpertModuleMetadata m{a.id, ConfigHash(config), "acme", name, "arithmetic", 1000, "anchor"};
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) t[ModuleTensorName(l, "router.bias")].SetF32(0, -0.5f);
+    ExpertModuleMetadata m{anchor_id, ConfigHash(config), "acme", name, "arithmetic", 1000, "anchor"};
     if (edit) edit(t, m);
+    std::map<std::string, std::string> meta = {
+        {"format", kExpertModuleFormat}, {"format_version", kExpertModuleVersion},
+        {"anchor_sha256", m.anchor_sha256}, {"config_hash", m.config_hash},
+        {"owner", m.owner}, {"expert_name", m.expert_name},
+        {"domain", m.domain}, {"tokens_trained", std::to_string(m.tokens_trained)},
+        {"router_init", m.router_init}};
+    if (!m.privacy.empty()) meta["privacy"] = m.privacy;
     const std::string path = dir / (name + ".safetensors");
-    REQUIRE(WriteExpertModule(path, t, m).ok());
+    REQUIRE(WriteRawSafetensors(path, t, meta).ok());
     return path;
   }
 };
-
 
 }  // namespace flexfed::testing

@@ -81,7 +81,7 @@ TEST_CASE("an empty or bad module is rejected with a reason and no server path",
   REQUIRE(r.ok());
   CHECK_FALSE(r->rejection().empty());
   CHECK(r->message().find(s.site.dir.path()) == std::string::npos);
-  const std::string nan = s.site.Module("nan", [](ExpertTensors& t, ExpertModuleMetadata&) { t.ffn[0].down_proj[0][0] = NAN; });
+  const std::string nan = s.site.Module("nan", [](testing::RawTensors& t, ExpertModuleMetadata&) { t["layers.0.down_proj.weight"].SetF32(0, NAN); });
   r = client->UploadFile(nan, expert, nullptr);
   REQUIRE(r.ok());
   CHECK(r->rejection() == "non_finite");
@@ -144,6 +144,53 @@ TEST_CASE("revoking an owner stops its open upload stream at the next chunk", "[
   CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
   const v1::UploadStatus after = ValueOrDie(s.site.coordinator->QueryMissing(acme, session));
   CHECK(std::find(after.missing().begin(), after.missing().end(), 1u) != after.missing().end());
+}
+
+// Issue #34, row 1: eight concurrent uploads from one owner killed the coordinator ("pure virtual
+// method called" / SIGSEGV in 3 of 4 runs): a chunk stored while the client half-closed could start
+// a read on a stream whose call was finishing, and that read then ran on the deleted reactor. Here
+// one owner's eight streams at once, round after round, each sending its module in 64 KiB chunks
+// and half-closing while its last chunks are still being stored, against 4 chunk slots for the
+// caller; every stream must end OK with its chunks stored (a crash ends the whole test process).
+TEST_CASE("one owner's eight concurrent upload streams, round after round, all end cleanly", "[transfer]") {
+  Served s;
+  auto [acme, cert] = s.site.Enroll("acme");
+  constexpr int kStreams = 8, kRounds = 80;
+  std::vector<std::string> modules;
+  for (int i = 0; i < kStreams; ++i) modules.push_back(s.site.Module("m" + std::to_string(i)));
+  std::vector<v1::Manifest> manifests;
+  for (const std::string& m : modules) manifests.push_back(testing::ManifestOf(m));
+  REQUIRE(manifests[0].chunks_size() >= 4);
+  std::vector<std::unique_ptr<CoordinatorClient>> clients;
+  for (int i = 0; i < kStreams; ++i) clients.push_back(s.ClientFor(cert, s.site.keys["acme"]));
+  for (int round = 0; round < kRounds; ++round) {
+    INFO("round " << round);
+    std::vector<std::string> sessions;
+    for (int i = 0; i < kStreams; ++i) {
+      const std::string expert = s.site.Register("acme", "r" + std::to_string(round) + "s" + std::to_string(i));
+      sessions.push_back(ValueOrDie(s.site.coordinator->BeginUpload(acme, expert, manifests[i])).session_id());
+    }
+    std::vector<grpc::Status> results(kStreams);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kStreams; ++i) {
+      threads.emplace_back([&, i] {
+        auto ctx = clients[i]->NewContext();
+        v1::UploadStatus reply;
+        auto writer = clients[i]->owner().UploadChunks(ctx.get(), &reply);
+        for (int c = 0; c < manifests[i].chunks_size(); ++c) {
+          if (!writer->Write(testing::ChunkOf(modules[i], sessions[i], static_cast<uint64_t>(c)))) break;
+        }
+        writer->WritesDone();
+        results[i] = writer->Finish();
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (int i = 0; i < kStreams; ++i) {
+      INFO("stream " << i << ": " << results[i].error_message());
+      CHECK(results[i].ok());
+      CHECK(ValueOrDie(s.site.coordinator->QueryMissing(acme, sessions[i])).missing_size() == 0);
+    }
+  }
 }
 
 TEST_CASE("a blob larger than 4 GiB crosses the 2 and 4 GiB boundaries intact", "[transfer][slow]") {
