@@ -1,10 +1,14 @@
 #include "coordinator/audit_log.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <deque>
 #include <fstream>
 #include <random>
@@ -17,8 +21,36 @@
 namespace flexfed {
 
 absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
-  if (fd < 0) return absl::InternalError(absl::StrCat(path, ": cannot open the audit log"));
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+  if (fd < 0) return absl::InternalError(absl::StrCat(path, ": cannot open the audit log: ", std::strerror(errno)));
+  // A last line without its newline is an event whose append never completed (the process died
+  // in the write): never acknowledged, so it is cut, and the next event starts a line of its own.
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && st.st_size > 0) {
+    off_t end = st.st_size;
+    char c = 0;
+    if (::pread(fd, &c, 1, end - 1) == 1 && c != '\n') {
+      char buf[4096];
+      while (end > 0) {
+        const off_t from = std::max<off_t>(0, end - static_cast<off_t>(sizeof buf));
+        const ssize_t n = ::pread(fd, buf, static_cast<size_t>(end - from), from);
+        if (n <= 0) break;
+        const void* nl = ::memrchr(buf, '\n', static_cast<size_t>(n));
+        if (nl != nullptr) {
+          end = from + (static_cast<const char*>(nl) - buf) + 1;
+          break;
+        }
+        end = from;
+      }
+      if (::ftruncate(fd, end) != 0 || ::fdatasync(fd) != 0) {
+        ::close(fd);
+        return absl::InternalError(absl::StrCat(path, ": cannot cut its torn last line: ", std::strerror(errno)));
+      }
+      std::fprintf(stderr, "%s\n",
+                   nlohmann::json({{"level", "warning"}, {"event", "audit_torn_line_cut"}, {"path", path},
+                                   {"bytes", static_cast<int64_t>(st.st_size - end)}}).dump().c_str());
+    }
+  }
   return std::unique_ptr<AuditLog>(new AuditLog(path, fd));
 }
 
@@ -43,8 +75,23 @@ absl::StatusOr<std::string> AuditLog::Append(const AuditEvent& e) {
                       {"result", e.result}};
   // Bytes that are not UTF-8 (a certificate's CN, a module's metadata) are replaced, never thrown on.
   const std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  if (::write(fd_, line.data(), line.size()) != static_cast<ssize_t>(line.size()) || ::fdatasync(fd_) != 0) {
-    return absl::InternalError(absl::StrCat(path_, ": cannot append to the audit log"));
+  // The whole line or none of it: a short write (a full disk) is cut back off, so the log never
+  // holds half an event and the next one starts its own line.
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return absl::InternalError(absl::StrCat(path_, ": cannot stat the audit log: ", std::strerror(errno)));
+  const ssize_t n = ::write(fd_, line.data(), line.size());
+  const int write_errno = errno;
+  if (n != static_cast<ssize_t>(line.size())) {
+    if (n > 0 && ::ftruncate(fd_, st.st_size) != 0) {
+      return absl::DataLossError(absl::StrCat(path_, ": an event was cut short and cannot be removed: ", std::strerror(errno),
+                                              "; the coordinator cuts it when it next starts"));
+    }
+    return absl::ResourceExhaustedError(absl::StrCat(path_, ": cannot append to the audit log: ",
+                                                     n < 0 ? std::strerror(write_errno) : "no space left on device",
+                                                     "; free space where the audit log lives"));
+  }
+  if (::fdatasync(fd_) != 0) {
+    return absl::InternalError(absl::StrCat(path_, ": cannot make the audit log durable: ", std::strerror(errno)));
   }
   return id;
 }

@@ -309,14 +309,23 @@ absl::Status BlobStore::Assemble(const std::string& session, const ChunkLayout& 
     return absl::DataLossError(dropped > 0 ? absl::StrCat(dropped, " stored chunk(s) were damaged and dropped; send them again")
                                            : "the chunks do not add up to the manifest's SHA-256 (the manifest is wrong)");
   }
-  if (Has(layout.sha256)) return absl::OkStatus();  // verified the same bytes; the session's copy goes with it
   int fd = ::open(data.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd >= 0) {
     ::fsync(fd);
     ::close(fd);
   }
+  // The verified bytes take the blob's name even where a copy is stored already: that copy may be
+  // one damaged since it was written, and these are known good. A second name first, in the
+  // session's folder, then renamed over the blob's (atomic): the session keeps its data until
+  // the commit is recorded, so a commit that fails after this point (a full disk) is retried
+  // without a chunk sent again.
+  const fs::path staged = fs::path(SessionDir(session)) / "assembled";
+  fs::remove(staged, ec);
   fs::create_directories(fs::path(PathOf(layout.sha256)).parent_path(), ec);
-  fs::rename(data, PathOf(layout.sha256), ec);
+  if (::link(data.c_str(), staged.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat(staged.string(), ": cannot link the assembled blob: ", std::strerror(errno)));
+  }
+  fs::rename(staged, PathOf(layout.sha256), ec);
   if (ec) return absl::InternalError(absl::StrCat(PathOf(layout.sha256), ": cannot move into place: ", ec.message()));
   SyncDirectory(fs::path(PathOf(layout.sha256)).parent_path().string());
   // The upload's own layout serves downloads: no second pass over the blob to describe it.

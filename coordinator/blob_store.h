@@ -60,9 +60,11 @@ class BlobStore {
   bool HasChunk(const std::string& session, uint64_t index) const;
   std::vector<uint64_t> MissingChunks(const std::string& session, const ChunkLayout& layout) const;
   uint64_t ReceivedBytes(const std::string& session, const ChunkLayout& layout) const;
-  // Turns a complete session into the blob: one read hashing the received bytes, then a rename;
-  // the blob appears under its name only when its SHA-256 and size are right. On a mismatch the
-  // damaged chunks are found, unmarked and reported.
+  // Turns a complete session into the blob: one read hashing the received bytes, then a second
+  // name renamed over the blob's; the blob appears under its name only when its SHA-256 and size
+  // are right, and a stored copy of the same hash is replaced by the verified bytes. The session
+  // keeps its data (the caller drops it once the commit is recorded). On a mismatch the damaged
+  // chunks are found, unmarked and reported.
   absl::Status Assemble(const std::string& session, const ChunkLayout& layout);
   void DropSession(const std::string& session);
 

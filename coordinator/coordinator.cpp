@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <set>
@@ -171,17 +172,28 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const Coordinator
   return c;
 }
 
-void Coordinator::Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
-                        const std::string& result) {
+absl::Status Coordinator::Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+                                const std::string& result) {
   absl::StatusOr<std::string> id = audit_->Append({who.id.empty() ? "-" : who.id, who.fingerprint_sha256, action,
                                                    std::move(objects), result});
-  if (!id.ok()) {
-    std::fprintf(stderr, "%s\n", json({{"level", "error"}, {"event", "audit_failed"}, {"message", std::string(id.status().message())}}).dump().c_str());
+  if (id.ok()) return absl::OkStatus();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counters_.audit_failures;
   }
+  std::fprintf(stderr, "%s\n",
+               json({{"level", "error"}, {"event", "audit_failed"}, {"action", action}, {"message", std::string(id.status().message())}})
+                   .dump()
+                   .c_str());
+  return id.status();
 }
 
 std::shared_mutex& Coordinator::SessionLock(const std::string& session_id) {
   return session_locks_[std::hash<std::string>{}(session_id) % session_locks_.size()];
+}
+
+std::mutex& Coordinator::ExpertLock(const std::string& expert_id) {
+  return expert_locks_[std::hash<std::string>{}(expert_id) % expert_locks_.size()];
 }
 
 CoordinatorCounters Coordinator::counters() {
@@ -628,14 +640,17 @@ absl::StatusOr<v1::CheckStoreResponse> Coordinator::CheckStore(const PeerIdentit
       add("expert_inconsistent", e.expert_id, absl::StrCat("its module ", e.module_sha256.substr(0, 12), " has no committed upload"), false);
     }
   }
+  // Every check is audited, read-only ones too; where the log cannot take the event (a full disk),
+  // the check says so instead of passing unrecorded.
+  const int64_t repaired = out.findings_size() - out.unrepaired();
+  if (absl::Status s = Audit(who, "store.check", {{"repair", r.repair() ? "yes" : "no"}, {"hashes", r.skip_hashes() ? "no" : "yes"}},
+                             absl::StrCat("ok: ", out.findings_size(), " finding(s), ", repaired, " repaired"));
+      !s.ok()) {
+    add("audit_log", "audit.jsonl", absl::StrCat("this check could not be recorded: ", s.message()), false);
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     counters_.store_problems = out.unrepaired();
-  }
-  if (who.role == "admin" || out.findings_size() > 0) {
-    int64_t repaired = out.findings_size() - out.unrepaired();
-    Audit(who, "store.check", {{"repair", r.repair() ? "yes" : "no"}, {"hashes", r.skip_hashes() ? "no" : "yes"}},
-          absl::StrCat("ok: ", out.findings_size(), " finding(s), ", repaired, " repaired"));
   }
   return out;
 }
@@ -754,6 +769,9 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
   // The session id is a function of (caller, expert, blob): re-declaring the same upload after a
   // restart of either side finds the same session and the chunks already received.
   const std::string session = Sha256Hex(absl::StrCat(who.role, "\n", who.id, "\n", expert_id, "\n", layout.sha256)).substr(0, 32);
+  // From here to the record of this upload, one BeginUpload per expert at a time.
+  std::unique_lock<std::mutex> expert_lock(ExpertLock(expert_id), std::defer_lock);
+  if (!expert_id.empty()) expert_lock.lock();
   absl::StatusOr<UploadRecord> existing = store_->GetUpload(session);
   // A module pushed again after a newer one superseded it starts over.
   const bool reopening = existing.ok() && existing->state == "rejected" && existing->rejection == "superseded";
@@ -781,17 +799,40 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
     existing->state = "open";
     existing->rejection.clear();
     existing->message.clear();
+    existing->manifest_json = ManifestJson(layout);
     existing->updated_unix = Now();
     if (absl::Status st = store_->UpdateUpload(*existing); !st.ok()) return st;
     Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}, {"session", session}}, "ok: again");
+  }
+  // The same blob declared again in other chunks (another client, another chunk size): the session
+  // takes the new layout and starts over, so the indices it reports missing are always the
+  // caller's. (The session id names caller, expert and blob, not the chunking.)
+  if (existing.ok() && existing->state == "open" && existing->manifest_json != ManifestJson(layout)) {
+    std::unique_lock<std::shared_mutex> lock(SessionLock(session));
+    blobs_->DropSession(session);
+    existing->manifest_json = ManifestJson(layout);
+    existing->updated_unix = Now();
+    if (absl::Status st = store_->UpdateUpload(*existing); !st.ok()) return st;
+    Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}, {"session", session}},
+          absl::StrCat("ok: declared again in chunks of ", layout.chunk_size, " bytes; the chunks received before were dropped"));
   }
   if (!existing.ok()) {
     const int64_t now = Now();
     UploadRecord u{session, expert_id, who.id, ManifestJson(layout), layout.sha256, static_cast<int64_t>(layout.size),
                    "open", "", "", now, now};
-    if (absl::Status s = store_->AddUpload(u); !s.ok() && !absl::IsAlreadyExists(s)) return s;
-    Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}, {"session", session}}, "ok");
+    if (absl::Status s = store_->AddUpload(u); !s.ok()) {
+      if (!absl::IsAlreadyExists(s)) return s;
+      // The same session recorded meanwhile is this upload; another session is another open upload
+      // of the expert, begun at the same moment through another coordinator (the store's index
+      // keeps one): the caller begins again and finds it superseded or its own.
+      if (!store_->GetUpload(session).ok()) {
+        return absl::AbortedError(absl::StrCat("another upload of expert '", expert_id, "' began at the same moment; begin again"));
+      }
+    } else {
+      Audit(who, "upload.begin", {{"expert", expert_id}, {"blob", layout.sha256}, {"session", session}}, "ok");
+    }
   }
+  expert_lock = {};
   return QueryMissing(who, session);
 }
 
@@ -873,15 +914,19 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIde
   // From here until the blob is recorded, the store check must not take it for unreferenced.
   std::shared_lock<std::shared_mutex> gc_lock(blob_gc_mu_);
   if (absl::Status s = blobs_->Assemble(session, *layout); !s.ok()) return s;
-  blobs_->DropSession(session);
+  // The session's chunks go only once the outcome is recorded: a commit that fails before (a full
+  // disk, the database) is retried with nothing sent again.
   if (u->expert_id.empty()) {  // an operator's blob
     u->state = "committed";
     u->updated_unix = Now();
     if (absl::Status s = store_->UpdateUpload(*u); !s.ok()) return s;
+    blobs_->DropSession(session);
     Audit(who, "blob.commit", {{"blob", layout->sha256}}, "ok");
     return out;
   }
-  return CommitModule(who, *std::move(u));
+  absl::StatusOr<v1::CommitUploadResponse> committed = CommitModule(who, *std::move(u));
+  if (committed.ok()) blobs_->DropSession(session);
+  return committed;
 }
 
 absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIdentity& who, UploadRecord u) {
@@ -1004,6 +1049,24 @@ absl::StatusOr<std::string> Coordinator::ReadBlob(const PeerIdentity& who, const
   if (data.ok()) {
     std::lock_guard<std::mutex> lock(mu_);
     counters_.bytes_out += static_cast<int64_t>(data->size());
+  }
+  return data;
+}
+
+absl::StatusOr<std::string> Coordinator::ReadChunk(const PeerIdentity& who, const ChunkLayout& layout, uint64_t index) {
+  if (index >= layout.chunk_sha256.size()) return absl::OutOfRangeError(absl::StrCat("chunk ", index, " is past the blob"));
+  absl::StatusOr<std::string> data = ReadBlob(who, layout.sha256, index * layout.chunk_size, layout.ChunkBytes(index));
+  if (!data.ok()) return data.status();
+  if (data->size() != layout.ChunkBytes(index) || Sha256Hex(*data) != layout.chunk_sha256[index]) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++counters_.damaged_reads;
+    }
+    std::fprintf(stderr, "%s\n", json({{"level", "error"}, {"event", "damaged_blob_read"}, {"blob", layout.sha256},
+                                       {"chunk", index}, {"reader", who.role + "/" + who.id}}).dump().c_str());
+    return absl::DataLossError(absl::StrCat("the coordinator's stored copy of blob ", layout.sha256.substr(0, 12), "… is damaged (chunk ",
+                                            index, " no longer matches its hash); nothing of it was sent. Tell the operator: "
+                                            "`flexfedctl status --check` reports it, and a backup (or a new upload of the same bytes) repairs it"));
   }
   return data;
 }

@@ -42,6 +42,8 @@ struct CoordinatorCounters {
   int64_t bytes_out = 0;
   int64_t committed_uploads = 0;
   int64_t store_problems = 0;  // findings the last store check left unrepaired
+  int64_t damaged_reads = 0;   // chunks refused to a reader because the stored copy no longer matched
+  int64_t audit_failures = 0;  // events the audit log could not take
 };
 
 class Coordinator {
@@ -88,6 +90,10 @@ class Coordinator {
   // Reads part of a blob the caller may read (owners: files of an anchor; admins: anything).
   absl::StatusOr<std::string> ReadBlob(const PeerIdentity& who, const std::string& sha256, uint64_t offset,
                                        uint64_t length);
+  // Chunk `index` of a blob the caller may read, checked against its SHA-256 in `layout` (the blob's
+  // chunk manifest): a stored copy damaged since it was written is never served — DataLoss naming
+  // the coordinator's copy, counted, logged — so the reader is not left blaming its network.
+  absl::StatusOr<std::string> ReadChunk(const PeerIdentity& who, const ChunkLayout& layout, uint64_t index);
   absl::Status Heartbeat(const PeerIdentity& who, const v1::HeartbeatRequest& request);
 
   // The store's invariants (proto CheckStoreRequest): reports what is wrong and, with
@@ -106,12 +112,18 @@ class Coordinator {
 
  private:
   Coordinator() = default;
-  void Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
-             const std::string& result);
+  // Appends an event to the audit log; a failure is logged and returned (most callers go on: the
+  // change is made, and the failure is on stderr and in the metrics).
+  absl::Status Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+                     const std::string& result);
   // Per upload session: chunk writes hold it shared, commit (and the store check) exclusive, so no
   // chunk lands in (and re-creates) a session folder that a commit has assembled and dropped. Locks
   // are striped by the session id's hash: a fixed set, however many sessions come and go.
   std::shared_mutex& SessionLock(const std::string& session_id);
+  // Per expert: BeginUpload holds it from reading the expert's open uploads to recording its own,
+  // so two pushes racing for one expert leave one open upload, not both (striped like sessions).
+  // Taken before any session lock, never the other way round.
+  std::mutex& ExpertLock(const std::string& expert_id);
   absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
   // A refused module's blob goes, unless something else refers to the same bytes. Called with
   // blob_gc_mu_ held shared (by the commit).
@@ -134,6 +146,7 @@ class Coordinator {
   std::shared_mutex blob_gc_mu_;
   CoordinatorCounters counters_;
   std::array<std::shared_mutex, 512> session_locks_;
+  std::array<std::mutex, 64> expert_locks_;
   v1::CheckStoreResponse startup_check_;
   std::atomic<bool> stopping_{false};
   int64_t started_unix_ = 0;

@@ -52,7 +52,13 @@ std::vector<prometheus::MetricFamily> CoordinatorMetrics::Collect() const {
   auto problems = Family("flexfed_store_problems", "Findings the last store check could not repair (flexfedctl status --check)",
                          MetricType::Gauge);
   Add(problems, static_cast<double>(c.store_problems));
-  out = {bytes_in, bytes_out, committed, rejected, problems};
+  auto damaged = Family("flexfed_damaged_blob_reads_total",
+                        "Chunks refused to a reader because the stored copy no longer matched its hash", MetricType::Counter);
+  Add(damaged, static_cast<double>(c.damaged_reads));
+  auto audit = Family("flexfed_audit_failures_total", "Events the audit log could not take (a full or read-only disk)",
+                      MetricType::Counter);
+  Add(audit, static_cast<double>(c.audit_failures));
+  out = {bytes_in, bytes_out, committed, rejected, problems, damaged, audit};
 
   auto sessions = Family("flexfed_upload_sessions_open", "Upload sessions not yet committed", MetricType::Gauge);
   absl::StatusOr<v1::StatusResponse> status = coordinator_->Status();

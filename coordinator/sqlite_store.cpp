@@ -76,6 +76,16 @@ const char* const kMigrations[] = {
     CREATE TRIGGER releases_are_kept BEFORE DELETE ON releases
       BEGIN SELECT RAISE(ABORT, 'releases are immutable'); END;
     )sql",
+    // 2 → 3: one open upload per expert, kept by the database (older coordinators could leave
+    // several after concurrent BeginUploads; the most recently updated stays open).
+    R"sql(
+    UPDATE uploads SET state = 'rejected', rejection = 'superseded',
+        message = 'another upload of this expert was open; a newer one is kept'
+      WHERE state = 'open' AND expert_id != '' AND session_id != (
+        SELECT u.session_id FROM uploads u WHERE u.state = 'open' AND u.expert_id = uploads.expert_id
+          ORDER BY u.updated_unix DESC, u.session_id LIMIT 1);
+    CREATE UNIQUE INDEX one_open_upload_per_expert ON uploads(expert_id) WHERE state = 'open' AND expert_id != '';
+    )sql",
 };
 
 static_assert(sizeof(kMigrations) / sizeof(kMigrations[0]) == SqliteStore::kSchemaVersion,

@@ -24,7 +24,11 @@ namespace fs = std::filesystem;
 
 constexpr uint64_t kChunkSize = 4ull << 20;
 
-bool Retryable(const absl::Status& s) { return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s) || absl::IsAborted(s); }
+// RESOURCE_EXHAUSTED: the coordinator's per-caller limits (streams, calls in flight) and a full disk,
+// which all pass with time.
+bool Retryable(const absl::Status& s) {
+  return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s) || absl::IsAborted(s) || absl::IsResourceExhausted(s);
+}
 
 void Backoff(int attempt, const RetryPolicy& p) {
   static thread_local std::mt19937 rng(std::random_device{}());
@@ -190,6 +194,12 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
     if (round == 0 && progress != nullptr && status->missing_size() < manifest.chunks_size()) {
       progress->Line(absl::StrCat("resuming: ", manifest.chunks_size() - status->missing_size(), " of ", manifest.chunks_size(),
                                   " chunks already at the coordinator"));
+    }
+    for (uint64_t index : status->missing()) {
+      if (index >= static_cast<uint64_t>(manifest.chunks_size())) {
+        return absl::InternalError(absl::StrCat("the coordinator asked for chunk ", index, " of a ", manifest.chunks_size(),
+                                                "-chunk upload; this client and that coordinator disagree, tell the operator"));
+      }
     }
     if (status->missing_size() > 0) {
       // Stream the missing chunks; a broken stream is retried by asking again what is missing.

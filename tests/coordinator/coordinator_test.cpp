@@ -14,10 +14,12 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/core/anchor_manifest.h"
 #include "common/core/file_util.h"
 #include "common/core/release.h"
 #include "common/core/sha256.h"
+#include "coordinator/audit_log.h"
 #include "coordinator/coordinator.h"
 #include "tests/coordinator/site.h"
 #include "tests/temp_dir.h"
@@ -111,15 +113,7 @@ TEST_CASE("an anchor whose config.json is gone from the store fails uploads with
   const std::string module = site.Module("m");
   const v1::Manifest m = ManifestOf(module);
   v1::UploadStatus begun = ValueOrDie(site.coordinator->BeginUpload(acme, math, m));
-  const std::string bytes = ValueOrDie(ReadFile(module));
-  for (uint64_t i : begun.missing()) {
-    v1::UploadChunk c;
-    c.set_session_id(begun.session_id());
-    c.set_index(i);
-    c.set_data(bytes.substr(i * kChunk, m.chunks(static_cast<int>(i)).size()));
-    c.set_sha256(m.chunks(static_cast<int>(i)).sha256());
-    REQUIRE(site.coordinator->PutChunk(acme, c).ok());
-  }
+  REQUIRE(testing::SendMissing(*site.coordinator, acme, begun, module).ok());
   // Damage the store behind the coordinator's back: the anchor's file list loses config.json.
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open((site.dir / "coordinator/metadata.db").c_str(), &db) == SQLITE_OK);
@@ -860,6 +854,148 @@ TEST_CASE("one open upload per expert: a newer module supersedes an unfinished p
   r = ValueOrDie(Upload(*site.coordinator, acme, expert, first));
   CHECK(r.rejection().empty());
   CHECK(r.expert().module().sha256() == ValueOrDie(Sha256File(first)));
+  CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest())).findings_size() == 0);
+}
+
+// ------------------------------------------------------------------ damaged blobs and full disks
+
+ChunkLayout LayoutOf(const v1::Manifest& m) {
+  ChunkLayout l{m.blob().sha256(), m.blob().size(), m.chunk_size(), {}};
+  for (const v1::ChunkInfo& c : m.chunks()) l.chunk_sha256.push_back(c.sha256());
+  return l;
+}
+
+// Issue #34 row 5: the stored copy of a module damaged on disk is never served, and the module's
+// exact bytes pushed again (another expert, the same owner) replace it instead of attaching it.
+TEST_CASE("a damaged stored module is refused to readers, and its bytes pushed again replace it", "[coordinator_logic]") {
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string module = site.Module("math");
+  const std::string sha = ValueOrDie(Sha256File(module));
+  REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, site.Register("acme", "math"), module)).rejection().empty());
+  const ChunkLayout layout = LayoutOf(ValueOrDie(site.coordinator->GetManifest(site.admin, sha)));
+  REQUIRE(layout.chunk_sha256.size() >= 2);
+  std::string bytes = ValueOrDie(ReadFile(module));
+  bytes[bytes.size() - 10] ^= 1;  // the last chunk, damaged in place
+  REQUIRE(WriteFileAtomically(site.coordinator->blobs().PathOf(sha), bytes).ok());
+  const uint64_t last = layout.chunk_sha256.size() - 1;
+  CHECK(site.coordinator->ReadChunk(site.admin, layout, 0).ok());
+  absl::StatusOr<std::string> refused = site.coordinator->ReadChunk(site.admin, layout, last);
+  CHECK(absl::IsDataLoss(refused.status()));
+  CHECK_THAT(std::string(refused.status().message()), Catch::Contains("coordinator"));
+  CHECK(site.coordinator->counters().damaged_reads == 1);
+
+  REQUIRE(ValueOrDie(Upload(*site.coordinator, acme, site.Register("acme", "math2"), module)).rejection().empty());
+  CHECK(ValueOrDie(Sha256File(site.coordinator->blobs().PathOf(sha))) == sha);
+  CHECK(ValueOrDie(site.coordinator->ReadChunk(site.admin, layout, last)) == ValueOrDie(ReadFile(module)).substr(last * layout.chunk_size));
+  CHECK(site.coordinator->counters().damaged_reads == 1);
+}
+
+// A torn last line (the process died inside a write) is cut when the log opens: never an event
+// half-written, and the next one starts a line of its own.
+TEST_CASE("the audit log cuts a torn last line when it opens", "[coordinator_logic]") {
+  TempDir dir;
+  const std::string path = dir / "audit.jsonl";
+  {
+    auto log = ValueOrDie(AuditLog::Open(path));
+    REQUIRE(log->Append({"ops", "", "first", {}, "ok"}).ok());
+  }
+  const std::string whole = ValueOrDie(ReadFile(path));
+  {
+    std::ofstream torn(path, std::ios::app | std::ios::binary);
+    torn << R"({"id":"0000","action":"second","obj)";
+  }
+  auto log = ValueOrDie(AuditLog::Open(path));
+  CHECK(ValueOrDie(ReadFile(path)) == whole);
+  REQUIRE(log->Append({"ops", "", "third", {}, "ok"}).ok());
+  const std::vector<std::string> lines = ValueOrDie(log->Tail(10, 0, nullptr));
+  REQUIRE(lines.size() == 2);
+  for (const std::string& line : lines) CHECK_FALSE(nlohmann::json::parse(line, nullptr, false).is_discarded());
+  CHECK_THAT(lines[1], Catch::Contains("third"));
+}
+
+// Fills the filesystem under `dir` to its last byte while alive (the disk-full tests run on a small
+// tmpfs of their own: tests/coordinator/small_disk.sh).
+class DiskFiller {
+ public:
+  explicit DiskFiller(const std::string& dir) : path_(dir + "/filler") {
+    std::ofstream out(path_, std::ios::binary);
+    for (size_t block : {size_t{1} << 20, size_t{4096}, size_t{1}}) {
+      const std::string zeros(block, '\0');
+      while (out.write(zeros.data(), static_cast<std::streamsize>(block)) && out.flush()) {
+      }
+      out.clear();
+    }
+  }
+  ~DiskFiller() { std::filesystem::remove(path_); }
+
+ private:
+  std::string path_;
+};
+
+bool OnSmallDisk() {
+  if (std::getenv("FLEXFED_SMALL_DISK") != nullptr) return true;
+  WARN("not on a small disk of its own: run through ctest (coordinator/disk_full), which mounts one");
+  return false;
+}
+
+// Issue #34 row 6: a commit that fails on a full disk keeps the received chunks, so its retry sends
+// nothing again; the audit log takes every event whole or not at all; a store check that cannot
+// be audited says so.
+TEST_CASE("a full disk: the commit fails and keeps its chunks, the retry sends nothing, the audit log stays whole", "[.][disk_full]") {
+  if (!OnSmallDisk()) return;
+  Site site;
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  const std::string module = site.Module("math");
+  const v1::Manifest m = ManifestOf(module);
+  const v1::UploadStatus begun = ValueOrDie(site.coordinator->BeginUpload(acme, expert, m));
+  REQUIRE(testing::SendMissing(*site.coordinator, acme, begun, module).ok());
+  const std::string audit = site.dir / "coordinator/audit.jsonl";
+  const auto audit_lines_whole = [&] {
+    std::ifstream in(audit, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!text.empty() && text.back() != '\n') return false;
+    for (const absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+      if (nlohmann::json::parse(line.begin(), line.end(), nullptr, false).is_discarded()) return false;
+    }
+    return true;
+  };
+  {
+    DiskFiller full(site.dir.path());
+    absl::StatusOr<v1::CommitUploadResponse> failed = site.coordinator->CommitUpload(acme, begun.session_id());
+    INFO(failed.status());
+    CHECK_FALSE(failed.ok());
+    CHECK(ValueOrDie(site.coordinator->QueryMissing(acme, begun.session_id())).missing_size() == 0);
+    // An event too long for the log's last page: written short, and cut back off.
+    CHECK_FALSE(ValueOrDie(site.coordinator->GetExpert(acme, expert)).has_module());
+    {
+      const std::string side = site.dir / "side.jsonl";
+      auto log = ValueOrDie(AuditLog::Open(side));
+      absl::StatusOr<std::string> appended = log->Append({"ops", "", "long", {}, std::string(20000, 'x')});
+      CHECK(absl::IsResourceExhausted(appended.status()));
+      CHECK_THAT(std::string(appended.status().message()), Catch::Contains("free space"));
+      CHECK(std::filesystem::file_size(side) == 0);
+    }
+    CHECK(audit_lines_whole());
+    // Read-only checks, each audited, until the log's last page has no room for one: that check
+    // reports that it went unrecorded, and the log still holds whole lines only.
+    bool unrecorded = false;
+    for (int i = 0; i < 100 && !unrecorded; ++i) {
+      const v1::CheckStoreResponse check = ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest()));
+      for (const v1::StoreFinding& f : check.findings()) unrecorded |= f.kind() == "audit_log" && !f.repaired();
+    }
+    CHECK(unrecorded);
+    CHECK(site.coordinator->counters().audit_failures >= 1);
+    CHECK(audit_lines_whole());
+  }
+  // Room again: the same commit, no chunk sent.
+  const v1::CommitUploadResponse committed = ValueOrDie(site.coordinator->CommitUpload(acme, begun.session_id()));
+  CHECK(committed.rejection().empty());
+  CHECK(committed.expert().module().sha256() == m.blob().sha256());
+  CHECK(ValueOrDie(Sha256File(site.coordinator->blobs().PathOf(m.blob().sha256()))) == m.blob().sha256());
+  CHECK_FALSE(site.coordinator->blobs().HasSessionFolder(begun.session_id()));
+  CHECK(audit_lines_whole());
   CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest())).findings_size() == 0);
 }
 

@@ -53,21 +53,27 @@ inline v1::UploadChunk ChunkOf(const std::string& path, const std::string& sessi
   return c;
 }
 
-// Uploads a file chunk by chunk (only the missing ones) and commits.
-inline absl::StatusOr<v1::CommitUploadResponse> Upload(Coordinator& c, const PeerIdentity& who, const std::string& expert_id,
-                                                       const std::string& path) {
-  v1::Manifest m = ManifestOf(path);
-  absl::StatusOr<v1::UploadStatus> status = c.BeginUpload(who, expert_id, m);
-  if (!status.ok()) return status.status();
+// Sends the chunks of the file at `path` that a begun upload reports missing.
+inline absl::Status SendMissing(Coordinator& c, const PeerIdentity& who, const v1::UploadStatus& begun, const std::string& path) {
+  const v1::Manifest m = ManifestOf(path);
   const std::string bytes = ValueOrDie(ReadFile(path));
-  for (uint64_t i : status->missing()) {
+  for (uint64_t i : begun.missing()) {
     v1::UploadChunk chunk;
-    chunk.set_session_id(status->session_id());
+    chunk.set_session_id(begun.session_id());
     chunk.set_index(i);
     chunk.set_data(bytes.substr(i * kChunk, m.chunks(static_cast<int>(i)).size()));
     chunk.set_sha256(m.chunks(static_cast<int>(i)).sha256());
     if (absl::StatusOr<v1::UploadStatus> s = c.PutChunk(who, chunk); !s.ok()) return s.status();
   }
+  return absl::OkStatus();
+}
+
+// Uploads a file chunk by chunk (only the missing ones) and commits.
+inline absl::StatusOr<v1::CommitUploadResponse> Upload(Coordinator& c, const PeerIdentity& who, const std::string& expert_id,
+                                                       const std::string& path) {
+  absl::StatusOr<v1::UploadStatus> status = c.BeginUpload(who, expert_id, ManifestOf(path));
+  if (!status.ok()) return status.status();
+  if (absl::Status s = SendMissing(c, who, *status, path); !s.ok()) return s;
   return c.CommitUpload(who, status->session_id());
 }
 

@@ -41,6 +41,43 @@ TEST_CASE("a database from a newer FlexFed is refused", "[sqlite_store]") {
   CHECK_THAT(std::string(store.status().message()), Catch::Contains("newer"));
 }
 
+TEST_CASE("one open upload per expert: the database refuses a second, and schema 3 repairs older stores", "[sqlite_store]") {
+  TempDir dir;
+  const auto upload = [](const std::string& session, const std::string& expert, int64_t t) {
+    return UploadRecord{session, expert, "acme", "{}", std::string(64, session.back()), 1, "open", "", "", t, t};
+  };
+  {
+    auto store = *SqliteStore::Open(dir / "meta.db");
+    REQUIRE(store->AddUpload(upload("s1", "acme/math", 1)).ok());
+    CHECK(absl::IsAlreadyExists(store->AddUpload(upload("s2", "acme/math", 2))));
+    REQUIRE(store->AddUpload(upload("s3", "acme/code", 2)).ok());                        // another expert
+    REQUIRE(store->AddUpload(upload("s4", "", 3)).ok());                                 // operator blobs:
+    REQUIRE(store->AddUpload(upload("s5", "", 3)).ok());                                 // no expert, no limit
+  }
+  // A schema-2 store as concurrent BeginUploads left it: three open uploads of one expert.
+  sqlite3* db;
+  REQUIRE(sqlite3_open((dir / "meta.db").c_str(), &db) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db,
+                       "DROP INDEX one_open_upload_per_expert; PRAGMA user_version = 2;"
+                       "INSERT INTO uploads (session_id, expert_id, owner_id, manifest_json, blob_sha256, blob_size, state,"
+                       " started_unix, updated_unix) VALUES ('s6', 'acme/math', 'acme', '{}', 'x', 1, 'open', 5, 5),"
+                       " ('s7', 'acme/math', 'acme', '{}', 'y', 1, 'open', 9, 9)",
+                       nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+  auto store = *SqliteStore::Open(dir / "meta.db");
+  CHECK(store->schema_version() == 3);
+  const std::vector<UploadRecord> open = *store->OpenUploadsOf("acme/math");
+  REQUIRE(open.size() == 1);
+  CHECK(open[0].session_id == "s7");  // the most recently updated
+  for (const std::string id : {"s1", "s6"}) {
+    CHECK(store->GetUpload(id)->state == "rejected");
+    CHECK(store->GetUpload(id)->rejection == "superseded");
+  }
+  CHECK(store->GetUpload("s3")->state == "open");
+  CHECK(store->GetUpload("s5")->state == "open");
+  CHECK(absl::IsAlreadyExists(store->AddUpload(upload("s8", "acme/math", 10))));
+}
+
 TEST_CASE("anchors: one is current", "[sqlite_store]") {
   TempDir dir;
   auto store = *SqliteStore::Open(dir / "meta.db");

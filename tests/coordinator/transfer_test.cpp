@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <functional>
+#include <random>
 #include <map>
 #include <mutex>
 #include <chrono>
@@ -28,10 +31,20 @@ using testing::ValueOrDie;
 struct Served {
   Site site;
   std::unique_ptr<CoordinatorServer> server;
-  Served() {
+  std::atomic<int64_t> clock_ms{1'000'000};  // the stream watchdog's clock, moved by hand
+  // `tweak` may change the server's options (limits, idle timeout) before it starts.
+  explicit Served(const std::function<void(ServerOptions&)>& tweak = {}) {
     KeyAndCsr key = ValueOrDie(MakeKeyAndCsr("coordinator"));
     IssuedCertificate cert = ValueOrDie(SignCsr(site.ca_key, site.ca_cert, key.csr_pem, "coordinator", "server", 10, {"127.0.0.1"}));
-    server = ValueOrDie(CoordinatorServer::Start(site.coordinator.get(), {"127.0.0.1:0", site.ca_cert, cert.certificate_pem, key.key_pem, 60}));
+    ServerOptions options{"127.0.0.1:0", site.ca_cert, cert.certificate_pem, key.key_pem, 60};
+    options.steady_clock_ms = [this] { return clock_ms.load(); };
+    if (tweak) tweak(options);
+    server = ValueOrDie(CoordinatorServer::Start(site.coordinator.get(), options));
+  }
+  std::string AdminCert(std::string* key_pem) {
+    KeyAndCsr key = ValueOrDie(MakeKeyAndCsr("ops"));
+    *key_pem = key.key_pem;
+    return ValueOrDie(SignCsr(site.ca_key, site.ca_cert, key.csr_pem, "ops", "admin", 10)).certificate_pem;
   }
   std::string address() const { return "127.0.0.1:" + std::to_string(server->port()); }
   std::unique_ptr<CoordinatorClient> ClientFor(const std::string& cert, const std::string& key) {
@@ -190,6 +203,43 @@ TEST_CASE("one owner's eight concurrent upload streams, round after round, all e
       CHECK(results[i].ok());
       CHECK(ValueOrDie(s.site.coordinator->QueryMissing(acme, sessions[i])).missing_size() == 0);
     }
+  }
+}
+
+TEST_CASE("concurrent BeginUploads of different modules leave one open upload per expert", "[transfer]") {
+  Served s;
+  auto [acme, cert] = s.site.Enroll("acme");
+  constexpr int kCalls = 8, kRounds = 20;
+  std::vector<v1::Manifest> manifests;
+  for (int i = 0; i < kCalls; ++i) manifests.push_back(testing::ManifestOf(s.site.Module("m" + std::to_string(i))));
+  std::vector<std::unique_ptr<CoordinatorClient>> clients;
+  for (int i = 0; i < kCalls; ++i) clients.push_back(s.ClientFor(cert, s.site.keys["acme"]));
+  for (int round = 0; round < kRounds; ++round) {
+    INFO("round " << round);
+    const std::string expert = s.site.Register("acme", "r" + std::to_string(round));
+    std::vector<grpc::Status> results(kCalls);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kCalls; ++i) {
+      threads.emplace_back([&, i] {
+        auto ctx = clients[i]->NewContext();
+        v1::BeginUploadRequest request;
+        request.set_expert_id(expert);
+        *request.mutable_manifest() = manifests[i];
+        v1::UploadStatus reply;
+        results[i] = clients[i]->owner().BeginUpload(ctx.get(), request, &reply);
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (const grpc::Status& r : results) CHECK(r.ok());
+    int open = 0, superseded = 0;
+    const v1::ListUploadsResponse uploads = ValueOrDie(s.site.coordinator->ListUploads(1000));
+    for (const v1::UploadInfo& u : uploads.uploads()) {
+      if (u.expert_id() != expert) continue;
+      open += u.state() == "open";
+      superseded += u.rejection() == "superseded";
+    }
+    CHECK(open == 1);
+    CHECK(superseded == kCalls - 1);
   }
 }
 
@@ -411,6 +461,187 @@ TEST_CASE("mixed owner and operator calls at once leave the store's invariants i
     ReleaseManifest m = ValueOrDie(ReleaseManifest::FromJson(r.manifest_json(), r.release_id()));
     for (const ReleaseExpert& x : m.experts) CHECK(s.site.coordinator->blobs().Has(x.module_sha256));
   }
+}
+
+}  // namespace
+}  // namespace flexfed
+
+namespace flexfed {
+namespace {
+
+// Waits (bounded) until `done` holds; the assertions are on what happened, never on how long it took.
+template <typename Done>
+bool Eventually(Done done, int seconds = 30) {
+  for (int i = 0; i < seconds * 100; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return done();
+}
+
+// An upload stream opened and left waiting: what a client that stopped sending looks like.
+struct IdleUpload {
+  std::unique_ptr<CoordinatorClient> client;
+  std::unique_ptr<grpc::ClientContext> ctx;
+  v1::UploadStatus reply;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadChunk>> writer;
+  IdleUpload(Served& s, const std::string& cert, const std::string& key) : client(s.ClientFor(cert, key)) {
+    ctx = client->NewContext();
+    ctx->set_deadline(std::chrono::system_clock::time_point::max());
+    writer = client->owner().UploadChunks(ctx.get(), &reply);
+  }
+};
+
+// Issue #34, row 3: `--idle-timeout` dropped nothing; idle upload streams from 4 owners held all 12
+// chunk slots (a slot was taken before each read), so another owner and the operator waited.
+TEST_CASE("idle upload streams hold no chunk slot: other owners and the operator go on", "[transfer]") {
+  Served s;
+  std::vector<std::unique_ptr<IdleUpload>> idle;
+  for (int o = 0; o < 4; ++o) {
+    const std::string id = "idle" + std::to_string(o);
+    const std::string cert = s.site.Enroll(id).second;
+    for (int k = 0; k < 4; ++k) idle.push_back(std::make_unique<IdleUpload>(s, cert, s.site.keys[id]));
+  }
+  REQUIRE(Eventually([&] { return s.server->free_chunk_slots() == 12; }));  // 16 streams open, no slot taken
+  auto [acme, cert] = s.site.Enroll("acme");
+  s.site.Register("acme", "x");
+  const std::string module = s.site.Module("m");
+  auto owner = s.ClientFor(cert, s.site.keys["acme"]);
+  absl::StatusOr<v1::CommitUploadResponse> pushed = owner->UploadFile(module, "acme/x", nullptr, {1});
+  REQUIRE(pushed.ok());
+  CHECK(pushed->rejection().empty());
+  std::string admin_key;
+  const std::string admin_cert = s.AdminCert(&admin_key);
+  auto admin = s.ClientFor(admin_cert, admin_key);
+  const std::string blob = s.site.dir / "operator.bin";
+  REQUIRE(WriteFileAtomically(blob, std::string(5 << 20, 'o')).ok());
+  CHECK(admin->UploadFile(blob, "", nullptr, {1}).ok());
+  for (auto& u : idle) u->ctx->TryCancel();
+}
+
+TEST_CASE("an upload stream waiting on its client longer than the idle timeout is dropped", "[transfer]") {
+  Served s([](ServerOptions& o) { o.idle_timeout_seconds = 2; });
+  auto [acme, cert] = s.site.Enroll("acme");
+  const std::string expert = s.site.Register("acme", "x");
+  const std::string module = s.site.Module("m");
+  const std::string session = ValueOrDie(s.site.coordinator->BeginUpload(acme, expert, testing::ManifestOf(module))).session_id();
+  IdleUpload up(s, cert, s.site.keys["acme"]);
+  REQUIRE(up.writer->Write(testing::ChunkOf(module, session, 0)));  // one chunk, then silence
+  REQUIRE(Eventually([&] { return ValueOrDie(s.site.coordinator->QueryMissing(acme, session)).missing(0) != 0; }));
+  s.clock_ms += 1000;  // within the timeout: kept
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // two watchdog passes
+  CHECK(s.server->idle_streams_dropped() == 0);
+  s.clock_ms += 1500;  // 2.5 s waiting on the client
+  REQUIRE(Eventually([&] { return s.server->idle_streams_dropped() == 1; }));
+  const grpc::Status status = up.writer->Finish();
+  CHECK_FALSE(status.ok());
+  CHECK(Eventually([&] { return s.server->free_chunk_slots() == 12 && s.server->transfer_streams_of("owner/acme") == 0; }));
+  // What it stored stays; the owner resumes with only what is missing.
+  const v1::UploadStatus after = ValueOrDie(s.site.coordinator->QueryMissing(acme, session));
+  CHECK(std::find(after.missing().begin(), after.missing().end(), 0u) == after.missing().end());
+  IdleUpload resume(s, cert, s.site.keys["acme"]);
+  for (uint64_t i : after.missing()) REQUIRE(resume.writer->Write(testing::ChunkOf(module, session, i)));
+  resume.writer->WritesDone();
+  REQUIRE(resume.writer->Finish().ok());
+  CHECK(ValueOrDie(s.site.coordinator->CommitUpload(acme, session)).rejection().empty());
+}
+
+// A download whose client stops reading held its chunk slot for good.
+TEST_CASE("a download its client stopped reading is dropped after the idle timeout and frees its slot", "[transfer]") {
+  Served s([](ServerOptions& o) { o.idle_timeout_seconds = 2; });
+  std::string admin_key;
+  const std::string admin_cert = s.AdminCert(&admin_key);
+  auto admin = s.ClientFor(admin_cert, admin_key);
+  const std::string blob = s.site.dir / "big.bin";
+  {
+    std::string bytes(96 << 20, '\0');
+    std::mt19937_64 rng(34);
+    for (size_t i = 0; i + 8 <= bytes.size(); i += 8) {
+      const uint64_t v = rng();
+      std::memcpy(bytes.data() + i, &v, 8);
+    }
+    REQUIRE(WriteFileAtomically(blob, bytes).ok());
+  }
+  REQUIRE(admin->UploadFile(blob, "", nullptr, {1}).ok());
+  auto ctx = admin->NewContext();
+  ctx->set_deadline(std::chrono::system_clock::time_point::max());
+  v1::DownloadRequest r;
+  r.set_sha256(ValueOrDie(Sha256File(blob)));
+  auto reader = admin->owner().Download(ctx.get(), r);
+  v1::DataChunk first;
+  REQUIRE(reader->Read(&first));  // then it reads no more: the windows fill, a write stays pending
+  // Until the server has stopped sending (its bytes out stay the same for half a second).
+  int64_t sent = -1;
+  int still = 0;
+  REQUIRE(Eventually([&] {
+    const int64_t now = s.site.coordinator->counters().bytes_out;
+    still = now == sent ? still + 1 : 0;
+    sent = now;
+    return still >= 50;
+  }));
+  CHECK(sent < static_cast<int64_t>(std::filesystem::file_size(blob)));
+  CHECK(s.server->free_chunk_slots() < 12);  // the stalled stream holds one
+  CHECK(s.server->idle_streams_dropped() == 0);
+  s.clock_ms += 2500;
+  REQUIRE(Eventually([&] { return s.server->idle_streams_dropped() == 1; }));
+  CHECK(Eventually([&] { return s.server->free_chunk_slots() == 12; }));
+  ctx->TryCancel();
+  while (reader->Read(&first)) {
+  }
+  CHECK_FALSE(reader->Finish().ok());
+}
+
+// Issue #34, row 4: one owner could open any number of streams, each buffering a window the
+// server did not read (411 MiB measured). A caller now has at most 8 transfer streams open.
+TEST_CASE("a caller's transfer streams are capped; the next one is refused until one ends", "[transfer]") {
+  Served s([](ServerOptions& o) { o.streams_per_caller = 3; });
+  auto [acme, cert] = s.site.Enroll("acme");
+  std::vector<std::unique_ptr<IdleUpload>> open;
+  for (int i = 0; i < 3; ++i) open.push_back(std::make_unique<IdleUpload>(s, cert, s.site.keys["acme"]));
+  REQUIRE(Eventually([&] { return s.server->transfer_streams_of("owner/acme") == 3; }));
+  {
+    IdleUpload fourth(s, cert, s.site.keys["acme"]);
+    fourth.writer->WritesDone();
+    const grpc::Status refused = fourth.writer->Finish();
+    INFO(refused.error_message());
+    CHECK(refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
+    CHECK_THAT(refused.error_message(), Catch::Contains("3 transfer streams"));
+  }
+  // Another owner is not affected.
+  const std::string beta_cert = s.site.Enroll("beta").second;
+  IdleUpload beta(s, beta_cert, s.site.keys["beta"]);
+  beta.writer->WritesDone();
+  CHECK(beta.writer->Finish().error_code() == grpc::StatusCode::INVALID_ARGUMENT);  // admitted: "no chunk was sent"
+  // One of acme's ends: the next is admitted.
+  open[0]->writer->WritesDone();
+  CHECK(open[0]->writer->Finish().error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  REQUIRE(Eventually([&] { return s.server->transfer_streams_of("owner/acme") == 2; }));
+  IdleUpload again(s, cert, s.site.keys["acme"]);
+  again.writer->WritesDone();
+  CHECK(again.writer->Finish().error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  for (size_t i = 1; i < open.size(); ++i) open[i]->ctx->TryCancel();
+}
+
+// A caller without a certificate queues no work: every call but Enroll is refused on arrival, and
+// Enroll has one bounded share for all callers together.
+TEST_CASE("calls without a client certificate are refused before any work is queued", "[transfer]") {
+  Served s;
+  ClientIdentity anonymous{s.site.ca_cert, "", ""};
+  auto client = ValueOrDie(CoordinatorClient::Connect(s.address(), anonymous));
+  auto ctx = client->NewContext();
+  v1::Anchor anchor;
+  const grpc::Status got = client->owner().GetAnchor(ctx.get(), v1::GetAnchorRequest(), &anchor);
+  CHECK(got.error_code() == grpc::StatusCode::UNAUTHENTICATED);
+  auto stream_ctx = client->NewContext();
+  v1::UploadStatus reply;
+  auto writer = client->owner().UploadChunks(stream_ctx.get(), &reply);
+  writer->WritesDone();
+  CHECK(writer->Finish().error_code() == grpc::StatusCode::UNAUTHENTICATED);
+  auto enroll_ctx = client->NewContext();
+  v1::EnrollRequest e;
+  e.set_owner_id("nobody");
+  v1::EnrollResponse out;
+  CHECK(client->enrollment().Enroll(enroll_ctx.get(), e, &out).error_code() == grpc::StatusCode::PERMISSION_DENIED);
 }
 
 }  // namespace
