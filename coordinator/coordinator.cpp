@@ -312,14 +312,26 @@ absl::StatusOr<v1::Anchor> Coordinator::GetAnchor(const std::string& anchor_id) 
   return AnchorToProto(*a);
 }
 
+absl::StatusOr<int64_t> Coordinator::TokenExpiry(int64_t requested_ttl_seconds) const {
+  const int64_t ttl = requested_ttl_seconds > 0 ? requested_ttl_seconds : options_.default_token_ttl_seconds;
+  // A one-time token is for an enrollment about to happen: a year at most, which also keeps
+  // now + ttl far from int64's end whatever the caller asked.
+  if (ttl <= 0 || ttl > kMaxTokenTtlSeconds) {
+    return absl::InvalidArgumentError(absl::StrCat("a token lifetime of ", ttl, " s is out of range; give 1 to ", kMaxTokenTtlSeconds,
+                                                   " s (366 days)"));
+  }
+  return Now() + ttl;
+}
+
 absl::StatusOr<v1::AddOwnerResponse> Coordinator::AddOwner(const PeerIdentity& who, const v1::AddOwnerRequest& r) {
   if (!IsValidName(r.owner_id())) {
     return absl::InvalidArgumentError(absl::StrCat("owner id '", r.owner_id(), "' is not valid: 1-64 of a-z 0-9 - _ ."));
   }
+  absl::StatusOr<int64_t> expires = TokenExpiry(r.token_ttl_seconds());
+  if (!expires.ok()) return expires.status();
   const std::string token = RandomHex(24);
-  const int64_t ttl = r.token_ttl_seconds() > 0 ? r.token_ttl_seconds() : options_.default_token_ttl_seconds;
   OwnerRecord o{r.owner_id(), r.display_name().empty() ? r.owner_id() : r.display_name(), Now(), Sha256Hex(token),
-                Now() + ttl, "", 0, false, "", 0};
+                *expires, "", 0, false, "", 0};
   absl::Status s = store_->AddOwner(o);
   Audit(who, "owner.add", {{"owner", o.owner_id}}, s.ok() ? "ok" : std::string(s.message()));
   if (absl::IsAlreadyExists(s)) return absl::AlreadyExistsError(absl::StrCat("owner '", o.owner_id, "' already exists"));
@@ -333,9 +345,10 @@ absl::StatusOr<v1::AddOwnerResponse> Coordinator::AddOwner(const PeerIdentity& w
 
 absl::StatusOr<v1::AddOwnerResponse> Coordinator::ReenrollOwner(const PeerIdentity& who, const v1::AddOwnerRequest& r) {
   if (!IsValidName(r.owner_id())) return absl::InvalidArgumentError("not a valid owner id");
+  absl::StatusOr<int64_t> expiry = TokenExpiry(r.token_ttl_seconds());
+  if (!expiry.ok()) return expiry.status();
+  const int64_t expires = *expiry;
   const std::string token = RandomHex(24);
-  const int64_t ttl = r.token_ttl_seconds() > 0 ? r.token_ttl_seconds() : options_.default_token_ttl_seconds;
-  const int64_t expires = Now() + ttl;
   absl::Status s = store_->ReissueEnrollmentToken(r.owner_id(), Sha256Hex(token), expires);
   Audit(who, "owner.reenroll", {{"owner", r.owner_id()}}, s.ok() ? "ok" : std::string(s.message()));
   if (!s.ok()) return s;

@@ -48,6 +48,8 @@ struct CoordinatorCounters {
 
 class Coordinator {
  public:
+  static constexpr int64_t kMaxTokenTtlSeconds = 366 * 86400;  // the longest a one-time token lives
+
   static absl::StatusOr<std::unique_ptr<Coordinator>> Open(const CoordinatorOptions& options);
 
   // Who is calling: the identity in a verified client certificate, refused when its owner is
@@ -124,6 +126,9 @@ class Coordinator {
   // so two pushes racing for one expert leave one open upload, not both (striped like sessions).
   // Taken before any session lock, never the other way round.
   std::mutex& ExpertLock(const std::string& expert_id);
+  // When a one-time enrollment token asked for now with this lifetime (0: the default) expires;
+  // InvalidArgument for a lifetime above kMaxTokenTtlSeconds.
+  absl::StatusOr<int64_t> TokenExpiry(int64_t requested_ttl_seconds) const;
   absl::StatusOr<v1::CommitUploadResponse> CommitModule(const PeerIdentity& who, UploadRecord upload);
   // A refused module's blob goes, unless something else refers to the same bytes. Called with
   // blob_gc_mu_ held shared (by the commit).

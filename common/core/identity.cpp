@@ -4,6 +4,8 @@
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/core_names.h>
+#include <openssl/objects.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509.h>
@@ -191,6 +193,32 @@ absl::StatusOr<std::pair<std::string, IssuedCertificate>> MakeCa(const std::stri
   return std::make_pair(KeyPem(key->get()), issued);
 }
 
+// The keys the CA certifies: P-256 and P-384 (what FlexFed's own clients make), RSA of 3072 bits
+// or more, Ed25519. Anything weaker (RSA-1024, DSA) or unusual (other curves) is refused before a
+// certificate exists, so an enrollment with such a key consumes nothing.
+absl::Status CheckKeyPolicy(EVP_PKEY* key) {
+  const std::string allowed = "use a P-256 or P-384 key, RSA of 3072 bits or more, or Ed25519";
+  switch (EVP_PKEY_get_base_id(key)) {
+    case EVP_PKEY_EC: {
+      char group[64] = {0};
+      size_t length = 0;
+      if (EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group, &length) != 1) {
+        return absl::InvalidArgumentError(absl::StrCat("the request's EC key names no standard curve; ", allowed));
+      }
+      const std::string curve(group, length);
+      if (curve == "prime256v1" || curve == "P-256" || curve == "secp384r1" || curve == "P-384") return absl::OkStatus();
+      return absl::InvalidArgumentError(absl::StrCat("the request's key is on curve ", curve, "; ", allowed));
+    }
+    case EVP_PKEY_RSA:
+      if (EVP_PKEY_get_bits(key) >= 3072) return absl::OkStatus();
+      return absl::InvalidArgumentError(absl::StrCat("the request's RSA key has ", EVP_PKEY_get_bits(key), " bits; ", allowed));
+    case EVP_PKEY_ED25519:
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("the request's key is ", OBJ_nid2sn(EVP_PKEY_get_base_id(key)), "; ", allowed));
+  }
+}
+
 absl::StatusOr<IssuedCertificate> SignCsr(const std::string& ca_key_pem, const std::string& ca_cert_pem,
                                           const std::string& csr_pem, const std::string& id, const std::string& role,
                                           int days, const std::vector<std::string>& hosts) {
@@ -207,6 +235,7 @@ absl::StatusOr<IssuedCertificate> SignCsr(const std::string& ca_key_pem, const s
   if (!pub || X509_REQ_verify(req.get(), pub.get()) != 1) {
     return absl::InvalidArgumentError("the certificate request's signature does not verify; make a new CSR");
   }
+  if (absl::Status s = CheckKeyPolicy(pub.get()); !s.ok()) return s;
   if (CommonName(X509_REQ_get_subject_name(req.get())) != id) {
     return absl::InvalidArgumentError(absl::StrCat("the certificate request is for '",
                                                    CommonName(X509_REQ_get_subject_name(req.get())), "', not '", id, "'"));

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -855,6 +856,45 @@ TEST_CASE("one open upload per expert: a newer module supersedes an unfinished p
   CHECK(r.rejection().empty());
   CHECK(r.expert().module().sha256() == ValueOrDie(Sha256File(first)));
   CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest())).findings_size() == 0);
+}
+
+// Issue #34 row 7: a CSR with a key the CA refuses leaves the one-time token unused.
+TEST_CASE("an enrollment with a weak key is refused and leaves its token usable", "[coordinator_logic]") {
+  Site site;
+  v1::AddOwnerRequest add;
+  add.set_owner_id("acme");
+  const std::string token = ValueOrDie(site.coordinator->AddOwner(site.admin, add)).token();
+  v1::EnrollRequest e;
+  e.set_owner_id("acme");
+  e.set_token(token);
+  for (const std::string weak : {"rsa1024", "dsa1024"}) {
+    e.set_csr_pem(testing::CsrWithKey(weak, "acme"));
+    absl::StatusOr<v1::EnrollResponse> refused = site.coordinator->Enroll(e);
+    CHECK(absl::IsPermissionDenied(refused.status()));
+    CHECK_THAT(std::string(refused.status().message()), Catch::Contains("use a P-256 or P-384 key"));
+  }
+  e.set_csr_pem(testing::CsrWithKey("p384", "acme"));
+  const std::string cert = ValueOrDie(site.coordinator->Enroll(e)).certificate_pem();
+  CHECK(ValueOrDie(site.coordinator->Authenticate(cert)).id == "acme");
+  CHECK_THAT(std::string(site.coordinator->Enroll(e).status().message()), Catch::Contains("already used"));
+}
+
+// Issue #34 row 8: a token lifetime of 2^63 - 1 seconds once overflowed into an expired token.
+TEST_CASE("token lifetimes are bounded: an overflowing one is refused, a year's is honoured", "[coordinator_logic]") {
+  Site site;
+  v1::AddOwnerRequest add;
+  add.set_owner_id("acme");
+  for (const int64_t ttl : {std::numeric_limits<int64_t>::max(), Coordinator::kMaxTokenTtlSeconds + 1}) {
+    add.set_token_ttl_seconds(ttl);
+    absl::Status s = site.coordinator->AddOwner(site.admin, add).status();
+    CHECK(absl::IsInvalidArgument(s));
+    CHECK_THAT(std::string(s.message()), Catch::Contains("give 1 to 31622400 s"));
+    CHECK(absl::IsInvalidArgument(site.coordinator->ReenrollOwner(site.admin, add).status()));
+  }
+  CHECK(ValueOrDie(site.coordinator->ListOwners()).owners_size() == 0);  // nothing half-made
+  add.set_token_ttl_seconds(Coordinator::kMaxTokenTtlSeconds);
+  const v1::AddOwnerResponse made = ValueOrDie(site.coordinator->AddOwner(site.admin, add));
+  CHECK(made.token_expires_unix() == site.now + Coordinator::kMaxTokenTtlSeconds);
 }
 
 // ------------------------------------------------------------------ damaged blobs and full disks

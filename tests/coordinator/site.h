@@ -5,6 +5,10 @@
 #pragma once
 
 #include <catch2/catch.hpp>
+#include <openssl/dsa.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include <cstring>
 #include <filesystem>
@@ -51,6 +55,47 @@ inline v1::UploadChunk ChunkOf(const std::string& path, const std::string& sessi
   c.set_data(bytes.substr(index * kChunk, m.chunks(static_cast<int>(index)).size()));
   c.set_sha256(m.chunks(static_cast<int>(index)).sha256());
   return c;
+}
+
+// A CSR for `cn` with a key of `kind` (rsa1024, rsa3072, dsa1024, p256, p384, secp256k1,
+// ed25519), made as any OpenSSL-based client would make it, for tests of the CA's key policy.
+inline std::string CsrWithKey(const std::string& kind, const std::string& cn) {
+  EVP_PKEY* key = nullptr;
+  if (kind == "rsa1024" || kind == "rsa3072") {
+    key = EVP_PKEY_Q_keygen(nullptr, nullptr, "RSA", static_cast<size_t>(kind == "rsa1024" ? 1024 : 3072));
+  } else if (kind == "p256" || kind == "p384" || kind == "secp256k1") {
+    key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", kind == "p256" ? "P-256" : kind == "p384" ? "P-384" : "secp256k1");
+  } else if (kind == "ed25519") {
+    key = EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519");
+  } else if (kind == "dsa1024") {
+    EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_from_name(nullptr, "DSA", nullptr);
+    EVP_PKEY* params = nullptr;
+    REQUIRE(EVP_PKEY_paramgen_init(pctx) == 1);
+    REQUIRE(EVP_PKEY_CTX_set_dsa_paramgen_bits(pctx, 1024) == 1);
+    REQUIRE(EVP_PKEY_CTX_set_dsa_paramgen_q_bits(pctx, 160) == 1);
+    REQUIRE(EVP_PKEY_paramgen(pctx, &params) == 1);
+    EVP_PKEY_CTX_free(pctx);
+    EVP_PKEY_CTX* kctx = EVP_PKEY_CTX_new(params, nullptr);
+    REQUIRE(EVP_PKEY_keygen_init(kctx) == 1);
+    REQUIRE(EVP_PKEY_keygen(kctx, &key) == 1);
+    EVP_PKEY_CTX_free(kctx);
+    EVP_PKEY_free(params);
+  }
+  REQUIRE(key != nullptr);
+  X509_REQ* req = X509_REQ_new();
+  X509_NAME_add_entry_by_txt(X509_REQ_get_subject_name(req), "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(cn.c_str()),
+                             -1, -1, 0);
+  X509_REQ_set_pubkey(req, key);
+  REQUIRE(X509_REQ_sign(req, key, kind == "ed25519" ? nullptr : EVP_sha256()) > 0);
+  BIO* bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_X509_REQ(bio, req);
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio, &data);
+  std::string pem(data, static_cast<size_t>(n));
+  BIO_free(bio);
+  X509_REQ_free(req);
+  EVP_PKEY_free(key);
+  return pem;
 }
 
 // Sends the chunks of the file at `path` that a begun upload reports missing.

@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include "common/core/identity.h"
+#include "tests/coordinator/site.h"
 
 namespace flexfed {
 namespace {
@@ -31,6 +32,23 @@ TEST_CASE("CSRs are checked before signing", "[identity]") {
   CHECK_FALSE(SignCsr(ca_key, ca.certificate_pem, tampered, "acme", "owner", 10).ok());
   CHECK_FALSE(SignCsr(ca_key, ca.certificate_pem, MakeKeyAndCsr("Bad Name")->csr_pem, "Bad Name", "owner", 10).ok());
   CHECK_FALSE(SignCsr(ca_key, ca.certificate_pem, MakeKeyAndCsr("acme")->csr_pem, "acme", "root", 10).ok());
+}
+
+TEST_CASE("the CA certifies P-256, P-384, RSA of 3072 bits or more and Ed25519 keys only", "[identity]") {
+  auto [ca_key, ca] = *MakeCa("CA", 10);
+  for (const std::string kind : {"p256", "p384", "rsa3072", "ed25519"}) {
+    INFO(kind);
+    absl::StatusOr<IssuedCertificate> cert = SignCsr(ca_key, ca.certificate_pem, testing::CsrWithKey(kind, "acme"), "acme", "owner", 10);
+    CHECK(cert.ok());
+    if (cert.ok()) CHECK(ReadIdentity(cert->certificate_pem)->id == "acme");
+  }
+  for (const auto& [kind, why] : std::vector<std::pair<std::string, std::string>>{
+           {"rsa1024", "RSA key has 1024 bits"}, {"dsa1024", "key is DSA"}, {"secp256k1", "curve secp256k1"}}) {
+    INFO(kind);
+    absl::Status s = SignCsr(ca_key, ca.certificate_pem, testing::CsrWithKey(kind, "acme"), "acme", "owner", 10).status();
+    CHECK(absl::IsInvalidArgument(s));
+    CHECK_THAT(std::string(s.message()), Catch::Contains(why) && Catch::Contains("use a P-256 or P-384 key"));
+  }
 }
 
 TEST_CASE("server certificates carry their host names", "[identity]") {
