@@ -786,8 +786,11 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
   std::unique_lock<std::mutex> expert_lock(ExpertLock(expert_id), std::defer_lock);
   if (!expert_id.empty()) expert_lock.lock();
   absl::StatusOr<UploadRecord> existing = store_->GetUpload(session);
-  // A module pushed again after a newer one superseded it starts over.
-  const bool reopening = existing.ok() && existing->state == "rejected" && existing->rejection == "superseded";
+  // A module pushed again after a newer one superseded it starts over; so does one refused under
+  // a privacy policy that is no longer the operator's (checked again under today's).
+  const bool reopening = existing.ok() && existing->state == "rejected" &&
+                         (existing->rejection == "superseded" ||
+                          (existing->rejection == "privacy_policy" && existing->policy != PolicyFingerprint(options_.privacy_policy)));
   if ((!existing.ok() || reopening) && !expert_id.empty()) {
     // One open upload per expert: a new module replaces an unfinished push of an older one, so an
     // owner's partial uploads take at most one module's room per expert on the coordinator's disk.
@@ -812,6 +815,7 @@ absl::StatusOr<v1::UploadStatus> Coordinator::BeginUpload(const PeerIdentity& wh
     existing->state = "open";
     existing->rejection.clear();
     existing->message.clear();
+    existing->policy.clear();
     existing->manifest_json = ManifestJson(layout);
     existing->updated_unix = Now();
     if (absl::Status st = store_->UpdateUpload(*existing); !st.ok()) return st;
@@ -916,6 +920,10 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitUpload(const PeerIde
     }
     out.set_rejection(u->rejection);
     out.set_message(u->message);
+    if (u->rejection == "privacy_policy" && u->policy != PolicyFingerprint(options_.privacy_policy)) {
+      out.set_message(absl::StrCat(u->message, " (refused under an earlier privacy policy: push the module again to have it checked "
+                                               "under the current one)"));
+    }
     return out;
   }
   absl::StatusOr<ChunkLayout> layout = ManifestFromJson(u->manifest_json);
@@ -968,6 +976,7 @@ absl::StatusOr<v1::CommitUploadResponse> Coordinator::CommitModule(const PeerIde
     if (reason.empty()) reason = "invalid";
     u.state = "rejected";
     u.rejection = reason;
+    if (reason == "privacy_policy") u.policy = PolicyFingerprint(options_.privacy_policy);
     // The owner sees its module named by hash, never the server's path to the blob.
     u.message = absl::StrReplaceAll(verdict.message(), {{blobs_->PathOf(u.blob_sha256), absl::StrCat("module ", u.blob_sha256.substr(0, 12))}});
     if (absl::Status s = store_->UpdateUpload(u); !s.ok()) return s;

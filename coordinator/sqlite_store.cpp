@@ -86,6 +86,11 @@ const char* const kMigrations[] = {
           ORDER BY u.updated_unix DESC, u.session_id LIMIT 1);
     CREATE UNIQUE INDEX one_open_upload_per_expert ON uploads(expert_id) WHERE state = 'open' AND expert_id != '';
     )sql",
+    // 3 → 4: the operator's privacy policy a module was refused under, so that a push after the
+    // policy changed is checked again ('' for rejections older than this: checked again once).
+    R"sql(
+    ALTER TABLE uploads ADD COLUMN policy TEXT NOT NULL DEFAULT '';
+    )sql",
 };
 
 static_assert(sizeof(kMigrations) / sizeof(kMigrations[0]) == SqliteStore::kSchemaVersion,
@@ -165,13 +170,13 @@ void BindExpert(Statement& s, const ExpertRecord& e) {
 
 constexpr char kUploadColumns[] =
     "session_id, expert_id, owner_id, manifest_json, blob_sha256, blob_size, state, rejection, message, started_unix, "
-    "updated_unix";
+    "updated_unix, policy";
 UploadRecord ReadUpload(const Statement& s) {
-  return {s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4), s.Int(5), s.Text(6), s.Text(7), s.Text(8), s.Int(9), s.Int(10)};
+  return {s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4), s.Int(5), s.Text(6), s.Text(7), s.Text(8), s.Int(9), s.Int(10), s.Text(11)};
 }
 void BindUpload(Statement& s, const UploadRecord& u) {
   s.Bind(u.session_id).Bind(u.expert_id).Bind(u.owner_id).Bind(u.manifest_json).Bind(u.blob_sha256).Bind(u.blob_size)
-      .Bind(u.state).Bind(u.rejection).Bind(u.message).Bind(u.started_unix).Bind(u.updated_unix);
+      .Bind(u.state).Bind(u.rejection).Bind(u.message).Bind(u.started_unix).Bind(u.updated_unix).Bind(u.policy);
 }
 
 constexpr char kReleaseColumns[] = "release_id, anchor_id, manifest_json, manifest_sha256, created_unix";
@@ -434,7 +439,7 @@ absl::Status SqliteStore::UpdateExpert(const ExpertRecord& e) {
 
 absl::Status SqliteStore::AddUpload(const UploadRecord& u) {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, absl::StrCat("INSERT INTO uploads (", kUploadColumns, ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").c_str());
+  Statement s(db_, absl::StrCat("INSERT INTO uploads (", kUploadColumns, ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").c_str());
   BindUpload(s, u);
   return s.Run(absl::StrCat("recording upload ", u.session_id));
 }
@@ -460,7 +465,7 @@ absl::StatusOr<std::vector<UploadRecord>> SqliteStore::OpenUploadsOf(const std::
 
 static const char kUpdateUploadSql[] =
     "UPDATE uploads SET session_id = ?, expert_id = ?, owner_id = ?, manifest_json = ?, blob_sha256 = ?, blob_size = ?, "
-    "state = ?, rejection = ?, message = ?, started_unix = ?, updated_unix = ? WHERE session_id = ?";
+    "state = ?, rejection = ?, message = ?, started_unix = ?, updated_unix = ?, policy = ? WHERE session_id = ?";
 
 absl::Status SqliteStore::UpdateUpload(const UploadRecord& u) {
   std::lock_guard<std::mutex> lock(mu_);

@@ -50,7 +50,7 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::vector<ReleaseRecord>> ListReleases() override;
   absl::StatusOr<bool> IsBlobReferenced(const std::string& sha256) override;
 
-  static constexpr int kSchemaVersion = 3;
+  static constexpr int kSchemaVersion = 4;
 
  private:
   explicit SqliteStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}

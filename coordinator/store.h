@@ -61,6 +61,7 @@ struct UploadRecord {
   std::string message;
   int64_t started_unix = 0;
   int64_t updated_unix = 0;
+  std::string policy;  // for a privacy_policy rejection: PolicyFingerprint of the policy then in force
 };
 
 // A release: which experts, in which router order, on which anchor (docs/ARCHITECTURE.md §7). Written

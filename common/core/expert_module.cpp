@@ -77,6 +77,14 @@ std::optional<double> DpEpsilon(const ExpertModuleMetadata& metadata) {
   return d["epsilon"].get<double>();
 }
 
+std::string PolicyFingerprint(const PrivacyPolicy& policy) {
+  if (policy.empty()) return "none";
+  std::string out;
+  if (policy.max_dp_epsilon) out += absl::StrFormat("max_dp_epsilon=%.17g;", *policy.max_dp_epsilon);
+  if (policy.max_extraction) out += absl::StrFormat("max_extraction=%.17g;", *policy.max_extraction);
+  return out;
+}
+
 absl::Status CheckPrivacyPolicy(const ExpertModuleMetadata& metadata, const PrivacyPolicy& policy) {
   if (policy.max_extraction) {
     const std::optional<double> rate = ExtractionRate(metadata);

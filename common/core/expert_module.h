@@ -54,6 +54,9 @@ struct PrivacyPolicy {
 // OK when `metadata` meets `policy`; otherwise the rejection "privacy_policy" (kRejectionPayload)
 // naming what the record lacks or exceeds and how the owner gets a module that passes.
 absl::Status CheckPrivacyPolicy(const ExpertModuleMetadata& metadata, const PrivacyPolicy& policy);
+// The policy as a canonical string ("none" when empty): two policies are the same exactly when
+// their fingerprints are; a rejection records the one it was made under.
+std::string PolicyFingerprint(const PrivacyPolicy& policy);
 
 // SHA-256 of the fields of `config` that decide an expert's shapes and meaning.
 std::string ConfigHash(const ModelConfig& config);

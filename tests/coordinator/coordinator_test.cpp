@@ -223,6 +223,28 @@ TEST_CASE("the operator's privacy policy refuses modules without the audit or DP
   CHECK(upload("none_again", "").rejection().empty());
 }
 
+// Issue #34 row 9: a refusal is tied to the policy it was made under; the same bytes pushed after
+// the operator changed the policy are checked under the new one, not refused from the record.
+TEST_CASE("a module refused under a privacy policy is checked again once the policy changes", "[coordinator_logic]") {
+  Site site;
+  site.policy.max_dp_epsilon = 8;
+  site.Reopen();
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  const std::string module = site.Module("plain");  // no privacy record at all
+  CHECK(ValueOrDie(Upload(*site.coordinator, acme, expert, module)).rejection() == "privacy_policy");
+  // The same policy: the recorded refusal, no second validation.
+  CHECK(ValueOrDie(Upload(*site.coordinator, acme, expert, module)).rejection() == "privacy_policy");
+  CHECK(site.coordinator->counters().rejected_uploads["privacy_policy"] == 1);
+  // The policy lifted: the very same bytes are accepted.
+  site.policy = {};
+  site.Reopen();
+  const v1::CommitUploadResponse accepted = ValueOrDie(Upload(*site.coordinator, acme, expert, module));
+  CHECK(accepted.rejection().empty());
+  CHECK(accepted.expert().module().sha256() == ValueOrDie(Sha256File(module)));
+  CHECK(ValueOrDie(site.coordinator->CheckStore(site.admin, v1::CheckStoreRequest())).unrepaired() == 0);
+}
+
 TEST_CASE("identity and authorization", "[coordinator_logic]") {
   Site site;
   auto [acme, acme_cert] = site.Enroll("acme");

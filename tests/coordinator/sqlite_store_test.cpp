@@ -58,14 +58,14 @@ TEST_CASE("one open upload per expert: the database refuses a second, and schema
   sqlite3* db;
   REQUIRE(sqlite3_open((dir / "meta.db").c_str(), &db) == SQLITE_OK);
   REQUIRE(sqlite3_exec(db,
-                       "DROP INDEX one_open_upload_per_expert; PRAGMA user_version = 2;"
+                       "DROP INDEX one_open_upload_per_expert; ALTER TABLE uploads DROP COLUMN policy; PRAGMA user_version = 2;"
                        "INSERT INTO uploads (session_id, expert_id, owner_id, manifest_json, blob_sha256, blob_size, state,"
                        " started_unix, updated_unix) VALUES ('s6', 'acme/math', 'acme', '{}', 'x', 1, 'open', 5, 5),"
                        " ('s7', 'acme/math', 'acme', '{}', 'y', 1, 'open', 9, 9)",
                        nullptr, nullptr, nullptr) == SQLITE_OK);
   sqlite3_close(db);
   auto store = *SqliteStore::Open(dir / "meta.db");
-  CHECK(store->schema_version() == 3);
+  CHECK(store->schema_version() == SqliteStore::kSchemaVersion);
   const std::vector<UploadRecord> open = *store->OpenUploadsOf("acme/math");
   REQUIRE(open.size() == 1);
   CHECK(open[0].session_id == "s7");  // the most recently updated
