@@ -11,6 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/core/dp_accountant.h"
 #include "common/core/file_util.h"
 #include "common/core/sha256.h"
 #include <nlohmann/json.hpp>
@@ -26,35 +27,57 @@ absl::Status Reject(const std::string& reason, const std::string& message) {
 
 std::string Name(int64_t layer, const char* what) { return absl::StrCat("layers.", layer, ".", what); }
 
-// The optional privacy record (untrusted: it comes from an owner): a JSON object whose
-// "extraction", when present, holds consistent counts and a rate in [0, 1].
-bool ValidPrivacy(const std::string& text) {
-  if (text.size() > 64 * 1024) return false;
+// The optional privacy record (untrusted: it comes from an owner): a JSON object. Its
+// "extraction", when present, holds consistent counts and a rate in [0, 1]; its "dp" the whole
+// DP-SGD setting, whose ε the accountant recomputes: a record claiming less privacy loss than
+// its own noise, sampling rate and steps give, or a δ that protects nothing, is refused.
+absl::Status CheckPrivacyRecord(const std::string& text) {
+  if (text.size() > 64 * 1024) return absl::InvalidArgumentError("it is longer than 64 KiB");
   const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return false;
+  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError("it is not a JSON object");
   if (j.contains("extraction")) {
     const nlohmann::json& e = j["extraction"];
     if (!e.is_object() || !e.contains("audited") || !e.contains("extracted") || !e.contains("rate") ||
         !e.contains("complete") || !e["audited"].is_number_integer() || !e["extracted"].is_number_integer() ||
         !e["rate"].is_number() || !e["complete"].is_boolean()) {
-      return false;
+      return absl::InvalidArgumentError("its extraction audit lacks integer audited/extracted, a numeric rate or complete");
     }
     const int64_t audited = e["audited"], extracted = e["extracted"];
     const double rate = e["rate"];
     if (audited < 1 || extracted < 0 || extracted > audited || !(rate >= 0 && rate <= 1) ||
         std::abs(rate - static_cast<double>(extracted) / static_cast<double>(audited)) > 1e-9) {
-      return false;
+      return absl::InvalidArgumentError("its extraction audit's rate is not extracted / audited");
     }
   }
   if (j.contains("dp")) {
     const nlohmann::json& d = j["dp"];
-    if (!d.is_object() || !d.contains("epsilon") || !d.contains("delta") || !d["epsilon"].is_number() ||
-        !d["delta"].is_number() || !(d["epsilon"].get<double>() >= 0) || !(d["delta"].get<double>() > 0) ||
-        !(d["delta"].get<double>() < 1)) {
-      return false;
+    if (!d.is_object()) return absl::InvalidArgumentError("its dp record is not an object");
+    for (const char* field : {"noise_multiplier", "max_grad_norm", "sampling_rate", "delta", "epsilon"}) {
+      if (!d.contains(field) || !d[field].is_number() || !std::isfinite(d[field].get<double>())) {
+        return absl::InvalidArgumentError(absl::StrCat("its dp record lacks a finite ", field));
+      }
+    }
+    if (!d.contains("steps") || !d["steps"].is_number_integer()) return absl::InvalidArgumentError("its dp record lacks integer steps");
+    const double sigma = d["noise_multiplier"], clip = d["max_grad_norm"], q = d["sampling_rate"];
+    const double delta = d["delta"], epsilon = d["epsilon"];
+    const int64_t steps = d["steps"];
+    if (!(sigma > 0) || !(clip > 0)) return absl::InvalidArgumentError("its dp record has no noise (noise_multiplier and max_grad_norm must be > 0)");
+    if (!(q > 0 && q <= 1) || steps < 1) return absl::InvalidArgumentError("its dp record's sampling_rate is not in (0, 1] or its steps not >= 1");
+    if (!(delta > 0 && delta <= kMaxDpDelta)) {
+      return absl::InvalidArgumentError(absl::StrFormat("its dp record's delta %g is not in (0, %g]: such a delta protects nothing", delta, kMaxDpDelta));
+    }
+    RdpAccountant accountant;
+    accountant.Compose(q, sigma, steps);
+    const double spent = accountant.Epsilon(delta).epsilon;
+    // The record's ε as the accountant gives it (to 0.1%: written and read back as JSON numbers).
+    if (!(std::abs(epsilon - spent) <= 1e-3 * spent + 1e-9)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "its dp record says epsilon %.6g, but its own noise_multiplier %.6g, sampling_rate %.6g, %d steps and delta %g "
+          "give %.6g",
+          epsilon, sigma, q, steps, delta, spent));
     }
   }
-  return true;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -93,6 +116,15 @@ absl::Status CheckPrivacyPolicy(const ExpertModuleMetadata& metadata, const Priv
           "an extraction audit with a rate of at most %.4f is required and the module records no complete audit; run "
           "`flexfed-owner audit --run RUN --data YOUR_DATA`, then export again",
           *policy.max_extraction));
+    }
+    // (ExtractionRate found a complete audit: the record parses and holds an "extraction" object.)
+    const nlohmann::json audit = nlohmann::json::parse(metadata.privacy, nullptr, /*allow_exceptions=*/false)["extraction"];
+    const int64_t audited = audit.contains("audited") && audit["audited"].is_number_integer() ? audit["audited"].get<int64_t>() : 0;
+    if (audited < kMinAuditedSequences) {
+      return Reject("privacy_policy", absl::StrFormat(
+          "the module's extraction audit covered %d sequence(s); at least %d are needed for its rate to mean anything; run "
+          "`flexfed-owner audit --run RUN --data YOUR_DATA --samples 1000`, then export again",
+          audited, kMinAuditedSequences));
     }
     if (*rate > *policy.max_extraction) {
       return Reject("privacy_policy", absl::StrFormat(
@@ -219,9 +251,11 @@ absl::StatusOr<ExpertModuleMetadata> ValidateExpertModule(const std::string& pat
       tokens.find_first_not_of("0123456789") != std::string::npos || !absl::SimpleAtoi(tokens, &m.tokens_trained)) {
     return Reject("metadata", absl::StrCat(path, ": metadata lacks a valid anchor_sha256, config_hash or tokens_trained"));
   }
-  if (!m.privacy.empty() && !ValidPrivacy(m.privacy)) {
-    return Reject("metadata", absl::StrCat(path, ": metadata 'privacy' is not a valid privacy record (docs/EXPERT_MODULE.md); "
-                                                 "export the module again"));
+  if (!m.privacy.empty()) {
+    if (absl::Status s = CheckPrivacyRecord(m.privacy); !s.ok()) {
+      return Reject("metadata", absl::StrCat(path, ": metadata 'privacy' is not a valid privacy record: ", s.message(),
+                                             " (docs/EXPERT_MODULE.md); export the module again"));
+    }
   }
   if (!expected_anchor.empty() && m.anchor_sha256 != expected_anchor) {
     return Reject("anchor_mismatch", absl::StrCat(path, ": trained against anchor ", m.anchor_sha256.substr(0, 12),

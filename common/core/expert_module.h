@@ -46,6 +46,12 @@ std::optional<double> DpEpsilon(const ExpertModuleMetadata& metadata);
 // What a module's privacy record must show before it is accepted: the owner's own gate (`push
 // --max-extraction`) and the operator's (`flexfed-coordinator --max-extraction`, `--max-dp-epsilon`).
 // Unset fields ask nothing.
+// What a privacy record must hold to be read at all: δ of at most kMaxDpDelta (the accountant's
+// ε means little above it), and for an extraction rate to meet a policy, an audit of at least
+// kMinAuditedSequences sequences.
+inline constexpr double kMaxDpDelta = 1e-3;
+inline constexpr int64_t kMinAuditedSequences = 100;
+
 struct PrivacyPolicy {
   std::optional<double> max_extraction;  // a complete extraction audit with at most this rate
   std::optional<double> max_dp_epsilon;  // trained with DP-SGD at ε at most this

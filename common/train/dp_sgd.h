@@ -1,7 +1,7 @@
 // DP-SGD's parts (docs/PRIVACY.md): Poisson sampling of training sequences, per-sequence gradient
 // norms of the trainable leaves from activations and output gradients (no per-sequence gradient is
 // held), and the Gaussian noise. The training loop (common/train/training.cpp, DpStep) puts them
-// together; common/train/dp_accountant.h counts the privacy spent.
+// together; common/core/dp_accountant.h counts the privacy spent.
 //
 // Dimensions: N = tokens of a micro-batch (B sequences of T), n = rows an expert ran on, H = hidden,
 // F = FFN width.

@@ -12,7 +12,7 @@
 #include "common/core/processes.h"
 #include "common/train/train_command.h"
 #include "common/train/distributed.h"
-#include "common/train/dp_accountant.h"
+#include "common/core/dp_accountant.h"
 #include "common/train/training.h"
 
 namespace flexfed {

@@ -37,7 +37,8 @@
 #include "common/model/moe_dispatch.h"
 #include "common/model/router_embedding.h"
 #include "common/train/cross_entropy.h"
-#include "common/train/dp_accountant.h"
+#include "common/core/dp_accountant.h"
+#include "common/core/expert_module.h"
 #include "common/train/dp_sgd.h"
 
 namespace flexfed {
@@ -339,7 +340,10 @@ absl::Status TrainConfig::Validate() const {
     if ((dp_noise_multiplier >= 0) == (dp_epsilon > 0)) {
       return Bad("with --dp-max-grad-norm give either --dp-noise-multiplier σ or --dp-epsilon ε (with --dp-delta), not both");
     }
-    if (!(dp_delta > 0 && dp_delta < 1)) return Bad("--dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / the number of sequences)");
+    if (!(dp_delta > 0 && dp_delta <= kMaxDpDelta)) {
+      return Bad(absl::StrCat("--dp-delta must be in (0, ", kMaxDpDelta, "], e.g. 1e-5 (below 1 / the number of sequences); ",
+                              "coordinators refuse a module whose record has a larger delta"));
+    }
   }
   return absl::OkStatus();
 }

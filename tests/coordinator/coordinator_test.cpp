@@ -6,7 +6,9 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <functional>
 #include <map>
+#include <optional>
 #include <thread>
 
 
@@ -20,6 +22,7 @@
 #include "common/core/file_util.h"
 #include "common/core/release.h"
 #include "common/core/sha256.h"
+#include "common/core/dp_accountant.h"
 #include "coordinator/audit_log.h"
 #include "coordinator/coordinator.h"
 #include "tests/coordinator/site.h"
@@ -185,6 +188,26 @@ TEST_CASE("every kind of bad module is rejected with its own reason and nothing 
   }
 }
 
+// A DP record as the trainer writes it: ε from the accountant for this σ, q, steps and δ.
+std::string DpRecord(double sigma, double q, int64_t steps, double delta = 1e-5, std::optional<double> claimed_epsilon = {}) {
+  RdpAccountant accountant;
+  accountant.Compose(q, sigma, steps);
+  const double epsilon = claimed_epsilon.value_or(accountant.Epsilon(delta).epsilon);
+  return absl::StrCat(R"("dp": {"noise_multiplier": )", nlohmann::json(sigma).dump(), R"(, "max_grad_norm": 1.0, "sampling_rate": )",
+                      nlohmann::json(q).dump(), R"(, "expected_batch": 8, "steps": )", steps, R"(, "delta": )",
+                      nlohmann::json(delta).dump(), R"(, "epsilon": )", nlohmann::json(epsilon).dump(), "}");
+}
+
+// Uploads for `expert` a fresh module named `name` whose metadata carries the privacy record `privacy`.
+std::function<v1::CommitUploadResponse(const std::string&, const std::string&)> PrivacyUploader(Site& site, const PeerIdentity& who,
+                                                                                                const std::string& expert) {
+  return [&site, who, expert](const std::string& name, const std::string& privacy) {
+    const std::string path = site.Module(name, [&](testing::RawTensors&, ExpertModuleMetadata& m) { m.privacy = privacy; });
+    return ValueOrDie(Upload(*site.coordinator, who, expert, path));
+  };
+}
+constexpr char kAuditOk[] = R"("extraction": {"audited": 200, "extracted": 1, "rate": 0.005, "complete": true})";
+
 TEST_CASE("the operator's privacy policy refuses modules without the audit or DP it asks for", "[coordinator_logic]") {
   Site site;
   site.policy.max_extraction = 0.01;
@@ -192,12 +215,9 @@ TEST_CASE("the operator's privacy policy refuses modules without the audit or DP
   site.Reopen();
   auto [acme, cert] = site.Enroll("acme");
   const std::string expert = site.Register("acme", "math");
-  auto upload = [&](const std::string& name, const std::string& privacy) {
-    const std::string path = site.Module(name, [&](testing::RawTensors&, ExpertModuleMetadata& m) { m.privacy = privacy; });
-    return ValueOrDie(Upload(*site.coordinator, acme, expert, path));
-  };
-  const std::string audit_ok = R"("extraction": {"audited": 200, "extracted": 1, "rate": 0.005, "complete": true})";
-  const std::string dp_ok = R"("dp": {"epsilon": 4.0, "delta": 1e-5})";
+  const auto upload = PrivacyUploader(site, acme, expert);
+  const std::string audit_ok = kAuditOk;
+  const std::string dp_ok = DpRecord(1.0, 0.01, 1000);  // ε ≈ 1
   v1::CommitUploadResponse r = upload("none", "");
   CHECK(r.rejection() == "privacy_policy");
   CHECK_THAT(r.message(), Catch::Contains("flexfed-owner audit"));
@@ -209,7 +229,7 @@ TEST_CASE("the operator's privacy policy refuses modules without the audit or DP
   r = upload("no_dp", "{" + audit_ok + "}");
   CHECK(r.rejection() == "privacy_policy");
   CHECK_THAT(r.message(), Catch::Contains("--dp-epsilon 8"));
-  r = upload("loose_dp", "{" + audit_ok + R"(, "dp": {"epsilon": 20.0, "delta": 1e-5}})");
+  r = upload("loose_dp", "{" + audit_ok + ", " + DpRecord(0.5, 0.05, 2000) + "}");
   CHECK(r.rejection() == "privacy_policy");
   CHECK(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());  // nothing became visible
   CHECK(site.coordinator->counters().rejected_uploads["privacy_policy"] == 5);
@@ -221,6 +241,40 @@ TEST_CASE("the operator's privacy policy refuses modules without the audit or DP
   site.policy = {};
   site.Reopen();
   CHECK(upload("none_again", "").rejection().empty());
+}
+
+// Issue #34 row 10: records that contradict themselves are refused, whatever the policy: ε
+// recomputed by the accountant from the record's own σ, q and steps; δ bounded; and an extraction
+// rate counts for a policy only from an audit of enough sequences.
+TEST_CASE("forged privacy records are refused: epsilon recomputed, delta bounded, audits large enough", "[coordinator_logic]") {
+  Site site;
+  site.policy.max_extraction = 0.01;
+  site.policy.max_dp_epsilon = 8;
+  site.Reopen();
+  auto [acme, cert] = site.Enroll("acme");
+  const std::string expert = site.Register("acme", "math");
+  const auto upload = PrivacyUploader(site, acme, expert);
+  const std::string audit_ok = kAuditOk;
+  struct Forgery {
+    std::string name, privacy, rejection, why;
+  };
+  for (const Forgery& f : std::vector<Forgery>{
+           {"no_noise", R"({"dp": {"noise_multiplier": 0, "max_grad_norm": 1, "sampling_rate": 0.01, "steps": 100, "delta": 1e-5,
+                             "epsilon": 0.5}, )" + audit_ok + "}",
+            "metadata", "has no noise"},
+           {"old_shape", R"({"dp": {"epsilon": 0.5, "delta": 1e-5}, )" + audit_ok + "}", "metadata", "lacks a finite noise_multiplier"},
+           {"huge_delta", "{" + DpRecord(1.0, 0.01, 1000, 0.99, 0.0) + ", " + audit_ok + "}", "metadata", "protects nothing"},
+           {"understated", "{" + DpRecord(0.5, 0.05, 2000, 1e-5, 0.5) + ", " + audit_ok + "}", "metadata", "give "},
+           {"tiny_audit", "{" + DpRecord(1.0, 0.01, 1000) + R"(, "extraction": {"audited": 1, "extracted": 0, "rate": 0, "complete": true}})",
+            "privacy_policy", "covered 1 sequence(s); at least 100"}}) {
+    INFO(f.name);
+    const v1::CommitUploadResponse r = upload(f.name, f.privacy);
+    CHECK(r.rejection() == f.rejection);
+    CHECK_THAT(r.message(), Catch::Contains(f.why));
+  }
+  CHECK(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());
+  // The same settings recorded honestly pass.
+  CHECK(upload("honest", "{" + DpRecord(1.0, 0.01, 1000) + ", " + audit_ok + "}").rejection().empty());
 }
 
 // Issue #34 row 9: a refusal is tied to the policy it was made under; the same bytes pushed after

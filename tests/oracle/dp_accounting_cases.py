@@ -2,7 +2,7 @@
 
 For a grid of DP-SGD settings — Poisson sampling rate q, noise multiplier sigma, steps, delta — it
 writes OUT_DIR/cases.json: the RDP at every default order after composing the steps, and the epsilon
-and order the library's (epsilon, delta) conversion gives. tests/common/train/dp_accountant_test.cpp
+and order the library's (epsilon, delta) conversion gives. tests/common/core/dp_accountant_test.cpp
 checks FlexFed's accountant against it. Offline. Usage: dp_accounting_cases.py OUT_DIR
 """
 

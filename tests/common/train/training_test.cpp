@@ -25,7 +25,7 @@
 #include "common/core/model_config.h"
 #include "common/model/tokenizer.h"
 #include "common/train/cross_entropy.h"
-#include "common/train/dp_accountant.h"
+#include "common/core/dp_accountant.h"
 #include "common/train/dp_sgd.h"
 #include "common/train/loss.h"
 #include "common/train/memory_plan.h"

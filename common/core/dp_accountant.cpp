@@ -1,4 +1,4 @@
-#include "common/train/dp_accountant.h"
+#include "common/core/dp_accountant.h"
 
 #include <algorithm>
 #include <cmath>

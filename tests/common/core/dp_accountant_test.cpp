@@ -1,4 +1,4 @@
-// Specification of the privacy accountant (common/train/dp_accountant.h): the same RDP and (ε, δ) as
+// Specification of the privacy accountant (common/core/dp_accountant.h): the same RDP and (ε, δ) as
 // Google's dp-accounting library (tests/oracle/dp_accounting_cases.py, run by ctest first).
 #include <catch2/catch.hpp>
 
@@ -11,7 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/train/dp_accountant.h"
+#include "common/core/dp_accountant.h"
 
 namespace flexfed {
 namespace {
