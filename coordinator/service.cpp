@@ -369,6 +369,13 @@ void CoordinatorServer::Shutdown() {
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
 }
 
-CoordinatorServer::~CoordinatorServer() { Shutdown(); }
+CoordinatorServer::~CoordinatorServer() {
+  Shutdown();
+  // Every call has ended: the server goes, then the work threads (each finishing what it runs),
+  // then the watchdog, before the limits and slots that all of them use.
+  server_.reset();
+  work_.reset();
+  watchdog_.reset();
+}
 
 }  // namespace flexfed
