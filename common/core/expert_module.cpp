@@ -27,6 +27,8 @@ absl::Status Reject(const std::string& reason, const std::string& message) {
 
 std::string Name(int64_t layer, const char* what) { return absl::StrCat("layers.", layer, ".", what); }
 
+}  // namespace
+
 // The optional privacy record (untrusted: it comes from an owner): a JSON object. Its
 // "extraction", when present, holds consistent counts and a rate in [0, 1]; its "dp" the whole
 // DP-SGD setting, whose ε the accountant recomputes: a record claiming less privacy loss than
@@ -79,8 +81,6 @@ absl::Status CheckPrivacyRecord(const std::string& text) {
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 std::optional<double> ExtractionRate(const ExpertModuleMetadata& metadata) {
   if (metadata.privacy.empty()) return std::nullopt;

@@ -38,6 +38,12 @@ struct ExpertModuleMetadata {
   std::string privacy;
 };
 
+// Checks a privacy record (untrusted: the owner's) before anything reads it: a JSON object of at
+// most 64 KiB whose "extraction" has consistent counts and whose "dp" is a whole DP-SGD setting
+// with the ε the accountant gives for it and δ ≤ kMaxDpDelta (docs/EXPERT_MODULE.md). The error
+// names the first problem.
+absl::Status CheckPrivacyRecord(const std::string& text);
+
 // The extraction rate recorded in `privacy`, when a complete audit is recorded there.
 std::optional<double> ExtractionRate(const ExpertModuleMetadata& metadata);
 // The differential-privacy ε recorded in `privacy` (the whole run's), when the expert was trained with DP.

@@ -1,6 +1,8 @@
 #include "common/core/release.h"
 
 #include <cctype>
+#include <cstdint>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -52,24 +54,43 @@ absl::StatusOr<ReleaseManifest> ReleaseManifest::FromJson(const std::string& tex
   };
   const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
-  if (j.value("format", "") != kReleaseFormat) return bad(absl::StrCat("\"format\" is not \"", kReleaseFormat, "\""));
+  // (Any type may stand where a string belongs: nothing here may throw on it.)
+  if (!j.contains("format") || !j["format"].is_string() || j["format"].get<std::string>() != kReleaseFormat) {
+    return bad(absl::StrCat("\"format\" is not \"", kReleaseFormat, "\""));
+  }
   ReleaseManifest m;
+  // Integers only where integers belong: nlohmann's get<int64_t> of 1.8e26 is undefined behaviour.
+  struct BadField {
+    std::string what;
+  };
+  auto integer = [](const nlohmann::json& o, const char* key, std::optional<int64_t> fallback = std::nullopt) -> int64_t {
+    if (!o.is_object() || !o.contains(key)) {
+      if (fallback) return *fallback;
+      throw BadField{absl::StrCat("no \"", key, "\"")};
+    }
+    const nlohmann::json& v = o[key];
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
+      throw BadField{absl::StrCat("\"", key, "\" is not an integer")};
+    }
+    return v.get<int64_t>();
+  };
   try {
     m.release_id = j.at("release_id").get<std::string>();
     m.anchor_id = j.at("anchor_id").get<std::string>();
-    m.top_k = j.at("top_k").get<int64_t>();
-    m.created_unix = j.at("created_unix").get<int64_t>();
+    m.top_k = integer(j, "top_k");
+    m.created_unix = integer(j, "created_unix");
     m.note = j.value("note", "");
     m.excluded = j.value("excluded", std::vector<std::string>{});
     for (const nlohmann::json& e : j.at("experts")) {
-      m.experts.push_back({e.at("index").get<int64_t>(), e.at("expert_id").get<std::string>(),
-                           e.at("owner_id").get<std::string>(), e.at("name").get<std::string>(),
-                           e.value("domain", ""), e.at("module_sha256").get<std::string>(),
-                           e.at("module_size").get<int64_t>(), e.value("tokens_trained", int64_t{0})});
+      m.experts.push_back({integer(e, "index"), e.at("expert_id").get<std::string>(), e.at("owner_id").get<std::string>(),
+                           e.at("name").get<std::string>(), e.value("domain", ""), e.at("module_sha256").get<std::string>(),
+                           integer(e, "module_size"), integer(e, "tokens_trained", 0)});
     }
-    if (j.at("num_experts").get<int64_t>() != m.num_experts()) return bad("\"num_experts\" disagrees with the expert list");
+    if (integer(j, "num_experts") != m.num_experts()) return bad("\"num_experts\" disagrees with the expert list");
   } catch (const nlohmann::json::exception& e) {
     return bad(e.what());
+  } catch (const BadField& e) {
+    return bad(e.what);
   }
   if (!IsValidReleaseId(m.release_id)) return bad(absl::StrCat("release id '", m.release_id, "'"));
   if (!IsSha256Hex(m.anchor_id)) return bad("\"anchor_id\" is not a SHA-256 hex digest");

@@ -7,7 +7,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$fuzzer" -runs="$runs" -seed=1 -max_len=4096 -artifact_prefix="$work/" "$work" "$seeds" 2>"$work/log" || {
   tail -40 "$work/log"
-  echo "fuzz: the safetensors reader failed on an input; the reproducer was printed above" >&2
+  echo "fuzz: $(basename "$fuzzer") failed on an input; the reproducer was printed above" >&2
   exit 1
 }
 grep -E "^Done|DONE" "$work/log" | tail -1
