@@ -3,6 +3,7 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
@@ -35,6 +36,9 @@ struct Options {
   bool verify_blobs = true;
   double max_extraction = -1;  // operator privacy policy (docs/PRIVACY.md); < 0: not required
   double max_dp_epsilon = -1;
+  // Limits (docs/PROTOCOL.md, "Limits"; ServerOptions in coordinator/service.h).
+  int streams_per_caller = 8, calls_per_caller = 32, streams_per_connection = 32, enrollments_in_flight = 8;
+  int memory_quota_mib = 2048;
 };
 
 // Structured log line on stderr (journald and collectors parse it): time, level, event, fields.
@@ -83,6 +87,16 @@ std::pair<std::string, std::string> ServerCertificate(const Options& o, const st
   return {cert->certificate_pem, req->key_pem};
 }
 
+ServerOptions ServerOptionsOf(const Options& o, const std::string& ca_cert, const std::string& cert, const std::string& key) {
+  ServerOptions s{o.listen, ca_cert, cert, key, o.idle_timeout};
+  s.streams_per_caller = o.streams_per_caller;
+  s.calls_per_caller = o.calls_per_caller;
+  s.streams_per_connection = o.streams_per_connection;
+  s.enrollments_in_flight = o.enrollments_in_flight;
+  s.memory_quota_mib = o.memory_quota_mib;
+  return s;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -108,6 +122,21 @@ int main(int argc, char** argv) {
   auto* max_epsilon = app.add_option("--max-dp-epsilon", o.max_dp_epsilon,
                                      "Accept only modules trained with differential privacy at most at this ε")
                           ->check(CLI::PositiveNumber);
+  struct Limit {
+    const char* name;
+    int* value;
+    const char* help;
+    CLI::Option* option = nullptr;
+  };
+  std::vector<Limit> limits = {
+      {"streams-per-caller", &o.streams_per_caller, "Transfer streams one caller (certificate) may have open at once"},
+      {"calls-per-caller", &o.calls_per_caller, "Other calls one caller may have in progress at once"},
+      {"streams-per-connection", &o.streams_per_connection, "Streams one connection may open at once (HTTP/2)"},
+      {"enrollments-in-flight", &o.enrollments_in_flight, "Enrollments in progress, all callers together"},
+      {"memory-quota-mib", &o.memory_quota_mib, "Memory gRPC may hold for all connections together (MiB)"}};
+  for (Limit& l : limits) {
+    l.option = app.add_option(std::string("--") + l.name, *l.value, l.help)->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  }
   app.footer("Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a start-up error, 2 bad usage.");
   try {
     app.parse(argc, argv);
@@ -119,6 +148,12 @@ int main(int argc, char** argv) {
     if (j.is_discarded() || !j.is_object()) Fail(o.config + ": not a JSON object");
     for (const auto& [k, v] : j.items()) {
       try {
+        const auto limit = std::find_if(limits.begin(), limits.end(), [&](const Limit& l) { return k == l.name; });
+        if (limit != limits.end()) {
+          if (limit->option->count() == 0) *limit->value = v.get<int>();
+          if (*limit->value <= 0) Fail(absl::StrCat(o.config, ": setting '", k, "' must be a positive number"));
+          continue;
+        }
         if (k == "data-dir" && data->count() == 0) o.data_dir = v.get<std::string>();
         else if (k == "listen" && listen->count() == 0) o.listen = v.get<std::string>();
         else if (k == "ca-dir" && ca->count() == 0) o.ca_dir = v.get<std::string>();
@@ -171,7 +206,7 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<Coordinator>> coordinator = Coordinator::Open(settings);
   if (!coordinator.ok()) Fail(std::string(coordinator.status().message()));
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server =
-      CoordinatorServer::Start(coordinator->get(), {o.listen, *ca_cert, server_cert, server_key, o.idle_timeout});
+      CoordinatorServer::Start(coordinator->get(), ServerOptionsOf(o, *ca_cert, server_cert, server_key));
   if (!server.ok()) Fail(std::string(server.status().message()));
   MetricsServer metrics_server;
   if (!o.metrics_listen.empty()) {
