@@ -109,14 +109,6 @@ v1::Anchor AnchorToProto(const AnchorRecord& a) {
   return p;
 }
 
-bool IsSafeRelativePath(const std::string& name) {
-  if (name.empty() || name[0] == '/' || name.size() > 255) return false;
-  for (const auto& part : fs::path(name)) {
-    if (part == ".." || part == "." || part.empty()) return false;
-  }
-  return name.find('\\') == std::string::npos;
-}
-
 // Upper bound on an expert module's size for an anchor: its tensors plus a generous header.
 uint64_t ModuleBound(const ModelConfig& c) {
   const uint64_t ffn = 3ull * static_cast<uint64_t>(c.hidden_size) * static_cast<uint64_t>(c.intermediate_size) *
@@ -259,9 +251,11 @@ absl::StatusOr<v1::EnrollResponse> Coordinator::Enroll(const v1::EnrollRequest& 
 }
 
 absl::StatusOr<v1::Anchor> Coordinator::PublishAnchor(const PeerIdentity& who, const v1::PublishAnchorRequest& r) {
+  std::vector<AnchorFile> listed;
+  for (const v1::AnchorFile& f : r.files()) listed.push_back({f.name(), f.blob().sha256(), f.blob().size()});
+  if (absl::Status s = CheckAnchorFiles(listed); !s.ok()) return s;
   std::vector<std::pair<std::string, v1::BlobRef>> files;
   for (const v1::AnchorFile& f : r.files()) {
-    if (!IsSafeRelativePath(f.name())) return absl::InvalidArgumentError(absl::StrCat("anchor file name '", f.name(), "' is not a plain relative path"));
     absl::StatusOr<uint64_t> size = blobs_->Size(f.blob().sha256());
     if (!size.ok() || *size != f.blob().size()) {
       return absl::FailedPreconditionError(absl::StrCat("anchor file '", f.name(), "' has not been uploaded (blob ", f.blob().sha256(), ")"));

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/core/anchor_manifest.h"
 #include "common/core/file_util.h"
 #include "common/core/sha256.h"
 #include "flexfed/v1/version.h"
@@ -263,6 +264,13 @@ absl::StatusOr<v1::CommitUploadResponse> CoordinatorClient::UploadFile(const std
 }
 
 absl::Status CoordinatorClient::DownloadAnchorFiles(const v1::Anchor& anchor, const std::string& dir, ProgressReporter* progress) {
+  // The names come from the coordinator: nothing is written until they all stay inside `dir`.
+  std::vector<AnchorFile> listed;
+  for (const v1::AnchorFile& f : anchor.files()) listed.push_back({f.name(), f.blob().sha256(), f.blob().size()});
+  if (absl::Status s = CheckAnchorFiles(listed); !s.ok()) {
+    return absl::DataLossError(absl::StrCat("the coordinator's anchor ", anchor.anchor_id(), " cannot be pulled: ", s.message(),
+                                            " (tell the operator; nothing was written)"));
+  }
   for (const v1::AnchorFile& f : anchor.files()) {
     const fs::path dest = fs::path(dir) / f.name();
     if (fs::exists(dest) && Sha256File(dest.string()).value_or("") == f.blob().sha256()) continue;  // already here

@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/core/sha256.h"
 
@@ -18,6 +19,44 @@ void SortByName(std::vector<AnchorFile>& files) {
 }
 
 }  // namespace
+
+absl::Status CheckAnchorFiles(const std::vector<AnchorFile>& files) {
+  if (files.size() > kMaxAnchorFiles) {
+    return absl::InvalidArgumentError(absl::StrCat("an anchor of ", files.size(), " files; at most ", kMaxAnchorFiles));
+  }
+  std::vector<std::string> names;
+  for (const AnchorFile& f : files) {
+    const std::string& n = f.name;
+    auto bad = [&](const char* why) {
+      return absl::InvalidArgumentError(absl::StrCat("anchor file name '", absl::CHexEscape(n), "' ", why,
+                                                     "; anchor files are plain relative paths inside the anchor directory"));
+    };
+    if (n.empty() || n.size() > 255) return bad("is empty or longer than 255 bytes");
+    if (n[0] == '/') return bad("is absolute");
+    if (std::any_of(n.begin(), n.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f || c == '\\'; })) {
+      return bad("holds a control character or a backslash");
+    }
+    for (size_t begin = 0; begin <= n.size();) {
+      size_t end = n.find('/', begin);
+      if (end == std::string::npos) end = n.size();
+      const std::string_view part(n.data() + begin, end - begin);
+      if (part.empty()) return bad("has an empty part");
+      if (part[0] == '.') return bad("has a part that starts with '.'");
+      begin = end + 1;
+    }
+    if (f.sha256.size() != 64 ||
+        !std::all_of(f.sha256.begin(), f.sha256.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); })) {
+      return absl::InvalidArgumentError(absl::StrCat("anchor file '", n, "': '", absl::CHexEscape(f.sha256),
+                                                     "' is not a SHA-256 (64 lowercase hex digits)"));
+    }
+    names.push_back(n);
+  }
+  std::sort(names.begin(), names.end());
+  if (auto twice = std::adjacent_find(names.begin(), names.end()); twice != names.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("anchor file '", *twice, "' is listed twice; each file once"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::vector<AnchorFile>> AnchorManifest(const std::string& dir) {
   std::error_code ec;

@@ -17,6 +17,15 @@ struct AnchorFile {
   uint64_t size = 0;
 };
 
+// Checks an anchor's file list before anything uses it (the coordinator at PublishAnchor, an owner
+// before it writes what the coordinator lists): each name a plain relative path of 1–255 bytes that
+// stays inside the anchor directory — no absolute path, no empty, `.` or `..` part, no part that
+// starts with `.` (AnchorManifest skips those, so the ids could never agree), no backslash, no
+// control character — and no name twice; each SHA-256 64 lowercase hex digits; at most
+// kMaxAnchorFiles files. The error names the first bad entry.
+inline constexpr size_t kMaxAnchorFiles = 4096;
+absl::Status CheckAnchorFiles(const std::vector<AnchorFile>& files);
+
 // Every regular file of `dir` (recursively, hidden ones skipped), sorted by name, hashed.
 absl::StatusOr<std::vector<AnchorFile>> AnchorManifest(const std::string& dir);
 

@@ -14,23 +14,13 @@
 #include "absl/status/statusor.h"
 #include "common/model/checkpoint.h"
 #include "common/model/tokenizer.h"
+#include "common/train/documents.h"
 
 namespace flexfed {
 
 // Where token caches live by default: $FLEXFED_CACHE_DIR/tokens, else $XDG_CACHE_HOME/flexfed/tokens,
 // else ~/.cache/flexfed/tokens.
 std::string DefaultTokenCacheDir();
-
-struct CorpusOptions {
-  std::string text_field = "text";  // the field holding a document in each JSONL line
-};
-
-// Visits every document of `inputs`, in a fixed order. An input is a text file (one document),
-// a `.jsonl` file (one document per non-empty line, taken from `text_field`) or a folder (its
-// files, recursively, in path order; hidden files skipped). `source` is "file" or "file:line".
-// Unreadable files, invalid JSON, a missing field and invalid UTF-8 are errors naming the place.
-absl::Status ForEachDocument(const std::vector<std::string>& inputs, const CorpusOptions& options,
-                             const std::function<absl::Status(const std::string& source, std::string_view text)>& visit);
 
 // A tokenised corpus, memory-mapped from the token cache. Copies share the mapping.
 class TokenCorpus {

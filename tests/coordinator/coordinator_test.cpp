@@ -2,6 +2,7 @@
 // anchors, uploads, validation and authorization. The gRPC transport is tested separately.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <fstream>
@@ -46,6 +47,40 @@ TEST_CASE("the published anchor's id is the one owners compute on their copy", "
   CHECK(a.anchor_id() == site.anchor_id);
   CHECK(a.config_hash() == ConfigHash(site.config));
   CHECK(a.files_size() == 3);  // config.json, model.safetensors, router_pub.safetensors
+}
+
+TEST_CASE("an anchor's file list is checked before it is published: names inside the folder, once, real hashes", "[coordinator_logic]") {
+  Site site;
+  const v1::Anchor current = ValueOrDie(site.coordinator->GetAnchor(""));
+  auto publish = [&](const std::function<void(v1::PublishAnchorRequest&)>& edit) {
+    v1::PublishAnchorRequest r;
+    for (const v1::AnchorFile& f : current.files()) *r.add_files() = f;
+    edit(r);
+    return site.coordinator->PublishAnchor(site.admin, r).status();
+  };
+  const v1::AnchorFile config = current.files(0);
+  for (const std::string& name : {std::string("../config.json"), std::string("/etc/passwd"), std::string("a//b"),
+                                  std::string("sub/./x"), std::string(".hidden"), std::string("dir/.git/x"),
+                                  std::string("a\\b"), std::string("nul\0byte", 8), std::string(300, 'x')}) {
+    INFO(name);
+    absl::Status s = publish([&](v1::PublishAnchorRequest& r) {
+      v1::AnchorFile* f = r.add_files();
+      *f = config;
+      f->set_name(name);
+    });
+    CHECK(absl::IsInvalidArgument(s));
+    CHECK_THAT(std::string(s.message()), Catch::Matchers::Contains("plain relative paths inside the anchor directory"));
+  }
+  absl::Status twice = publish([&](v1::PublishAnchorRequest& r) { *r.add_files() = config; });
+  CHECK(absl::IsInvalidArgument(twice));
+  CHECK_THAT(std::string(twice.message()), Catch::Matchers::Contains("listed twice"));
+  absl::Status upper = publish([&](v1::PublishAnchorRequest& r) {
+    std::string sha = r.files(0).blob().sha256();
+    std::transform(sha.begin(), sha.end(), sha.begin(), ::toupper);
+    r.mutable_files(0)->mutable_blob()->set_sha256(sha);
+  });
+  CHECK_THAT(std::string(upper.message()), Catch::Matchers::Contains("is not a SHA-256"));
+  CHECK(ValueOrDie(site.coordinator->GetAnchor("")).anchor_id() == site.anchor_id);  // nothing was published
 }
 
 TEST_CASE("an enrolled owner uploads a valid module; commit is idempotent; re-declaring resends nothing", "[coordinator_logic]") {

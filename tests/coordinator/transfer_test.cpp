@@ -83,6 +83,27 @@ TEST_CASE("eight owners upload at once: every module is committed with the right
 
 // Issue #13, row 11: a zero-byte module left its session open with NOT_FOUND naming a server path;
 // rejections showed owners the server's absolute paths.
+TEST_CASE("an owner's client writes no anchor file whose name would leave the anchor folder", "[transfer]") {
+  Served served;
+  std::string key;
+  const std::string cert = served.AdminCert(&key);
+  std::unique_ptr<CoordinatorClient> client = served.ClientFor(cert, key);
+  v1::Anchor anchor = ValueOrDie(served.site.coordinator->GetAnchor(""));
+  testing::TempDir dir;
+  REQUIRE(client->DownloadAnchorFiles(anchor, dir / "anchor", nullptr).ok());  // the real one arrives
+  // What a coordinator that was broken into could list: every entry refused before anything is written.
+  for (const char* name : {"../outside", "../../etc/cron.d/x", "/tmp/abs", "sub/../../x"}) {
+    INFO(name);
+    v1::Anchor hostile = anchor;
+    hostile.mutable_files(0)->set_name(name);
+    absl::Status s = client->DownloadAnchorFiles(hostile, dir / "second", nullptr);
+    CHECK(absl::IsDataLoss(s));
+    CHECK_THAT(std::string(s.message()), Catch::Matchers::Contains("nothing was written"));
+    CHECK_FALSE(std::filesystem::exists(dir / "second"));
+    CHECK_FALSE(std::filesystem::exists(dir / "outside"));
+  }
+}
+
 TEST_CASE("an empty or bad module is rejected with a reason and no server path", "[transfer]") {
   Served s;
   auto [acme, cert] = s.site.Enroll("acme");
