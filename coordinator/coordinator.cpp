@@ -164,8 +164,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const Coordinator
   return c;
 }
 
-absl::Status Coordinator::Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
-                                const std::string& result) {
+absl::Status Coordinator::TryAudit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+                                   const std::string& result) {
   absl::StatusOr<std::string> id = audit_->Append({who.id.empty() ? "-" : who.id, who.fingerprint_sha256, action,
                                                    std::move(objects), result});
   if (id.ok()) return absl::OkStatus();
@@ -650,8 +650,8 @@ absl::StatusOr<v1::CheckStoreResponse> Coordinator::CheckStore(const PeerIdentit
   // Every check is audited, read-only ones too; where the log cannot take the event (a full disk),
   // the check says so instead of passing unrecorded.
   const int64_t repaired = out.findings_size() - out.unrepaired();
-  if (absl::Status s = Audit(who, "store.check", {{"repair", r.repair() ? "yes" : "no"}, {"hashes", r.skip_hashes() ? "no" : "yes"}},
-                             absl::StrCat("ok: ", out.findings_size(), " finding(s), ", repaired, " repaired"));
+  if (absl::Status s = TryAudit(who, "store.check", {{"repair", r.repair() ? "yes" : "no"}, {"hashes", r.skip_hashes() ? "no" : "yes"}},
+                                absl::StrCat("ok: ", out.findings_size(), " finding(s), ", repaired, " repaired"));
       !s.ok()) {
     add("audit_log", "audit.jsonl", absl::StrCat("this check could not be recorded: ", s.message()), false);
   }

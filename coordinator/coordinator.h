@@ -13,6 +13,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "common/core/expert_module.h"
@@ -114,10 +115,15 @@ class Coordinator {
 
  private:
   Coordinator() = default;
-  // Appends an event to the audit log; a failure is logged and returned (most callers go on: the
-  // change is made, and the failure is on stderr and in the metrics).
-  absl::Status Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
-                     const std::string& result);
+  // Appends an event to the audit log; a failure is logged, counted and returned.
+  absl::Status TryAudit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+                        const std::string& result);
+  // TryAudit for the callers that go on whatever happens to the event: the change is made, and a
+  // failure is on stderr and in the metrics (flexfed_audit_failures_total).
+  void Audit(const PeerIdentity& who, const std::string& action, std::map<std::string, std::string> objects,
+             const std::string& result) {
+    TryAudit(who, action, std::move(objects), result).IgnoreError();
+  }
   // Per upload session: chunk writes hold it shared, commit (and the store check) exclusive, so no
   // chunk lands in (and re-creates) a session folder that a commit has assembled and dropped. Locks
   // are striped by the session id's hash: a fixed set, however many sessions come and go.
