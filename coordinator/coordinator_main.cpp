@@ -122,6 +122,7 @@ int main(int argc, char** argv) {
   auto* max_epsilon = app.add_option("--max-dp-epsilon", o.max_dp_epsilon,
                                      "Accept only modules trained with differential privacy at most at this ε")
                           ->check(CLI::PositiveNumber);
+  constexpr int kMaxLimit = 1 << 20;
   struct Limit {
     const char* name;
     int* value;
@@ -135,7 +136,7 @@ int main(int argc, char** argv) {
       {"enrollments-in-flight", &o.enrollments_in_flight, "Enrollments in progress, all callers together"},
       {"memory-quota-mib", &o.memory_quota_mib, "Memory gRPC may hold for all connections together (MiB)"}};
   for (Limit& l : limits) {
-    l.option = app.add_option(std::string("--") + l.name, *l.value, l.help)->check(CLI::Range(1, 1 << 20))->capture_default_str();
+    l.option = app.add_option(std::string("--") + l.name, *l.value, l.help)->check(CLI::Range(1, kMaxLimit))->capture_default_str();
   }
   app.footer("Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a start-up error, 2 bad usage.");
   try {
@@ -150,8 +151,11 @@ int main(int argc, char** argv) {
       try {
         const auto limit = std::find_if(limits.begin(), limits.end(), [&](const Limit& l) { return k == l.name; });
         if (limit != limits.end()) {
-          if (limit->option->count() == 0) *limit->value = v.get<int>();
-          if (*limit->value <= 0) Fail(absl::StrCat(o.config, ": setting '", k, "' must be a positive number"));
+          if (limit->option->count() > 0) continue;  // the flag wins
+          if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > kMaxLimit) {
+            Fail(absl::StrCat(o.config, ": setting '", k, "' must be a whole number from 1 to ", kMaxLimit));
+          }
+          *limit->value = v.get<int>();
           continue;
         }
         if (k == "data-dir" && data->count() == 0) o.data_dir = v.get<std::string>();

@@ -9,7 +9,8 @@ Starts a real coordinator on loopback and, while sampling its resident memory ev
 Each must leave the coordinator's memory within 256 MiB of where it started, and an operator's call
 must still be answered afterwards. Then the limit is the operator's: with `"streams-per-connection": 8`
 in --config a connection with 20 half-open streams is closed (with the default 32 it is not), and
---streams-per-connection 0 is refused with exit code 2.
+--streams-per-connection 0 is refused with exit code 2, as are limits in --config that are not
+whole numbers from 1 to 2^20.
 Usage: http2_flood_test.py FLEXFED_COORDINATOR FLEXFEDCTL
 """
 import os
@@ -202,6 +203,13 @@ def main():
                                   "--streams-per-connection", "0"], capture_output=True, text=True, timeout=60)
             if bad.returncode != 2 or "streams-per-connection" not in bad.stderr:
                 failures.append(f"--streams-per-connection 0: exit {bad.returncode}, {bad.stderr.strip()!r}")
+            for setting in ('0', '8.5', '"8"', '2097152'):
+                with open(f"{work}/bad.json", "w") as f:
+                    f.write('{"streams-per-caller": %s}' % setting)
+                bad = subprocess.run([coordinator, "--ca-dir", f"{work}/ca", "--data-dir", f"{work}/bad", "--config",
+                                      f"{work}/bad.json"], capture_output=True, text=True, timeout=60)
+                if bad.returncode == 0 or "must be a whole number from 1 to 1048576" not in bad.stderr:
+                    failures.append(f"streams-per-caller {setting} in --config: exit {bad.returncode}, {bad.stderr.strip()!r}")
         finally:
             server.terminate()
             server.wait(timeout=30)
