@@ -58,7 +58,13 @@ while kill -0 "$bench" 2>/dev/null; do
   echo -e "$t\t$rss\t$fds\t$threads\t$data\t${rounds:-0}" | tee -a "$work/samples.tsv"
   sleep "$sample"
 done
-wait "$bench" || { tail -5 "$work/progress.log"; echo "soak: the owners failed (above; coordinator log: $work/coordinator.log)" >&2; trap - EXIT; exit 1; }
+if ! wait "$bench"; then
+  tail -5 "$work/progress.log"
+  kill "$pid" 2>/dev/null || true
+  trap - EXIT  # the folder stays, for its logs
+  echo "soak: the owners failed (above; coordinator log: $work/coordinator.log)" >&2
+  exit 1
+fi
 kill "$pid"
 wait "$pid" 2>/dev/null || true
 /usr/bin/python3 - "$work/samples.tsv" "$work/result.json" <<'PY'
