@@ -189,8 +189,13 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadChunk> {
 // messages of 1 MiB (clients verify whole chunks as the bytes add up); a stored copy that no longer
 // matches is never sent (Coordinator::ReadChunk). gRPC keeps its own copy of a message until the
 // socket has taken it: small messages keep that copy small with many downloads at once, at no cost
-// in speed (measured, docs/PERFORMANCE.md). One operation is outstanding at a time: a chunk read on
-// the work queue, or a write the client must take.
+// in speed (measured, docs/PERFORMANCE.md). While a chunk is being sent, the next one is read and
+// checked on the work queue (with a slot of its own), so the hash is not paid between chunks.
+//
+// Outstanding work, all recorded under mu_: at most one write the client must take (writing_) and
+// at most one chunk read ahead (ahead_ == kReading, from the slot request until the read is done).
+// The call ends (FinishCall) only from the thread that finds neither outstanding, once done_ says
+// it must; whichever finishes last ends it.
 constexpr uint64_t kDownloadMessageBytes = 1 << 20;
 
 class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
@@ -220,15 +225,16 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
   }
   void OnWriteDone(bool ok) override {
     std::unique_lock<std::mutex> lock(mu_);
+    writing_ = false;
     watched_.PeerAnswered();
     std::string().swap(*message_.mutable_data());  // sent: gRPC has its own copy
     if (!ok) {
       parts_.slots->Release(caller_);
-      lock.unlock();
-      FinishCall(watched_.dropped_idle() ? absl::DeadlineExceededError(absl::StrCat(
-                                               "the download was not read for ", parts_.watchdog->idle_ms() / 1000,
-                                               " s and was dropped (run the command again: it resumes)"))
-                                         : absl::UnavailableError("the client went away"));
+      std::string().swap(chunk_);
+      End(lock, watched_.dropped_idle() ? absl::DeadlineExceededError(absl::StrCat(
+                                              "the download was not read for ", parts_.watchdog->idle_ms() / 1000,
+                                              " s and was dropped (run the command again: it resumes)"))
+                                        : absl::UnavailableError("the client went away"));
       return;
     }
     if (pos_ < stop_) {  // the rest of this chunk: a copy of at most 1 MiB, then the write
@@ -238,11 +244,18 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
     std::string().swap(chunk_);
     parts_.slots->Release(caller_);
     if (offset_ >= end_) {
-      lock.unlock();
-      FinishCall(absl::OkStatus());
+      End(lock, absl::OkStatus());
       return;
     }
-    parts_.slots->Acquire(caller_, [this] { ReadChunk(); });
+    if (ahead_ == Ahead::kReading) {  // the read ahead sends it when it is done
+      wanted_ = true;
+      return;
+    }
+    if (ahead_ == Ahead::kNone) {  // cannot happen: SendAhead reads ahead whenever bytes are left
+      End(lock, absl::InternalError("download: no chunk read ahead with bytes left to send"));
+      return;
+    }
+    SendAhead(lock);
   }
   void OnDone() override {
     { std::lock_guard<std::mutex> lock(mu_); }
@@ -250,6 +263,8 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
   }
 
  private:
+  enum class Ahead { kNone, kReading, kReady };
+
   // On the work queue: who may read what, then the first chunk. True when a chunk read was queued
   // (the call goes on); false when there is nothing to send.
   absl::StatusOr<bool> Start(uint64_t length) {
@@ -267,32 +282,75 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
     }
     end_ = length == 0 || length > layout_.size - offset_ ? layout_.size : offset_ + length;
     if (offset_ == end_) return false;
-    parts_.slots->Acquire(caller_, [this] { ReadChunk(); });
+    ahead_index_ = offset_ / layout_.chunk_size;
+    ahead_ = Ahead::kReading;
+    wanted_ = true;
+    parts_.slots->Acquire(caller_, [this] { ReadAhead(); });
     return true;
   }
 
-  // On the work queue, holding a slot: reads and verifies the chunk holding offset_, then sends
-  // its first message.
-  void ReadChunk() {
+  // On the work queue, holding a slot: reads and verifies chunk ahead_index_ (the caller's
+  // certificate checked again, every chunk, as uploads do), then sends it if it is wanted already.
+  void ReadAhead() {
     std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t index = offset_ / layout_.chunk_size;
-    const uint64_t begin = index * layout_.chunk_size;
+    if (done_) {  // the call is ending: this read is not needed
+      parts_.slots->Release(caller_);
+      ahead_ = Ahead::kNone;
+      if (!writing_) {
+        lock.unlock();
+        FinishCall(end_status_);
+      }
+      return;
+    }
+    const uint64_t index = ahead_index_;
+    const PeerIdentity who = who_;
+    const std::string pem = pem_;
+    const ChunkLayout& layout = layout_;  // fixed since Start
+    lock.unlock();
     absl::StatusOr<std::string> data;
     try {
-      absl::StatusOr<PeerIdentity> again = parts_.coordinator->Authenticate(pem_);  // every chunk, as uploads
-      data = again.ok() ? parts_.coordinator->ReadChunk(who_, layout_, index) : absl::StatusOr<std::string>(again.status());
+      absl::StatusOr<PeerIdentity> again = parts_.coordinator->Authenticate(pem);
+      data = again.ok() ? parts_.coordinator->ReadChunk(who, layout, index) : absl::StatusOr<std::string>(again.status());
     } catch (const std::exception& e) {
       data = HandlerFailed(ctx_, e.what());
     }
-    if (!data.ok()) {
+    lock.lock();
+    ahead_ = Ahead::kReady;
+    ahead_data_ = std::move(data);
+    if (done_) {  // ended while reading
       parts_.slots->Release(caller_);
-      lock.unlock();
-      FinishCall(data.status());
+      ahead_ = Ahead::kNone;
+      ahead_data_ = std::string();
+      if (!writing_) {
+        lock.unlock();
+        FinishCall(end_status_);
+      }
       return;
     }
+    if (wanted_) SendAhead(lock);
+  }
+
+  // Called with mu_ held, nothing outstanding but the ready chunk read ahead, which it makes the
+  // chunk being sent (its slot with it); starts the next read ahead and the first write.
+  void SendAhead(std::unique_lock<std::mutex>& lock) {
+    wanted_ = false;
+    ahead_ = Ahead::kNone;
+    absl::StatusOr<std::string> data = std::move(ahead_data_);
+    ahead_data_ = std::string();
+    if (!data.ok()) {
+      parts_.slots->Release(caller_);
+      End(lock, data.status());
+      return;
+    }
+    const uint64_t begin = ahead_index_ * layout_.chunk_size;
     chunk_ = *std::move(data);
     pos_ = offset_ - begin;
     stop_ = std::min<uint64_t>(end_ - begin, chunk_.size());
+    if (begin + chunk_.size() < end_) {
+      ++ahead_index_;
+      ahead_ = Ahead::kReading;
+      parts_.slots->Acquire(caller_, [this] { ReadAhead(); });
+    }
     SendNext(lock);
   }
 
@@ -303,9 +361,26 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
     message_.set_data(chunk_.substr(pos_, n));
     pos_ += n;
     offset_ += n;
+    writing_ = true;
     watched_.WaitingOnPeer(parts_.watchdog->NowMs());
     lock.unlock();
     StartWrite(&message_);  // message_ is touched again only in OnWriteDone
+  }
+
+  // Called with mu_ held and no write outstanding: the call ends with `status`, now if no chunk is
+  // being read ahead, else when that read is done (ReadAhead). A ready chunk read ahead gives its
+  // slot back.
+  void End(std::unique_lock<std::mutex>& lock, const absl::Status& status) {
+    done_ = true;
+    end_status_ = status;
+    if (ahead_ == Ahead::kReading) return;
+    if (ahead_ == Ahead::kReady) {
+      parts_.slots->Release(caller_);
+      ahead_ = Ahead::kNone;
+      ahead_data_ = std::string();
+    }
+    lock.unlock();
+    FinishCall(status);
   }
 
   // Nothing is outstanding (the caller does not hold mu_): the call ends. The last thing done with
@@ -332,6 +407,13 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::DataChunk> {
   std::string chunk_;          // the verified chunk being sent
   uint64_t pos_ = 0, stop_ = 0;  // within chunk_
   v1::DataChunk message_;
+  bool writing_ = false;  // a write is outstanding
+  Ahead ahead_ = Ahead::kNone;
+  uint64_t ahead_index_ = 0;  // the chunk read ahead (or to be)
+  absl::StatusOr<std::string> ahead_data_;
+  bool wanted_ = false;  // the writes wait for the chunk read ahead
+  bool done_ = false;    // the call must end, with end_status_, once nothing is outstanding
+  absl::Status end_status_;
 };
 
 }  // namespace

@@ -568,6 +568,58 @@ TEST_CASE("an upload stream waiting on its client longer than the idle timeout i
 }
 
 // A download whose client stops reading held its chunk slot for good.
+// Downloads read the next chunk while the current one is sent: ranges still come back exactly, a
+// damaged chunk ends the stream after the chunks before it, and every slot comes back.
+TEST_CASE("downloads read ahead: any range exactly, a damaged chunk stops the stream where it starts", "[transfer]") {
+  Served s;
+  std::string admin_key;
+  const std::string admin_cert = s.AdminCert(&admin_key);
+  auto admin = s.ClientFor(admin_cert, admin_key);
+  const std::string blob = s.site.dir / "five.bin";
+  std::string bytes(5 * (4 << 20) - 12345, '\0');  // 5 chunks of the client's 4 MiB, the last short
+  std::mt19937_64 rng(3401);
+  for (char& c : bytes) c = static_cast<char>(rng());
+  REQUIRE(WriteFileAtomically(blob, bytes).ok());
+  const std::string sha = ValueOrDie(Sha256File(blob));
+  REQUIRE(admin->UploadFile(blob, "", nullptr, {1}).ok());
+  auto fetch = [&](uint64_t offset, uint64_t length, grpc::Status* status) {
+    auto ctx = admin->NewContext();
+    v1::DownloadRequest r;
+    r.set_sha256(sha);
+    r.set_offset(offset);
+    r.set_length(length);
+    auto reader = admin->owner().Download(ctx.get(), r);
+    std::string got;
+    v1::DataChunk c;
+    while (reader->Read(&c)) {
+      CHECK(c.offset() == offset + got.size());
+      got += c.data();
+    }
+    *status = reader->Finish();
+    return got;
+  };
+  const uint64_t mib4 = 4 << 20;
+  for (auto [offset, length] : std::vector<std::pair<uint64_t, uint64_t>>{
+           {0, 0}, {100, 0}, {mib4 + 7, 9 << 20}, {mib4 - 1, 2}, {4 * mib4 + 5, 0}, {3 * mib4, mib4}}) {
+    INFO(offset << " + " << length);
+    grpc::Status status;
+    const std::string got = fetch(offset, length, &status);
+    CHECK(status.ok());
+    CHECK(got == bytes.substr(offset, length == 0 ? std::string::npos : length));
+  }
+  CHECK(s.server->free_chunk_slots() == 12);
+
+  std::string damaged = bytes;
+  damaged[2 * mib4 + 1000] ^= 1;  // chunk 2
+  REQUIRE(WriteFileAtomically(s.site.coordinator->blobs().PathOf(sha), damaged).ok());
+  grpc::Status status;
+  const std::string got = fetch(0, 0, &status);
+  CHECK(status.error_code() == grpc::StatusCode::DATA_LOSS);
+  CHECK_THAT(status.error_message(), Catch::Contains("coordinator"));
+  CHECK(got == bytes.substr(0, 2 * mib4));  // chunks 0 and 1, nothing of the damaged one
+  CHECK(Eventually([&] { return s.server->free_chunk_slots() == 12; }));
+}
+
 TEST_CASE("a download its client stopped reading is dropped after the idle timeout and frees its slot", "[transfer]") {
   Served s([](ServerOptions& o) { o.idle_timeout_seconds = 2; });
   std::string admin_key;
