@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <random>
 #include <string>
 #include <thread>
@@ -40,7 +41,7 @@ absl::Status WriteModule(const std::string& path, const ModelConfig& config, Dty
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal;
   std::vector<TensorInfo> infos;
-  std::vector<std::string> data;
+  std::map<std::string, std::string> data;  // by name
   for (const AllowedTensor& a : ExpertModuleAllowList(config, dtype, /*with_bias=*/false)) {
     const float scale = a.shape.size() == 2 ? 0.02f : 1.0f;
     std::string bytes(*TensorByteSize(a.shape, a.dtype), '\0');
@@ -51,22 +52,17 @@ absl::Status WriteModule(const std::string& path, const ModelConfig& config, Dty
       std::memcpy(bytes.data() + i * size, reinterpret_cast<const char*>(&v) + (4 - size), size);
     }
     infos.push_back({a.name, a.dtype, a.shape, 0, 0});
-    data.push_back(std::move(bytes));
+    data[a.name] = std::move(bytes);
   }
   const std::string name = owner.expert_id.substr(owner.expert_id.find('/') + 1);
   std::map<std::string, std::string> meta = {
       {"format", kExpertModuleFormat}, {"format_version", kExpertModuleVersion}, {"anchor_sha256", anchor_id},
       {"config_hash", ConfigHash(config)}, {"owner", owner.id}, {"expert_name", name}, {"domain", "soak"},
       {"tokens_trained", "1000"}, {"router_init", "random"}};
-  // The header sorts the tensors; write each one's bytes in that order.
-  std::vector<TensorInfo> sorted = infos;
-  absl::StatusOr<std::string> file = BuildSafetensorsHeader(sorted, meta);
+  // The header puts the tensors in its own order; their bytes follow in that order.
+  absl::StatusOr<std::string> file = BuildSafetensorsHeader(infos, meta);
   if (!file.ok()) return file.status();
-  for (const TensorInfo& t : sorted) {
-    for (size_t i = 0; i < infos.size(); ++i) {
-      if (infos[i].name == t.name) *file += data[i];
-    }
-  }
+  for (const TensorInfo& t : infos) *file += data.at(t.name);
   return WriteFileAtomically(path, *file);
 }
 

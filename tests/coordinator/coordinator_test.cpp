@@ -233,62 +233,62 @@ std::string DpRecord(double sigma, double q, int64_t steps, double delta = 1e-5,
                       nlohmann::json(delta).dump(), R"(, "epsilon": )", nlohmann::json(epsilon).dump(), "}");
 }
 
-// Uploads for `expert` a fresh module named `name` whose metadata carries the privacy record `privacy`.
-std::function<v1::CommitUploadResponse(const std::string&, const std::string&)> PrivacyUploader(Site& site, const PeerIdentity& who,
-                                                                                                const std::string& expert) {
-  return [&site, who, expert](const std::string& name, const std::string& privacy) {
+// A site whose operator asks for an extraction audit (rate ≤ 0.01) and DP-SGD (ε ≤ 8), with
+// acme's expert `math`; upload(name, privacy) pushes a fresh module carrying that privacy record.
+struct PolicySite {
+  Site site;
+  PeerIdentity acme;
+  std::string expert;
+  PolicySite() {
+    site.policy.max_extraction = 0.01;
+    site.policy.max_dp_epsilon = 8;
+    site.Reopen();
+    acme = site.Enroll("acme").first;
+    expert = site.Register("acme", "math");
+  }
+  v1::CommitUploadResponse upload(const std::string& name, const std::string& privacy) {
     const std::string path = site.Module(name, [&](testing::RawTensors&, ExpertModuleMetadata& m) { m.privacy = privacy; });
-    return ValueOrDie(Upload(*site.coordinator, who, expert, path));
-  };
-}
+    return ValueOrDie(Upload(*site.coordinator, acme, expert, path));
+  }
+};
 constexpr char kAuditOk[] = R"("extraction": {"audited": 200, "extracted": 1, "rate": 0.005, "complete": true})";
 
 TEST_CASE("the operator's privacy policy refuses modules without the audit or DP it asks for", "[coordinator_logic]") {
-  Site site;
-  site.policy.max_extraction = 0.01;
-  site.policy.max_dp_epsilon = 8;
-  site.Reopen();
-  auto [acme, cert] = site.Enroll("acme");
-  const std::string expert = site.Register("acme", "math");
-  const auto upload = PrivacyUploader(site, acme, expert);
+  PolicySite p;
+  Site& site = p.site;
   const std::string audit_ok = kAuditOk;
   const std::string dp_ok = DpRecord(1.0, 0.01, 1000);  // ε ≈ 1
-  v1::CommitUploadResponse r = upload("none", "");
+  v1::CommitUploadResponse r = p.upload("none", "");
   CHECK(r.rejection() == "privacy_policy");
   CHECK_THAT(r.message(), Catch::Contains("flexfed-owner audit"));
-  r = upload("leaky", R"({"extraction": {"audited": 100, "extracted": 5, "rate": 0.05, "complete": true}, )" + dp_ok + "}");
+  r = p.upload("leaky", R"({"extraction": {"audited": 100, "extracted": 5, "rate": 0.05, "complete": true}, )" + dp_ok + "}");
   CHECK(r.rejection() == "privacy_policy");
   CHECK_THAT(r.message(), Catch::Contains("0.0500 exceeds the allowed 0.0100"));
-  r = upload("partial", R"({"extraction": {"audited": 10, "extracted": 0, "rate": 0, "complete": false}, )" + dp_ok + "}");
+  r = p.upload("partial", R"({"extraction": {"audited": 10, "extracted": 0, "rate": 0, "complete": false}, )" + dp_ok + "}");
   CHECK(r.rejection() == "privacy_policy");
-  r = upload("no_dp", "{" + audit_ok + "}");
+  r = p.upload("no_dp", "{" + audit_ok + "}");
   CHECK(r.rejection() == "privacy_policy");
   CHECK_THAT(r.message(), Catch::Contains("--dp-epsilon 8"));
-  r = upload("loose_dp", "{" + audit_ok + ", " + DpRecord(0.5, 0.05, 2000) + "}");
+  r = p.upload("loose_dp", "{" + audit_ok + ", " + DpRecord(0.5, 0.05, 2000) + "}");
   CHECK(r.rejection() == "privacy_policy");
-  CHECK(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());  // nothing became visible
+  CHECK(ValueOrDie(site.coordinator->GetExpert(p.acme, p.expert)).module().sha256().empty());  // nothing became visible
   CHECK(site.coordinator->counters().rejected_uploads["privacy_policy"] == 5);
-  r = upload("good", "{" + audit_ok + ", " + dp_ok + "}");
+  r = p.upload("good", "{" + audit_ok + ", " + dp_ok + "}");
   CHECK(r.rejection().empty());
-  CHECK_FALSE(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());
+  CHECK_FALSE(ValueOrDie(site.coordinator->GetExpert(p.acme, p.expert)).module().sha256().empty());
 
   // Without a policy the same unaudited module is accepted.
   site.policy = {};
   site.Reopen();
-  CHECK(upload("none_again", "").rejection().empty());
+  CHECK(p.upload("none_again", "").rejection().empty());
 }
 
 // Issue #34 row 10: records that contradict themselves are refused, whatever the policy: ε
 // recomputed by the accountant from the record's own σ, q and steps; δ bounded; and an extraction
 // rate counts for a policy only from an audit of enough sequences.
 TEST_CASE("forged privacy records are refused: epsilon recomputed, delta bounded, audits large enough", "[coordinator_logic]") {
-  Site site;
-  site.policy.max_extraction = 0.01;
-  site.policy.max_dp_epsilon = 8;
-  site.Reopen();
-  auto [acme, cert] = site.Enroll("acme");
-  const std::string expert = site.Register("acme", "math");
-  const auto upload = PrivacyUploader(site, acme, expert);
+  PolicySite p;
+  Site& site = p.site;
   const std::string audit_ok = kAuditOk;
   struct Forgery {
     std::string name, privacy, rejection, why;
@@ -303,13 +303,13 @@ TEST_CASE("forged privacy records are refused: epsilon recomputed, delta bounded
            {"tiny_audit", "{" + DpRecord(1.0, 0.01, 1000) + R"(, "extraction": {"audited": 1, "extracted": 0, "rate": 0, "complete": true}})",
             "privacy_policy", "covered 1 sequence(s); at least 100"}}) {
     INFO(f.name);
-    const v1::CommitUploadResponse r = upload(f.name, f.privacy);
+    const v1::CommitUploadResponse r = p.upload(f.name, f.privacy);
     CHECK(r.rejection() == f.rejection);
     CHECK_THAT(r.message(), Catch::Contains(f.why));
   }
-  CHECK(ValueOrDie(site.coordinator->GetExpert(acme, expert)).module().sha256().empty());
+  CHECK(ValueOrDie(site.coordinator->GetExpert(p.acme, p.expert)).module().sha256().empty());
   // The same settings recorded honestly pass.
-  CHECK(upload("honest", "{" + DpRecord(1.0, 0.01, 1000) + ", " + audit_ok + "}").rejection().empty());
+  CHECK(p.upload("honest", "{" + DpRecord(1.0, 0.01, 1000) + ", " + audit_ok + "}").rejection().empty());
 }
 
 // Issue #34 row 9: a refusal is tied to the policy it was made under; the same bytes pushed after
